@@ -8,8 +8,8 @@ from helpers import CountingModel, ScriptedModel
 
 from mgpo.config import RolloutConfig
 from mgpo.data import load_samples
-from mgpo.generation import VISION_TOKENS, generation_config, special_ids
-from mgpo.loss import token_logprobs
+from mgpo.generation import VISION_TOKENS, generation_config, special_ids, suppressed_ids
+from mgpo.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
 from mgpo.prompts import CROP_LEAD, FALLBACK_LEAD
 from mgpo.reward import accuracy_reward
 from mgpo.rollout import rollout
@@ -34,9 +34,9 @@ def _run(model, processor, samples, **kw):
     return rollout(model, processor, samples, cfg, min_pixels=MIN_PX, max_pixels=MAX_PX, record_logprobs=True)
 
 
-def _suppress(processor):
-    ids = special_ids(processor)
-    return [ids[t] for t in VISION_TOKENS]
+def _logp(model, processor, batch):
+    """The trainer's log-probs of every trajectory (the one log-prob function)."""
+    return rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), batch, micro_batch_size=8)
 
 
 def _box_in_input(traj, sample, margin=20):
@@ -85,9 +85,10 @@ def test_logprob_parity_and_mrope(env, shared):
     r = _run(model, processor, samples[:3], shared_prefill=shared, continue_turn2=shared)
     sampled = ~torch.isnan(r.sample_logp)
     assert sampled.sum() > 0.95 * r.loss_mask.sum()
-    logp, _ = token_logprobs(model, r, suppress_ids=_suppress(processor))
+    logp = _logp(model, processor, r)
     assert (logp[sampled] - r.sample_logp[sampled]).abs().max() < 1e-4
-    flat, _ = token_logprobs(model, dataclasses.replace(r, mm_token_type_ids=None), suppress_ids=_suppress(processor))
+    flat_inputs = {k: v for k, v in r.model_inputs().items() if k != "mm_token_type_ids"}
+    flat, _ = masked_token_logprobs(model, flat_inputs, r.loss_mask, suppress_ids=suppressed_ids(processor))
     assert (flat[sampled] - r.sample_logp[sampled]).abs().max() > 1e-3, "1-D positions must differ from mRoPE"
 
 
@@ -96,21 +97,25 @@ def test_batch_invariance(env):
     torch.manual_seed(1)
     r = _run(model, processor, samples[:3], group_size=1)
     assert len({tuple(g) for g in r.image_grid_thw.tolist()}) > 1, "needs mixed image sizes"
-    together, _ = token_logprobs(model, r, suppress_ids=_suppress(processor))
+    together, _ = masked_token_logprobs(model, r.model_inputs(), r.loss_mask, suppress_ids=suppressed_ids(processor))
     for i in range(len(r)):
-        alone, _ = token_logprobs(model, r.select([i]), suppress_ids=_suppress(processor))
+        alone, _ = masked_token_logprobs(model, r.select([i]).model_inputs(), r.select([i]).loss_mask,
+                                         suppress_ids=suppressed_ids(processor))
         m = r.select([i]).loss_mask.bool()  # [1, T_i]
         assert torch.allclose(alone[m], together[i : i + 1, : m.shape[1]][m], atol=1e-5)
 
 
-def test_select_slices_images_by_patch_spans(env):
+def test_select_keeps_each_trajectorys_images_in_order(env):
     model, processor, samples = env
     r = _run(model, processor, samples[:2], group_size=2, max_new_tokens_turn1=4, max_new_tokens_turn2=2)
-    spans = r.patch_spans()
     sub = r.select([3, 0])
-    assert torch.equal(sub.pixel_values, torch.cat([r.pixel_values[slice(*spans[3])], r.pixel_values[slice(*spans[0])]]))
-    assert torch.equal(sub.image_grid_thw, torch.cat([r.image_grid_thw[6:8], r.image_grid_thw[0:2]]))
+    # trajectory 3's two images, then trajectory 0's, patches and grids in the model's layout
+    want = [r.images[j] for i in (3, 0) for j in r.image_index[i]]
+    assert torch.equal(sub.pixel_values, torch.cat([im.pixel_values for im in want]))
+    assert torch.equal(sub.image_grid_thw, torch.cat([im.grid for im in want]))
+    assert torch.equal(r.image_grid_thw[6:8], sub.image_grid_thw[0:2])
     assert sub.trajectories[0] is r.trajectories[3]
+    assert len(sub.images) == len({j for i in (3, 0) for j in r.image_index[i]})
 
 
 def test_no_vision_tokens_are_ever_sampled(env):
@@ -161,7 +166,7 @@ def test_grpo_template_is_one_turn(env):
     r = _run(counting, processor, samples[:2], template="grpo")
     assert counting.calls == 1
     assert r.images_per_trajectory == [1] * 4 and r.image_grid_thw.shape[0] == 4
-    logp, _ = token_logprobs(model, r, suppress_ids=_suppress(processor))
+    logp = _logp(model, processor, r)
     sampled = ~torch.isnan(r.sample_logp)
     assert (logp[sampled] - r.sample_logp[sampled]).abs().max() < 1e-4
 

@@ -167,10 +167,47 @@ def _ranks_agree(records):
 
 
 def test_two_rank_ddp_on_cpu(tmp_path, tiny_dir, synth_dir):
+    """Ranks agree; the warm-up advances once per optimizer step, not once per rank (accelerate's
+    prepared scheduler stepped it world_size times: the logged rate was 1e-4 instead of 5e-5)."""
     records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "ddp", "train.max_steps=2",
+                         "train.warmup_steps=4", "train.lr=1e-4",
                          launcher="configs/accelerate/cpu_ddp_2proc.yaml", flags=["--rewards", "random"],
                          env=_env(ACCELERATE_USE_CPU="1"))
     _ranks_agree(records)
+    metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2]
+    assert metrics[-1]["train/lr"] == pytest.approx(1e-4 * 2 / 4), "step 2 of a 4-step warm-up"
+
+
+def _step_figures(inputs: list[dict], cfg) -> tuple[dict, int]:
+    """The loss terms' sums over every masked token of the given micro-batches (one token per row)."""
+    from mgpo.loss import policy_loss
+
+    flat = {k: torch.tensor([v for mb in inputs for v in mb[k]]) for k in ("logp", "old", "adv", "ref", "entropy")}
+    K = len(flat["logp"])
+    _, sums = policy_loss(flat["logp"][:, None], flat["old"][:, None], flat["adv"], torch.ones(K, 1), cfg,
+                          ref_logp_NT=flat["ref"][:, None], entropy_NT=flat["entropy"][:, None], denom=1.0)
+    return sums, K
+
+
+def test_logged_step_figures_are_the_global_token_mean(tmp_path, tiny_dir, synth_dir):
+    """Two ranks, two micro-batches each: the logged loss, policy loss, KL and entropy of a step
+    equal the token mean over every masked token of the step on both ranks (before: each
+    figure was grad_accum times its value, and each rank divided by its own token count)."""
+    from mgpo.config import LossConfig
+
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "fig", "train.max_steps=1",
+                         "train.prompts_per_step=4", "train.micro_batch_size=4", "rollout.max_new_tokens_turn2=24",
+                         launcher="configs/accelerate/cpu_ddp_2proc.yaml",
+                         flags=["--rewards", "random", "--record-loss-inputs"], env=_env(ACCELERATE_USE_CPU="1"))
+    per_rank = [_step_figures(r["loss_inputs"], LossConfig()) for r in records]
+    assert all(len(r["loss_inputs"]) == 2 for r in records), "two micro-batches per rank"
+    assert per_rank[0][1] != per_rank[1][1], "the ranks must hold different token counts for this test"
+    tokens = sum(k for _, k in per_rank)
+    metrics = json.loads((tmp_path / "fig" / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in ("loss", "pg_loss", "kl", "entropy", "clip_frac"):
+        want = sum(s[name] for s, _ in per_rank) / tokens
+        assert metrics[f"train/{name}"] == pytest.approx(want, rel=1e-4, abs=1e-7), name
 
 
 def test_cpu_launch_without_cpu_flag_fails_loudly(tmp_path, tiny_dir, synth_dir):
@@ -193,6 +230,17 @@ def test_two_rank_zero3_on_cpu(tmp_path, tiny_dir, synth_dir):
     _ranks_agree(records)
     ckpt = latest_checkpoint(tmp_path / "z3")
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model" / "model.safetensors").exists()
+
+
+def test_zero3_nonfinite_step_moves_no_weight(tmp_path, tiny_dir, synth_dir):
+    """Under DeepSpeed the engine steps inside backward: before the fix AdamW's weight decay
+    still moved every weight on a non-finite step."""
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "z3nan", "train.max_steps=1",
+                         "train.max_bad_steps=10", "train.weight_decay=0.1",
+                         launcher="configs/accelerate/cpu_zero3_2proc.yaml", flags=["--nan-loss"],
+                         env=_zero3_env(tmp_path))
+    assert [r["steps"] for r in records] == [1, 1]
+    assert all(r["changed"] == [] for r in records), "a non-finite step must not move any weight"
 
 
 def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, tiny_dir, synth_dir):

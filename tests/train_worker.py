@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--rewards", default="real", choices=["real", "random"])
     ap.add_argument("--boxes", default="free", choices=["free", "valid", "invalid", "split"])
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
+    ap.add_argument("--record-loss-inputs", action="store_true",
+                    help="record every micro-batch's masked loss inputs (to recompute the step's figures)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
@@ -75,6 +77,20 @@ def main():
             return loss * float("nan"), stats
         trainer.policy_loss = _nan_loss
 
+    loss_inputs = []
+    if args.record_loss_inputs:
+        real_policy_loss = trainer.policy_loss
+
+        def _recording(logp, old, adv, mask, cfg, *, ref_logp_NT=None, entropy_NT=None, denom=None):
+            m = mask.bool()
+            adv_NT = adv[:, None].expand_as(logp)
+            pick = lambda x: None if x is None else x.detach()[m].tolist()  # noqa: E731
+            loss_inputs.append({"logp": pick(logp), "old": pick(old), "adv": pick(adv_NT), "ref": pick(ref_logp_NT),
+                                "entropy": pick(entropy_NT)})
+            return real_policy_loss(logp, old, adv, mask, cfg, ref_logp_NT=ref_logp_NT, entropy_NT=entropy_NT,
+                                    denom=denom)
+        trainer.policy_loss = _recording
+
     before = {}
     real_load = trainer._load_policy
 
@@ -93,6 +109,7 @@ def main():
         "after": after,
         "trainable": before.pop("__trainable__"),
         "changed": [n for n in after if after[n] != before[n]],
+        "loss_inputs": loss_inputs,
     }
     Path(f"{args.out}.rank{D.rank()}").write_text(json.dumps(record))
 

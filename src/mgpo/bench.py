@@ -89,8 +89,7 @@ def bench_rollout(workdir: Path, reps: int = 3) -> dict:
     from .tiny import build_tiny_checkpoint
 
     px = 1024 * 28 * 28  # ~1,024 visual tokens per image, the paper's order of magnitude
-    ckpt = build_tiny_checkpoint(workdir / "bench-tiny", seed=0, min_pixels=256 * 28 * 28, max_pixels=px,
-                                 hidden_size=256, layers=4)
+    ckpt = build_tiny_checkpoint(workdir / "bench-tiny", seed=0, hidden_size=256, layers=4)
     mcfg = ModelConfig(path=str(ckpt), min_pixels=256 * 28 * 28, max_pixels=px, dtype="float32")
     model, processor = load_model(mcfg), load_processor(mcfg)
     (workdir / "images").mkdir(exist_ok=True)

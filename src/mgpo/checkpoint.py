@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .model import save_processor
 
 MARKER = "COMPLETE"
 
@@ -107,7 +108,7 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
         state_dict = {k.removeprefix("policy."): v for k, v in state_dict.items()}
         folder = tmp / ("adapter" if lora else "model")
         policy.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(folder)
+        save_processor(processor, folder)
 
     if D.is_deepspeed(accelerator):
         wrapped.save_checkpoint(str(tmp / "deepspeed"), tag="state")

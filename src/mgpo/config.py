@@ -63,7 +63,10 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature for both turns (reference: 1.0)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold for both turns (reference: 1.0)."""
+    """Nucleus sampling threshold for both turns (reference: 1.0). Training refuses < 1: the
+    training log-probs model the untruncated distribution."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens (0 = off, the reference). Training refuses > 0."""
     max_new_tokens_turn1: int = 8192
     """Token budget of the grounding turn; a turn 1 that hits it falls back to the original image."""
     max_new_tokens_turn2: int = 8192
@@ -79,6 +82,9 @@ class RolloutConfig:
     shared_prefill: bool = True
     """Encode each image and prefill each prompt once per group, then sample the group from a
     copied cache (False: the naive path, every sample re-encodes and re-reads its prompt)."""
+    generation_batch_size: int = 0
+    """Prompts (whole groups) per ``generate`` call; 0 = all of a rank's prompts at once. At the
+    paper's settings one call over 64 prompts x 8 samples holds a ~91 GB turn-2 cache: lower it."""
     continue_turn2: bool = True
     """Turn 2 continues from each sample's turn-1 cache and prefills only the new tokens
     (False: turn 2 re-reads the whole conversation, first image included)."""

@@ -12,10 +12,11 @@ import torch
 
 from .config import load_config
 from .data import load_samples
-from .generation import VISION_TOKENS, special_ids
-from .loss import policy_loss, token_logprobs
+from .generation import suppressed_ids
+from .loss import policy_loss
 from .model import load_model, load_processor
-from .reward import accuracy_reward, group_advantages
+from .policy import PolicyForward
+from .reward import group_advantages, score
 from .rollout import rollout
 
 
@@ -30,13 +31,12 @@ def show_one_rollout(cfg, sample_index: int = 0) -> dict:
     batch = rollout(model, processor, [sample], cfg.rollout, min_pixels=cfg.model.min_pixels,
                     max_pixels=cfg.model.max_pixels)
     t_rollout = time.perf_counter() - t0
-    rewards = torch.tensor([accuracy_reward(t.final_text, t.answer, t.options) for t in batch.trajectories])
+    rewards = score(batch.trajectories)
     adv = group_advantages(rewards, cfg.rollout.group_size, cfg.loss.adv_eps)
 
     t0 = time.perf_counter()
-    ids = special_ids(processor)
-    logp, entropy = token_logprobs(model, batch, temperature=cfg.rollout.temperature,
-                                   suppress_ids=[ids[t] for t in VISION_TOKENS], with_entropy=True)
+    forward = PolicyForward(model, cfg.rollout.temperature, suppressed_ids(processor))
+    logp, entropy = forward(loss_mask=batch.loss_mask, with_entropy=True, **batch.model_inputs())
     loss, stats = policy_loss(logp, logp.detach(), adv, batch.loss_mask, cfg.loss, entropy_NT=entropy)
     loss.backward()
     t_loss = time.perf_counter() - t0

@@ -105,6 +105,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over ranks (a CPU tensor, unchanged outside distributed runs)."""
+    x = x.detach().float().reshape(1)
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x[0]
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each figure averaged over ranks (one all-reduce for the whole dict)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj``, in rank order (a list of one outside distributed runs)."""
     if world_size() == 1:

@@ -25,8 +25,9 @@ from . import distributed as D
 from .config import Config, save_config
 from .data import BadImageError, SampleSet, load_samples
 from .model import load_model, load_processor
+from .prompts import get_template
 from .report import compute_metrics, fingerprint, render_html, render_markdown
-from .reward import extract_answer
+from .reward import predicted_letter
 from .rollout import rollout
 
 log = logging.getLogger("mgpo")
@@ -41,7 +42,8 @@ def protocol(cfg: Config) -> dict:
         "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels, "decoding": decoding,
         "samples_k": e.samples, "max_new_tokens": f"{r.max_new_tokens_turn1}/{r.max_new_tokens_turn2}",
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
-        "answer_match": "exact option letter in the last \\boxed{}",
+        "answer_match": "exact option letter in the last \\boxed{}" + (
+            ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
     }
 
 
@@ -59,7 +61,7 @@ def _records(batch, samples_by_id, dataset: str, k: int) -> list[dict]:
     out = []
     for i, t in enumerate(batch.trajectories):
         s = samples_by_id[t.sample_id]
-        pred = extract_answer(t.final_text, s.options)
+        pred = predicted_letter(t)
         out.append({
             "id": s.id, "dataset": dataset, "category": s.category, "sample": i % k,
             "question": s.question, "options": list(s.options), "answer": s.answer, "pred": pred,

@@ -21,10 +21,13 @@ so the crop's image tokens get their grid positions after the first image and th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import GenerationConfig
 
 from .config import RolloutConfig
+from .policy import rope_owner
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -39,19 +42,36 @@ def special_ids(processor) -> dict[str, int]:
     return ids
 
 
+def suppressed_ids(processor) -> list[int]:
+    """Vision special tokens: never sampled (a sampled ``<|image_pad|>`` breaks the next
+    forward, SPEC section 5), and so also masked out of the training distribution."""
+    ids = special_ids(processor)
+    return [ids[t] for t in VISION_TOKENS]
+
+
+# Every field that changes the distribution ``generate`` samples from, at its neutral value.
+# A field left None would be filled from the checkpoint's generation_config.json: Qwen2.5-VL
+# ships repetition_penalty 1.05, top_k 1, top_p 0.001 (SPEC section 7), which the training
+# log-probs do not model.
+_NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                encoder_no_repeat_ngram_size=0, length_penalty=1.0, num_beams=1, renormalize_logits=False,
+                bad_words_ids=None, sequence_bias=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+                forced_eos_token_id=None, exponential_decay_length_penalty=None, guidance_scale=None,
+                watermarking_config=None, remove_invalid_values=False, min_length=0, min_new_tokens=None)
+_HARMLESS = {"bos_token_id", "decoder_start_token_id", "_from_model_config", "transformers_version",
+             "max_length", "use_cache", "cache_implementation"}
+
+
 def generation_config(cfg: RolloutConfig, max_new_tokens: int, ids: dict[str, int], greedy: bool,
                       record_logprobs: bool = False) -> GenerationConfig:
-    """Sampling settings spelled out in full.
-
-    Qwen2.5-VL ships a generation_config with top_k=1 and top_p=0.001, which would make
-    every sample of a group identical (zero advantage everywhere); we never inherit it.
-    """
+    """Sampling settings spelled out in full: nothing is inherited from the checkpoint."""
+    fields = dict(_NEUTRAL)
+    if not greedy:
+        fields.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     return GenerationConfig(
+        **fields,
         do_sample=not greedy,
-        temperature=None if greedy else cfg.temperature,
-        top_p=None if greedy else cfg.top_p,
-        top_k=None if greedy else 0,  # 0 disables top-k (the library default is 50)
-        repetition_penalty=None,
         max_new_tokens=max_new_tokens,
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
@@ -59,6 +79,20 @@ def generation_config(cfg: RolloutConfig, max_new_tokens: int, ids: dict[str, in
         return_dict_in_generate=True,
         output_scores=record_logprobs,
     )
+
+
+def check_not_inherited(gen_cfg: GenerationConfig, model) -> None:
+    """Refuse to generate if the checkpoint's generation config would fill a field we left
+    unset (``generate`` fills every None field from it)."""
+    shipped = getattr(model, "generation_config", None)
+    if shipped is None:
+        return
+    ours = gen_cfg.to_dict()
+    leaked = sorted(k for k, v in shipped.to_dict().items()
+                    if v is not None and ours.get(k) is None and k not in _HARMLESS)
+    if leaked:
+        raise ValueError(f"the checkpoint's generation_config.json would set {leaked} for generation; "
+                         "mgpo.generation.generation_config must spell them out")
 
 
 def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,139 +105,144 @@ def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+@dataclass
+class Prepared:
+    """Inputs for ``generate`` whose prefix is already in ``cache``."""
+
+    ids: torch.Tensor  # [B, L] left-padded
+    mask: torch.Tensor  # [B, L]
+    mm: torch.Tensor  # [B, L] 1 on image tokens
+    cache: object
+
+
+@dataclass
+class Generated:
+    """What one ``generate`` call returned, per row."""
+
+    tokens: list[torch.Tensor]  # new tokens, the stop token included when one was sampled
+    logps: list[torch.Tensor | None]  # their generation-time log-probs (processed distribution)
+    cache: object  # the key/value cache after the call
+    width: int  # input width (left-padded prompt)
+    steps: int  # decode steps run (the widest row's new tokens)
+
+    def cached_tokens(self, prompt_len: int, kept: int) -> tuple[int, int]:
+        """(first cache column, count) of a row's prompt plus its first ``kept`` new tokens.
+
+        The cache lacks the last decoded token: its forward never ran."""
+        return self.width - prompt_len, prompt_len + min(kept, self.steps - 1)
+
+
+@dataclass
+class Continuation:
+    """One row of a turn that continues from the previous turn's cache."""
+
+    row: int  # row of the previous ``Generated``
+    prompt_len: int  # the previous turn's prompt length (unpadded)
+    kept: int  # new tokens of the previous turn kept in the conversation
+    ids: torch.Tensor  # [L] the whole input of this turn: prompt, kept tokens, new block
+    grids: torch.Tensor  # [n_images, 3] every image grid of the row, in order
+    new_pixels: torch.Tensor  # [p, D] the new block's image patches
+    new_grid: torch.Tensor  # [1, 3]
+
+
 @torch.no_grad()
 def generate_batch(model, seqs: list[torch.Tensor], pixel_values: list[torch.Tensor], grids: list[torch.Tensor],
-                   gen_cfg: GenerationConfig, image_token_id: int, synced_gpus: bool = False, repeats: int = 1,
-                   prepared=None):
+                   gen_cfg: GenerationConfig, image_token_id: int, synced_gpus: bool = False,
+                   group_size: int = 1, prepared: Prepared | None = None) -> Generated:
     """One batched ``generate`` over variable-length prompts (left-padded).
 
-    With ``repeats > 1`` each prompt is sampled ``repeats`` times from one shared prefill
-    (``shared_prefill``); rows come back prompt by prompt. ``prepared`` = (ids, mask,
-    mm, cache) continues from a cache built by ``continue_cache`` instead.
-
-    Returns, per row, the new tokens (the stop token included when one was sampled), their
-    generation-time log-probs if asked (under the processed distribution), the cache, and
-    the input width.
+    With ``group_size > 1`` each prompt is sampled ``group_size`` times from one shared
+    prefill; rows come back prompt by prompt. ``prepared`` continues from a cache built by
+    ``continue_cache`` instead.
     """
     device = model.device
-    kwargs = {}
-    if prepared is not None:
-        ids, mask, mm, cache = prepared
-        kwargs = {"past_key_values": cache}
-    else:
+    check_not_inherited(gen_cfg, model)
+    if prepared is None:
         ids, mask = _left_pad(seqs, gen_cfg.pad_token_id)
         mm = (ids == image_token_id).long()
-        if repeats > 1:
-            ids, mask, mm, cache = shared_prefill(model, ids, mask, mm, torch.cat(pixel_values), torch.cat(grids),
-                                                     repeats)
-            kwargs = {"past_key_values": cache}  # every image token is in the cache already
-        else:
-            kwargs = {"pixel_values": torch.cat(pixel_values).to(device), "image_grid_thw": torch.cat(grids).to(device)}
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        mm_token_type_ids=mm.to(device),
-        generation_config=gen_cfg,
-        synced_gpus=synced_gpus,
-        **kwargs,
-    )
+        if group_size > 1:
+            prepared = shared_prefill(model, ids, mask, mm, torch.cat(pixel_values), torch.cat(grids), group_size)
+    if prepared is not None:
+        ids, mask, mm = prepared.ids, prepared.mask, prepared.mm
+        kwargs = {"past_key_values": prepared.cache}  # every image token is in the cache already
+    else:
+        kwargs = {"pixel_values": torch.cat(pixel_values).to(device), "image_grid_thw": torch.cat(grids).to(device)}
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), mm_token_type_ids=mm.to(device),
+                         generation_config=gen_cfg, synced_gpus=synced_gpus, **kwargs)
     new = out.sequences[:, ids.shape[1]:].cpu()
     stops = set(gen_cfg.eos_token_id)
     tokens, logps = [], []
     for row in range(new.shape[0]):
-        seq = new[row]
-        end = len(seq)
-        for j, t in enumerate(seq.tolist()):
-            if t in stops:
-                end = j + 1
-                break
-        tokens.append(seq[:end].clone())
-        if gen_cfg.output_scores:
-            steps = [torch.log_softmax(out.scores[j][row].float(), dim=-1)[seq[j]].item() for j in range(end)]
-            logps.append(torch.tensor(steps))
-        else:
-            logps.append(None)
-    return tokens, logps, out.past_key_values, ids.shape[1], new.shape[1]
-
-
-
-
-def rope_owner(model):
-    """The Qwen2_5_VLModel that keeps ``rope_deltas``, inside wrappers (peft, test proxies)."""
-    m = model
-    for _ in range(5):
-        if "rope_deltas" in vars(m):
-            return m
-        m = m.model
-    raise AttributeError("cannot find the Qwen2.5-VL module that holds rope_deltas")
+        seq = new[row].tolist()
+        end = next((j + 1 for j, t in enumerate(seq) if t in stops), len(seq))
+        tokens.append(new[row, :end].clone())
+        logps.append(torch.tensor([torch.log_softmax(out.scores[j][row].float(), dim=-1)[seq[j]].item()
+                                   for j in range(end)]) if gen_cfg.output_scores else None)
+    return Generated(tokens, logps, out.past_key_values, ids.shape[1], new.shape[1])
 
 
 @torch.no_grad()
-def shared_prefill(model, ids, mask, mm, pixel_values, grids, repeats: int):
+def shared_prefill(model, ids, mask, mm, pixel_values, grids, group_size: int) -> Prepared:
     """Prefill all but the last token of each prompt once; return the inputs and cache for
-    ``repeats`` samples per prompt (rows prompt by prompt)."""
+    ``group_size`` samples per prompt (rows prompt by prompt)."""
     device = model.device
+    # logits_to_keep=1: the prefill's logits are never read (generate recomputes the last
+    # position); the default would allocate prompts x length x vocabulary of them.
     out = model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
                 mm_token_type_ids=mm[:, :-1].to(device), pixel_values=pixel_values.to(device),
-                image_grid_thw=grids.to(device), use_cache=True)
+                image_grid_thw=grids.to(device), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(repeats)
+    cache.batch_repeat_interleave(group_size)
     owner = rope_owner(model)  # the prefill set the mRoPE offsets; decode steps read them
-    owner.rope_deltas = owner.rope_deltas.repeat_interleave(repeats, dim=0)
-    ids, mask, mm = (t.repeat_interleave(repeats, dim=0) for t in (ids, mask, mm))
-    return ids, mask, mm, cache
+    owner.rope_deltas = owner.rope_deltas.repeat_interleave(group_size, dim=0)
+    ids, mask, mm = (t.repeat_interleave(group_size, dim=0) for t in (ids, mask, mm))
+    return Prepared(ids, mask, mm, cache)
 
 
 @torch.no_grad()
-def continue_cache(model, cache, cached_len: int, rows: list[dict], image_token_id: int, pad_id: int):
-    """Reuse each row's turn-1 cache and prefill its new tokens (all but the last).
-
-    ``rows[i]`` has ``start`` (where row i's tokens begin in the old cache), ``full`` (the
-    whole turn-2 input ids), ``reuse`` (how many of them the cache holds), ``grids`` (all
-    the row's image grids, in order, one tensor) and ``new_pixels`` / ``new_grid`` (the turn-2 image).
-    ``cached_len`` is how many positions the old cache holds. Returns (ids, mask, mm,
-    cache) ready for ``generate``.
-    """
+def continue_cache(model, previous: Generated, rows: list[Continuation], image_token_id: int,
+                   pad_id: int) -> Prepared:
+    """Reuse each row's cache from the previous turn and prefill its new tokens (all but
+    the last, which ``generate`` feeds itself)."""
     device = model.device
     inner = rope_owner(model)  # the Qwen2_5_VLModel: embeddings, vision tower, language model
-    P = max(r["reuse"] for r in rows)
-    N = max(len(r["full"]) - r["reuse"] for r in rows)
-    B = len(rows)
-    ids = torch.full((B, P + N), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P + N), dtype=torch.long)
-    keep = torch.zeros((B, P), dtype=torch.long)  # old-cache column feeding each new prefix slot
-    keep_mask = torch.zeros((B, P), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        reuse, new = r["reuse"], len(r["full"]) - r["reuse"]
-        assert r["start"] + reuse <= cached_len, "only cached tokens can be reused"
-        ids[i, P - reuse: P] = r["full"][:reuse]
-        mask[i, P - reuse: P] = 1
-        ids[i, P + N - new:] = r["full"][reuse:]
-        mask[i, P + N - new:] = 1
-        keep[i, P - reuse:] = torch.arange(r["start"], r["start"] + reuse)
+    spans = [previous.cached_tokens(r.prompt_len, r.kept) for r in rows]  # (start, reuse) per row
+    P = max(reuse for _, reuse in spans)
+    N = max(len(r.ids) - reuse for r, (_, reuse) in zip(rows, spans))
+    ids = torch.full((len(rows), P + N), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P + N), dtype=torch.long)
+    keep = torch.zeros((len(rows), P), dtype=torch.long)  # old-cache column feeding each prefix slot
+    keep_mask = torch.zeros((len(rows), P), dtype=torch.bool)
+    for i, (r, (start, reuse)) in enumerate(zip(rows, spans)):
+        new = len(r.ids) - reuse
+        assert start + reuse <= previous.width + previous.steps - 1, "only cached tokens can be reused"
+        ids[i, P - reuse: P], ids[i, P + N - new:] = r.ids[:reuse], r.ids[reuse:]
+        mask[i, P - reuse: P], mask[i, P + N - new:] = 1, 1
+        keep[i, P - reuse:] = torch.arange(start, start + reuse)
         keep_mask[i, P - reuse:] = True
     # Repack every layer's keys/values into the new left-padded prefix (pad slots zeroed;
     # the mask hides them). RoPE is already inside the cached keys, so moving a key to
-    # another slot does not change what it encodes.
+    # another slot does not change what it encodes. Rows follow ``rows``' order.
+    rows_idx = torch.tensor([r.row for r in rows], device=device)
     index = keep.to(device)[:, None, :, None]
-    for layer in cache.layers:
+    for layer in previous.cache.layers:
         for name in ("keys", "values"):
-            old = getattr(layer, name)  # [B, heads, S, head_dim]
+            old = getattr(layer, name)[rows_idx]  # [B, heads, S, head_dim]
             new = old.gather(2, index.expand(-1, old.shape[1], -1, old.shape[3]))
             setattr(layer, name, new * keep_mask.to(device)[:, None, :, None].to(new.dtype))
     mm = (ids == image_token_id).long()
-    grids = torch.cat([r["grids"] for r in rows]).to(device)
     positions, deltas = inner.get_rope_index(ids.to(device), mm_token_type_ids=mm.to(device),
-                                             image_grid_thw=grids, attention_mask=mask.to(device))
-    # Embed the new chunk (all but its last column), with the turn-2 images' features.
+                                             image_grid_thw=torch.cat([r.grids for r in rows]).to(device),
+                                             attention_mask=mask.to(device))
+    # Embed the new chunk (all but its last column), with the new images' features.
     chunk = ids[:, P: P + N - 1].to(device)
     embeds = inner.get_input_embeddings()(chunk)
     if (chunk == image_token_id).any():
-        pixels = torch.cat([r["new_pixels"] for r in rows]).to(device)
-        new_grids = torch.cat([r["new_grid"] for r in rows]).to(device)
+        pixels = torch.cat([r.new_pixels for r in rows]).to(device)
+        new_grids = torch.cat([r.new_grid for r in rows]).to(device)
         features = torch.cat(inner.get_image_features(pixels, new_grids).pooler_output).to(embeds.dtype)
         embeds = embeds.masked_scatter((chunk == image_token_id)[..., None].expand_as(embeds), features)
     inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : P + N - 1].to(device),
-                            position_ids=positions[:, :, P: P + N - 1], past_key_values=cache, use_cache=True)
+                         position_ids=positions[:, :, P: P + N - 1], past_key_values=previous.cache, use_cache=True)
     inner.rope_deltas = deltas  # decode positions = real-token count + delta, per row
-    return ids, mask, mm, cache
+    return Prepared(ids, mask, mm, previous.cache)

@@ -157,6 +157,15 @@ def input_size_from_grid(grid_thw) -> tuple[int, int]:
     return gw * PATCH, gh * PATCH
 
 
+def area_share(box, size: tuple[int, int]) -> float:
+    """Share of an image of ``size`` (w, h) that a box [x1, y1, x2, y2] covers.
+
+    >>> area_share([0, 0, 50, 20], (100, 100))
+    0.1
+    """
+    return (box[2] - box[0]) * (box[3] - box[1]) / (size[0] * size[1])
+
+
 def pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Integer crop bounds covering ``box`` (floor/ceil), clamped to the image."""
     w, h = size

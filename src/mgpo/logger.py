@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import ImageDraw
 
 from . import distributed as D
-from .reward import accuracy_reward
+from .grounding import area_share
+from .reward import predicted_letter, zero_variance_share
 
 log = logging.getLogger("mgpo")
 
@@ -31,14 +33,12 @@ def rollout_metrics(trajectories, rewards, group_size: int) -> dict[str, float]:
     """Per-rollout figures: accuracy, the valid-box share (paper Fig. 7), crop area, lengths."""
     n = len(trajectories)
     rewards = np.asarray(rewards, dtype=float)
-    groups = rewards.reshape(-1, group_size)
-    crop_share = [(t.box_original[2] - t.box_original[0]) * (t.box_original[3] - t.box_original[1])
-                  / (t.original_size[0] * t.original_size[1]) for t in trajectories if t.valid]
+    crop_share = [area_share(t.box_original, t.original_size) for t in trajectories if t.box_original]
     return {
         "reward/mean": float(rewards.mean()),
         # the answer's correctness, not reward > 0 (a format bonus must not count as right)
-        "reward/accuracy": float(np.mean([accuracy_reward(t.final_text, t.answer, t.options) for t in trajectories])),
-        "reward/zero_variance_groups": float(np.mean(groups.max(1) == groups.min(1))),
+        "reward/accuracy": float(np.mean([predicted_letter(t) == t.answer for t in trajectories])),
+        "reward/zero_variance_groups": zero_variance_share(torch.as_tensor(rewards), group_size),
         "grounding/valid_box_share": float(np.mean([t.valid for t in trajectories])),
         "grounding/any_box_share": float(np.mean([t.box_input is not None for t in trajectories])),
         "grounding/crop_area_share": float(np.mean(crop_share)) if crop_share else 0.0,

@@ -6,6 +6,7 @@ go through ``from_pretrained``; nothing here names a hub id or downloads anythin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,12 +34,42 @@ def check_model_dir(path: str | Path) -> Path:
 
 
 def load_processor(cfg: ModelConfig):
+    """The processor, with the config's pixel budget in force.
+
+    Published Qwen2.5-VL folders carry legacy ``min_pixels: 3136`` / ``max_pixels:
+    12845056`` keys that ``Qwen2VLImageProcessor`` applies *after* a ``size=`` argument
+    (transformers 5.x): a 3840x2160 image then becomes 10,549 image tokens instead of
+    1,280. Passing the budget under the legacy names too makes ours win; the check after
+    loading makes sure it did.
+    """
     from transformers import AutoProcessor
 
     path = check_model_dir(cfg.path)
     size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    return AutoProcessor.from_pretrained(path, size=size, trust_remote_code=cfg.trust_remote_code,
-                                         local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, size=size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                              trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    got = processor.image_processor.size
+    if (got["shortest_edge"], got["longest_edge"]) != (cfg.min_pixels, cfg.max_pixels):
+        raise RuntimeError(f"{path}: the image processor's pixel budget is {got['shortest_edge']}..."
+                           f"{got['longest_edge']}, not the config's {cfg.min_pixels}...{cfg.max_pixels}")
+    return processor
+
+
+def save_processor(processor, folder: str | Path) -> None:
+    """``save_pretrained``, with the pixel budget written under both names (``size`` and
+    the legacy ``min_pixels`` / ``max_pixels``), so any reader gets the budget we used."""
+    folder = Path(folder)
+    processor.save_pretrained(folder)
+    size = processor.image_processor.size
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if not f.exists():
+            continue
+        cfg = json.loads(f.read_text())
+        image = cfg.get("image_processor", cfg)
+        image["size"] = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+        image["min_pixels"], image["max_pixels"] = size["shortest_edge"], size["longest_edge"]
+        f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str | Path | None = None):

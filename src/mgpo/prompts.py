@@ -62,6 +62,8 @@ class Template:
     name: str
     system: str | None
     turns: int
+    bare_letter: bool = False
+    """The prompt asks for a bare option letter; the scorer accepts one (``direct``)."""
 
     def first_user(self, question: str, options) -> list[dict]:
         """Content of the first user message: the image, then the text."""
@@ -83,7 +85,7 @@ class Template:
 TEMPLATES = {
     "mgpo": Template("mgpo", MGPO_SYSTEM, turns=2),
     "grpo": Template("grpo", None, turns=1),
-    "direct": Template("direct", None, turns=1),
+    "direct": Template("direct", None, turns=1, bare_letter=True),
 }
 
 

@@ -60,6 +60,29 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
     return None
 
 
+_BARE = re.compile(r"^\s*\(?([A-Z])\)?(?:[.:)]|\s|$)")
+
+
+def bare_letter(text: str) -> str | None:
+    """A reply that is just an option letter ("B", "(B)", "B.", "B. red"), as the direct
+    prompt asks for. Upper-case only, so an article ("a red ...") is never read as A.
+
+    >>> [bare_letter(t) for t in ["B", " (B)", "B. red", "a red one", "Because"]]
+    ['B', 'B', 'B', None, None]
+    """
+    m = _BARE.match(text if isinstance(text, str) else "")
+    return m.group(1) if m else None
+
+
+def predicted_letter(t) -> str | None:
+    """The answer a trajectory gives: the last \\boxed{} of its final turn, or, for a
+    template that asks for a bare letter, that letter."""
+    letter = extract_answer(t.final_text, t.options)
+    if letter is None and t.bare_letter:
+        letter = bare_letter(t.final_text)
+    return letter
+
+
 def accuracy_reward(final_text: str, answer: str, options=None) -> float:
     """1.0 if the boxed letter equals ``answer``, else 0.0."""
     return 1.0 if extract_answer(final_text, options) == answer else 0.0
@@ -92,5 +115,5 @@ def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
 
 def score(trajectories, format_reward: float = 0.0) -> torch.Tensor:
     """Rewards of a rollout, one per trajectory: accuracy (+ an optional valid-box bonus)."""
-    return torch.tensor([accuracy_reward(t.final_text, t.answer, t.options) + (format_reward if t.valid else 0.0)
+    return torch.tensor([float(predicted_letter(t) == t.answer) + (format_reward if t.valid else 0.0)
                          for t in trajectories])

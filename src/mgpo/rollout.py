@@ -5,18 +5,22 @@ For a batch of prompts, each sampled ``group_size`` times:
 1. turn 1: batched ``generate`` on (system, image, question); vision special tokens are
    suppressed so the policy can never emit an ``<|image_pad|>`` that breaks the next
    forward;
-2. parse, check, map and crop each sample's box (``mgpo.grounding``); a missing or bad
-   box falls back to the original image;
-3. turn 2: each sample's input is built by *concatenating token ids*: the turn-1 prompt,
-   the tokens actually sampled (cut right after the box block, as the reference does),
-   ``<|im_end|>``, then the turn-2 user block with its image. Sampled text is never
-   decoded and re-encoded, so the tokens we train on are the tokens we sampled;
+2. ground: parse, check, map and crop each trajectory's box (``mgpo.grounding``); a
+   missing or bad box falls back to the original image;
+3. turn 2: each trajectory's input is built by *concatenating token ids*: the turn-1
+   prompt, the tokens actually sampled (cut right after the box block, as the reference
+   does), ``<|im_end|>``, then the turn-2 user block with its image. Sampled text is
+   never decoded and re-encoded, so the tokens we train on are the tokens we sampled;
 4. the result is a ``Rollout``: right-padded ids, the loss mask (1 on the model's own
-   tokens of both turns), ``mm_token_type_ids`` for mRoPE, every image's patches in
-   order, and per-trajectory metadata.
+   tokens of both turns), ``mm_token_type_ids`` for mRoPE, every distinct image once,
+   and per-trajectory metadata.
 
-Every batch runs the same number of ``generate`` calls whatever the boxes look like (one
-per turn), which is what keeps ZeRO-3 ranks in lock-step.
+The one-turn templates (``grpo``, ``direct``) stop after step 1 and keep the whole turn:
+the box, if any, is only a diagnostic there.
+
+Prompts are generated ``rollout.generation_batch_size`` whole groups at a time; each
+chunk runs the same number of ``generate`` calls whatever the boxes look like (one per
+turn), which is what keeps ZeRO-3 ranks in lock-step.
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ import torch
 
 from .config import RolloutConfig
 from .data import BadImageError, Sample
-from .generation import continue_cache, generate_batch, generation_config, special_ids
+from .generation import (
+    Continuation,
+    Generated,
+    continue_cache,
+    generate_batch,
+    generation_config,
+    special_ids,
+)
 from .grounding import (
+    Box,
     box_problem,
     crop_original,
     find_box,
@@ -36,7 +48,7 @@ from .grounding import (
     input_size_from_grid,
     to_original_box,
 )
-from .prompts import first_prompt_text, get_template, second_turn_text
+from .prompts import Template, first_prompt_text, get_template, second_turn_text
 
 
 @dataclass
@@ -50,6 +62,10 @@ class Trajectory:
     options: tuple[str, ...]
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    turns: int = 2
+    """Assistant turns of the template (the reward reads the last one)."""
+    bare_letter: bool = False
+    """The template asks for a bare option letter (``direct``), not ``\\boxed{}``."""
     turn1_text: str = ""
     turn2_text: str = ""
     box_input: list[float] | None = None
@@ -58,7 +74,7 @@ class Trajectory:
     box_problem: str | None = "no box"
     crop_size: tuple[int, int] | None = None
     turn1_truncated: bool = False
-    """Turn 1 hit its token limit without a box (the original image is shown again)."""
+    """Turn 1 hit its token limit (in two turns: without a box, so the original is shown again)."""
     turn2_truncated: bool = False
     """Turn 2 hit its token limit; the reward is taken from what exists."""
     turn1_tokens: int = 0
@@ -66,23 +82,33 @@ class Trajectory:
 
     @property
     def final_text(self) -> str:
-        return self.turn2_text if self.turn2_text else self.turn1_text
+        """The template's final assistant turn, the one the answer reward reads (SPEC 4)."""
+        return self.turn2_text if self.turns == 2 else self.turn1_text
+
+
+@dataclass
+class ImagePatches:
+    """One image as the model reads it."""
+
+    pixel_values: torch.Tensor  # [p, D] patches
+    grid: torch.Tensor  # [1, 3] (t, h, w) in patches
 
 
 @dataclass
 class Rollout:
     """A batch of finished trajectories, ready for the training forward.
 
-    Shapes: N trajectories, T tokens (right-padded), P image patches in total, I images.
+    Shapes: N trajectories, T tokens (right-padded). Each distinct image is stored once
+    (a group shares its first image); ``image_index[i]`` lists trajectory i's images in
+    the order they appear in its tokens.
     """
 
     input_ids: torch.Tensor  # [N, T]
     attention_mask: torch.Tensor  # [N, T]
     loss_mask: torch.Tensor  # [N, T] 1.0 on tokens the model produced in either turn
     mm_token_type_ids: torch.Tensor  # [N, T] 1 on image tokens (mRoPE needs it)
-    pixel_values: torch.Tensor  # [P, D] every image's patches, trajectory by trajectory
-    image_grid_thw: torch.Tensor  # [I, 3]
-    images_per_trajectory: list[int]
+    images: list[ImagePatches]
+    image_index: list[list[int]]
     trajectories: list[Trajectory]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(sample id, reason) for prompts dropped before generation (e.g. unreadable image)."""
@@ -91,32 +117,33 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def patch_spans(self) -> list[tuple[int, int]]:
-        """(start, end) rows of ``pixel_values`` for each trajectory, from the image grids."""
-        patches = self.image_grid_thw.prod(dim=-1).tolist()
-        spans, row, img = [], 0, 0
-        for n in self.images_per_trajectory:
-            size = sum(patches[img: img + n])
-            spans.append((row, row + size))
-            row, img = row + size, img + n
-        return spans
+    @property
+    def images_per_trajectory(self) -> list[int]:
+        return [len(ix) for ix in self.image_index]
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """[P, D] every trajectory's image patches, trajectory by trajectory (the model's layout)."""
+        return torch.cat([self.images[j].pixel_values for ix in self.image_index for j in ix])
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        """[I, 3] the grids in the same order as ``pixel_values``."""
+        return torch.cat([self.images[j].grid for ix in self.image_index for j in ix])
 
     def select(self, index) -> Rollout:
-        """A sub-batch; images are sliced by patch spans, never by trajectory index."""
+        """A sub-batch holding only the images its trajectories use."""
         index = [int(i) for i in index]
-        spans = self.patch_spans()
-        first_image = [sum(self.images_per_trajectory[:i]) for i in range(len(self) + 1)]
-        pixel_values = torch.cat([self.pixel_values[spans[i][0]: spans[i][1]] for i in index])
-        grids = torch.cat([self.image_grid_thw[first_image[i]: first_image[i + 1]] for i in index])
+        used = sorted({j for i in index for j in self.image_index[i]})
+        new = {j: k for k, j in enumerate(used)}
         width = int(self.attention_mask[index].sum(dim=1).max())  # trim shared right padding
         return Rollout(
             input_ids=self.input_ids[index, :width],
             attention_mask=self.attention_mask[index, :width],
             loss_mask=self.loss_mask[index, :width],
             mm_token_type_ids=self.mm_token_type_ids[index, :width],
-            pixel_values=pixel_values,
-            image_grid_thw=grids,
-            images_per_trajectory=[self.images_per_trajectory[i] for i in index],
+            images=[self.images[j] for j in used],
+            image_index=[[new[j] for j in self.image_index[i]] for i in index],
             trajectories=[self.trajectories[i] for i in index],
             sample_logp=None if self.sample_logp is None else self.sample_logp[index, :width],
         )
@@ -134,19 +161,69 @@ class Rollout:
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- hand-overs
 
 @dataclass
 class _Encoded:
     ids: torch.Tensor  # [L]
-    pixel_values: torch.Tensor  # [P, D]
-    grid: torch.Tensor  # [n_images, 3]
+    image: ImagePatches
+
+
+@dataclass
+class _Prompt:
+    sample: Sample
+    original: object  # the decoded original (PIL image)
+    enc: _Encoded  # the turn-1 prompt
+    image: int  # index of its image in the rollout's image list
+
+
+@dataclass
+class _Piece:
+    tokens: torch.Tensor  # [L]
+    trained: bool  # the model produced these tokens (loss mask 1)
+    logp: torch.Tensor | None = None  # [L] generation-time log-probs, when recorded
+
+
+@dataclass
+class _Conversation:
+    """One trajectory's tokens, piece by piece, and its images."""
+
+    pieces: list[_Piece]
+    images: list[int]
+    kept: int = 0  # turn-1 tokens kept (the turn-2 cache continues after them)
+
+
+@dataclass
+class _Context:
+    """Everything a rollout's turns share."""
+
+    processor: object
+    template: Template
+    cfg: RolloutConfig
+    ids: dict[str, int]
+    greedy: bool
+    record_logprobs: bool
+    min_pixels: int
+    max_pixels: int
+    synced_gpus: bool
+    images: list[ImagePatches] = field(default_factory=list)
+
+    @property
+    def stops(self) -> set[int]:
+        return {self.ids["<|im_end|>"], self.ids["<|endoftext|>"]}
+
+    def add_image(self, image: ImagePatches) -> int:
+        self.images.append(image)
+        return len(self.images) - 1
+
+    def generation(self, max_new_tokens: int):
+        return generation_config(self.cfg, max_new_tokens, self.ids, self.greedy, self.record_logprobs)
 
 
 def _encode(processor, text: str, images: list) -> _Encoded:
-    """Tokenize one text with its images; the processor expands each image's placeholder."""
+    """Tokenize one text with its image; the processor expands the image placeholder."""
     out = processor(text=[text], images=images, return_tensors="pt")
-    return _Encoded(out["input_ids"][0], out["pixel_values"], out["image_grid_thw"])
+    return _Encoded(out["input_ids"][0], ImagePatches(out["pixel_values"], out["image_grid_thw"]))
 
 
 def _closed(tokens: torch.Tensor, stops: set[int]) -> bool:
@@ -171,21 +248,31 @@ def _cut_after(tokenizer, tokens: torch.Tensor, text: str, end: int) -> int:
 
 @torch.no_grad()
 def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_pixels: int, max_pixels: int,
-            group_size: int | None = None, greedy: bool = False, record_logprobs: bool = False,
-            synced_gpus: bool = False, images: list | None = None) -> Rollout:
-    """Sample ``group_size`` two-turn (or one-turn) conversations per prompt.
+            greedy: bool = False, record_logprobs: bool = False, synced_gpus: bool = False,
+            images: list | None = None) -> Rollout:
+    """Sample ``cfg.group_size`` conversations per prompt, in the template's turns.
 
     ``images`` are the samples' decoded originals when the caller has them already.
     """
-    template = get_template(cfg.template)
-    group_size = cfg.group_size if group_size is None else group_size
-    tok = processor.tokenizer
-    ids = special_ids(processor)
-    im_end, image_token = ids["<|im_end|>"], ids["<|image_pad|>"]
+    ctx = _Context(processor, get_template(cfg.template), cfg, special_ids(processor), greedy, record_logprobs,
+                   min_pixels, max_pixels, synced_gpus)
+    prompts, skipped = _encode_prompts(ctx, samples, images)
     was_training = model.training
     model.eval()
+    trajectories, conversations = [], []
+    per_call = cfg.generation_batch_size or len(prompts)
+    try:
+        for lo in range(0, len(prompts), per_call):  # whole groups per generate call
+            t, c = _rollout_groups(model, ctx, prompts[lo: lo + per_call], first_group=lo)
+            trajectories += t
+            conversations += c
+    finally:
+        model.train(was_training)
+    return _assemble(ctx, conversations, trajectories, skipped)
 
-    # ---- prompts: load each image once, encode each prompt once, repeat per group
+
+def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None):
+    """Decode each image once and encode each turn-1 prompt once; unreadable ones are skipped."""
     prompts, skipped = [], []
     for k, sample in enumerate(samples):
         try:
@@ -193,147 +280,160 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
         except BadImageError as e:
             skipped.append((sample.id, str(e)))
             continue
-        text = first_prompt_text(processor, template, sample.question, sample.options)
-        prompts.append((sample, original, _encode(processor, text, [original])))
-
-    trajs: list[Trajectory] = []
-    for g, (sample, original, enc) in enumerate(prompts):
-        for _ in range(group_size):
-            trajs.append(Trajectory(sample.id, g, sample.answer, tuple(sample.options), original.size,
-                                    input_size_from_grid(enc.grid[0])))
-    if not trajs:
+        text = first_prompt_text(ctx.processor, ctx.template, sample.question, sample.options)
+        enc = _encode(ctx.processor, text, [original])
+        prompts.append(_Prompt(sample, original, enc, ctx.add_image(enc.image)))
+    if not prompts:
         raise BadImageError("every prompt of the batch was skipped: " + "; ".join(r for _, r in skipped))
+    return prompts, skipped
 
-    # ---- turn 1: one batched generate (each prompt prefilled once, or copied group_size times)
-    gen1 = generation_config(cfg, cfg.max_new_tokens_turn1, ids, greedy, record_logprobs)
-    stops = set(gen1.eos_token_id)
-    shared = cfg.shared_prefill and group_size > 1
-    copies = 1 if shared else group_size
-    seqs = [enc.ids for _, _, enc in prompts for _ in range(copies)]
-    pvs = [enc.pixel_values for _, _, enc in prompts for _ in range(copies)]
-    grids = [enc.grid for _, _, enc in prompts for _ in range(copies)]
-    new1, logp1, cache1, width1, steps1 = generate_batch(model, seqs, pvs, grids, gen1, image_token, synced_gpus,
-                                                         repeats=group_size if shared else 1)
-    if not (template.turns == 2 and cfg.continue_turn2):
-        cache1 = None  # nothing reuses it: free the memory now, not at the end of the rollout
 
-    # ---- ground: parse, check, map, crop; build the turn-2 inputs by concatenating ids
-    pieces = []  # per trajectory: list of (token ids, is_model_output, generation log-probs)
-    seqs2, pvs2, grids2, rows = [], [], [], []
-    fallback: dict[int, _Encoded] = {}
-    crop_text: dict[int, str] = {}
-    for i, t in enumerate(trajs):
-        sample, original, enc = prompts[t.group]
-        sampled = new1[i]
-        closed = _closed(sampled, stops)
-        body = sampled[:-1] if closed else sampled
-        text = tok.decode(body, skip_special_tokens=False)
-        found = find_box(text)
-        if found is not None:
-            box, end = found
-            keep = _cut_after(tok, body, text, end)
-            t.box_input = box.as_list()
-            t.box_problem = box_problem(box, t.input_size, cfg.min_box_side, cfg.max_box_aspect)
-            t.valid = t.box_problem is None
-        else:
-            keep = len(body)
-            t.turn1_truncated = not closed
-        kept = body[:keep]
-        # turn 1 always ends with <|im_end|>; it is the sampled one when the model stopped
-        # right there, otherwise we close the turn (and still train it to stop, as the
-        # reference does).
-        sampled_close = closed and keep == len(body) and int(sampled[-1]) == im_end
-        turn1 = torch.cat([kept, torch.tensor([im_end])])
-        lp = None
-        if logp1[i] is not None:
-            lp = torch.cat([logp1[i][:keep], logp1[i][keep:keep + 1] if sampled_close else torch.tensor([float("nan")])])
-        t.turn1_text = tok.decode(kept, skip_special_tokens=False)
-        t.turn1_tokens = len(turn1)
-        pieces.append([(enc.ids, False, None), (turn1, True, lp)])
-
-        if template.turns == 1:
-            continue
-        if t.valid:
-            box_orig = to_original_box(box, t.input_size, t.original_size)
-            crop = fit_to_budget(crop_original(original, box_orig), min_pixels, max_pixels, cfg.crop_resample)
-            t.box_original = box_orig.as_list()
-            t.crop_size = crop.size
-            if t.group not in crop_text:  # the same words for every crop of the group
-                crop_text[t.group] = second_turn_text(processor, template, sample.question, sample.options, True)
-            block = _encode(processor, crop_text[t.group], [crop])
-        else:
-            # The fallback block (text + the original, resized as for turn 1) is the same for
-            # every sample of the group: build it once, not once per sample.
-            if t.group not in fallback:
-                fallback[t.group] = _encode(processor, second_turn_text(processor, template, sample.question,
-                                                                        sample.options, False), [original])
-            block = fallback[t.group]
-        pieces[-1].append((block.ids, False, None))
-        seqs2.append(torch.cat([enc.ids, turn1, block.ids]))
-        pvs2.append(torch.cat([enc.pixel_values, block.pixel_values]))
-        grids2.append(torch.cat([enc.grid, block.grid]))
-        # What turn 1's cache already holds for this row: the prompt and the kept tokens
-        # (the cache lacks the last sampled token, whose forward never ran).
-        rows.append({"start": width1 - len(enc.ids), "full": seqs2[-1], "grids": grids2[-1],
-                     "reuse": len(enc.ids) + min(keep, steps1 - 1),
-                     "new_pixels": block.pixel_values, "new_grid": block.grid})
-
+def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: int):
+    """Turn 1 -> ground -> turn 2 for a chunk of whole groups."""
+    G = ctx.cfg.group_size
+    trajectories = [Trajectory(p.sample.id, first_group + g, p.sample.answer, tuple(p.sample.options),
+                               p.original.size, input_size_from_grid(p.enc.image.grid[0]), turns=ctx.template.turns,
+                               bare_letter=ctx.template.bare_letter)
+                    for g, p in enumerate(prompts) for _ in range(G)]
+    # ---- turn 1: one batched generate (each prompt prefilled once, or once per sample)
+    shared = ctx.cfg.shared_prefill and G > 1
+    copies = 1 if shared else G
+    turn1 = generate_batch(model, [p.enc.ids for p in prompts for _ in range(copies)],
+                           [p.enc.image.pixel_values for p in prompts for _ in range(copies)],
+                           [p.enc.image.grid for p in prompts for _ in range(copies)],
+                           ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"], ctx.synced_gpus,
+                           group_size=G if shared else 1)
+    conversations = [_close_turn1(ctx, t, prompts[i // G], turn1, i) for i, t in enumerate(trajectories)]
+    if ctx.template.turns == 1:
+        return trajectories, conversations
+    if not ctx.cfg.continue_turn2:
+        turn1.cache = None  # nothing reuses it: free the memory now
+    # ---- ground: crop (or fall back) and encode each turn-2 user block
+    blocks = _turn2_blocks(ctx, prompts, trajectories)
     # ---- turn 2: one batched generate (also when every box failed: lock-step)
-    if template.turns == 2:
-        gen2 = generation_config(cfg, cfg.max_new_tokens_turn2, ids, greedy, record_logprobs)
-        prepared = None
-        if cache1 is not None:
-            prepared = continue_cache(model, cache1, width1 + steps1 - 1, rows, image_token, ids["<|endoftext|>"])
-        del cache1
-        new2, logp2, _, _, _ = generate_batch(model, seqs2, pvs2, grids2, gen2, image_token, synced_gpus,
-                                              prepared=prepared)
-        for i, t in enumerate(trajs):
-            out = new2[i]
-            t.turn2_truncated = not _closed(out, stops)
-            body = out if t.turn2_truncated else out[:-1]
-            t.turn2_text = tok.decode(body, skip_special_tokens=False)
-            t.turn2_tokens = len(out)
-            pieces[i].append((out, True, logp2[i]))
-        pixel_values, grid = torch.cat(pvs2), torch.cat(grids2)
-    else:
-        for i, t in enumerate(trajs):
-            t.turn1_truncated = t.turn1_truncated or not _closed(new1[i], stops)
-        pixel_values = torch.cat([prompts[t.group][2].pixel_values for t in trajs])
-        grid = torch.cat([prompts[t.group][2].grid for t in trajs])
-
-    model.train(was_training)
-    return _assemble(pieces, trajs, pixel_values, grid, template.turns, ids["<|endoftext|>"], image_token,
-                     skipped, record_logprobs)
+    turn2 = _generate_turn2(model, ctx, prompts, conversations, blocks, turn1)
+    for i, (t, conv, (block, image)) in enumerate(zip(trajectories, conversations, blocks)):
+        out = turn2.tokens[i]
+        t.turn2_truncated = not _closed(out, ctx.stops)
+        t.turn2_text = ctx.processor.tokenizer.decode(out if t.turn2_truncated else out[:-1],
+                                                      skip_special_tokens=False)
+        t.turn2_tokens = len(out)
+        conv.pieces += [_Piece(block.ids, False), _Piece(out, True, turn2.logps[i])]
+        conv.images.append(image)
+    return trajectories, conversations
 
 
-def _assemble(pieces, trajs, pixel_values, grid, images_each, pad_id, image_token, skipped, record_logprobs):
+def _close_turn1(ctx: _Context, t: Trajectory, prompt: _Prompt, turn1: Generated, i: int) -> _Conversation:
+    """Read turn 1's box and decide which tokens stay in the conversation.
+
+    Two turns: the turn is cut right after the box block (the reference's rule) and always
+    closed with ``<|im_end|>`` (the sampled one when the model stopped right there,
+    otherwise one we add and still train, as the reference does). One turn: the whole
+    turn stays as sampled; the box is only recorded."""
+    tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
+    sampled, logp = turn1.tokens[i], turn1.logps[i]
+    closed = _closed(sampled, ctx.stops)
+    body = sampled[:-1] if closed else sampled
+    text = tok.decode(body, skip_special_tokens=False)
+    found = find_box(text)
+    keep = len(body)
+    if found is not None:
+        box, end = found
+        t.box_input = box.as_list()
+        t.box_problem = box_problem(box, t.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
+        t.valid = t.box_problem is None
+        if t.turns == 2:
+            keep = _cut_after(tok, body, text, end)
+    t.turn1_truncated = not closed and (found is None or t.turns == 1)
+    t.turn1_text = tok.decode(body[:keep], skip_special_tokens=False)
+    if t.turns == 1:
+        t.turn1_tokens = len(sampled)
+        return _Conversation([_Piece(prompt.enc.ids, False), _Piece(sampled, True, logp)], [prompt.image], keep)
+    sampled_close = closed and keep == len(body) and int(sampled[-1]) == im_end
+    tokens = torch.cat([body[:keep], torch.tensor([im_end])])
+    if logp is not None:
+        logp = torch.cat([logp[:keep], logp[keep:keep + 1] if sampled_close else torch.tensor([float("nan")])])
+    t.turn1_tokens = len(tokens)
+    return _Conversation([_Piece(prompt.enc.ids, False), _Piece(tokens, True, logp)], [prompt.image], keep)
+
+
+def _turn2_blocks(ctx: _Context, prompts: list[_Prompt], trajectories: list[Trajectory]):
+    """Per trajectory: the turn-2 user block (lead, image, question) and its image's index.
+
+    A valid box crops the original (mapped from input pixels) and enlarges the crop into
+    the pixel budget. Otherwise the block is the fallback text with the original again:
+    the same for the whole group, so it is encoded once and its image is the group's
+    first image (identical patches)."""
+    G, blocks = ctx.cfg.group_size, []
+    crop_text, fallback = {}, {}
+    for i, t in enumerate(trajectories):
+        p = prompts[i // G]
+        q, options = p.sample.question, p.sample.options
+        if t.valid:
+            box = to_original_box(Box(*t.box_input), t.input_size, t.original_size)
+            crop = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
+                                 ctx.cfg.crop_resample)
+            t.box_original, t.crop_size = box.as_list(), crop.size
+            if i // G not in crop_text:  # the same words for every crop of the group
+                crop_text[i // G] = second_turn_text(ctx.processor, ctx.template, q, options, True)
+            block = _encode(ctx.processor, crop_text[i // G], [crop])
+            blocks.append((block, ctx.add_image(block.image)))
+        else:
+            if i // G not in fallback:
+                fallback[i // G] = _encode(ctx.processor, second_turn_text(ctx.processor, ctx.template, q, options,
+                                                                           False), [p.original])
+            blocks.append((fallback[i // G], p.image))
+    return blocks
+
+
+def _generate_turn2(model, ctx: _Context, prompts, conversations, blocks, turn1: Generated) -> Generated:
+    """Turn 2 for every trajectory: continued from turn 1's cache, or re-read from scratch."""
+    G = ctx.cfg.group_size
+    seqs, pixels, grids, rows = [], [], [], []
+    for i, (conv, (block, _)) in enumerate(zip(conversations, blocks)):
+        p = prompts[i // G]
+        seqs.append(torch.cat([piece.tokens for piece in conv.pieces] + [block.ids]))
+        pixels.append(torch.cat([p.enc.image.pixel_values, block.image.pixel_values]))
+        grids.append(torch.cat([p.enc.image.grid, block.image.grid]))
+        rows.append(Continuation(i, len(p.enc.ids), conv.kept, seqs[-1], grids[-1], block.image.pixel_values,
+                                 block.image.grid))
+    gen = ctx.generation(ctx.cfg.max_new_tokens_turn2)
+    prepared = None
+    if turn1.cache is not None:
+        prepared = continue_cache(model, turn1, rows, ctx.ids["<|image_pad|>"], ctx.ids["<|endoftext|>"])
+        turn1.cache = None
+    return generate_batch(model, seqs, pixels, grids, gen, ctx.ids["<|image_pad|>"], ctx.synced_gpus,
+                          prepared=prepared)
+
+
+def _assemble(ctx: _Context, conversations: list[_Conversation], trajectories, skipped) -> Rollout:
     """Right-pad the finished conversations and build the one loss mask."""
-    lengths = [sum(len(p[0]) for p in ps) for ps in pieces]
-    n, width = len(pieces), max(lengths)
+    lengths = [sum(len(p.tokens) for p in c.pieces) for c in conversations]
+    n, width = len(conversations), max(lengths)
+    pad_id, image_token = ctx.ids["<|endoftext|>"], ctx.ids["<|image_pad|>"]
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     loss_mask = torch.zeros((n, width), dtype=torch.float32)
-    sample_logp = torch.full((n, width), float("nan")) if record_logprobs else None
-    for i, ps in enumerate(pieces):
+    sample_logp = torch.full((n, width), float("nan")) if ctx.record_logprobs else None
+    for i, conv in enumerate(conversations):
         pos = 0
-        for tokens, is_model, lp in ps:
-            span = slice(pos, pos + len(tokens))
-            input_ids[i, span] = tokens
-            if is_model:
+        for piece in conv.pieces:
+            span = slice(pos, pos + len(piece.tokens))
+            input_ids[i, span] = piece.tokens
+            if piece.trained:
                 loss_mask[i, span] = 1.0
-                if sample_logp is not None and lp is not None:
-                    sample_logp[i, span] = lp
-            pos += len(tokens)
+                if sample_logp is not None and piece.logp is not None:
+                    sample_logp[i, span] = piece.logp
+            pos += len(piece.tokens)
         attention_mask[i, :pos] = 1
     return Rollout(
         input_ids=input_ids,
         attention_mask=attention_mask,
         loss_mask=loss_mask,
         mm_token_type_ids=(input_ids == image_token).long() * attention_mask,
-        pixel_values=pixel_values,
-        image_grid_thw=grid,
-        images_per_trajectory=[images_each] * n,
-        trajectories=trajs,
+        images=ctx.images,
+        image_index=[c.images for c in conversations],
+        trajectories=trajectories,
         skipped=skipped,
         sample_logp=sample_logp,
     )

@@ -7,9 +7,14 @@ that a real Qwen2.5-VL-7B directory takes. So we build one ourselves:
   weights from a seed, a few M parameters);
 - a byte-level BPE tokenizer trained locally with ``tokenizers`` that carries every
   special token Qwen2.5-VL and its processor use;
-- the Qwen2-VL chat template and a ``Qwen2VLImageProcessor`` with our pixel budget;
+- the Qwen2-VL chat template and a ``Qwen2VLImageProcessor``;
 
-all written with ``save_pretrained`` and read back with ``from_pretrained``.
+all written with ``save_pretrained`` and then laid out like the published
+Qwen2.5-VL-7B-Instruct folder (``publish_layout``): the same file names, the legacy
+``min_pixels`` / ``max_pixels`` keys in ``preprocessor_config.json`` and the sampling
+values of the shipped ``generation_config.json``. Those two files silently changed a
+real run's pixel budget and sampling distribution (SPEC section 7), so the tests must
+read a folder that carries them.
 
     python -m mgpo.tiny build/tiny-qwen2.5-vl
 """
@@ -167,20 +172,62 @@ def tiny_config(tokenizer, *, hidden_size: int = 64, layers: int = 2, vision_dep
     )
 
 
+# What the published Qwen2.5-VL-*-Instruct folders ship (read from the released files):
+# a legacy image-processor file whose pixel keys override a `size=` argument in
+# transformers 5.x, and a generation config tuned for chat, not for RL sampling.
+PUBLISHED_PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+PUBLISHED_SAMPLING = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 1e-06, "top_p": 0.001,
+                      "top_k": 1}
+
+
+def publish_layout(folder: Path, tokenizer) -> None:
+    """Rewrite a ``save_pretrained`` folder into the published checkpoint's layout.
+
+    Published: ``preprocessor_config.json`` (legacy pixel keys, no ``size``),
+    ``chat_template.json``, ``vocab.json`` + ``merges.txt`` beside ``tokenizer.json``,
+    and ``generation_config.json`` with the shipped sampling values. transformers 5.x
+    writes one ``processor_config.json`` and a ``chat_template.jinja`` instead.
+    """
+    processor_cfg = folder / "processor_config.json"
+    if processor_cfg.exists():
+        processor_cfg.unlink()
+    (folder / "preprocessor_config.json").write_text(json.dumps(PUBLISHED_PREPROCESSOR, indent=2) + "\n")
+    template = folder / "chat_template.jinja"
+    if template.exists():
+        template.unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    generation = {"bos_token_id": eos[1], "pad_token_id": eos[1], "eos_token_id": eos, **PUBLISHED_SAMPLING}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    min_pixels: int = 64 * 28 * 28,
-    max_pixels: int = 256 * 28 * 28,
     hidden_size: int = 64,
     layers: int = 2,
     vocab_size: int = 1024,
 ) -> Path:
     """Write a tiny Qwen2.5-VL model + processor to ``out_dir`` and return the path.
 
-    The default pixel budget (64 to 256 visual tokens per image) keeps CPU rollouts fast
-    while leaving small targets unreadable in the down-scaled first image.
+    The folder carries the published checkpoint's pixel keys (3,136 to 12,845,056 px):
+    the pixel budget of a run is the config's ``model.min_pixels`` / ``max_pixels``,
+    which ``mgpo.model.load_processor`` makes win over the folder's.
     """
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
@@ -194,9 +241,7 @@ def build_tiny_checkpoint(
     config = tiny_config(tokenizer, hidden_size=hidden_size, layers=layers)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = [config.text_config.eos_token_id]
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessor()
     video_processor = Qwen2VLVideoProcessor()
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -209,10 +254,12 @@ def build_tiny_checkpoint(
         import shutil
 
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # Sharded like the published weights (model-0000k-of-0000n + an index file).
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="600KB")
     processor.save_pretrained(tmp)
-    (tmp / "MGPO_TINY.json").write_text(json.dumps({"seed": seed, "min_pixels": min_pixels,
-                                                    "max_pixels": max_pixels}) + "\n")
+    publish_layout(tmp, tokenizer)
+    (tmp / "MGPO_TINY.json").write_text(json.dumps({"seed": seed, "hidden_size": hidden_size, "layers": layers,
+                                                    "vocab_size": vocab_size}) + "\n")
     if out.exists():
         import shutil
 
@@ -225,12 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-pixels", type=int, default=64 * 28 * 28)
-    parser.add_argument("--max-pixels", type=int, default=256 * 28 * 28)
     args = parser.parse_args(argv)
     start = time.time()
-    out = build_tiny_checkpoint(args.out_dir, seed=args.seed, min_pixels=args.min_pixels,
-                                max_pixels=args.max_pixels)
+    out = build_tiny_checkpoint(args.out_dir, seed=args.seed)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"tiny Qwen2.5-VL checkpoint: {out} ({size / 1e6:.1f} MB, {time.time() - start:.1f} s)")
 

@@ -4,15 +4,16 @@
     accelerate launch --config_file configs/accelerate/zero3_8gpu.yaml train.py --config configs/qwen2_5_vl_7b_mgpo.yaml
 
 One loop, stages marked: sample prompts -> rollout -> rewards -> group advantages ->
-old / reference log-probs -> mini-batch updates -> log -> checkpoint.
+old / reference log-probs -> optimizer steps over whole groups -> log -> checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +22,11 @@ from . import distributed as D
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .config import Config, TrainConfig, save_config
 from .data import BadImageError, load_samples
-from .generation import VISION_TOKENS, special_ids
+from .generation import suppressed_ids
 from .logger import RunLogger, rollout_metrics, setup_logging
-from .loss import PolicyForward, policy_loss
+from .loss import policy_loss
 from .model import load_model, load_processor
+from .policy import PolicyForward, rollout_logprobs
 from .reward import group_advantages, score
 from .rollout import Rollout, rollout
 
@@ -118,10 +120,95 @@ class TrainResult:
     steps: int
 
 
+@dataclass
+class _Run:
+    """What the loop works with, built once by ``_setup``."""
+
+    cfg: Config
+    plan: BatchPlan
+    accelerator: object
+    wrapped: torch.nn.Module  # PolicyForward around the policy, prepared (DDP / DeepSpeed)
+    optimizer: object
+    scheduler: object  # stepped once per optimizer step, by us (not by accelerate)
+    trainable: list
+    reference: torch.nn.Module | None  # None: no KL, or LoRA (adapters off = the reference)
+    processor: object
+    data: object
+    reserve: object  # a sample whose image decodes: stands in for unreadable ones
+    logger: RunLogger
+    out: Path
+    total: int
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch": 0})
+    bad_steps: int = 0
+
+
+def check_sampling(cfg: Config) -> None:
+    """Training log-probs model the full temperature-scaled distribution: a truncated one
+    (top_p < 1, top_k > 0) would make every ratio and KL term wrong."""
+    r = cfg.rollout
+    if r.top_p < 1.0 or r.top_k > 0:
+        raise ValueError(f"rollout.top_p={r.top_p} / rollout.top_k={r.top_k}: training needs top_p=1 and top_k=0, "
+                         "because the training log-probs do not model a truncated distribution "
+                         "(evaluation may use them)")
+
+
 def train(cfg: Config) -> TrainResult:
+    check_sampling(cfg)
+    run = _setup(cfg)
     t, G = cfg.train, cfg.rollout.group_size
+    synced = D.zero_stage(run.accelerator) == 3
+    while run.state["step"] < run.total:
+        # ---- sample prompts: this rank's slice of the epoch's shuffled order
+        prompts, images, bad = _next_prompts(run)
+        t0 = time.perf_counter()
+
+        # ---- rollout: no grad, eval mode, weights gathered once under ZeRO-3
+        with D.generation_weights(run.accelerator, run.wrapped) as gen:
+            batch = rollout(gen.policy, run.processor, prompts, cfg.rollout, min_pixels=cfg.model.min_pixels,
+                            max_pixels=cfg.model.max_pixels, images=images, synced_gpus=synced)
+        run.wrapped.train()
+        t_rollout = time.perf_counter() - t0
+
+        # ---- rewards and group-relative advantages
+        rewards = score(batch.trajectories, cfg.rollout.format_reward)
+        adv = group_advantages(rewards, G, cfg.loss.adv_eps)
+
+        # ---- old and reference log-probs (no grad)
+        t0 = time.perf_counter()
+        old_logp, ref_logp = _fixed_logprobs(run, batch)
+        t_logp = time.perf_counter() - t0
+
+        # ---- policy updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
+        t0 = time.perf_counter()
+        steps = []
+        for index in _step_slices(len(batch) // G, G, run.plan.steps_per_rollout, t.ppo_epochs):
+            if run.state["step"] >= run.total:
+                break
+            steps.append(optimizer_step(run, batch, adv, old_logp, ref_logp, index))
+        t_update = time.perf_counter() - t0
+        run.state["batch"] += 1
+
+        # ---- log
+        timings = {"time/rollout_s": t_rollout, "time/logprobs_s": t_logp, "time/update_s": t_update}
+        metrics = _log(run, batch, rewards, bad, steps, timings, dict(zip((p.id for p in prompts), images)))
+
+        # ---- checkpoint (at rollout-batch boundaries, so a resume never loses rollout data)
+        step = run.state["step"]
+        if step % t.save_every < len(steps) or step >= run.total:
+            path = save_checkpoint(run.accelerator, run.wrapped, run.optimizer, run.scheduler, run.processor,
+                                   run.out, step, {**run.state, "metrics": metrics}, t.keep_last,
+                                   lora=t.lora_rank > 0)
+            log.info("step %d: checkpoint %s", step, path)
+    run.logger.close()
+    D.barrier()
+    return TrainResult(run.out, run.accelerator.unwrap_model(run.wrapped).policy, run.state["step"])
+
+
+def _setup(cfg: Config) -> _Run:
+    """Process group, policy, reference, optimizer, schedule, resume state, data, logger."""
+    t = cfg.train
     world = D.launched_world_size()
-    plan = plan_batches(t, G, world)
+    plan = plan_batches(t, cfg.rollout.group_size, world)
     accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
     setup_logging()
     out = Path(t.output_dir)
@@ -133,20 +220,20 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- model, reference, optimizer
     processor = load_processor(cfg.model)
-    ids = special_ids(processor)
+    suppress = suppressed_ids(processor)
     policy = _load_policy(cfg, resume_from, accelerator.device)
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    wrapped = PolicyForward(policy, cfg.rollout.temperature, [ids[v] for v in VISION_TOKENS])
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    # Not passed to accelerate.prepare: its AcceleratedScheduler steps once per process per
+    # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
-    wrapped, optimizer, scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
+    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, cfg.rollout.temperature, suppress), optimizer)
     reference = None
     if cfg.loss.kl_coef > 0 and t.lora_rank == 0:  # with LoRA the base model (adapters off) is the reference
-        # Same log-prob forward as the policy (temperature, suppressed vision tokens).
         reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
-                                  cfg.rollout.temperature, [ids[v] for v in VISION_TOKENS])
+                                  cfg.rollout.temperature, suppress)
     state = {"step": 0, "epoch": 0, "batch": 0}
     if resume_from is not None:
         state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
@@ -157,151 +244,165 @@ def train(cfg: Config) -> TrainResult:
     if len(data) < t.prompts_per_rollout:
         raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
                          f"train.prompts_per_rollout ({t.prompts_per_rollout})")
-    batches_per_epoch = len(data) // t.prompts_per_rollout
-    total = t.epochs * batches_per_epoch * plan.steps_per_rollout * t.ppo_epochs
+    total = t.epochs * (len(data) // t.prompts_per_rollout) * plan.steps_per_rollout * t.ppo_epochs
     total = min(total, t.max_steps) if t.max_steps else total
-    reserve = next(iter(data))
-    logger = RunLogger(out, total)
     log.info("training %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
-             "per step", total, t.prompts_per_rollout, G, world, plan.grad_accum, t.micro_batch_size)
-    step, bad_steps = state["step"], 0
-    synced = D.zero_stage(accelerator) == 3
-
-    while step < total:
-        # ---- sample prompts: this rank's slice of the epoch's shuffled order
-        if state["batch"] >= batches_per_epoch:
-            state["epoch"], state["batch"] = state["epoch"] + 1, 0
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed + state["epoch"]))
-        first = state["batch"] * t.prompts_per_rollout + D.rank() * plan.prompts_per_rank
-        prompts, images, bad = _load_images([data[int(i)] for i in order[first: first + plan.prompts_per_rank]],
-                                            reserve)
-        t0 = time.perf_counter()
-
-        # ---- rollout: no grad, eval mode, weights gathered once under ZeRO-3
-        with D.generation_weights(accelerator, wrapped) as gen:
-            batch = rollout(gen.policy, processor, prompts, cfg.rollout, min_pixels=cfg.model.min_pixels,
-                            max_pixels=cfg.model.max_pixels, images=images, synced_gpus=synced)
-        policy.train()
-        t_rollout = time.perf_counter() - t0
-
-        # ---- rewards and group-relative advantages
-        rewards = score(batch.trajectories, cfg.rollout.format_reward)
-        adv = group_advantages(rewards, G, cfg.loss.adv_eps)
-
-        # ---- old and reference log-probs (no grad)
-        t0 = time.perf_counter()
-        everything = list(range(len(batch)))
-        need_old = plan.steps_per_rollout > 1 or t.ppo_epochs > 1
-        old_logp = _logprobs(wrapped, batch, everything, t.micro_batch_size) if need_old else None
-        ref_logp = None
-        if cfg.loss.kl_coef > 0:
-            if reference is not None:
-                ref_logp = _logprobs(reference, batch, everything, t.micro_batch_size)
-            else:
-                with accelerator.unwrap_model(wrapped).policy.disable_adapter():
-                    ref_logp = _logprobs(wrapped, batch, everything, t.micro_batch_size)
-        t_logp = time.perf_counter() - t0
-
-        # ---- policy updates: steps_per_rollout optimizer steps, grad accumulation inside
-        t0 = time.perf_counter()
-        step_stats = []
-        groups = len(batch) // G
-        for _ in range(t.ppo_epochs):
-            for chunk in range(plan.steps_per_rollout):
-                lo, hi = chunk * groups // plan.steps_per_rollout, (chunk + 1) * groups // plan.steps_per_rollout
-                index = list(range(lo * G, hi * G))  # whole groups
-                step_tokens = batch.loss_mask[index].sum().clamp_min(1)
-                stats, nonfinite = [], False
-                for micro in _micro_batches(index, t.micro_batch_size):
-                    mb = batch.select(micro)
-                    with accelerator.accumulate(wrapped):
-                        logp, entropy = wrapped(with_entropy=cfg.loss.entropy_coef > 0, **_inputs(mb, accelerator))
-                        mask = mb.loss_mask.to(logp.device)
-                        old = old_logp[micro, : mask.shape[1]].to(logp.device) if need_old else logp.detach()
-                        ref = ref_logp[micro, : mask.shape[1]].to(logp.device) if ref_logp is not None else None
-                        # Token mean over the whole step: accelerate divides each micro-batch
-                        # loss by grad_accum, so normalize by step_tokens / grad_accum here.
-                        loss, st = policy_loss(logp, old, adv[micro].to(logp.device), mask, cfg.loss,
-                                               ref_logp_NT=ref, entropy_NT=entropy,
-                                               denom=step_tokens.to(logp.device) / plan.grad_accum)
-                        if not _all_finite(loss, accelerator):
-                            # Keep every rank's collectives aligned: back-propagate an exact zero.
-                            nonfinite = True
-                            loss = sum(p.sum() for p in trainable) * 0.0
-                        accelerator.backward(loss)
-                        grad_norm = None
-                        if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(trainable, t.grad_clip)
-                        if not (nonfinite and accelerator.sync_gradients and not D.is_deepspeed(accelerator)):
-                            optimizer.step()
-                            scheduler.step()
-                        optimizer.zero_grad()
-                    stats.append(st)
-                step += 1
-                bad_steps = bad_steps + 1 if nonfinite else 0
-                if nonfinite:
-                    log.warning("step %d: non-finite loss, update skipped (%d in a row)", step, bad_steps)
-                    if bad_steps >= t.max_bad_steps:
-                        raise RuntimeError(f"{bad_steps} consecutive non-finite losses; stopping (train.max_bad_steps)")
-                step_stats.append({k: sum(s[k] for s in stats) for k in stats[0]} | {
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")})
-                if step >= total:
-                    break
-            if step >= total:
-                break
-        t_update = time.perf_counter() - t0
-        state["batch"] += 1
-
-        # ---- log
-        gathered = D.all_gather_objects((batch.trajectories, rewards.tolist(), bad))
-        trajs = [tr for g in gathered for tr in g[0]]
-        metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], G)
-        last = step_stats[-1] if step_stats else {}
-        gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
-        metrics.update({f"train/{k}": v for k, v in last.items()})
-        metrics.update({
-            "train/lr": scheduler.get_last_lr()[0],
-            "data/skipped_images": float(sum(len(g[2]) for g in gathered)),
-            "time/rollout_s": t_rollout, "time/logprobs_s": t_logp, "time/update_s": t_update,
-            "time/step_s": (t_rollout + t_logp + t_update) / max(1, len(step_stats)),
-            "throughput/generated_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
-        })
-        if step % t.log_every == 0 or step >= total:
-            logger.scalars(metrics, step)
-            logger.examples(batch.trajectories, {p.id: im for p, im in zip(prompts, images)}, step)
-
-        # ---- checkpoint (at rollout-batch boundaries, so a resume never loses rollout data)
-        if step % t.save_every < len(step_stats) or step >= total:
-            trainer_state = {**state, "step": step, "metrics": metrics}
-            path = save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out, step, trainer_state,
-                                   t.keep_last, lora=t.lora_rank > 0)
-            log.info("step %d: checkpoint %s", step, path)
-    logger.close()
-    D.barrier()
-    return TrainResult(out, accelerator.unwrap_model(wrapped).policy, step)
+             "per step", total, t.prompts_per_rollout, cfg.rollout.group_size, world, plan.grad_accum,
+             t.micro_batch_size)
+    return _Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
+                _decodable_reserve(data), RunLogger(out, total), out, total, state={**state})
 
 
-def _inputs(mb: Rollout, accelerator) -> dict:
-    return {"loss_mask": mb.loss_mask.to(accelerator.device), **mb.model_inputs(accelerator.device)}
+def _decodable_reserve(data):
+    """The first sample whose image decodes (it replaces unreadable images in a batch)."""
+    for sample in data:
+        try:
+            sample.load_image()
+            return sample
+        except BadImageError as e:
+            log.warning("not usable as the reserve sample: %s", e)
+    raise BadImageError(f"no image of the training set decodes ({len(data)} records)")
+
+
+def _next_prompts(run: _Run):
+    """This rank's prompts of the next rollout batch, with their decoded images."""
+    t = run.cfg.train
+    per_epoch = len(run.data) // t.prompts_per_rollout
+    if run.state["batch"] >= per_epoch:
+        run.state["epoch"], run.state["batch"] = run.state["epoch"] + 1, 0
+    order = torch.randperm(len(run.data), generator=torch.Generator().manual_seed(t.seed + run.state["epoch"]))
+    first = run.state["batch"] * t.prompts_per_rollout + D.rank() * run.plan.prompts_per_rank
+    return _load_images([run.data[int(i)] for i in order[first: first + run.plan.prompts_per_rank]], run.reserve)
+
+
+def _step_slices(groups: int, group_size: int, steps_per_rollout: int, ppo_epochs: int):
+    """Trajectory indices of each optimizer step: whole groups, every PPO epoch."""
+    for _ in range(ppo_epochs):
+        for k in range(steps_per_rollout):
+            lo, hi = k * groups // steps_per_rollout, (k + 1) * groups // steps_per_rollout
+            yield list(range(lo * group_size, hi * group_size))
+
+
+def _fixed_logprobs(run: _Run, batch: Rollout):
+    """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
+    t, mb = run.cfg.train, run.cfg.train.micro_batch_size
+    old = rollout_logprobs(run.wrapped, batch, mb) if run.plan.steps_per_rollout > 1 or t.ppo_epochs > 1 else None
+    ref = None
+    if run.cfg.loss.kl_coef > 0:
+        if run.reference is not None:
+            ref = rollout_logprobs(run.reference, batch, mb)
+        else:  # LoRA: the base model, adapters off, is the frozen initial model
+            with run.accelerator.unwrap_model(run.wrapped).policy.disable_adapter():
+                ref = rollout_logprobs(run.wrapped, batch, mb)
+    return old, ref
+
+
+def optimizer_step(run: _Run, batch: Rollout, adv, old_logp, ref_logp, index: list[int]) -> dict[str, float]:
+    """One optimizer step over whole groups; returns the step's figures.
+
+    The loss is a token mean over every masked token of the step, on all ranks: each
+    micro-batch contributes (its sum) / (the step's token count / ranks), so after DDP
+    averages the ranks' gradients the step's gradient is that of the global token mean,
+    and each logged figure is the sum of the micro-batches' shares, averaged over ranks.
+    """
+    cfg, acc, wrapped = run.cfg, run.accelerator, run.wrapped
+    denom = D.all_reduce_sum(batch.loss_mask[index].sum()) / D.world_size()
+    micro = _micro_batches(index, cfg.train.micro_batch_size)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+    totals, finite, grad_norm = {}, True, float("nan")
+    for k, part in enumerate(micro):
+        mb = batch.select(part)
+        with acc.accumulate(wrapped):
+            logp, entropy = wrapped(with_entropy=cfg.loss.entropy_coef > 0, loss_mask=mb.loss_mask.to(acc.device),
+                                    **mb.model_inputs(acc.device))
+            width, dev = mb.loss_mask.shape[1], logp.device
+            old = old_logp[part, :width].to(dev) if old_logp is not None else logp.detach()
+            ref = ref_logp[part, :width].to(dev) if ref_logp is not None else None
+            loss, stats = policy_loss(logp, old, adv[part].to(dev), mb.loss_mask.to(dev), cfg.loss,
+                                      ref_logp_NT=ref, entropy_NT=entropy, denom=denom.to(dev))
+            finite = finite and _all_finite(loss, acc)
+            if not finite:
+                loss = _zero_loss(logp, acc)
+            last = k == len(micro) - 1
+            # accelerate (or DeepSpeed) divides each micro-batch loss by grad_accum; ours already
+            # is this micro-batch's share of the step's token mean, so undo that division.
+            skip_inside = last and not finite and D.is_deepspeed(acc)
+            with _no_update(run.optimizer) if skip_inside else contextlib.nullcontext():
+                acc.backward(loss * run.plan.grad_accum)
+            if last:
+                if acc.sync_gradients:
+                    grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.train.grad_clip))
+                if finite and not D.is_deepspeed(acc):
+                    run.optimizer.step()  # (DeepSpeed stepped inside backward)
+                run.optimizer.zero_grad()
+        totals = {k2: totals.get(k2, 0.0) + v for k2, v in stats.items()}
+    run.state["step"] += 1
+    if finite:
+        run.scheduler.step()
+    _count_bad_step(run, finite)
+    return D.all_reduce_mean(totals) | {"grad_norm": grad_norm, "lr": lr}
+
+
+def _zero_loss(logp: torch.Tensor, accelerator) -> torch.Tensor:
+    """An exact-zero loss through this micro-batch's own graph: every rank still runs the
+    same backward collectives (DDP's reducer, ZeRO-3's reduce-scatter), and no weight moves.
+
+    When the log-probs themselves are not finite, the forward went wrong inside the
+    network and even a zero loss back-propagates NaN. The plain path drops those gradients
+    (it skips the optimizer step); DeepSpeed steps inside ``backward`` and cannot, so we stop.
+    """
+    if D.is_deepspeed(accelerator) and not _all_finite(logp.detach().sum(), accelerator):
+        raise RuntimeError("non-finite log-probs under DeepSpeed: its engine steps inside backward and cannot "
+                           "skip this step, so training stops here rather than drift (resume from the last "
+                           "checkpoint with a lower train.lr, or check the data)")
+    return (torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
+
+
+@contextlib.contextmanager
+def _no_update(optimizer):
+    """Under DeepSpeed the engine steps inside ``backward``, so a non-finite step cannot be
+    skipped: a learning rate of 0 for that one step makes it move no weight (AdamW's update
+    and its weight decay both scale with the rate). The schedule's rates come back after."""
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            g["lr"] = lr
+
+
+def _count_bad_step(run: _Run, finite: bool) -> None:
+    run.bad_steps = 0 if finite else run.bad_steps + 1
+    if not finite:
+        log.warning("step %d: non-finite loss, update skipped (%d in a row)", run.state["step"], run.bad_steps)
+        if run.bad_steps >= run.cfg.train.max_bad_steps:
+            raise RuntimeError(f"{run.bad_steps} consecutive non-finite losses; stopping (train.max_bad_steps)")
+
+
+def _log(run: _Run, batch: Rollout, rewards, bad, steps: list[dict], timings: dict, images: dict) -> dict:
+    """Gather every rank's trajectories; log the rollout's and the last step's figures."""
+    G = run.cfg.rollout.group_size
+    gathered = D.all_gather_objects((batch.trajectories, rewards.tolist(), bad))
+    trajs = [tr for g in gathered for tr in g[0]]
+    metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], G)
+    metrics.update({f"train/{k}": v for k, v in (steps[-1] if steps else {}).items()})
+    gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
+    metrics.update({
+        **timings,
+        "data/skipped_images": float(sum(len(g[2]) for g in gathered)),
+        "time/step_s": sum(timings.values()) / max(1, len(steps)),
+        "throughput/generated_tokens_per_s": gen_tokens / max(timings["time/rollout_s"], 1e-9),
+    })
+    step = run.state["step"]
+    if step % run.cfg.train.log_every == 0 or step >= run.total:
+        run.logger.scalars(metrics, step)
+        run.logger.examples(batch.trajectories, images, step)
+    return metrics
 
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     """True when the loss is finite on every rank (one all-reduce)."""
     bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=accelerator.device)
     return accelerator.reduce(bad, reduction="sum").item() == 0 if D.world_size() > 1 else bad.item() == 0
-
-
-@torch.no_grad()
-def _logprobs(model: PolicyForward, batch: Rollout, index: list[int], micro: int) -> torch.Tensor:
-    """Log-probs of a whole rollout, in micro-batches, on CPU, padded to the rollout's width."""
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    for part in _micro_batches(index, micro):
-        mb = batch.select(part)
-        device = _device(model)
-        logp, _ = model(loss_mask=mb.loss_mask.to(device), **mb.model_inputs(device))
-        out[part, : logp.shape[1]] = logp.float().cpu()
-    return out
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
