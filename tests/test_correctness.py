@@ -120,7 +120,6 @@ def test_direct_mode_scores_a_bare_letter(env, tmp_path):
     """Bug 4: the direct prompt asks for a letter; the scorer only read \\boxed{}."""
     from mgpo.config import Config, EvalConfig
     from mgpo.evaluate import evaluate
-
     from mgpo.synth import build_synth
 
     model, processor, _, mcfg = env
