@@ -290,20 +290,20 @@ def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None):
 
 def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: int):
     """Turn 1 -> ground -> turn 2 for a chunk of whole groups."""
-    G = ctx.cfg.group_size
+    group_size = ctx.cfg.group_size
     trajectories = [Trajectory(p.sample.id, first_group + g, p.sample.answer, tuple(p.sample.options),
                                p.original.size, input_size_from_grid(p.enc.image.grid[0]), turns=ctx.template.turns,
                                bare_letter=ctx.template.bare_letter)
-                    for g, p in enumerate(prompts) for _ in range(G)]
+                    for g, p in enumerate(prompts) for _ in range(group_size)]
     # ---- turn 1: one batched generate (each prompt prefilled once, or once per sample)
-    shared = ctx.cfg.shared_prefill and G > 1
-    copies = 1 if shared else G
-    turn1 = generate_batch(model, [p.enc.ids for p in prompts for _ in range(copies)],
-                           [p.enc.image.pixel_values for p in prompts for _ in range(copies)],
-                           [p.enc.image.grid for p in prompts for _ in range(copies)],
+    shared = ctx.cfg.shared_prefill and group_size > 1
+    rows = 1 if shared else group_size  # input rows per prompt (shared: the cache is copied instead)
+    turn1 = generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],
+                           [p.enc.image.pixel_values for p in prompts for _ in range(rows)],
+                           [p.enc.image.grid for p in prompts for _ in range(rows)],
                            ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"], ctx.synced_gpus,
-                           group_size=G if shared else 1)
-    conversations = [_close_turn1(ctx, t, prompts[i // G], turn1, i) for i, t in enumerate(trajectories)]
+                           group_size=group_size if shared else 1)
+    conversations = [_close_turn1(ctx, t, prompts[i // group_size], turn1, i) for i, t in enumerate(trajectories)]
     if ctx.template.turns == 1:
         return trajectories, conversations
     if not ctx.cfg.continue_turn2:
@@ -364,34 +364,33 @@ def _turn2_blocks(ctx: _Context, prompts: list[_Prompt], trajectories: list[Traj
     the pixel budget. Otherwise the block is the fallback text with the original again:
     the same for the whole group, so it is encoded once and its image is the group's
     first image (identical patches)."""
-    G, blocks = ctx.cfg.group_size, []
-    crop_text, fallback = {}, {}
+    blocks, crop_text, fallback = [], {}, {}
     for i, t in enumerate(trajectories):
-        p = prompts[i // G]
+        g = i // ctx.cfg.group_size
+        p = prompts[g]
         q, options = p.sample.question, p.sample.options
         if t.valid:
             box = to_original_box(Box(*t.box_input), t.input_size, t.original_size)
             crop = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
                                  ctx.cfg.crop_resample)
             t.box_original, t.crop_size = box.as_list(), crop.size
-            if i // G not in crop_text:  # the same words for every crop of the group
-                crop_text[i // G] = second_turn_text(ctx.processor, ctx.template, q, options, True)
-            block = _encode(ctx.processor, crop_text[i // G], [crop])
+            if g not in crop_text:  # the same words for every crop of the group
+                crop_text[g] = second_turn_text(ctx.processor, ctx.template, q, options, True)
+            block = _encode(ctx.processor, crop_text[g], [crop])
             blocks.append((block, ctx.add_image(block.image)))
         else:
-            if i // G not in fallback:
-                fallback[i // G] = _encode(ctx.processor, second_turn_text(ctx.processor, ctx.template, q, options,
+            if g not in fallback:
+                fallback[g] = _encode(ctx.processor, second_turn_text(ctx.processor, ctx.template, q, options,
                                                                            False), [p.original])
-            blocks.append((fallback[i // G], p.image))
+            blocks.append((fallback[g], p.image))
     return blocks
 
 
 def _generate_turn2(model, ctx: _Context, prompts, conversations, blocks, turn1: Generated) -> Generated:
     """Turn 2 for every trajectory: continued from turn 1's cache, or re-read from scratch."""
-    G = ctx.cfg.group_size
     seqs, pixels, grids, rows = [], [], [], []
     for i, (conv, (block, _)) in enumerate(zip(conversations, blocks)):
-        p = prompts[i // G]
+        p = prompts[i // ctx.cfg.group_size]
         seqs.append(torch.cat([piece.tokens for piece in conv.pieces] + [block.ids]))
         pixels.append(torch.cat([p.enc.image.pixel_values, block.image.pixel_values]))
         grids.append(torch.cat([p.enc.image.grid, block.image.grid]))

@@ -155,7 +155,7 @@ def check_sampling(cfg: Config) -> None:
 def train(cfg: Config) -> TrainResult:
     check_sampling(cfg)
     run = _setup(cfg)
-    t, G = cfg.train, cfg.rollout.group_size
+    t, group_size = cfg.train, cfg.rollout.group_size
     synced = D.zero_stage(run.accelerator) == 3
     while run.state["step"] < run.total:
         # ---- sample prompts: this rank's slice of the epoch's shuffled order
@@ -171,7 +171,7 @@ def train(cfg: Config) -> TrainResult:
 
         # ---- rewards and group-relative advantages
         rewards = score(batch.trajectories, cfg.rollout.format_reward)
-        adv = group_advantages(rewards, G, cfg.loss.adv_eps)
+        adv = group_advantages(rewards, group_size, cfg.loss.adv_eps)
 
         # ---- old and reference log-probs (no grad)
         t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def train(cfg: Config) -> TrainResult:
         # ---- policy updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
         steps = []
-        for index in _step_slices(len(batch) // G, G, run.plan.steps_per_rollout, t.ppo_epochs):
+        for index in _step_slices(len(batch) // group_size, group_size, run.plan.steps_per_rollout, t.ppo_epochs):
             if run.state["step"] >= run.total:
                 break
             steps.append(optimizer_step(run, batch, adv, old_logp, ref_logp, index))
@@ -383,10 +383,9 @@ def _count_bad_step(run: _Run, finite: bool) -> None:
 
 def _log(run: _Run, batch: Rollout, rewards, bad, steps: list[dict], timings: dict, images: dict) -> dict:
     """Gather every rank's trajectories; log the rollout's and the last step's figures."""
-    G = run.cfg.rollout.group_size
     gathered = D.all_gather_objects((batch.trajectories, rewards.tolist(), bad))
     trajs = [tr for g in gathered for tr in g[0]]
-    metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], G)
+    metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], run.cfg.rollout.group_size)
     metrics.update({f"train/{k}": v for k, v in (steps[-1] if steps else {}).items()})
     gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
     metrics.update({
