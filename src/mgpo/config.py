@@ -112,6 +112,10 @@ class TrainConfig:
     """Seed for data order, sampling and initialization."""
     epochs: int = 15
     """Passes over the training set."""
+    algorithm: str = "rl"
+    """"rl": MGPO, or the one-turn GRPO baseline, by rollout.template. "sft": supervised
+    fine-tuning on the records' answers (and, in two turns, a box around the target) in the
+    same template: the paper's SFT row and the warm start of the embedded base model."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     prompts_per_rollout: int = 512

@@ -76,3 +76,10 @@ def policy_loss(logp_NT, old_logp_NT, adv_N, mask_NT, cfg, *, ref_logp_NT=None, 
         stats["entropy"] = ent.item()
     stats["loss"] = loss.item()
     return loss, stats
+
+
+def sft_loss(logp_NT, mask_NT, denom=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised fine-tuning: negative log-likelihood of the masked (assistant) tokens,
+    token mean over the step like the policy loss."""
+    nll = masked_mean(-logp_NT, mask_NT, denom)
+    return nll, {"loss": nll.item(), "nll": nll.item()}

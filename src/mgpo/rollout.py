@@ -25,7 +25,7 @@ turn), which is what keeps ZeRO-3 ranks in lock-step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -175,6 +175,7 @@ class _Prompt:
     original: object  # the decoded original (PIL image)
     enc: _Encoded  # the turn-1 prompt
     image: int  # index of its image in the rollout's image list
+    script: tuple[str, ...] | None = None  # teacher forcing: the assistant text of each turn
 
 
 @dataclass
@@ -271,7 +272,27 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
     return _assemble(ctx, conversations, trajectories, skipped)
 
 
-def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None):
+def teacher_forced(processor, samples: list[Sample], texts: list[tuple[str, ...]], cfg: RolloutConfig, *,
+                   min_pixels: int, max_pixels: int, images: list | None = None) -> Rollout:
+    """The conversations the rollout would build had the model written ``texts[i]`` (one
+    string per assistant turn) for ``samples[i]``: SFT's batches, with the rollout's own
+    box parsing, crop, token concatenation and loss mask. One trajectory per sample."""
+    ctx = _Context(processor, get_template(cfg.template), replace(cfg, group_size=1), special_ids(processor),
+                   greedy=True, record_logprobs=False, min_pixels=min_pixels, max_pixels=max_pixels,
+                   synced_gpus=False)
+    prompts, skipped = _encode_prompts(ctx, samples, images, texts)
+    trajectories, conversations = _rollout_groups(None, ctx, prompts, first_group=0)
+    return _assemble(ctx, conversations, trajectories, skipped)
+
+
+def _scripted(ctx: _Context, texts: list[str]) -> Generated:
+    """What ``generate`` would return had the model written ``texts`` and stopped."""
+    tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
+    tokens = [torch.tensor(tok.encode(t, add_special_tokens=False) + [im_end]) for t in texts]
+    return Generated(tokens, [None] * len(texts), cache=None, width=0, steps=max(len(t) for t in tokens))
+
+
+def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None, texts=None):
     """Decode each image once and encode each turn-1 prompt once; unreadable ones are skipped."""
     prompts, skipped = [], []
     for k, sample in enumerate(samples):
@@ -282,7 +303,7 @@ def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None):
             continue
         text = first_prompt_text(ctx.processor, ctx.template, sample.question, sample.options)
         enc = _encode(ctx.processor, text, [original])
-        prompts.append(_Prompt(sample, original, enc, ctx.add_image(enc.image)))
+        prompts.append(_Prompt(sample, original, enc, ctx.add_image(enc.image), texts[k] if texts else None))
     if not prompts:
         raise BadImageError("every prompt of the batch was skipped: " + "; ".join(r for _, r in skipped))
     return prompts, skipped
@@ -298,11 +319,14 @@ def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: i
     # ---- turn 1: one batched generate (each prompt prefilled once, or once per sample)
     shared = ctx.cfg.shared_prefill and group_size > 1
     rows = 1 if shared else group_size  # input rows per prompt (shared: the cache is copied instead)
-    turn1 = generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],
-                           [p.enc.image.pixel_values for p in prompts for _ in range(rows)],
-                           [p.enc.image.grid for p in prompts for _ in range(rows)],
-                           ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"], ctx.synced_gpus,
-                           group_size=group_size if shared else 1)
+    if prompts[0].script is not None:
+        turn1 = _scripted(ctx, [p.script[0] for p in prompts])
+    else:
+        turn1 = generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],
+                               [p.enc.image.pixel_values for p in prompts for _ in range(rows)],
+                               [p.enc.image.grid for p in prompts for _ in range(rows)],
+                               ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"],
+                               ctx.synced_gpus, group_size=group_size if shared else 1)
     conversations = [_close_turn1(ctx, t, prompts[i // group_size], turn1, i) for i, t in enumerate(trajectories)]
     if ctx.template.turns == 1:
         return trajectories, conversations
@@ -311,7 +335,10 @@ def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: i
     # ---- ground: crop (or fall back) and encode each turn-2 user block
     blocks = _turn2_blocks(ctx, prompts, trajectories)
     # ---- turn 2: one batched generate (also when every box failed: lock-step)
-    turn2 = _generate_turn2(model, ctx, prompts, conversations, blocks, turn1)
+    if prompts[0].script is not None:
+        turn2 = _scripted(ctx, [p.script[1] for p in prompts])
+    else:
+        turn2 = _generate_turn2(model, ctx, prompts, conversations, blocks, turn1)
     for i, (t, conv, (block, image)) in enumerate(zip(trajectories, conversations, blocks)):
         out = turn2.tokens[i]
         t.turn2_truncated = not _closed(out, ctx.stops)

@@ -24,11 +24,12 @@ from .config import Config, TrainConfig, save_config
 from .data import BadImageError, load_samples
 from .generation import suppressed_ids
 from .logger import RunLogger, rollout_metrics, setup_logging
-from .loss import policy_loss
+from .loss import policy_loss, sft_loss
 from .model import load_model, load_processor
 from .policy import PolicyForward, rollout_logprobs
 from .reward import group_advantages, score
-from .rollout import Rollout, rollout
+from .rollout import Rollout, rollout, teacher_forced
+from .sft import sft_texts
 
 log = logging.getLogger("mgpo")
 
@@ -155,42 +156,28 @@ def check_sampling(cfg: Config) -> None:
 def train(cfg: Config) -> TrainResult:
     check_sampling(cfg)
     run = _setup(cfg)
-    t, group_size = cfg.train, cfg.rollout.group_size
-    synced = D.zero_stage(run.accelerator) == 3
+    t = cfg.train
     while run.state["step"] < run.total:
         # ---- sample prompts: this rank's slice of the epoch's shuffled order
         prompts, images, bad = _next_prompts(run)
-        t0 = time.perf_counter()
 
-        # ---- rollout: no grad, eval mode, weights gathered once under ZeRO-3
-        with D.generation_weights(run.accelerator, run.wrapped) as gen:
-            batch = rollout(gen.policy, run.processor, prompts, cfg.rollout, min_pixels=cfg.model.min_pixels,
-                            max_pixels=cfg.model.max_pixels, images=images, synced_gpus=synced)
-        run.wrapped.train()
-        t_rollout = time.perf_counter() - t0
+        # ---- experience: rollout, rewards, advantages, old/reference log-probs (RL), or the
+        #      target conversations (SFT)
+        exp = _sft_experience(run, prompts, images) if t.algorithm == "sft" else _rl_experience(run, prompts, images)
 
-        # ---- rewards and group-relative advantages
-        rewards = score(batch.trajectories, cfg.rollout.format_reward)
-        adv = group_advantages(rewards, group_size, cfg.loss.adv_eps)
-
-        # ---- old and reference log-probs (no grad)
-        t0 = time.perf_counter()
-        old_logp, ref_logp = _fixed_logprobs(run, batch)
-        t_logp = time.perf_counter() - t0
-
-        # ---- policy updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
+        # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
         steps = []
-        for index in _step_slices(len(batch) // group_size, group_size, run.plan.steps_per_rollout, t.ppo_epochs):
+        for index in _step_slices(len(exp.batch) // exp.group_size, exp.group_size, run.plan.steps_per_rollout,
+                                  t.ppo_epochs):
             if run.state["step"] >= run.total:
                 break
-            steps.append(optimizer_step(run, batch, adv, old_logp, ref_logp, index))
-        t_update = time.perf_counter() - t0
+            steps.append(optimizer_step(run, exp, index))
+        exp.timings["time/update_s"] = time.perf_counter() - t0
         run.state["batch"] += 1
 
         # ---- log
-        timings = {"time/rollout_s": t_rollout, "time/logprobs_s": t_logp, "time/update_s": t_update}
-        metrics = _log(run, batch, rewards, bad, steps, timings, dict(zip((p.id for p in prompts), images)))
+        metrics = _log(run, exp, bad, steps, dict(zip((p.id for p in prompts), images)))
 
         # ---- checkpoint (at rollout-batch boundaries, so a resume never loses rollout data)
         step = run.state["step"]
@@ -204,11 +191,64 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(run.out, run.accelerator.unwrap_model(run.wrapped).policy, run.state["step"])
 
 
+@dataclass
+class Experience:
+    """One rollout batch, ready for updates: the trajectories and how to score a micro-batch."""
+
+    batch: Rollout
+    group_size: int  # trajectories per prompt (1 for SFT)
+    micro_loss: object  # (logp_NT, entropy_NT, part, denom) -> (loss, stats) for trajectories ``part``
+    rewards: torch.Tensor | None
+    timings: dict
+
+
+def _rl_experience(run: _Run, prompts, images) -> Experience:
+    cfg = run.cfg
+    # ---- rollout: no grad, eval mode, weights gathered once under ZeRO-3
+    t0 = time.perf_counter()
+    with D.generation_weights(run.accelerator, run.wrapped) as gen:
+        batch = rollout(gen.policy, run.processor, prompts, cfg.rollout, min_pixels=cfg.model.min_pixels,
+                        max_pixels=cfg.model.max_pixels, images=images,
+                        synced_gpus=D.zero_stage(run.accelerator) == 3)
+    run.wrapped.train()
+    t_rollout = time.perf_counter() - t0
+    # ---- rewards and group-relative advantages
+    rewards = score(batch.trajectories, cfg.rollout.format_reward)
+    adv = group_advantages(rewards, cfg.rollout.group_size, cfg.loss.adv_eps)
+    # ---- old and reference log-probs (no grad)
+    t0 = time.perf_counter()
+    old_logp, ref_logp = _fixed_logprobs(run, batch)
+    timings = {"time/rollout_s": t_rollout, "time/logprobs_s": time.perf_counter() - t0}
+
+    def micro_loss(logp, entropy, part, denom):
+        width, dev = logp.shape[1], logp.device
+        old = old_logp[part, :width].to(dev) if old_logp is not None else logp.detach()  # one step: ratio 1
+        ref = ref_logp[part, :width].to(dev) if ref_logp is not None else None
+        return policy_loss(logp, old, adv[part].to(dev), batch.loss_mask[part, :width].to(dev), cfg.loss,
+                           ref_logp_NT=ref, entropy_NT=entropy, denom=denom)
+    return Experience(batch, cfg.rollout.group_size, micro_loss, rewards, timings)
+
+
+def _sft_experience(run: _Run, prompts, images) -> Experience:
+    """Supervised targets in the rollout's own format: the record's answer (and, in two
+    turns, a box around its target), teacher-forced, loss on the assistant tokens only."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    texts = [sft_texts(p, cfg.rollout.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels)
+             for p, im in zip(prompts, images)]
+    batch = teacher_forced(run.processor, prompts, texts, cfg.rollout, min_pixels=cfg.model.min_pixels,
+                           max_pixels=cfg.model.max_pixels, images=images)
+
+    def micro_loss(logp, entropy, part, denom):
+        return sft_loss(logp, batch.loss_mask[part, : logp.shape[1]].to(logp.device), denom)
+    return Experience(batch, 1, micro_loss, None, {"time/rollout_s": time.perf_counter() - t0})
+
+
 def _setup(cfg: Config) -> _Run:
     """Process group, policy, reference, optimizer, schedule, resume state, data, logger."""
     t = cfg.train
     world = D.launched_world_size()
-    plan = plan_batches(t, cfg.rollout.group_size, world)
+    plan = plan_batches(t, 1 if t.algorithm == "sft" else cfg.rollout.group_size, world)
     accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
     setup_logging()
     out = Path(t.output_dir)
@@ -231,7 +271,8 @@ def _setup(cfg: Config) -> _Run:
         optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
     wrapped, optimizer = accelerator.prepare(PolicyForward(policy, cfg.rollout.temperature, suppress), optimizer)
     reference = None
-    if cfg.loss.kl_coef > 0 and t.lora_rank == 0:  # with LoRA the base model (adapters off) is the reference
+    # with LoRA the base model (adapters off) is the reference; SFT has none
+    if cfg.loss.kl_coef > 0 and t.lora_rank == 0 and t.algorithm == "rl":
         reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
                                   cfg.rollout.temperature, suppress)
     state = {"step": 0, "epoch": 0, "batch": 0}
@@ -297,7 +338,7 @@ def _fixed_logprobs(run: _Run, batch: Rollout):
     return old, ref
 
 
-def optimizer_step(run: _Run, batch: Rollout, adv, old_logp, ref_logp, index: list[int]) -> dict[str, float]:
+def optimizer_step(run: _Run, exp: Experience, index: list[int]) -> dict[str, float]:
     """One optimizer step over whole groups; returns the step's figures.
 
     The loss is a token mean over every masked token of the step, on all ranks: each
@@ -306,20 +347,17 @@ def optimizer_step(run: _Run, batch: Rollout, adv, old_logp, ref_logp, index: li
     and each logged figure is the sum of the micro-batches' shares, averaged over ranks.
     """
     cfg, acc, wrapped = run.cfg, run.accelerator, run.wrapped
-    denom = D.all_reduce_sum(batch.loss_mask[index].sum()) / D.world_size()
+    denom = D.all_reduce_sum(exp.batch.loss_mask[index].sum()) / D.world_size()
     micro = _micro_batches(index, cfg.train.micro_batch_size)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     totals, finite, grad_norm = {}, True, float("nan")
+    with_entropy = cfg.loss.entropy_coef > 0 and cfg.train.algorithm == "rl"
     for k, part in enumerate(micro):
-        mb = batch.select(part)
+        mb = exp.batch.select(part)
         with acc.accumulate(wrapped):
-            logp, entropy = wrapped(with_entropy=cfg.loss.entropy_coef > 0, loss_mask=mb.loss_mask.to(acc.device),
+            logp, entropy = wrapped(with_entropy=with_entropy, loss_mask=mb.loss_mask.to(acc.device),
                                     **mb.model_inputs(acc.device))
-            width, dev = mb.loss_mask.shape[1], logp.device
-            old = old_logp[part, :width].to(dev) if old_logp is not None else logp.detach()
-            ref = ref_logp[part, :width].to(dev) if ref_logp is not None else None
-            loss, stats = policy_loss(logp, old, adv[part].to(dev), mb.loss_mask.to(dev), cfg.loss,
-                                      ref_logp_NT=ref, entropy_NT=entropy, denom=denom.to(dev))
+            loss, stats = exp.micro_loss(logp, entropy, part, denom.to(logp.device))
             finite = finite and _all_finite(loss, acc)
             if not finite:
                 loss = _zero_loss(logp, acc)
@@ -381,23 +419,24 @@ def _count_bad_step(run: _Run, finite: bool) -> None:
             raise RuntimeError(f"{run.bad_steps} consecutive non-finite losses; stopping (train.max_bad_steps)")
 
 
-def _log(run: _Run, batch: Rollout, rewards, bad, steps: list[dict], timings: dict, images: dict) -> dict:
+def _log(run: _Run, exp: Experience, bad, steps: list[dict], images: dict) -> dict:
     """Gather every rank's trajectories; log the rollout's and the last step's figures."""
-    gathered = D.all_gather_objects((batch.trajectories, rewards.tolist(), bad))
+    rewards = exp.rewards if exp.rewards is not None else score(exp.batch.trajectories)
+    gathered = D.all_gather_objects((exp.batch.trajectories, rewards.tolist(), bad))
     trajs = [tr for g in gathered for tr in g[0]]
-    metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], run.cfg.rollout.group_size)
+    metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], exp.group_size)
     metrics.update({f"train/{k}": v for k, v in (steps[-1] if steps else {}).items()})
     gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
     metrics.update({
-        **timings,
+        **exp.timings,
         "data/skipped_images": float(sum(len(g[2]) for g in gathered)),
-        "time/step_s": sum(timings.values()) / max(1, len(steps)),
-        "throughput/generated_tokens_per_s": gen_tokens / max(timings["time/rollout_s"], 1e-9),
+        "time/step_s": sum(exp.timings.values()) / max(1, len(steps)),
+        "throughput/generated_tokens_per_s": gen_tokens / max(exp.timings["time/rollout_s"], 1e-9),
     })
     step = run.state["step"]
     if step % run.cfg.train.log_every == 0 or step >= run.total:
         run.logger.scalars(metrics, step)
-        run.logger.examples(batch.trajectories, images, step)
+        run.logger.examples(exp.batch.trajectories, images, step)
     return metrics
 
 

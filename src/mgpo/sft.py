@@ -1,0 +1,89 @@
+"""Supervised fine-tuning targets, in the same templates the rollout uses.
+
+    python -m mgpo.sft --config configs/tiny_cpu.yaml [key=value ...]
+    accelerate launch -m mgpo.sft --config ...      # DDP / ZeRO-3, like train.py
+
+SFT runs through the trainer (``train.algorithm: sft``): same config, launches,
+checkpoints, logging. A record becomes the conversation the rollout would build had the
+model written the target text of each turn (``mgpo.rollout.teacher_forced``), so the loss
+mask is the rollout's own: the assistant tokens of every turn, nothing else.
+
+Targets per template:
+- ``mgpo``: turn 1 is a Qwen-style grounding block around the record's target (in input
+  pixels, widened to a valid box); turn 2 is ``\\boxed{LETTER}``. A record without a
+  target box writes no box: turn 2 then sees the original again (the fallback).
+- ``grpo``: the box block (when known) and ``\\boxed{LETTER}`` in one turn.
+- ``direct``: the bare letter.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .grounding import Box
+from .prompts import get_template
+
+MIN_TARGET_SIDE = 56  # input pixels: twice the validity threshold, so the crop keeps some context
+
+
+def input_size(original_size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the image the model sees, as Qwen's processor resizes it."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    w, h = original_size
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+    return rw, rh
+
+
+def target_box(sample, original_size, size_in) -> Box | None:
+    """The box enclosing every target, mapped to input pixels and widened to at least
+    ``MIN_TARGET_SIDE`` on each side (clamped to the image)."""
+    if not sample.target_boxes:
+        return None
+    (W, H), (w, h) = original_size, size_in
+    x1, y1 = min(b[0] for b in sample.target_boxes) * w / W, min(b[1] for b in sample.target_boxes) * h / H
+    x2, y2 = max(b[2] for b in sample.target_boxes) * w / W, max(b[3] for b in sample.target_boxes) * h / H
+    sides = []
+    for lo, hi, limit in ((x1, x2, w), (y1, y2, h)):
+        side = min(limit, max(hi - lo, MIN_TARGET_SIDE))
+        start = min(max(0.0, (lo + hi) / 2 - side / 2), limit - side)
+        sides.append((round(start), round(start + side)))
+    (bx1, bx2), (by1, by2) = sides
+    return Box(bx1, by1, bx2, by2)
+
+
+def grounding_block(box: Box, label: str) -> str:
+    """Qwen2.5-VL's native grounding output (SPEC section 3)."""
+    item = {"bbox_2d": [int(v) for v in box.as_list()], "label": label or "target"}
+    return "```json\n" + json.dumps([item]) + "\n```"
+
+
+def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels: int) -> tuple[str, ...]:
+    """The assistant text of each turn for one record."""
+    t = get_template(template)
+    answer = f"\\boxed{{{sample.answer}}}"
+    if t.bare_letter:
+        return (sample.answer,)
+    box = target_box(sample, original_size, input_size(original_size, min_pixels, max_pixels))
+    block = grounding_block(box, sample.category.replace("_", " ")) if box is not None else ""
+    if t.turns == 1:
+        return ((block + " " + answer).strip(),)
+    return (block, answer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from .config import load_config
+    from .trainer import train
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    result = train(load_config(args.config, [*args.overrides, "train.algorithm=sft"]))
+    print(f"SFT done: {result.steps} steps, checkpoints in {result.output_dir / 'checkpoints'}")
+
+
+if __name__ == "__main__":
+    main()
