@@ -37,51 +37,250 @@ def test_own_jsonl_from_synth(synth_dir):
     assert img.mode == "RGB" and img.size == (s.width, s.height)
 
 
-def test_vstar_layout(tmp_path):
-    root = tmp_path / "vstar"
-    for cat, name, opts in [("direct_attributes", "sa_1", ["red", "blue", "green", "white"]),
-                            ("relative_position", "sa_2", ["left", "right"])]:
-        (root / cat).mkdir(parents=True)
-        _jpeg(root / cat / f"{name}.jpg", (300, 200))
-        (root / cat / f"{name}.json").write_text(json.dumps(
-            {"target_object": ["cup"], "bbox": [[10, 20, 30, 40]], "question": "Q?", "options": opts}))
-    ds = load_samples(root)
-    assert len(ds) == 2
-    for s in ds:
-        # The first option in the file is the correct one, wherever it is presented.
-        truth = "red" if s.category == "direct_attributes" else "left"
-        assert s.options["ABCD".index(s.answer)] == truth
-        assert s.target_boxes == ((10.0, 20.0, 40.0, 60.0),)  # [x, y, w, h] -> corners
-        assert s.id.startswith(s.category + "/")
+# ----------------------------------------------------------------------------- published layouts
+
+def _vstar_snapshot(root):
+    """The published V* snapshot: the question list, per-category folders, two supplementary folders."""
+    questions = [
+        ("direct_attributes", "sa_1", "What is the color of the cup?", ["blue", "red", "green", "white"], "B",
+         [[10, 20, 30, 40]]),
+        ("relative_position", "sa_2", "Is the dog on the left or right of the cat?", ["right", "left"], "A",
+         [[1, 2, 3, 4], [50, 60, 10, 10]]),
+    ]
+    lines = []
+    for qid, (cat, stem, q, opts, label, boxes) in enumerate(questions):
+        (root / cat).mkdir(parents=True, exist_ok=True)
+        _jpeg(root / cat / f"{stem}.jpg", (300, 200))
+        # the per-image file lists the correct option first, unlike the published order
+        truth = opts["ABCD".index(label)]
+        (root / cat / f"{stem}.json").write_text(json.dumps(
+            {"target_object": ["x"], "bbox": boxes, "question": q, "options": [truth] + [o for o in opts if o != truth]}))
+        text = q + "\n" + "".join(f"({'ABCD'[i]}) {o}\n" for i, o in enumerate(opts)) + \
+            "Answer with the option's letter from the given choices directly."
+        lines.append({"question_id": qid, "image": f"{cat}/{stem}.jpg", "category": cat, "text": text, "label": label})
+    _write_jsonl(root / "test_questions.jsonl", lines)
+    for extra, suffix in (("GPT4V-hard", ".JPG"), ("OCR", ".jpg")):
+        (root / extra).mkdir()
+        _jpeg(root / extra / f"e1{suffix}", (300, 200))
+        (root / extra / "e1.json").write_text(json.dumps({"bbox": [[1, 1, 5, 5]], "question": "Q?",
+                                                           "options": ["a", "b"]}))
+    return root
 
 
-def test_mme_realworld_json(tmp_path):
-    (tmp_path / "imgs").mkdir()
-    _jpeg(tmp_path / "imgs" / "a.jpg")
-    data = [{"Question_id": "perception/ocr/1", "Image": "a.jpg", "Text": "What is written?",
-             "Question Type": "Multiple Choice",
-             "Answer choices": ["(A) cat", "(B) dog", "(C) car", "(D) cow", "(E) hat"],
-             "Ground truth": "C", "Task": "Perception", "Subtask": "OCR with complex context",
-             "Category": "text"}]
-    (tmp_path / "mme.json").write_text(json.dumps(data))
-    ds = load_samples(tmp_path / "mme.json", image_root=tmp_path / "imgs")
-    s = ds[0]
+def test_vstar_reads_the_published_list_and_option_order(tmp_path):
+    root = _vstar_snapshot(tmp_path / "vstar_bench")
+    for path in (root, root / "test_questions.jsonl"):
+        ds = load_samples(path)
+        assert [s.id for s in ds] == ["0", "1"] and not ds.skipped  # GPT4V-hard/ and OCR/ never counted
+        a, b = ds
+        assert a.options == ("blue", "red", "green", "white") and a.answer == "B"  # as published
+        assert a.question == "What is the color of the cup?" and a.category == "direct_attributes"
+        assert a.target_boxes == ((10.0, 20.0, 40.0, 60.0),)  # [x, y, w, h] -> corners
+        assert b.options == ("right", "left") and b.answer == "A"
+        assert b.target_boxes == ((1.0, 2.0, 4.0, 6.0), (50.0, 60.0, 60.0, 70.0))
+
+
+def test_vstar_folder_without_the_list_says_what_is_missing(tmp_path):
+    (tmp_path / "v" / "direct_attributes").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="test_questions.jsonl"):
+        load_samples(tmp_path / "v", "vstar")
+
+
+def _mme_row(qid, image, **kw):
+    row = {"Question_id": qid, "Image": image, "Text": "What is written?", "Question Type": "Multiple Choice",
+           "Answer choices": ["(A) cat", "(B) dog", "(C) car", "(D) cow", "(E) hat"], "Ground truth": "C",
+           "Task": "Perception", "Subtask": "OCR with complex context", "Category": "text"}
+    row.update(kw)
+    return row
+
+
+def test_mme_realworld_lite_layout(tmp_path):
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    _jpeg(data / "imgs" / "a.jpg")
+    rows = [_mme_row("q1", "a.jpg"), _mme_row("q2", "a.jpg", **{"Answer choices": ["（A）猫", "（B）狗"],
+                                                               "Ground truth": "B", "Task": "Reasoning",
+                                                               "Subtask": "Monitoring", "Category": "intention"})]
+    (data / "MME-RealWorld-Lite.json").write_text(json.dumps(rows))
+    ds = load_samples(data / "MME-RealWorld-Lite.json")
+    assert [s.id for s in ds] == ["q1", "q2"], ds.skipped
+    s, t = ds
     assert s.options == ("cat", "dog", "car", "cow", "hat") and s.answer == "C"
-    assert s.category == "perception/ocr with complex context"
+    assert s.breakdown == ("Perception", "OCR with complex context", "text")
+    assert s.category == "Perception/OCR with complex context"
+    assert t.options == ("猫", "狗") and t.answer == "B" and t.breakdown == ("Reasoning", "Monitoring", "intention")
+
+
+def test_mme_realworld_full_layout_and_image_root(tmp_path):
+    (tmp_path / "remote_sensing").mkdir()
+    _jpeg(tmp_path / "remote_sensing" / "r.jpg")
+    (tmp_path / "MME_RealWorld.json").write_text(json.dumps([_mme_row("q1", "remote_sensing/r.jpg")]))
+    assert len(load_samples(tmp_path / "MME_RealWorld.json")) == 1
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "MME_RealWorld.json").write_text(json.dumps([_mme_row("q1", "remote_sensing/r.jpg")]))
+    assert len(load_samples(tmp_path / "elsewhere" / "MME_RealWorld.json", image_root=tmp_path)) == 1
+    wrong = load_samples(tmp_path / "elsewhere" / "MME_RealWorld.json")
+    assert len(wrong) == 0 and "not found" in dict(wrong.skipped)["q1"]
+
+
+def _b64_png(size=(80, 60), color=(1, 2, 3)):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    img.putpixel((0, 0), color)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+HR_HEADER = "index\tquestion\tanswer\tcategory\tA\tB\tC\tD\tcycle_category\timage"
 
 
 def test_hrbench_tsv_with_base64(tmp_path):
-    buf = io.BytesIO()
-    Image.new("RGB", (80, 60), (1, 2, 3)).save(buf, format="PNG")
-    b64 = base64.b64encode(buf.getvalue()).decode()
-    lines = ["index\tquestion\tanswer\tcategory\tA\tB\tC\tD\timage",
-             f"7\tWhat is it?\tB\tsingle\tx\ty\tz\tw\t{b64}"]
+    lines = [HR_HEADER, f"7\tWhat is it?\tB\tsingle\tx\ty\tz\tw\tcycle1\t{_b64_png()}"]
     (tmp_path / "hr_bench_4k.tsv").write_text("\n".join(lines) + "\n")
     ds = load_samples(tmp_path / "hr_bench_4k.tsv")
     s = ds[0]
     assert s.id == "hrbench_4k/7" and s.answer == "B" and s.options == ("x", "y", "z", "w")
+    assert s.cycle == "cycle1" and s.category == "single" and (s.width, s.height) == (80, 60)
     assert s.load_image().getpixel((0, 0)) == (1, 2, 3)
 
+
+def test_hrbench_keeps_option_texts_that_look_missing(tmp_path):
+    lines = [HR_HEADER, f"1\tWhich?\tD\tcross\tNone\tNA\tnull\tn/a\tcycle2\t{_b64_png()}",
+             f"2\tWhich?\tB\tsingle\tNaN\t\t#N/A\tnan\tcycle3\t{_b64_png()}"]
+    (tmp_path / "hr_bench_8k.tsv").write_text("\n".join(lines) + "\n")
+    a, b = load_samples(tmp_path / "hr_bench_8k.tsv")
+    assert a.options == ("None", "NA", "null", "n/a") and a.answer == "D"
+    assert b.options == ("NaN", "", "#N/A", "nan") and b.answer == "B"
+
+
+def test_hrbench_images_stay_in_the_file_until_used(tmp_path):
+    rows = [f"{i}\tQ{i}?\tA\tsingle\ta\tb\tc\td\tcycle1\t{_b64_png((64 + i, 48), (i, 0, 0))}" for i in range(5)]
+    (tmp_path / "hr_bench_4k.tsv").write_text(HR_HEADER + "\n" + "\n".join(rows) + "\n")
+    ds = load_samples(tmp_path / "hr_bench_4k.tsv")
+    assert len(ds) == 5
+    for i, s in enumerate(ds):
+        assert len(s.image) < 300, "a sample holds a reference into the file, not the image"
+        img = s.load_image()
+        assert img.size == (64 + i, 48) and img.getpixel((0, 0)) == (i, 0, 0)
+
+
+def test_hrbench_bad_rows_are_skipped_by_line(tmp_path):
+    lines = [HR_HEADER, f"1\tQ?\tA\tsingle\ta\tb\tc\td\tcycle1\t{_b64_png()}",
+             "2\tQ?\tA\tsingle\ta\tb",  # too few fields
+             "3\tQ?\tA\tsingle\ta\tb\tc\td\tcycle1\tnot-an-image",
+             f"4\tQ?\tA\tsingle\ta\tb\tc\td\tcycle1\t{_b64_png()}"]
+    (tmp_path / "hr_bench_4k.tsv").write_text("\n".join(lines) + "\n")
+    ds = load_samples(tmp_path / "hr_bench_4k.tsv")
+    assert [s.id for s in ds] == ["hrbench_4k/1", "hrbench_4k/4"]
+    reasons = dict(ds.skipped)
+    assert "6 fields" in reasons["line-3"] and "decode" in reasons["hrbench_4k/3"]
+
+
+def test_hrbench_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    png = base64.b64decode(_b64_png((90, 70), (9, 8, 7)))
+    table = pa.table({"index": [0, 1], "question": ["Q?", "R?"], "answer": ["A", "C"], "category": ["single"] * 2,
+                      "A": ["None", "x"], "B": ["NA", "y"], "C": ["b", "z"], "D": ["c", "w"],
+                      "cycle_category": ["cycle1", "cycle2"],
+                      "image": [{"bytes": png, "path": None}, {"bytes": png, "path": None}]})
+    pq.write_table(table, tmp_path / "hr_bench_4k.parquet", row_group_size=1)
+    ds = load_samples(tmp_path / "hr_bench_4k.parquet")
+    assert [s.id for s in ds] == ["hrbench_4k/0", "hrbench_4k/1"] and ds[0].options == ("None", "NA", "b", "c")
+    assert ds[1].load_image().getpixel((0, 0)) == (9, 8, 7) and ds[1].cycle == "cycle2"
+
+
+# ----------------------------------------------------------------------------- hostile data
+
+def test_a_set_with_no_usable_record_is_empty_and_lists_every_record(tmp_path):
+    recs = [_rec(i, str(tmp_path / f"gone{i}.jpg")) for i in range(3)]
+    ds = load_samples(_write_jsonl(tmp_path / "d.jsonl", recs))
+    assert len(ds) == 0 and [i for i, _ in ds.skipped] == ["r0", "r1", "r2"]
+    (tmp_path / "m.json").write_text(json.dumps([_mme_row("q1", "nowhere.jpg"), _mme_row("q2", "nowhere.jpg")]))
+    ds = load_samples(tmp_path / "m.json")
+    assert len(ds) == 0 and [i for i, _ in ds.skipped] == ["q1", "q2"]
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"{not json", "not JSON"),
+    (b"42", "expected a JSON object, got a number"),
+    (b'{"id": "x", "question": "caf\xe9"}', "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"[1, 2]", "expected a JSON object, got a list"),
+])
+def test_a_broken_line_is_one_skipped_record(tmp_path, line, reason):
+    good = _jpeg(tmp_path / "g.jpg")
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(_rec(0, str(good))).encode() + b"\n" + line + b"\n" +
+                     json.dumps(_rec(2, str(good))).encode() + b"\n")
+    ds = load_samples(path)
+    assert [s.id for s in ds] == ["r0", "r2"]
+    assert len(ds.skipped) == 1 and ds.skipped[0][0] == "line-2" and reason in ds.skipped[0][1]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_and_blank_files_give_an_empty_set(tmp_path, content):
+    (tmp_path / "e.jsonl").write_bytes(content)
+    ds = load_samples(tmp_path / "e.jsonl")
+    assert len(ds) == 0 and ds.skipped == []
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"options": "abcd"}, "options must be a list of texts, got a string"),
+    ({"options": ["a", None]}, "options[1] must be a text, got null"),
+    ({"options": ["a", ["b", "c"]]}, "options[1] must be a text, got a list"),
+    ({"question": ["what", "colour"]}, "question must be a text, got a list"),
+    ({"question": None}, "question must be a text, got null"),
+    ({"target_boxes": [[1, 2, 3]]}, "target_boxes[0] must be 4 finite numbers"),
+    ({"target_boxes": [[1, None, 3, 4]]}, "target_boxes[0] must be 4 finite numbers"),
+    ({"target_boxes": [[5, 5, 1, 1]]}, "target_boxes[0] must be 4 finite numbers"),
+    ({"target_boxes": "0 0 1 1"}, "target_boxes must be a list"),
+    ({"options": [f"o{i}" for i in range(27)]}, "27 options, more than the 26 letters"),
+    ({"answer": 1}, "answer 1 is not one of the 2 options"),
+    ({"category": {"a": 1}}, "category must be a text"),
+    ({"id": {"a": 1}}, "id must be a text or a number"),
+    ({"image": 5}, "image must be a path"),
+])
+def test_each_field_is_checked_at_load(tmp_path, change, reason):
+    good = _jpeg(tmp_path / "g.jpg")
+    ds = load_samples(_write_jsonl(tmp_path / "d.jsonl", [_rec(0, str(good)), {**_rec(1, str(good)), **change}]))
+    assert [s.id for s in ds] == ["r0"]
+    assert len(ds.skipped) == 1 and reason in ds.skipped[0][1], ds.skipped
+
+
+def test_twenty_six_options_are_fine(tmp_path):
+    good = _jpeg(tmp_path / "g.jpg")
+    ds = load_samples(_write_jsonl(tmp_path / "d.jsonl", [_rec(0, str(good), options=list("abcdefghijklmnopqrstuvwxyz"),
+                                                               answer="Z")]))
+    assert len(ds) == 1 and ds[0].answer == "Z"
+
+
+def test_duplicate_ids_keep_the_first_and_missing_ids_come_from_the_line(tmp_path, caplog):
+    good = _jpeg(tmp_path / "g.jpg")
+    recs = [_rec(0, str(good)), _rec(0, str(good), question="second"), _rec(1, str(good)), _rec(9, str(good))]
+    del recs[3]["id"]
+    with caplog.at_level("WARNING"):
+        ds = load_samples(_write_jsonl(tmp_path / "d.jsonl", recs))
+    assert [s.id for s in ds] == ["r0", "r1", "line-4"] and ds[0].question == "What colour?"
+    assert ds.skipped == [("r0", "duplicate id (first at line 1); kept the first")]
+    assert "line 4" in caplog.text and "without an id" in caplog.text
+
+
+def test_first_readable_skips_unreadable_images(tmp_path):
+    good = _jpeg(tmp_path / "g.jpg")
+    raw = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(raw, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(raw.getvalue()[:2000])  # header intact, data cut
+    ds = load_samples(_write_jsonl(tmp_path / "d.jsonl", [_rec(0, str(tmp_path / "cut.jpg")), _rec(1, str(good))]))
+    assert len(ds) == 2 and ds.first_readable().id == "r1"
+
+
+def test_prompt_length_limit():
+    from mgpo.data import prompt_length_problem
+
+    assert prompt_length_problem(8192, 8192) is None and prompt_length_problem(10**6, 0) is None
+    assert "8193 tokens, over data.max_prompt_tokens (8192)" in prompt_length_problem(8193, 8192)
 
 @pytest.mark.parametrize("text, letter", [("A", "A"), ("(c)", "C"), ("B. red", "B"), ("D) x", "D"),
                                           ("red", None), ("", None)])

@@ -1,35 +1,33 @@
-"""Datasets: one record type (`Sample`) and loaders for every format we read.
+"""Datasets: one record type (`Sample`), its validation, and the project's own JSONL format.
 
 Formats (``load_samples(path, fmt="auto")``):
 
 - ``jsonl``: the project's own, written by ``mgpo.synth``: one JSON object per line with
   id, image (relative to the file), question, options, answer, category, target_boxes.
-- ``vstar``: the V* Bench folder: ``<root>/<category>/<name>.jpg`` beside ``<name>.json``
-  holding ``question``, ``options`` (the correct one first), ``bbox`` ([x, y, w, h] each).
-- ``mme_realworld``: the MME-RealWorld(-Lite) JSON list with ``Question_id``, ``Image``,
-  ``Text``, ``Answer choices`` ("(A) ..."), ``Ground truth``, ``Task``, ``Subtask``;
-  images relative to an image root (the JSON's folder by default).
-- ``hrbench``: the HR-Bench TSV: ``index``, ``question``, ``answer``, ``category``,
-  ``A`` to ``D`` and ``image`` (base64).
+- ``vstar``, ``mme_realworld``, ``hrbench``: the published benchmark layouts, read by
+  ``mgpo.benchmarks`` (V* from ``test_questions.jsonl``, MME-RealWorld(-Lite) from its JSON
+  list, HR-Bench from its TSV or parquet file, streamed).
 
-Records are read through ``datasets`` (Arrow-backed, memory-mapped when it caches) and
-images are decoded only when used. A record that cannot be used (missing or empty image
-file, unreadable header, an answer that is not one of the options, an empty question,
-an aspect ratio Qwen refuses) is skipped with its id and reason, and counted; one bad
-record never stops a load.
+Every reader yields raw records; ``_validate`` checks each field's type and shape and turns
+a record into a `Sample`. A record that cannot be used (a line that is not JSON, a field of
+the wrong type, a missing or unreadable image, an answer that is not one of the options, a
+duplicate id) is skipped with its id and reason, logged with the file and line, and
+counted; one bad record never stops a load, and a file with no usable record gives an
+empty set whose skip list names every record. Images are decoded only when used: an image
+embedded in a benchmark file is referenced by its place in the file and read back then.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -37,8 +35,10 @@ from PIL import Image, ImageOps
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FORMATS = ("jsonl", "vstar", "mme_realworld", "hrbench")
 MAX_ASPECT = 200.0  # Qwen's smart_resize refuses a long/short ratio above this
 MIN_SIDE = 28  # one 28-px merge block: smaller sides are enlarged before the processor
+HEADER_B64_CHARS = 1 << 16  # base64 decoded to read an embedded image's header (48 KiB of bytes)
 
 
 class BadImageError(ValueError):
@@ -51,7 +51,8 @@ class Sample:
 
     id: str
     image: str
-    """A file path, or ``base64:<data>`` for formats that embed the image."""
+    """A file path, ``base64:<data>``, or a reference into a benchmark file
+    (``tsv:<offset>:<column>:<path>``, ``parquet:<row>:<column>:<path>``) read when used."""
     question: str
     options: tuple[str, ...]
     answer: str
@@ -62,6 +63,10 @@ class Sample:
     dataset: str = ""
     width: int = 0
     height: int = 0
+    breakdown: tuple[str, ...] = ()
+    """The benchmark's own score hierarchy, e.g. (Task, Subtask, Category) for MME-RealWorld."""
+    cycle: str = ""
+    """HR-Bench's ``cycle_category``: which rotation of the options this row is."""
 
     def load_image(self) -> Image.Image:
         return load_image(self.image, self.id)
@@ -69,12 +74,33 @@ class Sample:
 
 # ----------------------------------------------------------------------------- images
 
-def _open(source: str, sample_id: str) -> Image.Image:
+def _embedded_bytes(source: str, sample_id: str) -> bytes:
+    """The raw bytes of an image stored inside a file (base64 text or a benchmark-file reference)."""
     if source.startswith("base64:"):
+        text = source[len("base64:"):]
+    else:
+        from .benchmarks import read_embedded
+
         try:
-            raw = base64.b64decode(source[len("base64:"):], validate=False)
-        except (ValueError, TypeError) as e:
-            raise BadImageError(f"{sample_id}: embedded image is not valid base64 ({e})") from e
+            value = read_embedded(source)
+        except (OSError, ValueError, IndexError) as e:
+            raise BadImageError(f"{sample_id}: cannot read the embedded image ({e})") from e
+        if isinstance(value, bytes):
+            return value
+        text = value
+    try:
+        return base64.b64decode(text, validate=False)
+    except (ValueError, TypeError) as e:
+        raise BadImageError(f"{sample_id}: embedded image is not valid base64 ({e})") from e
+
+
+def is_embedded(source: str) -> bool:
+    return source.startswith(("base64:", "tsv:", "parquet:"))
+
+
+def _open(source: str, sample_id: str) -> Image.Image:
+    if is_embedded(source):
+        raw = _embedded_bytes(source, sample_id)
         if not raw:
             raise BadImageError(f"{sample_id}: embedded image is empty")
         stream: io.BytesIO | str = io.BytesIO(raw)
@@ -130,9 +156,7 @@ def load_image(source: str, sample_id: str = "?") -> Image.Image:
     return img
 
 
-def _image_size(source: str, sample_id: str) -> tuple[int, int]:
-    """Width and height from the header only (cheap), after EXIF rotation."""
-    img = _open(source, sample_id)
+def _header_size(img: Image.Image, sample_id: str) -> tuple[int, int]:
     try:
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
@@ -141,32 +165,105 @@ def _image_size(source: str, sample_id: str) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def _image_size(source: str, sample_id: str) -> tuple[int, int]:
+    """Width and height from the header only (cheap), after EXIF rotation."""
+    return _header_size(_open(source, sample_id), sample_id)
+
+
+def embedded_size(data: str | bytes, sample_id: str) -> tuple[int, int]:
+    """Width and height of an embedded image (base64 text or bytes), decoding only its head.
+
+    A JPEG or PNG header sits in the first few KiB; if it is not in the head, decode it all.
+    """
+    for head in (data[:HEADER_B64_CHARS], data):
+        try:
+            raw = head if isinstance(head, bytes) else base64.b64decode(head, validate=False)
+            if not raw:
+                raise BadImageError(f"{sample_id}: embedded image is empty")
+            return _header_size(Image.open(io.BytesIO(raw)), sample_id)
+        except BadImageError:
+            raise
+        except Exception as e:  # noqa: PERF203 - a header beyond the head: try the whole image
+            problem = e
+    raise BadImageError(f"{sample_id}: cannot decode the embedded image ({problem})")
+
+
 # ----------------------------------------------------------------------------- records
 
 def normalize_letter(value: object) -> str | None:
     """'A', 'a', '(A)', 'A.' or 'A) text' -> 'A'; anything else -> None."""
-    m = re.match(r"^\s*\(?([A-Za-z])\s*[\).:]?(\s|$)", str(value))
+    m = re.match(r"^\s*[\(（]?([A-Za-z])\s*[\).:）]?(\s|$)", str(value))
     return m.group(1).upper() if m else None
 
 
-def _strip_option_label(text: str) -> str:
-    """'(A) red' -> 'red' (MME-RealWorld writes the letter into each choice)."""
-    return re.sub(r"^\s*\(?[A-Za-z]\)\s*", "", str(text)).strip()
+def _kind(value: object) -> str:
+    """How a JSON value reads in a message: 'null', 'a string', 'a list', ..."""
+    if value is None:
+        return "null"
+    names = {bool: "true/false", str: "a string", int: "a number", float: "a number", list: "a list",
+             tuple: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
-def _check(rec: dict) -> str | None:
-    """The reason a normalized record cannot be used, or None."""
-    if not str(rec.get("question") or "").strip():
-        return "empty question"
-    options = rec.get("options") or []
+def _text(value: object, name: str, required: bool = True) -> str:
+    """A field that must be a text (a number is accepted and written as text)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if value is None and not required:
+        return ""
+    raise ValueError(f"{name} must be a text, got {_kind(value)}")
+
+
+def _boxes(value: object) -> tuple[tuple[float, float, float, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"target_boxes must be a list of [x1, y1, x2, y2], got {_kind(value)}")
+    out = []
+    for i, box in enumerate(value):
+        ok = (isinstance(box, (list, tuple)) and len(box) == 4
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+        if not ok or box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f"target_boxes[{i}] must be 4 finite numbers x1 <= x2, y1 <= y2, got {box!r:.80}")
+        out.append(tuple(float(v) for v in box))
+    return tuple(out)
+
+
+def _validate(rec: dict) -> dict:
+    """Check each field's type and shape; return the fields of a `Sample` or raise ValueError(reason)."""
+    question = _text(rec.get("question"), "question")
+    if not question.strip():
+        raise ValueError("empty question")
+    options = rec.get("options")
+    if not isinstance(options, (list, tuple)):
+        raise ValueError(f"options must be a list of texts, got {_kind(options)}")
+    options = tuple(_text(o, f"options[{i}]") for i, o in enumerate(options))
     if len(options) < 2:
-        return f"needs at least two options, got {len(options)}"
-    letter = normalize_letter(rec.get("answer") or "")
+        raise ValueError(f"needs at least two options, got {len(options)}")
+    if len(options) > len(LETTERS):
+        raise ValueError(f"{len(options)} options, more than the {len(LETTERS)} letters A-Z")
+    answer = rec.get("answer")
+    letter = normalize_letter(answer) if isinstance(answer, str) else None
     if letter is None or LETTERS.index(letter) >= len(options):
-        return f"answer {rec.get('answer')!r} is not one of the {len(options)} options"
-    if not rec.get("image"):
-        return "no image"
-    return None
+        raise ValueError(f"answer {answer!r} is not one of the {len(options)} options")
+    image = rec.get("image")
+    if not isinstance(image, str) or not image:
+        raise ValueError("no image" if not image else f"image must be a path, got {_kind(image)}")
+    return {"image": image, "question": question, "options": options, "answer": letter,
+            "category": _text(rec.get("category"), "category", required=False),
+            "target_boxes": _boxes(rec.get("target_boxes")),
+            "breakdown": tuple(str(x) for x in rec.get("breakdown", ())), "cycle": str(rec.get("cycle", ""))}
+
+
+@dataclass(frozen=True)
+class Raw:
+    """One record as a reader found it: where it is in the file, its fields, or why it is unusable."""
+
+    where: str  # "line 12", "record 3", "row 7": for messages
+    fields: dict | None = None
+    problem: str | None = None
 
 
 @dataclass
@@ -174,23 +271,18 @@ class SampleSet:
     """The usable records of one dataset, plus what was skipped and why."""
 
     name: str
-    rows: object  # datasets.Dataset of normalized records
-    skipped: list[tuple[str, str]]
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: str = ""
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.samples)
 
     def __getitem__(self, i: int) -> Sample:
-        r = self.rows[int(i)]
-        return Sample(
-            id=r["id"], image=r["image"], question=r["question"], options=tuple(r["options"]),
-            answer=r["answer"], category=r["category"],
-            target_boxes=tuple(tuple(float(v) for v in b) for b in (r["target_boxes"] or [])),
-            dataset=self.name, width=r["width"], height=r["height"],
-        )
+        return self.samples[int(i)]
 
     def __iter__(self) -> Iterator[Sample]:
-        return (self[i] for i in range(len(self)))
+        return iter(self.samples)
 
     def summary(self) -> str:
         reasons = Counter(r.split(" (")[0].split(":")[0] for _, r in self.skipped)
@@ -199,151 +291,164 @@ class SampleSet:
             text += " (" + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()) + ")"
         return text
 
-
-def _finish(name: str, records: Iterator[dict], check_images: bool, max_samples: int) -> SampleSet:
-    from datasets import Dataset
-
-    good, skipped = [], []
-    for rec in records:
-        rid = str(rec.get("id", "?"))
-        reason = _check(rec)
-        if reason is None and check_images:
+    def first_readable(self) -> Sample:
+        """The first record whose image decodes (the trainer's stand-in for unreadable ones)."""
+        for s in self.samples:
             try:
-                rec["width"], rec["height"] = _image_size(rec["image"], rid)
-                w, h = rec["width"], rec["height"]
-                if max(w, h) / max(1, min(w, h)) >= MAX_ASPECT:
-                    reason = f"aspect ratio {max(w, h) / max(1, min(w, h)):.0f}:1 beyond Qwen's 200:1"
+                s.load_image()
+                return s
             except BadImageError as e:
-                reason = str(e).split(": ", 1)[-1]
-        if reason is not None:
-            skipped.append((rid, reason))
-            log.warning("skipping record %s of %s: %s", rid, name, reason)
-            continue
-        rec["id"] = rid
-        rec["answer"] = normalize_letter(rec["answer"])
-        rec["options"] = [str(o) for o in rec["options"]]
-        rec["category"] = str(rec.get("category") or "")
-        rec["target_boxes"] = [[float(v) for v in b] for b in (rec.get("target_boxes") or [])]
-        rec.setdefault("width", 0)
-        rec.setdefault("height", 0)
-        good.append({k: rec[k] for k in ("id", "image", "question", "options", "answer", "category",
-                                         "target_boxes", "width", "height")})
-        if max_samples and len(good) >= max_samples:
-            break
-    seen = Counter(r["id"] for r in good)
-    dupes = [i for i, n in seen.items() if n > 1]
-    if dupes:
-        raise ValueError(f"{name}: duplicate record ids {dupes[:5]}; ids must be unique")
-    features = None
-    if not good:
-        from datasets import Features, List, Value
+                log.warning("%s: %s", self.name, e)
+        raise ValueError(f"no record of {self.source or self.name} has a readable image")
 
-        features = Features({"id": Value("string"), "image": Value("string"), "question": Value("string"),
-                             "options": List(Value("string")), "answer": Value("string"),
-                             "category": Value("string"), "target_boxes": List(List(Value("float64"))),
-                             "width": Value("int64"), "height": Value("int64")})
-    out = SampleSet(name, Dataset.from_list(good, features=features), skipped)
+
+def _record_id(raw: Raw, derived: list[str]) -> str:
+    rid = (raw.fields or {}).get("id")
+    if rid is None or rid == "":
+        derived.append(raw.where)
+        return raw.where.replace(" ", "-")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise ValueError(f"id must be a text or a number, got {_kind(rid)}")
+    return str(rid)
+
+
+def _sample(raw: Raw, rid: str, name: str, check_images: bool) -> Sample:
+    fields = _validate(raw.fields)
+    width, height = raw.fields.get("width", 0), raw.fields.get("height", 0)
+    if raw.fields.get("image_error"):
+        raise ValueError(raw.fields["image_error"])
+    if check_images and not width:
+        try:
+            width, height = _image_size(fields["image"], rid)
+        except BadImageError as e:
+            raise ValueError(str(e).split(": ", 1)[-1]) from e
+    if width and max(width, height) / max(1, min(width, height)) >= MAX_ASPECT:
+        raise ValueError(f"aspect ratio {max(width, height) / max(1, min(width, height)):.0f}:1 beyond Qwen's 200:1")
+    return Sample(id=rid, dataset=name, width=width, height=height, **fields)
+
+
+def _finish(name: str, source: Path, raws: Iterator[Raw], check_images: bool, max_samples: int) -> SampleSet:
+    """Validate every raw record; keep the good ones, list the rest with their reasons."""
+    samples, skipped, derived, first_seen = [], [], [], {}
+    for raw in raws:
+        rid = raw.where.replace(" ", "-")
+        try:
+            if raw.problem is not None:
+                raise ValueError(raw.problem)
+            rid = _record_id(raw, derived)
+            if rid in first_seen:
+                raise ValueError(f"duplicate id (first at {first_seen[rid]}); kept the first")
+            sample = _sample(raw, rid, name, check_images)
+        except (ValueError, RecursionError) as e:
+            skipped.append((rid, str(e)))
+            log.warning("skipping %s, %s (id %s): %s", source, raw.where, rid, e)
+            continue
+        first_seen[rid] = raw.where
+        samples.append(sample)
+        if max_samples and len(samples) >= max_samples:
+            break
+    if derived:
+        log.warning("%s: %d record(s) without an id got one from their place in the file (%s)", source,
+                    len(derived), ", ".join(derived[:5]) + (", ..." if len(derived) > 5 else ""))
+    out = SampleSet(name, samples, skipped, str(source))
+    if not samples:
+        log.warning("no usable records in %s (%d skipped)", source, len(skipped))
     log.info(out.summary())
     return out
 
 
-def _read_rows(path: Path, builder: str, **kwargs):
-    from datasets import load_dataset
+# ----------------------------------------------------------------------------- the project's JSONL
 
-    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
-
-
-def _jsonl_records(path: Path) -> Iterator[dict]:
-    for row in _read_rows(path, "json"):
-        rec = dict(row)
-        image = str(rec.get("image") or "")
-        if image and not Path(image).is_absolute():
-            image = str(path.parent / image)
-        rec["image"] = image
-        yield rec
-
-
-def _vstar_records(root: Path) -> Iterator[dict]:
-    for meta in sorted(root.glob("*/*.json")):
-        category = meta.parent.name
-        try:
-            info = json.loads(meta.read_text())
-        except (OSError, ValueError) as e:
-            yield {"id": f"{category}/{meta.stem}", "question": "", "_error": str(e)}
-            continue
-        image = next((p for p in (meta.with_suffix(s) for s in (".jpg", ".jpeg", ".png")) if p.exists()),
-                     meta.with_suffix(".jpg"))
-        # V* stores the correct option first; present them in an order fixed by the
-        # record's name, so the answer letter is not always A and every run agrees.
-        options = list(info.get("options") or [])
-        order = sorted(range(len(options)),
-                       key=lambda i: hashlib.sha1(f"{meta.stem}-{i}".encode()).hexdigest())
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in (info.get("bbox") or [])]
-        yield {
-            "id": f"{category}/{meta.stem}",
-            "image": str(image),
-            "question": info.get("question", ""),
-            "options": [options[i] for i in order],
-            "answer": LETTERS[order.index(0)] if options else "",
-            "category": category,
-            "target_boxes": boxes,
-        }
+def jsonl_objects(path: Path) -> Iterator[Raw]:
+    """One `Raw` per non-blank line, read one line at a time; a broken line is one skipped record."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"line {lineno}"
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Raw(where, problem=f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+                continue
+            try:
+                obj = json.loads(text)
+            except RecursionError:
+                yield Raw(where, problem="JSON nested too deeply")
+                continue
+            except ValueError as e:
+                yield Raw(where, problem=f"not JSON ({e})")
+                continue
+            if not isinstance(obj, dict):
+                yield Raw(where, problem=f"expected a JSON object, got {_kind(obj)}")
+                continue
+            yield Raw(where, obj)
 
 
-def _mme_records(path: Path, image_root: Path | None) -> Iterator[dict]:
-    root = image_root or path.parent
-    for row in _read_rows(path, "json"):
-        choices = row.get("Answer choices") or row.get("Answer Choices") or []
-        yield {
-            "id": str(row.get("Question_id") or row.get("Question id") or ""),
-            "image": str(root / str(row.get("Image") or "")),
-            "question": row.get("Text") or "",
-            "options": [_strip_option_label(c) for c in choices],
-            "answer": row.get("Ground truth") or row.get("Ground Truth") or "",
-            "category": f"{row.get('Task', '')}/{row.get('Subtask', '')}".lower(),
-        }
+def resolve(path_text: object, base: Path) -> object:
+    """An image path relative to ``base`` (absolute paths and non-texts pass through)."""
+    if isinstance(path_text, str) and path_text and not Path(path_text).is_absolute():
+        return str(base / path_text)
+    return path_text
 
 
-def _hrbench_records(path: Path) -> Iterator[dict]:
-    name = "hrbench_8k" if "8k" in path.name.lower() else "hrbench_4k"
-    for row in _read_rows(path, "csv", sep="\t"):
-        options = [row[k] for k in "ABCD" if row.get(k) not in (None, "")]
-        yield {
-            "id": f"{name}/{row.get('index')}",
-            "image": "base64:" + str(row.get("image") or ""),
-            "question": row.get("question") or "",
-            "options": [str(o) for o in options],
-            "answer": row.get("answer") or "",
-            "category": f"{name}/{row.get('category', '')}",
-        }
+def _jsonl_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
+    for raw in jsonl_objects(path):
+        if raw.fields is not None:
+            raw.fields["image"] = resolve(raw.fields.get("image"), image_root or path.parent)
+        yield raw
 
+
+# ----------------------------------------------------------------------------- entry point
 
 def detect_format(path: Path) -> str:
+    from .benchmarks import is_vstar_listing, parquet_format
+
     if path.is_dir():
         return "vstar"
     if path.suffix == ".tsv":
         return "hrbench"
+    if path.suffix == ".parquet":
+        return parquet_format(path)
     if path.suffix == ".jsonl":
-        return "jsonl"
+        return "vstar" if is_vstar_listing(path) else "jsonl"
     if path.suffix == ".json":
         return "mme_realworld"
-    raise ValueError(f"cannot tell the format of {path}; pass fmt= one of jsonl, vstar, "
-                     "mme_realworld, hrbench")
+    raise ValueError(f"cannot tell the format of {path}; pass fmt= one of {', '.join(FORMATS)}")
 
 
 def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path | None = None,
                  check_images: bool = True, max_samples: int = 0, name: str | None = None) -> SampleSet:
-    """Read a dataset in any supported format; bad records are skipped and listed."""
+    """Read a dataset in any supported format; bad records are skipped and listed.
+
+    ``image_root`` overrides where relative image paths are resolved (default: where the
+    format's published layout puts them).
+    """
+    from . import benchmarks
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
     fmt = detect_format(path) if fmt == "auto" else fmt
+    root = Path(image_root) if image_root else None
     readers = {
-        "jsonl": lambda: _jsonl_records(path),
-        "vstar": lambda: _vstar_records(path),
-        "mme_realworld": lambda: _mme_records(path, Path(image_root) if image_root else None),
-        "hrbench": lambda: _hrbench_records(path),
+        "jsonl": lambda: _jsonl_records(path, root),
+        "vstar": lambda: benchmarks.vstar_records(path, root),
+        "mme_realworld": lambda: benchmarks.mme_records(path, root),
+        "hrbench": lambda: benchmarks.hrbench_records(path),
     }
     if fmt not in readers:
         raise ValueError(f"unknown dataset format {fmt!r}; known: {sorted(readers)}")
-    return _finish(name or path.stem, readers[fmt](), check_images, max_samples)
+    return _finish(name or path.stem, path, readers[fmt](), check_images, max_samples)
+
+
+def prompt_length_problem(n_tokens: int, limit: int) -> str | None:
+    """Why a prompt of ``n_tokens`` (text and image tokens) is refused, or None.
+
+    ``limit`` is ``data.max_prompt_tokens`` (0 = no limit); checked once the prompt is
+    tokenized, so a 50,000-character question is skipped and counted instead of
+    reaching the model.
+    """
+    if limit and n_tokens > limit:
+        return f"prompt has {n_tokens} tokens, over data.max_prompt_tokens ({limit})"
+    return None
