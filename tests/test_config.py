@@ -84,3 +84,51 @@ def test_every_field_is_documented():
     leaves = [f"{s}.{k}" for s, sub in cfg.items() for k in sub]
     missing = [name for name in leaves if not docs.get(name)]
     assert not missing, f"fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.group_size=0", "rollout.group_size must be >= 2, got 0"),
+    ("rollout.group_size=1", "rollout.group_size must be >= 2"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be >= 1"),
+    ("train.prompts_per_step=0", "train.prompts_per_step must be >= 1"),
+    ("train.prompts_per_rollout=-4", "train.prompts_per_rollout must be >= 1"),
+    ("train.save_every=0", "train.save_every must be >= 1"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1"),
+    ("eval.samples=0", "eval.samples must be >= 1"),
+    ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
+    ("train.lr=0", "train.lr must be > 0"),
+    ("train.lr=-1e-6", "train.lr must be > 0"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0"),
+    ("model.max_pixels=1000", "model.max_pixels (1000) must be >= model.min_pixels (200704)"),
+    ("rollout.template=mgp0", "rollout.template must be one of ['direct', 'grpo', 'mgpo'], got 'mgp0'"),
+    ("eval.mode=greedy", "eval.mode must be one of ['direct', 'grpo', 'mgpo']"),
+    ("rollout.crop_resample=cubic", "rollout.crop_resample must be one of ['nearest', 'bilinear', 'bicubic', 'lanczos']"),
+    ("model.dtype=fp16", "model.dtype must be one of ['auto', 'bfloat16', 'float16', 'float32']"),
+    ("data.train_format=csv", "data.train_format must be one of ['auto', 'jsonl', 'vstar', 'mme_realworld', 'hrbench']"),
+    ("data.eval_format=tsv", "data.eval_format must be one of"),
+    ("data.max_prompt_tokens=-1", "data.max_prompt_tokens must be >= 0"),
+])
+def test_out_of_range_values_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.log_every=0", "eval.samples=0"])
+    assert "train.log_every" in str(e.value) and "eval.samples" in str(e.value)
+
+
+def test_crop_filter_choices_are_the_ones_grounding_knows():
+    from mgpo.config import CROP_FILTERS
+    from mgpo.grounding import RESAMPLE
+
+    assert set(CROP_FILTERS) == set(RESAMPLE)
+
+
+def test_data_fields_for_published_layouts():
+    cfg = load_config(None, ["data.image_root=/data/mme", "data.max_prompt_tokens=4096"])
+    assert cfg.data.image_root == "/data/mme" and cfg.data.max_prompt_tokens == 4096
+    assert load_config().data.max_prompt_tokens == 8192

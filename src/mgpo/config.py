@@ -20,6 +20,9 @@ from typing import Any
 import yaml
 
 
+CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.grounding.RESAMPLE's keys (a test checks)
+
+
 class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
 
@@ -49,9 +52,14 @@ class DataConfig:
     eval: str = "build/synth/test.jsonl"
     """Evaluation set (same formats)."""
     eval_format: str = "auto"
-    """Format of `eval`."""
+    """Format of every evaluation set (`eval` and each of eval.datasets); auto tells each from its path."""
+    image_root: str = ""
+    """Folder that relative image paths are resolved against ("" = where the format's published layout
+    puts them: beside the JSONL, the MME-RealWorld archives' folder or its Lite `imgs/`)."""
     max_samples: int = 0
     """Use only the first N records of each set (0 = all)."""
+    max_prompt_tokens: int = 8192
+    """A prompt (text and image tokens) longer than this is skipped and counted (reference: 8192; 0 = no limit)."""
 
 
 @dataclass(frozen=True)
@@ -328,7 +336,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping at the top level")
         tree = _fix_yaml_floats(loaded)
     tree = _merge(tree, parse_overrides(overrides or []))
-    return _build(Config, tree, "")
+    return validate(_build(Config, tree, ""))
+
+
+def _problems(cfg: Config) -> list[str]:
+    """Every value outside its allowed range or set of choices, as 'field: what is allowed'."""
+    from .data import FORMATS
+    from .prompts import TEMPLATES
+
+    m, d, r, t, e = cfg.model, cfg.data, cfg.rollout, cfg.train, cfg.eval
+    at_least = {  # field: (value, smallest allowed)
+        "rollout.group_size": (r.group_size, 2),  # one sample per group has no group-relative advantage
+        "train.micro_batch_size": (t.micro_batch_size, 1), "train.prompts_per_step": (t.prompts_per_step, 1),
+        "train.prompts_per_rollout": (t.prompts_per_rollout, 1), "train.save_every": (t.save_every, 1),
+        "train.log_every": (t.log_every, 1), "train.epochs": (t.epochs, 1), "train.ppo_epochs": (t.ppo_epochs, 1),
+        "train.warmup_steps": (t.warmup_steps, 0), "train.max_steps": (t.max_steps, 0),
+        "eval.batch_size": (e.batch_size, 1), "eval.samples": (e.samples, 1), "eval.temperature": (e.temperature, 0),
+        "data.max_samples": (d.max_samples, 0), "data.max_prompt_tokens": (d.max_prompt_tokens, 0),
+        "model.min_pixels": (m.min_pixels, 1), "rollout.max_new_tokens_turn1": (r.max_new_tokens_turn1, 1),
+        "rollout.max_new_tokens_turn2": (r.max_new_tokens_turn2, 1),
+    }
+    problems = [f"{k} must be >= {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
+    above_zero = {"train.lr": t.lr, "rollout.temperature": r.temperature}
+    problems += [f"{k} must be > 0, got {v}" for k, v in above_zero.items() if not v > 0]
+    if not 0 < r.top_p <= 1:
+        problems.append(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if m.max_pixels < m.min_pixels:
+        problems.append(f"model.max_pixels ({m.max_pixels}) must be >= model.min_pixels ({m.min_pixels})")
+    choices = {
+        "rollout.template": (r.template, sorted(TEMPLATES)), "eval.mode": (e.mode, sorted(TEMPLATES)),
+        "rollout.crop_resample": (r.crop_resample, list(CROP_FILTERS)),
+        "model.dtype": (m.dtype, ["auto", "bfloat16", "float16", "float32"]),
+        "data.train_format": (d.train_format, ["auto", *FORMATS]), "data.eval_format": (d.eval_format, ["auto", *FORMATS]),
+    }
+    problems += [f"{k} must be one of {allowed}, got {v!r}" for k, (v, allowed) in choices.items() if v not in allowed]
+    return problems
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values that would crash later or train on nonsense, naming each field and its range."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
