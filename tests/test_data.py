@@ -267,15 +267,6 @@ def test_duplicate_ids_keep_the_first_and_missing_ids_come_from_the_line(tmp_pat
     assert "line 4" in caplog.text and "without an id" in caplog.text
 
 
-def test_first_readable_skips_unreadable_images(tmp_path):
-    good = _jpeg(tmp_path / "g.jpg")
-    raw = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(raw, "JPEG")
-    (tmp_path / "cut.jpg").write_bytes(raw.getvalue()[:2000])  # header intact, data cut
-    ds = load_samples(_write_jsonl(tmp_path / "d.jsonl", [_rec(0, str(tmp_path / "cut.jpg")), _rec(1, str(good))]))
-    assert len(ds) == 2 and ds.first_readable().id == "r1"
-
-
 def test_prompt_length_limit():
     from mgpo.data import prompt_length_problem
 

@@ -291,16 +291,6 @@ class SampleSet:
             text += " (" + "; ".join(f"{n} x {r}" for r, n in reasons.most_common()) + ")"
         return text
 
-    def first_readable(self) -> Sample:
-        """The first record whose image decodes (the trainer's stand-in for unreadable ones)."""
-        for s in self.samples:
-            try:
-                s.load_image()
-                return s
-            except BadImageError as e:
-                log.warning("%s: %s", self.name, e)
-        raise ValueError(f"no record of {self.source or self.name} has a readable image")
-
 
 def _record_id(raw: Raw, derived: list[str]) -> str:
     rid = (raw.fields or {}).get("id")

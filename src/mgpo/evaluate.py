@@ -68,7 +68,7 @@ def _records(batch, samples_by_id, dataset: str, k: int) -> list[dict]:
             "correct": pred == s.answer, "turn1_text": t.turn1_text, "turn2_text": t.turn2_text,
             "box_input": t.box_input, "box_original": t.box_original, "valid": t.valid, "box_problem": t.box_problem,
             "crop_size": list(t.crop_size) if t.crop_size else None, "original_size": list(t.original_size),
-            "target_boxes": [list(b) for b in s.target_boxes],
+            "target_boxes": [list(b) for b in s.target_boxes], "breakdown": list(s.breakdown), "cycle": s.cycle,
         })
     return out
 
@@ -109,7 +109,8 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     datasets: dict[str, SampleSet] = {}
     for path in e.datasets or (cfg.data.eval,):
         name = _dataset_name(path)
-        datasets[name] = load_samples(path, max_samples=cfg.data.max_samples, name=name)
+        datasets[name] = load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
+                                      max_samples=cfg.data.max_samples, name=name)
 
     done = {(r["dataset"], r["id"]) for r in _read_predictions(pred_dir)}
     mine = open(pred_dir / f"rank{state.process_index}.jsonl", "a")  # noqa: SIM115
@@ -126,11 +127,12 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
                 torch.manual_seed(cfg.train.seed + b)  # sampling runs are reproducible per batch
                 try:
                     batch = rollout(model, processor, samples, rcfg, min_pixels=cfg.model.min_pixels,
-                                    max_pixels=cfg.model.max_pixels, greedy=greedy)
+                                    max_pixels=cfg.model.max_pixels, greedy=greedy,
+                                    max_prompt_tokens=cfg.data.max_prompt_tokens)
                     records = _records(batch, {s.id: s for s in samples}, name, e.samples)
                     failed = batch.skipped
-                except BadImageError:
-                    records, failed = [], [(s.id, "image failed to decode") for s in samples]
+                except BadImageError as err:  # every prompt of the batch was refused; the reasons are in err
+                    records, failed = [], [(s.id, str(err)) for s in samples]
                 for sid, why in failed:
                     records.append({"id": sid, "dataset": name, "error": why})
                 mine.write("".join(json.dumps(r) + "\n" for r in records))

@@ -56,8 +56,37 @@ def draw_box(image, box, color=(255, 0, 0), width: int = 6):
     return img
 
 
+def drop_rows_after(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``step``; return how many were dropped.
+
+    A run killed between a log write and its next checkpoint resumes from that checkpoint and
+    logs the same steps again: without this they would appear twice. A line cut by the kill goes too.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and row.get("step", 0) <= step
+        except ValueError:
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 class RunLogger:
-    def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool | None = None):
+    def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool | None = None,
+                 resume_step: int | None = None):
+        """``resume_step``: the step of the checkpoint a run resumes from; rows logged after it
+        by the interrupted run are dropped (metrics.jsonl) or hidden (TensorBoard's purge_step)."""
         self.enabled = D.is_main() if enabled is None else enabled
         self.dir = Path(output_dir)
         self.writer = None
@@ -67,7 +96,13 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        purge = None
+        if resume_step is not None:
+            purge = resume_step + 1
+            if dropped := drop_rows_after(self.dir / "metrics.jsonl", resume_step):
+                log.info("metrics.jsonl: dropped %d row(s) logged after step %d by the interrupted run",
+                         dropped, resume_step)
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         if sys.stderr.isatty():
             from tqdm import tqdm

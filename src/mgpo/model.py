@@ -25,12 +25,55 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_model_dir(path: str | Path) -> Path:
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files cannot be read; the message names the file."""
+
+
+def check_model_dir(path: str | Path, weights: bool = False) -> Path:
+    """Fail early, naming the file, on a missing or malformed config.json (and, with
+    ``weights``, a truncated or malformed ``*.safetensors``) rather than deep inside transformers."""
+    import json
+
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not config.is_file():
         hint = " (run `make tiny` to build the embedded one)" if "tiny" in path.name else ""
         raise FileNotFoundError(f"no Qwen2.5-VL checkpoint at {path}: config.json is missing{hint}")
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("expected a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config}: not a valid config.json ({e})") from e
+    if weights:
+        _check_weights(path)
     return path
+
+
+def _check_weights(path: Path) -> None:
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) not in the folder: {missing}")
+    for file in sorted(path.glob("*.safetensors")):
+        _check_safetensors(file)
+
+
+def _check_safetensors(file: Path) -> None:
+    """Read the header and check every tensor's bytes are in the file (a cut download fails here)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def load_processor(cfg: ModelConfig):
@@ -76,7 +119,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str |
     """The policy (or a reference copy) in eval mode, weights from safetensors."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    path = check_model_dir(path or cfg.path)
+    path = check_model_dir(path or cfg.path, weights=True)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path,
         dtype=resolve_dtype(cfg.dtype, device),

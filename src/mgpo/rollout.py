@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import RolloutConfig
-from .data import BadImageError, Sample
+from .data import BadImageError, Sample, prompt_length_problem
 from .generation import (
     Continuation,
     Generated,
@@ -250,14 +250,15 @@ def _cut_after(tokenizer, tokens: torch.Tensor, text: str, end: int) -> int:
 @torch.no_grad()
 def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_pixels: int, max_pixels: int,
             greedy: bool = False, record_logprobs: bool = False, synced_gpus: bool = False,
-            images: list | None = None) -> Rollout:
+            images: list | None = None, max_prompt_tokens: int = 0) -> Rollout:
     """Sample ``cfg.group_size`` conversations per prompt, in the template's turns.
 
-    ``images`` are the samples' decoded originals when the caller has them already.
+    ``images`` are the samples' decoded originals when the caller has them already. A prompt
+    longer than ``max_prompt_tokens`` (0 = no limit) is skipped like an unreadable image.
     """
     ctx = _Context(processor, get_template(cfg.template), cfg, special_ids(processor), greedy, record_logprobs,
                    min_pixels, max_pixels, synced_gpus)
-    prompts, skipped = _encode_prompts(ctx, samples, images)
+    prompts, skipped = _encode_prompts(ctx, samples, images, max_prompt_tokens=max_prompt_tokens)
     was_training = model.training
     model.eval()
     trajectories, conversations = [], []
@@ -292,7 +293,8 @@ def _scripted(ctx: _Context, texts: list[str]) -> Generated:
     return Generated(tokens, [None] * len(texts), cache=None, width=0, steps=max(len(t) for t in tokens))
 
 
-def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None, texts=None):
+def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None, texts=None,
+                    max_prompt_tokens: int = 0):
     """Decode each image once and encode each turn-1 prompt once; unreadable ones are skipped."""
     prompts, skipped = [], []
     for k, sample in enumerate(samples):
@@ -303,6 +305,9 @@ def _encode_prompts(ctx: _Context, samples: list[Sample], images: list | None, t
             continue
         text = first_prompt_text(ctx.processor, ctx.template, sample.question, sample.options)
         enc = _encode(ctx.processor, text, [original])
+        if too_long := prompt_length_problem(len(enc.ids), max_prompt_tokens):
+            skipped.append((sample.id, too_long))
+            continue
         prompts.append(_Prompt(sample, original, enc, ctx.add_image(enc.image), texts[k] if texts else None))
     if not prompts:
         raise BadImageError("every prompt of the batch was skipped: " + "; ".join(r for _, r in skipped))

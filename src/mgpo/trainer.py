@@ -281,7 +281,8 @@ def _setup(cfg: Config) -> _Run:
         log.info("resumed from %s at step %d", resume_from, state["step"])
 
     # ---- data
-    data = load_samples(cfg.data.train, cfg.data.train_format, max_samples=cfg.data.max_samples)
+    data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
+                        max_samples=cfg.data.max_samples)
     if len(data) < t.prompts_per_rollout:
         raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
                          f"train.prompts_per_rollout ({t.prompts_per_rollout})")
@@ -291,7 +292,8 @@ def _setup(cfg: Config) -> _Run:
              "per step", total, t.prompts_per_rollout, cfg.rollout.group_size, world, plan.grad_accum,
              t.micro_batch_size)
     return _Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
-                _decodable_reserve(data), RunLogger(out, total), out, total, state={**state})
+                _decodable_reserve(data), RunLogger(out, total, resume_step=state["step"] if resume_from else None),
+                out, total, state={**state})
 
 
 def _decodable_reserve(data):
