@@ -116,22 +116,34 @@ def test_every_dataset_format_through_evaluation(tiny_dir, tmp_path, loaded):
 
     model, processor = loaded
     img = Image.new("RGB", (640, 480), (90, 90, 90))
-    root = tmp_path / "vstar" / "direct_attributes"
-    root.mkdir(parents=True)
-    img.save(root / "a.jpg")
-    (root / "a.json").write_text(json.dumps({"question": "Q?", "options": ["x", "y", "z", "w"], "bbox": [[1, 2, 30, 40]]}))
-    img.save(tmp_path / "m.jpg")
-    (tmp_path / "mme.json").write_text(json.dumps([{"Question_id": "q1", "Image": "m.jpg", "Text": "Q?",
-                                                    "Answer choices": ["(A) a", "(B) b"], "Ground truth": "B",
-                                                    "Task": "Perception", "Subtask": "OCR"}]))
+    root = tmp_path / "vstar"
+    (root / "direct_attributes").mkdir(parents=True)
+    img.save(root / "direct_attributes" / "a.jpg")
+    (root / "direct_attributes" / "a.json").write_text(json.dumps({"bbox": [[1, 2, 30, 40]]}))
+    (root / "test_questions.jsonl").write_text(json.dumps({
+        "question_id": 0, "image": "direct_attributes/a.jpg", "category": "direct_attributes", "label": "C",
+        "text": "Q?\n(A) x\n(B) y\n(C) z\n(D) w\nAnswer with the option's letter from the given choices directly."}) + "\n")
+    (tmp_path / "data" / "imgs").mkdir(parents=True)  # MME-RealWorld-Lite: bare names under imgs/
+    img.save(tmp_path / "data" / "imgs" / "m.jpg")
+    (tmp_path / "data" / "mme.json").write_text(json.dumps([{"Question_id": "q1", "Image": "m.jpg", "Text": "Q?",
+                                                             "Answer choices": ["(A) a", "(B) b"], "Ground truth": "B",
+                                                             "Task": "Perception", "Subtask": "OCR",
+                                                             "Category": "text"}]))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    (tmp_path / "hr_bench_4k.tsv").write_text("index\tquestion\tanswer\tcategory\tA\tB\tC\tD\timage\n"
-                                              f"1\tQ?\tC\tsingle\ta\tb\tc\td\t{base64.b64encode(buf.getvalue()).decode()}\n")
-    data = f"{tmp_path / 'vstar'},{tmp_path / 'mme.json'},{tmp_path / 'hr_bench_4k.tsv'}"
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    (tmp_path / "hr_bench_4k.tsv").write_text(
+        "index\tquestion\tanswer\tcategory\tA\tB\tC\tD\tcycle_category\timage\n"
+        f"1\tQ?\tC\tsingle\tNone\tb\tc\td\tcycle1\t{b64}\n2\tQ?\tD\tsingle\tb\tc\td\tNone\tcycle2\t{b64}\n")
+    data = f"{root},{tmp_path / 'data' / 'mme.json'},{tmp_path / 'hr_bench_4k.tsv'}"
     result = ev.evaluate(_cfg(tiny_dir, tmp_path / "out", data=data), model, processor)
     assert set(result["results"]) == {"vstar", "mme", "hr_bench_4k"}
-    assert all(m["questions"] == 1 for m in result["results"].values())
+    assert [m["questions"] for m in result["results"].values()] == [2, 1, 1]  # sorted: hr_bench_4k, mme, vstar
+    mme = result["results"]["mme"]["breakdown"]
+    assert set(mme) == {"Perception", "Perception / OCR", "Perception / OCR / text"}
+    assert set(result["results"]["hr_bench_4k"]["per_cycle"]["cycles"]) == {"cycle1", "cycle2"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Perception / OCR / text" in report and "mean over cycles" in report
 
 
 def test_bad_records_are_listed_with_reasons(tiny_dir, synth_dir, tmp_path, loaded):
@@ -193,3 +205,38 @@ def test_two_rank_sharded_evaluation_equals_one_process(tiny_dir, synth_dir, tmp
     shards = sorted((tmp_path / "two" / "predictions").glob("rank*.jsonl"))
     assert len(shards) == 2 and all(s.read_text() for s in shards), "each rank evaluates its own shard"
     assert _predictions(tmp_path / "one") == _predictions(tmp_path / "two")
+
+
+def test_a_set_with_no_usable_record_still_gets_a_report(tiny_dir, tmp_path, loaded):
+    model, processor = loaded
+    recs = [{"id": f"r{i}", "image": f"gone{i}.jpg", "question": "Q?", "options": ["a", "b"], "answer": "A"}
+            for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    result = ev.evaluate(_cfg(tiny_dir, tmp_path / "out", data=tmp_path / "d.jsonl"), model, processor)
+    assert result["results"] == {} and result["skipped"] == {"d": 3}
+    assert "r2: image file not found" in (tmp_path / "out" / "report.md").read_text()
+    assert "no usable records" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_hostile_records_are_listed_and_the_evaluation_finishes(tiny_dir, synth_dir, tmp_path, loaded):
+    model, processor = loaded
+    good = [json.loads(x) for x in (synth_dir / "train.jsonl").read_text().splitlines()[:2]]
+    for r in good:
+        r["image"] = str(synth_dir / r["image"])
+    bad = {
+        "boxes": {**good[0], "id": "boxes", "target_boxes": [[1, 2, 3]]},
+        "letters": {**good[0], "id": "letters", "options": [f"o{i}" for i in range(27)]},
+        "strings": {**good[0], "id": "strings", "options": "abcd"},
+        "long": {**good[0], "id": "long", "question": "word " * 6000},
+    }
+    lines = [json.dumps(good[0]), "{broken", "42", json.dumps(good[0]), *map(json.dumps, bad.values()),
+             json.dumps(good[1])]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tiny_dir, tmp_path / "out", "data.max_prompt_tokens=2048", data=tmp_path / "d.jsonl")
+    result = ev.evaluate(cfg, model, processor)
+    assert result["results"]["d"]["questions"] == 2 and result["skipped"]["d"] == 7
+    report = (tmp_path / "out" / "report.md").read_text()
+    for text in ("line-2: not JSON", "line-3: expected a JSON object", f"{good[0]['id']}: duplicate id",
+                 "boxes: target_boxes[0] must be 4", "letters: 27 options", "strings: options must be a list",
+                 "long: prompt has", "over data.max_prompt_tokens (2048)"):
+        assert text in report, text

@@ -26,7 +26,8 @@ from .config import Config, save_config
 from .data import BadImageError, SampleSet, load_samples
 from .model import load_model, load_processor
 from .prompts import get_template
-from .report import compute_metrics, fingerprint, render_html, render_markdown
+from .report import compute_metrics, fingerprint, render_markdown
+from .report_html import render_html
 from .reward import predicted_letter
 from .rollout import rollout
 
@@ -169,7 +170,8 @@ def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(metrics, proto, errors))
     lookup = {(n, ds[i].id): ds[i] for n, ds in datasets.items() for i in range(len(ds))}
-    html = render_html(good, lambda r: lookup[(r["dataset"], r["id"])].load_image(), cfg.eval.report_examples)
+    html = render_html(good, lambda r: lookup[(r["dataset"], r["id"])].load_image(), cfg.eval.report_examples,
+                       metrics, proto, errors)
     (out / "report.html").write_text(html)
     log.info("evaluation report: %s", out / "report.md")
     return result

@@ -6,10 +6,7 @@ recomputed (and checked) from the file, and two runs compared line by line.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -53,6 +50,41 @@ def _acc(values) -> float:
     return float(np.mean(values)) * 100 if values else float("nan")
 
 
+def grounding_values(recs: list[dict]) -> tuple[list[float], list[bool], list[float]]:
+    """Per record: IoU of the box with the targets' enclosing box (0 when invalid), whether the crop
+    holds every target (records with targets only), and the crop's share of the image (valid boxes)."""
+    grounded = [r for r in recs if r.get("target_boxes")]
+    ious = [iou(r["box_original"], enclosing(r["target_boxes"])) if r["valid"] else 0.0 for r in grounded]
+    crop_hits = [bool(r["valid"] and contains(r["box_original"], enclosing(r["target_boxes"]))) for r in grounded]
+    shares = [(r["box_original"][2] - r["box_original"][0]) * (r["box_original"][3] - r["box_original"][1])
+              / (r["original_size"][0] * r["original_size"][1]) for r in recs if r["valid"]]
+    return ious, crop_hits, shares
+
+
+def breakdown(recs: list[dict]) -> dict[str, dict]:
+    """Accuracy at every level of a benchmark's hierarchy (MME-RealWorld: Task -> Subtask ->
+    Category), keyed "Task", "Task / Subtask", "Task / Subtask / Category"; each level is the
+    mean over its questions' samples."""
+    levels = defaultdict(list)
+    for r in recs:
+        path = r.get("breakdown") or []
+        for depth in range(1, len(path) + 1):
+            levels[" / ".join(path[:depth])].append(r["correct"])
+    return {k: {"accuracy": _acc(v), "samples": len(v)} for k, v in sorted(levels.items())}
+
+
+def per_cycle(recs: list[dict]) -> dict | None:
+    """HR-Bench: accuracy of each option rotation (``cycle_category``) and their mean, the official score."""
+    cycles = defaultdict(list)
+    for r in recs:
+        if r.get("cycle"):
+            cycles[r["cycle"]].append(r["correct"])
+    if not cycles:
+        return None
+    accs = {c: _acc(v) for c, v in sorted(cycles.items())}
+    return {"cycles": accs, "mean_over_cycles": float(np.mean(list(accs.values())))}
+
+
 def compute_metrics(records: list[dict]) -> dict:
     """Accuracy (Avg@k, pass@k) per dataset and category, and grounding diagnostics."""
     out: dict = {}
@@ -66,11 +98,7 @@ def compute_metrics(records: list[dict]) -> dict:
         cats = defaultdict(list)
         for r in recs:
             cats[r["category"]].append(r["correct"])
-        grounded = [r for r in recs if r.get("target_boxes")]
-        ious = [iou(r["box_original"], enclosing(r["target_boxes"])) if r["valid"] else 0.0 for r in grounded]
-        crop_hits = [bool(r["valid"] and contains(r["box_original"], enclosing(r["target_boxes"]))) for r in grounded]
-        shares = [(r["box_original"][2] - r["box_original"][0]) * (r["box_original"][3] - r["box_original"][1])
-                  / (r["original_size"][0] * r["original_size"][1]) for r in recs if r["valid"]]
+        ious, crop_hits, shares = grounding_values(recs)
         out[name] = {
             "questions": len(per_id),
             "samples_per_question": max(len(v) for v in per_id.values()),
@@ -86,6 +114,10 @@ def compute_metrics(records: list[dict]) -> dict:
                                               if shares else None),
             },
         }
+        if any(r.get("breakdown") for r in recs):
+            out[name]["breakdown"] = breakdown(recs)
+        if (cycles := per_cycle(recs)) is not None:
+            out[name]["per_cycle"] = cycles
     return out
 
 
@@ -107,6 +139,15 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
     for name, m in metrics.items():
         cats = ", ".join(f"{c} {_fmt(v)}" for c, v in m["categories"].items())
         lines.append(f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['pass_at_k'])} | {cats} |")
+    for name, m in metrics.items():
+        if "breakdown" in m:
+            lines += ["", f"### {name}: official breakdown", "", "| level | accuracy | samples |", "|---|---|---|"]
+            lines += [f"| {k} | {_fmt(v['accuracy'])} | {v['samples']} |" for k, v in m["breakdown"].items()]
+        if "per_cycle" in m:
+            c = m["per_cycle"]
+            lines += ["", f"### {name}: per cycle", "", "| cycle | accuracy |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in c["cycles"].items()]
+            lines.append(f"| mean over cycles | {_fmt(c['mean_over_cycles'])} |")
     lines += ["", "## Grounding", "", "| dataset | valid box % | mean IoU | crop holds target % | crop area share "
               "(p10/p50/p90) | no answer % |", "|---|---|---|---|---|---|"]
     for name, m in metrics.items():
@@ -119,54 +160,6 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
     lines += ["", f"## Skipped records ({len(bad)})", ""]
     lines += [f"- {d} / {i}: {why}" for d, i, why in bad[:200]] or ["none"]
     return "\n".join(lines) + "\n"
-
-
-def _thumb(image, boxes: list[tuple[list[float], tuple[int, int, int]]], size: int = 384) -> str:
-    from PIL import ImageDraw
-
-    img = image.copy()
-    draw = ImageDraw.Draw(img)
-    width = max(2, int(max(img.size) / 300))
-    least = max(img.size) / 40  # small targets would vanish in a thumbnail: draw at least this big
-    for (x1, y1, x2, y2), color in boxes:
-        cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, least) / 2, max(y2 - y1, least) / 2
-        draw.rectangle((cx - hw, cy - hh, cx + hw, cy + hh), outline=color, width=width)
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def render_html(records: list[dict], load_image, limit: int, title: str = "MGPO evaluation") -> str:
-    """report.html: original with predicted (red) and true (green) boxes, the crop, the texts."""
-    cards = []
-    for r in records[:limit]:
-        try:
-            image = load_image(r)
-        except Exception as e:  # a broken image must not break the report
-            cards.append(f"<div class='card'><b>{html.escape(r['id'])}</b>: image unavailable ({html.escape(str(e))})</div>")
-            continue
-        boxes = [(b, (0, 200, 0)) for b in r.get("target_boxes") or []]
-        if r["valid"]:
-            boxes.append((r["box_original"], (230, 0, 0)))
-        crop = ""
-        if r["valid"]:
-            crop = f"<img alt='crop' src='{_thumb(image.crop([int(v) for v in r['box_original']]), [], 256)}'>"
-        verdict = "right" if r["correct"] else "wrong"
-        cards.append(
-            f"<div class='card {verdict}'><div class='head'><b>{html.escape(r['id'])}</b> "
-            f"[{html.escape(r['category'])}] answer {r['answer']}, predicted {r['pred']}: <b>{verdict}</b></div>"
-            f"<img alt='original' src='{_thumb(image, boxes)}'>{crop}"
-            f"<p class='q'>{html.escape(r['question'])}</p>"
-            f"<pre>turn 1: {html.escape(r['turn1_text'][:600])}\n\nturn 2: {html.escape(r['turn2_text'][:600])}</pre>"
-            "</div>")
-    style = ("body{font-family:sans-serif;margin:20px} .card{border:2px solid #ccc;margin:10px;padding:8px;"
-             "display:inline-block;vertical-align:top;width:680px} .right{border-color:#2a2} .wrong{border-color:#c22}"
-             " img{margin:4px;vertical-align:top} pre{white-space:pre-wrap;font-size:11px;background:#f6f6f6}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-            "<p>Red: the model's box (mapped to the original). Green: ground-truth targets.</p>"
-            + "".join(cards) + "</body></html>")
 
 
 def compare(run_dirs: list[str | Path]) -> str:
