@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-
 CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.grounding.RESAMPLE's keys (a test checks)
 
 
@@ -354,7 +353,8 @@ def _problems(cfg: Config) -> list[str]:
         "eval.batch_size": (e.batch_size, 1), "eval.samples": (e.samples, 1), "eval.temperature": (e.temperature, 0),
         "data.max_samples": (d.max_samples, 0), "data.max_prompt_tokens": (d.max_prompt_tokens, 0),
         "model.min_pixels": (m.min_pixels, 1), "rollout.max_new_tokens_turn1": (r.max_new_tokens_turn1, 1),
-        "rollout.max_new_tokens_turn2": (r.max_new_tokens_turn2, 1),
+        "rollout.max_new_tokens_turn2": (r.max_new_tokens_turn2, 1), "rollout.top_k": (r.top_k, 0),
+        "rollout.generation_batch_size": (r.generation_batch_size, 0),
     }
     problems = [f"{k} must be >= {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
     above_zero = {"train.lr": t.lr, "rollout.temperature": r.temperature}
