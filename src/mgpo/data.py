@@ -432,6 +432,22 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
     return _finish(name or path.stem, path, readers[fmt](), check_images, max_samples)
 
 
+def drop_long_prompts(data: SampleSet, count_tokens, limit: int) -> SampleSet:
+    """Move every sample whose prompt is over ``limit`` tokens (``count_tokens(sample)``) to the
+    skip list. Training filters once at load: a prompt dropped mid-batch would leave one rank
+    with fewer groups than the others."""
+    if not limit:
+        return data
+    kept = []
+    for s in data:
+        if problem := prompt_length_problem(count_tokens(s), limit):
+            data.skipped.append((s.id, problem))
+            log.warning("skipping %s, record %s: %s", data.source, s.id, problem)
+        else:
+            kept.append(s)
+    return SampleSet(data.name, kept, data.skipped, data.source)
+
+
 def prompt_length_problem(n_tokens: int, limit: int) -> str | None:
     """Why a prompt of ``n_tokens`` (text and image tokens) is refused, or None.
 

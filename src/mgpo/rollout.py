@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import RolloutConfig
-from .data import BadImageError, Sample, prompt_length_problem
+from .data import MIN_SIDE, BadImageError, Sample, prompt_length_problem
 from .generation import (
     Continuation,
     Generated,
@@ -40,12 +40,14 @@ from .generation import (
     special_ids,
 )
 from .grounding import (
+    FACTOR,
     Box,
     box_problem,
     crop_original,
     find_box,
     fit_to_budget,
     input_size_from_grid,
+    smart_resize,
     to_original_box,
 )
 from .prompts import Template, first_prompt_text, get_template, second_turn_text
@@ -219,6 +221,16 @@ class _Context:
 
     def generation(self, max_new_tokens: int):
         return generation_config(self.cfg, max_new_tokens, self.ids, self.greedy, self.record_logprobs)
+
+
+def prompt_tokens(processor, template_name: str, sample: Sample, min_pixels: int, max_pixels: int) -> int:
+    """Length of ``sample``'s turn-1 prompt as `_encode` makes it, without decoding the image:
+    the text's tokens with the one image placeholder expanded to (h/28)*(w/28) tokens of the
+    header size resized by Qwen's rule. Lets training drop over-long prompts at load."""
+    text = first_prompt_text(processor, get_template(template_name), sample.question, sample.options)
+    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    h, w = smart_resize(max(sample.height, MIN_SIDE), max(sample.width, MIN_SIDE), FACTOR, min_pixels, max_pixels)
+    return n_text - 1 + (h // FACTOR) * (w // FACTOR)
 
 
 def _encode(processor, text: str, images: list) -> _Encoded:

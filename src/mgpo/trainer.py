@@ -21,14 +21,14 @@ import torch
 from . import distributed as D
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .config import Config, TrainConfig, save_config
-from .data import BadImageError, load_samples
+from .data import BadImageError, drop_long_prompts, load_samples
 from .generation import suppressed_ids
 from .logger import RunLogger, rollout_metrics, setup_logging
 from .loss import policy_loss, sft_loss
 from .model import load_model, load_processor
 from .policy import PolicyForward, rollout_logprobs
 from .reward import group_advantages, score
-from .rollout import Rollout, rollout, teacher_forced
+from .rollout import Rollout, prompt_tokens, rollout, teacher_forced
 from .sft import sft_texts
 
 log = logging.getLogger("mgpo")
@@ -283,6 +283,8 @@ def _setup(cfg: Config) -> _Run:
     # ---- data
     data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
                         max_samples=cfg.data.max_samples)
+    data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s, cfg.model.min_pixels,
+                                                           cfg.model.max_pixels), cfg.data.max_prompt_tokens)
     if len(data) < t.prompts_per_rollout:
         raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
                          f"train.prompts_per_rollout ({t.prompts_per_rollout})")
