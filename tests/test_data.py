@@ -80,6 +80,15 @@ def test_vstar_reads_the_published_list_and_option_order(tmp_path):
         assert b.target_boxes == ((1.0, 2.0, 4.0, 6.0), (50.0, 60.0, 60.0, 70.0))
 
 
+def test_vstar_question_without_options_is_skipped_by_its_id(tmp_path):
+    root = _vstar_snapshot(tmp_path / "vstar_bench")
+    lines = (root / "test_questions.jsonl").read_text().splitlines()
+    broken = json.loads(lines[1]) | {"text": "Where is the dog?"}
+    (root / "test_questions.jsonl").write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
+    ds = load_samples(root)
+    assert [s.id for s in ds] == ["0"] and ds.skipped == [("1", "text holds no '(A) ...' option lines")]
+
+
 def test_vstar_folder_without_the_list_says_what_is_missing(tmp_path):
     (tmp_path / "v" / "direct_attributes").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="test_questions.jsonl"):

@@ -24,7 +24,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .data import LETTERS, Raw, _kind, embedded_size, jsonl_objects, resolve
+from .data import LETTERS, Raw, _kind, jsonl_objects, resolve
+from .images import embedded_size
 
 SUPPLEMENTARY_VSTAR = ("GPT4V-hard", "OCR")  # ship with V* but are not among its 191 questions
 _OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
