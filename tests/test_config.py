@@ -108,6 +108,9 @@ def test_every_field_is_documented():
     ("data.train_format=csv", "data.train_format must be one of ['auto', 'jsonl', 'vstar', 'mme_realworld', 'hrbench']"),
     ("data.eval_format=tsv", "data.eval_format must be one of"),
     ("data.max_prompt_tokens=-1", "data.max_prompt_tokens must be >= 0"),
+    ("train.grad_clip=0", "train.grad_clip must be > 0"),
+    ("loss.clip_eps=0", "loss.clip_eps must be > 0"),
+    ("loss.kl_coef=-0.1", "loss.kl_coef must be >= 0"),
 ])
 def test_out_of_range_values_are_refused_at_load(override, message):
     with pytest.raises(ConfigError) as e:

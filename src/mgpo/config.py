@@ -354,10 +354,12 @@ def _problems(cfg: Config) -> list[str]:
         "data.max_samples": (d.max_samples, 0), "data.max_prompt_tokens": (d.max_prompt_tokens, 0),
         "model.min_pixels": (m.min_pixels, 1), "rollout.max_new_tokens_turn1": (r.max_new_tokens_turn1, 1),
         "rollout.max_new_tokens_turn2": (r.max_new_tokens_turn2, 1), "rollout.top_k": (r.top_k, 0),
-        "rollout.generation_batch_size": (r.generation_batch_size, 0),
+        "rollout.generation_batch_size": (r.generation_batch_size, 0), "train.keep_last": (t.keep_last, 0),
+        "loss.kl_coef": (cfg.loss.kl_coef, 0), "loss.entropy_coef": (cfg.loss.entropy_coef, 0),
     }
     problems = [f"{k} must be >= {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
-    above_zero = {"train.lr": t.lr, "rollout.temperature": r.temperature}
+    above_zero = {"train.lr": t.lr, "rollout.temperature": r.temperature, "train.grad_clip": t.grad_clip,
+                  "loss.clip_eps": cfg.loss.clip_eps}
     problems += [f"{k} must be > 0, got {v}" for k, v in above_zero.items() if not v > 0]
     if not 0 < r.top_p <= 1:
         problems.append(f"rollout.top_p must be in (0, 1], got {r.top_p}")
