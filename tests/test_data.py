@@ -173,6 +173,15 @@ def test_hrbench_images_stay_in_the_file_until_used(tmp_path):
         assert img.size == (64 + i, 48) and img.getpixel((0, 0)) == (i, 0, 0)
 
 
+def test_byte_order_marks_are_not_data(tmp_path):
+    (tmp_path / "hr_bench_4k.tsv").write_bytes(("\ufeff" + HR_HEADER + f"\n3\tQ?\tA\tsingle\ta\tb\tc\td\tcycle1\t"
+                                                f"{_b64_png()}\n").encode())
+    assert [s.id for s in load_samples(tmp_path / "hr_bench_4k.tsv")] == ["hrbench_4k/3"]
+    good = _jpeg(tmp_path / "g.jpg")
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(_rec(0, str(good))).encode() + b"\n")
+    assert [s.id for s in load_samples(tmp_path / "d.jsonl")] == ["r0"]
+
+
 def test_hrbench_bad_rows_are_skipped_by_line(tmp_path):
     lines = [HR_HEADER, f"1\tQ?\tA\tsingle\ta\tb\tc\td\tcycle1\t{_b64_png()}",
              "2\tQ?\tA\tsingle\ta\tb",  # too few fields

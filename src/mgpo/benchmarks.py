@@ -189,6 +189,8 @@ def tsv_rows(path: Path) -> Iterator[tuple[int, int, list[str] | None, list[str]
         lines = _Lines(f)
         reader = csv.reader(lines, delimiter="\t")
         header = next(reader, None)
+        if header:
+            header[0] = header[0].lstrip("\ufeff")  # a byte-order mark is not part of the first name
         while True:
             start, line = lines.offset, lines.lineno + 1
             try:

@@ -236,7 +236,7 @@ def jsonl_objects(path: Path) -> Iterator[Raw]:
             if not line.strip():
                 continue
             try:
-                text = line.decode("utf-8")
+                text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not data
             except UnicodeDecodeError as e:
                 yield Raw(where, problem=f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
                 continue
