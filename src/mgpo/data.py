@@ -32,10 +32,10 @@ from pathlib import Path
 from PIL import Image
 
 from .images import MAX_ASPECT, MIN_SIDE, BadImageError, _image_size, load_image  # noqa: F401 - re-exported
+from .prompts import LETTERS
 
 log = logging.getLogger(__name__)
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FORMATS = ("jsonl", "vstar", "mme_realworld", "hrbench")
 
 

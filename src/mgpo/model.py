@@ -82,15 +82,16 @@ def load_processor(cfg: ModelConfig):
     Published Qwen2.5-VL folders carry legacy ``min_pixels: 3136`` / ``max_pixels:
     12845056`` keys that ``Qwen2VLImageProcessor`` applies *after* a ``size=`` argument
     (transformers 5.x): a 3840x2160 image then becomes 10,549 image tokens instead of
-    1,280. Passing the budget under the legacy names too makes ours win; the check after
-    loading makes sure it did.
+    1,280. So the budget is set on the loaded image processor itself (not passed as
+    ``min_pixels`` / ``max_pixels``, which the processor would then re-send, deprecated, at
+    every call), and checked.
     """
     from transformers import AutoProcessor
+    from transformers.image_utils import SizeDict
 
     path = check_model_dir(cfg.path)
-    size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    processor = AutoProcessor.from_pretrained(path, size=size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                              trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    processor.image_processor.size = SizeDict(shortest_edge=cfg.min_pixels, longest_edge=cfg.max_pixels)
     got = processor.image_processor.size
     if (got["shortest_edge"], got["longest_edge"]) != (cfg.min_pixels, cfg.max_pixels):
         raise RuntimeError(f"{path}: the image processor's pixel budget is {got['shortest_edge']}..."

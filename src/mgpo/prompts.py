@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, everywhere in the project
 
 MGPO_SYSTEM = (
     "You are a helpful assistant. Given an image and one question. First, identify the "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .grounding import area_share
+
 
 def iou(a, b) -> float:
     """Intersection over union of two [x1, y1, x2, y2] boxes.
@@ -56,8 +58,7 @@ def grounding_values(recs: list[dict]) -> tuple[list[float], list[bool], list[fl
     grounded = [r for r in recs if r.get("target_boxes")]
     ious = [iou(r["box_original"], enclosing(r["target_boxes"])) if r["valid"] else 0.0 for r in grounded]
     crop_hits = [bool(r["valid"] and contains(r["box_original"], enclosing(r["target_boxes"]))) for r in grounded]
-    shares = [(r["box_original"][2] - r["box_original"][0]) * (r["box_original"][3] - r["box_original"][1])
-              / (r["original_size"][0] * r["original_size"][1]) for r in recs if r["valid"]]
+    shares = [area_share(r["box_original"], r["original_size"]) for r in recs if r["valid"] and r["box_original"]]
     return ious, crop_hits, shares
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .prompts import LETTERS
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (20, 170, 40),
@@ -38,7 +40,6 @@ COLORS = {
 }
 SHAPES = ["triangle", "circle", "square", "diamond"]
 ASPECTS = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (2, 3), (9, 16), (2, 1)]
-LETTERS = "ABCDE"
 STROKE = 1  # target outline width in original pixels: thin enough to vanish when down-scaled
 
 
