@@ -45,12 +45,22 @@ def protocol(cfg: Config) -> dict:
     }
 
 
+def check_adapter_dir(path: str) -> Path:
+    """``eval.adapter`` must be a local LoRA folder: a hub-style id would otherwise be fetched."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"eval.adapter={path}: not a local LoRA adapter folder (no adapter_config.json "
+                                "there); adapters are read from local folders only, nothing is downloaded")
+    return folder
+
+
 def _load_policy(cfg: Config, device):
+    adapter = check_adapter_dir(cfg.eval.adapter) if cfg.eval.adapter else None  # before the slow model load
     model = load_model(cfg.model, device)
-    if cfg.eval.adapter:
+    if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.eval.adapter).merge_and_unload().eval()
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     return model
 
 

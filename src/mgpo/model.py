@@ -28,7 +28,8 @@ def check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         hint = " (run `make tiny` to build the embedded one)" if "tiny" in path.name else ""
-        raise FileNotFoundError(f"no Qwen2.5-VL checkpoint at {path}: config.json is missing{hint}")
+        raise FileNotFoundError(f"no Qwen2.5-VL checkpoint at {path}: not a local folder with a config.json "
+                                f"(models are read from local folders only, nothing is downloaded){hint}")
     return path
 
 
