@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .checkpoint import load_training_state, resolve_resume, save_checkpoint
-from .config import Config, TrainConfig, save_config
+from .checkpoint import load_training_state, save_checkpoint
+from .config import Config, TrainConfig
 from .data import BadImageError, load_samples
 from .generation import VISION_TOKENS, special_ids
 from .logger import RunLogger, rollout_metrics, setup_logging
@@ -27,6 +27,7 @@ from .loss import PolicyForward, policy_loss
 from .model import load_model, load_processor
 from .reward import group_advantages, score
 from .rollout import Rollout, rollout
+from .run_folder import start_run
 
 log = logging.getLogger("mgpo")
 
@@ -125,10 +126,8 @@ def train(cfg: Config) -> TrainResult:
     accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
     setup_logging()
     out = Path(t.output_dir)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    resume_from = D.broadcast_object(resolve_resume(t.resume, out))
+    run = start_run(cfg)  # lock the folder; verify the checkpoint; refuse changed settings; save the config
+    resume_from = run.resume_from
     torch.manual_seed(t.seed + D.rank())  # each rank samples its own rollouts
 
     # ---- model, reference, optimizer
