@@ -248,9 +248,17 @@ def _finish(name: str, records: Iterator[dict], check_images: bool, max_samples:
 
 
 def _read_rows(path: Path, builder: str, **kwargs):
-    from datasets import load_dataset
+    """Rows of a local file through ``datasets``, cached under the file's content hash: the
+    default cache key is the path and modification time, so a file replaced by another with
+    the same mtime would load the old rows."""
+    from datasets import config, load_dataset
 
-    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    cache = Path(config.HF_DATASETS_CACHE) / "mgpo-by-content" / digest.hexdigest()[:24]
+    return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache), **kwargs)
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:
