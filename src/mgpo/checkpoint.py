@@ -99,7 +99,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return ckpt
     if problems:
         raise CheckpointError(f"no checkpoint under {checkpoint_root(output_dir)} verifies:\n  - "
-                              + "\n  - ".join(problems) + "\nmove them away, or set train.resume=none to start over")
+                              + "\n  - ".join(problems) + "\nmove them away, or start a new train.output_dir")
     return None
 
 

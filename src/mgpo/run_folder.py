@@ -122,7 +122,7 @@ def _check_config(cfg: Config, out: Path, ckpt: Path) -> None:
     if fixed:
         raise RunFolderError(f"resuming {ckpt} with settings that differ from {path}:\n  - " + "\n  - ".join(lines)
                              + "\nthese cannot change on resume: " + "; ".join(fixed)
-                             + "\nstart a new train.output_dir (or train.resume=none) to use them")
+                             + "\nstart a new train.output_dir to use them")
     if not cfg.train.allow_config_change:
         raise RunFolderError(f"resuming {ckpt} with settings that differ from {path}:\n  - " + "\n  - ".join(lines)
                              + "\nset train.allow_config_change=true to resume with the new values anyway, "
