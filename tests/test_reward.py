@@ -25,7 +25,7 @@ def test_extract_answer_by_option_text():
     ("\\boxed{a blue square}", "B"), ("\\boxed{A Blue Square}", "B"), ("\\boxed{c}", "C"),
     # The letter forms still read as letters, whatever the options say.
     ("\\boxed{A}", "A"), ("\\boxed{(A)}", "A"), ("\\boxed{A. red}", "A"), ("\\boxed{A) red}", "A"),
-    ("\\boxed{(A) red}", "A"), ("\\boxed{A: red}", "A"), ("\\boxed{B.}", "B"),
+    ("\\boxed{(A) red}", "A"), ("\\boxed{A: red}", "A"), ("\\boxed{B.}", "B"), ("\\boxed{(B}", "B"),
 ])
 def test_option_text_needs_an_exact_match(text, letter):
     assert extract_answer(text, ["red", "a blue square", "green"]) == letter

@@ -15,7 +15,7 @@ _BOXED = "\\boxed{"
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 # A letter alone, in parentheses, or followed by ". ) :" ("C", "(C) red", "C. red", "C: red");
 # a letter followed by a space and a word ("a red") is text, not a letter.
-_LETTER = re.compile(r"^(?:\(\s*([A-Za-z])\s*\)|([A-Za-z])\s*(?:[.):]|$))")
+_LETTER = re.compile(r"^(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))")
 
 
 def _last_boxed(text: str) -> str | None:
