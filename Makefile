@@ -54,10 +54,11 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # The main job on the embedded default: train the tiny model with MGPO, evaluate it,
-# and show one two-turn rollout of the result.
+# and show one two-turn rollout of the result. The evaluation is of the newest checkpoint:
+# eval.overwrite=true starts it afresh when that changed since the last demo.
 demo: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)
-	$(PY) eval.py --config $(CONFIG)
+	$(PY) eval.py --config $(CONFIG) eval.overwrite=true
 	$(PY) -m mgpo.demo --config $(CONFIG) --from-run
 	@echo "demo done: TensorBoard logs and checkpoints in runs/tiny_cpu, report in runs/tiny_cpu/eval/report.md"
 
