@@ -95,3 +95,19 @@ def test_datasets_whose_files_share_a_stem_get_unique_names(synth_dir, tiny_dir,
     result = ev.evaluate(_cfg(tiny_dir, tmp_path / "eval", paths, "data.max_samples=2"), model, processor)
     assert sorted(result["results"]) == ["first/test", "second/test"]
     assert all(m["questions"] == 2 for m in result["results"].values())
+
+
+def test_torn_line_of_one_sample_redoes_its_question(tiny_dir, synth_dir, tmp_path, loaded, calls):
+    """With k samples per question, a question is done only when all k are recorded."""
+    model, processor = loaded
+    data, out = synth_dir / "train.jsonl", tmp_path / "eval"
+    extra = ("eval.samples=2", "eval.temperature=1.0", "data.max_samples=4")
+    ev.evaluate(_cfg(tiny_dir, out, data, *extra), model, processor)
+    rank0 = out / "predictions" / "rank0.jsonl"
+    lines = rank0.read_text().splitlines(keepends=True)
+    assert len(lines) == 8 and json.loads(lines[-1])["sample"] == 1
+    rank0.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last question's second sample torn
+    calls.clear()
+    result = ev.evaluate(_cfg(tiny_dir, out, data, *extra), model, processor)
+    assert len(calls) == 1
+    assert len(_predictions(out)) == 8 and result["results"]["train"]["samples_per_question"] == 2
