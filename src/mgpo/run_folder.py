@@ -36,7 +36,8 @@ SAVED = "config.yaml"
 FREE_ON_RESUME = frozenset({
     "train.output_dir", "train.resume", "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
     "train.log_every", "train.max_bad_steps", "train.allow_config_change", "train.micro_batch_size",
-    "train.gradient_checkpointing", "model.attn_implementation", "data.eval", "data.eval_format",
+    "train.gradient_checkpointing", "model.attn_implementation", "rollout.shared_prefill", "rollout.continue_turn2",
+    "data.eval", "data.eval_format",
 })
 # Restored from the checkpoint whatever the config says (optimizer and scheduler state, the
 # checkpoint's layout): a change could not take effect, so it is refused even when allowed.
