@@ -1,5 +1,7 @@
-# MGPO: every target that needs Python depends on `install`, so a fresh clone needs
-# nothing but `make demo` or `make test`.
+# MGPO. Only `make install`, `make demo` and `make test` install (so a fresh clone needs
+# nothing but `make demo` or `make test`); every other target checks the virtual
+# environment and, when it is missing or older than requirements.txt / pyproject.toml,
+# says "run make install" instead of running pip behind your back.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -17,14 +19,23 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 install: $(STAMP)
 
+# The goals allowed to (re)install; `make` with no goal means `make install`.
+INSTALL_GOALS := install demo test
+INSTALLING := $(if $(MAKECMDGOALS),$(filter $(INSTALL_GOALS),$(MAKECMDGOALS)),install)
+
 # Re-runs only when the requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
+ifeq ($(INSTALLING),)
+	@echo "$(VENV) is missing or older than requirements.txt / pyproject.toml: run \`make install\` first" >&2
+	@exit 1
+else
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
+endif
 
 tiny: $(TINY)/config.json
 $(TINY)/config.json: | $(STAMP)
@@ -43,10 +54,11 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # The main job on the embedded default: train the tiny model with MGPO, evaluate it,
-# and show one two-turn rollout of the result.
+# and show one two-turn rollout of the result. The evaluation is of the newest checkpoint:
+# eval.overwrite=true starts it afresh when that changed since the last demo.
 demo: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)
-	$(PY) eval.py --config $(CONFIG)
+	$(PY) eval.py --config $(CONFIG) eval.overwrite=true
 	$(PY) -m mgpo.demo --config $(CONFIG) --from-run
 	@echo "demo done: TensorBoard logs and checkpoints in runs/tiny_cpu, report in runs/tiny_cpu/eval/report.md"
 

@@ -19,6 +19,18 @@ def test_extract_answer_by_option_text():
     assert extract_answer("\\boxed{ Right }", ["left", "right"]) == "B"
 
 
+@pytest.mark.parametrize("text, letter", [
+    # Option text maps to its letter only when it matches an option exactly.
+    ("\\boxed{a red}", None), ("\\boxed{a red car}", None), ("\\boxed{b blue}", None),
+    ("\\boxed{a blue square}", "B"), ("\\boxed{A Blue Square}", "B"), ("\\boxed{c}", "C"),
+    # The letter forms still read as letters, whatever the options say.
+    ("\\boxed{A}", "A"), ("\\boxed{(A)}", "A"), ("\\boxed{A. red}", "A"), ("\\boxed{A) red}", "A"),
+    ("\\boxed{(A) red}", "A"), ("\\boxed{A: red}", "A"), ("\\boxed{B.}", "B"), ("\\boxed{(B}", "B"),
+])
+def test_option_text_needs_an_exact_match(text, letter):
+    assert extract_answer(text, ["red", "a blue square", "green"]) == letter
+
+
 def test_accuracy_reward():
     assert accuracy_reward("... \\boxed{B}", "B") == 1.0
     assert accuracy_reward("... \\boxed{A}", "B") == 0.0

@@ -8,7 +8,17 @@ Shape letters used in tensor names: N trajectories (prompts x group_size), T tok
 B prompts, G group size, V vocabulary, H hidden size, K masked tokens, P image patches.
 """
 
-from .grounding import Box, parse_box, to_original_box
-from .reward import extract_answer, group_advantages
+import os
+
+# Offline by default, before any Hugging Face library is imported (they read these once,
+# at import): nothing is downloaded, no telemetry or download-count request is sent (a
+# plain `datasets.load_dataset` of a local file otherwise pings a remote URL). Models,
+# adapters and data are local folders and files only. Set a variable yourself to change it.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+
+from .grounding import Box, parse_box, to_original_box  # noqa: E402  (after the environment above)
+from .reward import extract_answer, group_advantages  # noqa: E402
 
 __all__ = ["Box", "extract_answer", "group_advantages", "parse_box", "to_original_box"]

@@ -8,18 +8,28 @@ Layout of ``<output_dir>/checkpoints/step-000050/``:
     deepspeed/        DeepSpeed's own sharded engine state under ZeRO
     rng/rank*.pt      every rank's RNG state
     trainer_state.json  step, epoch, data position
-    COMPLETE          written last
+    COMPLETE          written last: JSON with the SHA-256 of every other file (the manifest)
 
-A checkpoint is written into ``step-XXXXXX.tmp`` and renamed when whole, so a process
-killed mid-write leaves the previous checkpoint untouched and loadable; folders without
-COMPLETE are ignored on resume.
+A checkpoint is written into ``step-XXXXXX.tmp``, every file and folder is fsynced, the
+manifest is written, and the folder is renamed when whole, so a process killed mid-write
+leaves the previous checkpoint untouched and loadable; folders without COMPLETE, and
+folders not named ``step-<digits>``, are ignored on resume.
+
+Nothing in a checkpoint is deserialized before the manifest is verified: DeepSpeed's
+engine files go through its own ``torch.load(weights_only=False)``, so a file changed or
+added after the save (a crafted ``mp_rank_00_model_states.pt``) would otherwise run code.
+A checkpoint that fails verification is refused, naming the file; ``resume=auto`` then
+falls back to the newest one that passes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -30,20 +40,32 @@ import torch
 from . import distributed as D
 from .model import save_processor
 
+log = logging.getLogger("mgpo")
+
 MARKER = "COMPLETE"
+MANIFEST_FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted or does not fit this run; the message says which file or setting."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (``step-<digits>`` with a COMPLETE marker), oldest first, not yet verified."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and (p / MARKER).exists()]
+    return sorted(done, key=checkpoint_step)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -52,15 +74,137 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """``auto`` -> newest complete checkpoint (or None), ``none`` -> None, else a path."""
+    """``auto`` -> newest checkpoint that verifies (or None), ``none`` -> None, else that path, verified.
+
+    With ``auto``, a damaged newest checkpoint is skipped with a warning naming the file;
+    when checkpoints exist but none verifies, this refuses rather than start over silently.
+    """
     if resume == "none":
         return None
-    if resume == "auto":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / MARKER).exists():
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {MARKER} file)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / MARKER).exists():
+            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {MARKER} file)")
+        verify_checkpoint(path)
+        return path
+    problems = []
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            log.warning("not resuming from %s: %s; trying the previous checkpoint", ckpt, e)
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest checkpoint that verifies", ckpt)
+        return ckpt
+    if problems:
+        raise CheckpointError(f"no checkpoint under {checkpoint_root(output_dir)} verifies:\n  - "
+                              + "\n  - ".join(problems) + "\nmove them away, or start a new train.output_dir")
+    return None
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk (a folder: its entries, so renames stick)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` except the marker, as sorted relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if not p.is_dir() and p.relative_to(folder).as_posix() != MARKER)
+
+
+def write_manifest(folder: Path, settings: dict) -> None:
+    """Fsync every file and folder, then write COMPLETE: the SHA-256 of every file, and the
+    training settings the checkpoint's layout depends on. Called once, after all ranks wrote."""
+    files = {}
+    for rel in _files(folder):
+        files[rel] = _sha256(folder / rel)
+        _fsync(folder / rel)
+    for sub in sorted({p for p in folder.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
+        _fsync(sub)
+    marker = folder / MARKER
+    with open(marker, "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, "settings": settings, "files": files}, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(folder)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The COMPLETE marker's content (JSON only: safe to read before verifying)."""
+    try:
+        manifest = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / MARKER} is not a readable manifest ({e}); a checkpoint without one "
+                              "(written before manifests existed, or damaged) is not loaded") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{folder / MARKER} holds no file manifest; a checkpoint without one "
+                              "(written before manifests existed, or damaged) is not loaded")
+    return manifest
+
+
+def verify_checkpoint(folder: str | Path) -> dict:
+    """Check every file against the manifest; raise CheckpointError naming the first file that
+    is missing, changed or not listed. Returns the manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    listed, present = manifest["files"], set(_files(folder))
+    extra = sorted(present - set(listed))
+    if extra:
+        raise CheckpointError(f"{folder / extra[0]} is not in the checkpoint's manifest (added after the save?)")
+    for rel, digest in sorted(listed.items()):
+        if rel not in present:
+            raise CheckpointError(f"{folder / rel} is missing (listed in the checkpoint's manifest)")
+        if _sha256(folder / rel) != digest:
+            raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
+                                  "(truncated, damaged or replaced)")
+    return manifest
+
+
+def layout_settings(policy, lora: bool) -> dict:
+    """The settings a checkpoint can only be resumed with, read from the model that was saved."""
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    return {
+        "lora_rank": int(policy.peft_config["default"].r) if lora else 0,
+        # Under LoRA the base (vision tower included) is frozen whatever freeze_vision says.
+        "freeze_vision": None if lora else not any(".visual." in f".{n}" for n in trainable),
+        "trainable_tensors": len(trainable),
+    }
+
+
+def check_resume_settings(ckpt: Path, lora_rank: int, freeze_vision: bool) -> None:
+    """Refuse, naming the setting, a resume whose LoRA / freeze_vision setting differs from the
+    checkpoint's (otherwise: a missing adapter file or an optimizer-state size error)."""
+    saved = read_manifest(ckpt).get("settings") or {}
+    problems = []
+    if "lora_rank" in saved and saved["lora_rank"] != lora_rank:
+        what = "full weights in model/" if saved["lora_rank"] == 0 else f"a rank-{saved['lora_rank']} LoRA adapter"
+        problems.append(f"train.lora_rank: the checkpoint holds {what} (train.lora_rank={saved['lora_rank']}), "
+                        f"this run sets train.lora_rank={lora_rank}")
+    if lora_rank == 0 and saved.get("freeze_vision") is not None and saved["freeze_vision"] != freeze_vision:
+        problems.append(f"train.freeze_vision: the checkpoint was trained with train.freeze_vision="
+                        f"{str(saved['freeze_vision']).lower()}, this run sets {str(freeze_vision).lower()} "
+                        "(the optimizer state covers a different set of parameters)")
+    if problems:
+        raise CheckpointError(f"cannot resume from {ckpt}:\n  - " + "\n  - ".join(problems)
+                              + "\nresume with the checkpoint's settings, or start a new train.output_dir")
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -123,10 +267,11 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
 
     if D.is_main():
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        (tmp / MARKER).write_text("ok\n")
+        write_manifest(tmp, layout_settings(policy, lora))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(root)
         for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
@@ -134,7 +279,10 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
 
 
 def load_training_state(accelerator, wrapped, optimizer, scheduler, ckpt: Path) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG; return the trainer state."""
+    """Restore optimizer, scheduler and this rank's RNG; return the trainer state.
+
+    ``ckpt`` comes from ``resolve_resume``, which verified it against its manifest.
+    """
     if D.is_deepspeed(accelerator):
         wrapped.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False)
         scheduler.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True)["scheduler"])

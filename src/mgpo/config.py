@@ -158,7 +158,10 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept on disk."""
     resume: str = "auto"
-    """"auto" (newest complete checkpoint in output_dir), "none", or a checkpoint path."""
+    """"auto" (newest checkpoint in output_dir that verifies), "none", or a checkpoint path."""
+    allow_config_change: bool = False
+    """Resume even though training-relevant settings differ from the run's saved config (the new
+    config is saved as config.resume-<step>.yaml; config.yaml is kept). Off: such a resume is refused."""
     log_every: int = 1
     """Log scalars every N optimizer steps."""
     max_bad_steps: int = 5
@@ -183,6 +186,9 @@ class EvalConfig:
     """Where predictions.jsonl, metrics.json, report.md and report.html go."""
     report_examples: int = 24
     """Cases shown in report.html."""
+    overwrite: bool = False
+    """Discard the predictions in output_dir when they were made under another protocol (model,
+    mode, pixel budget, decoding, data...) and start fresh. Off: such a rerun is refused."""
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,17 @@
     python eval.py compare runs/eval_base runs/eval_mgpo                 # side by side
 
 Predictions are appended, one batch at a time, to ``predictions/rank{r}.jsonl``; a rerun
-skips the batches already there, so a killed evaluation loses at most the batch in flight.
+skips the batches already there, so a killed evaluation loses at most the batch in flight
+(a last line cut by the kill is removed and its batch redone). The protocol the predictions
+were made under (model files, mode, pixel budget, decoding, the questions themselves) is
+stored beside them in ``predictions/protocol.json``: a rerun under another protocol is
+refused, naming what differs, unless ``eval.overwrite=true`` discards the old predictions.
 The crop is computed by ``mgpo.rollout``, the same code the trainer uses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +29,7 @@ import torch
 from . import distributed as D
 from .config import Config, save_config
 from .data import BadImageError, SampleSet, load_samples
-from .model import load_model, load_processor
+from .model import check_model_dir, load_model, load_processor
 from .prompts import get_template
 from .report import compute_metrics, fingerprint, render_markdown
 from .report_html import render_html
@@ -32,6 +37,12 @@ from .reward import predicted_letter
 from .rollout import rollout
 
 log = logging.getLogger("mgpo")
+
+PROTOCOL_FILE = "protocol.json"
+
+
+class ProtocolMismatchError(RuntimeError):
+    """Stored predictions were made under another protocol than this run's."""
 
 
 def protocol(cfg: Config) -> dict:
@@ -48,12 +59,22 @@ def protocol(cfg: Config) -> dict:
     }
 
 
+def check_adapter_dir(path: str) -> Path:
+    """``eval.adapter`` must be a local LoRA folder: a hub-style id would otherwise be fetched."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"eval.adapter={path}: not a local LoRA adapter folder (no adapter_config.json "
+                                "there); adapters are read from local folders only, nothing is downloaded")
+    return folder
+
+
 def _load_policy(cfg: Config, device):
+    adapter = check_adapter_dir(cfg.eval.adapter) if cfg.eval.adapter else None  # before the slow model load
     model = load_model(cfg.model, device)
-    if cfg.eval.adapter:
+    if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.eval.adapter).merge_and_unload().eval()
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     return model
 
 
@@ -77,17 +98,159 @@ def _records(batch, samples_by_id, dataset: str, k: int) -> list[dict]:
 def _read_predictions(pred_dir: Path) -> list[dict]:
     records = []
     for f in sorted(pred_dir.glob("rank*.jsonl")):
-        for line in f.read_text().splitlines():
+        for n, line in enumerate(f.read_text().splitlines(), 1):
             try:
                 records.append(json.loads(line))
             except ValueError:
-                pass  # a line cut by a kill: its batch is redone
+                log.warning("%s line %d is not a JSON record; ignored (its batch is redone)", f, n)
     return records
 
 
-def _dataset_name(path: str) -> str:
-    p = Path(path)
-    return p.name if p.is_dir() else p.stem
+def _done(records: list[dict], k: int) -> set[tuple[str, str]]:
+    """Questions with all ``k`` samples recorded (or an error record): their batches are not redone."""
+    samples: dict[tuple[str, str], set] = {}
+    failed = set()
+    for r in records:
+        key = (r["dataset"], r["id"])
+        if "error" in r:
+            failed.add(key)
+        samples.setdefault(key, set()).add(r.get("sample", 0))
+    return failed | {key for key, s in samples.items() if len(s) >= k}
+
+
+def cut_torn_tail(path: Path) -> int:
+    """Remove a last line that has no newline (a kill mid-write) and return the bytes removed.
+
+    Appending after such a line would glue the next record onto it and lose that one too.
+    """
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(1 << 16, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                pos = pos - step + newline + 1
+                break
+            pos -= step
+        f.truncate(pos)
+        f.flush()
+        os.fsync(f.fileno())
+    return end - pos
+
+
+def dataset_names(paths) -> list[str]:
+    """A short, unique name per dataset: the file stem (or folder name), with parent folders
+    prepended only where two would collide ("a/test", "b/test").
+
+    >>> dataset_names(["/d/vstar_bench", "/x/test.jsonl", "/y/test.jsonl"])
+    ['vstar_bench', 'x/test', 'y/test']
+    """
+    candidates = []
+    for raw in paths:
+        p = Path(raw).resolve()
+        leaf = p.name if p.is_dir() else p.stem
+        parents = [q.name for q in p.parents if q.name][::-1]  # outermost first
+        names = ["/".join([*parents[len(parents) - d:], leaf]) for d in range(len(parents) + 1)]
+        candidates.append([*names, str(p)])  # last resort: the whole path (test.json vs test.jsonl)
+    if len({c[-1] for c in candidates}) < len(candidates):
+        raise ValueError(f"eval.datasets lists a dataset twice: {list(paths)}")
+    level = [0] * len(candidates)
+    while True:
+        names = [c[i] for c, i in zip(candidates, level)]
+        clashes = {n for n in names if names.count(n) > 1}
+        if not clashes:
+            return names
+        level = [min(i + 1, len(c) - 1) if n in clashes else i for c, i, n in zip(candidates, level, names)]
+
+
+def _folder_stamp(folder: str) -> str:
+    """Names, sizes and modification times of a model folder's files: changes when the weights
+    are replaced (a retrained model written to the same path), without reading gigabytes."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    text = "\n".join(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _questions_stamp(ds: SampleSet) -> dict:
+    """Count and hash of every question as the model sees it (id, image, text, options, answer)."""
+    digest = hashlib.sha256()
+    for s in ds:
+        digest.update(json.dumps([s.id, s.image, s.question, list(s.options), s.answer]).encode() + b"\n")
+    return {"count": len(ds), "sha256": digest.hexdigest()[:16]}
+
+
+def run_protocol(cfg: Config, datasets: dict[str, SampleSet]) -> dict:
+    """Everything stored predictions depend on: the reported protocol, the model's files, the questions."""
+    proto = protocol(cfg) | {
+        "model_files": _folder_stamp(cfg.model.path),
+        "adapter_files": _folder_stamp(cfg.eval.adapter) if cfg.eval.adapter else "none",
+        "questions": {name: _questions_stamp(ds) for name, ds in datasets.items()},
+    }
+    if cfg.eval.temperature > 0:  # sampled predictions depend on the per-batch seeds
+        proto["sampling_seeds"] = f"train.seed={cfg.train.seed}, eval.batch_size={cfg.eval.batch_size}"
+    return proto
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_protocol(pred_dir: Path, proto: dict, overwrite: bool) -> None:
+    """Keep stored predictions only when made under ``proto``; refuse (or, with ``overwrite``,
+    discard them) otherwise. Then store ``proto`` and its hash beside the predictions."""
+    stored_file, old = pred_dir / PROTOCOL_FILE, sorted(pred_dir.glob("rank*.jsonl"))
+    if stored_file.exists():
+        stored = json.loads(stored_file.read_text())["protocol"]
+        if stored == proto:
+            return
+        a, b = _flat(stored), _flat(proto)
+        differ = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    elif old:
+        differ = ["(no stored protocol: these predictions were made by an older version)"]
+    else:
+        differ = []
+    if differ and not overwrite:
+        raise ProtocolMismatchError(
+            f"{pred_dir} holds predictions made under another protocol:\n  - " + "\n  - ".join(differ)
+            + "\nset eval.overwrite=true to discard them and start fresh, or choose another eval.output_dir")
+    if differ:
+        log.warning("eval.overwrite: discarding the predictions in %s (%s)", pred_dir, "; ".join(differ))
+        for f in old:
+            f.unlink()
+    digest = hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()
+    stored_file.write_text(json.dumps({"protocol": proto, "sha256": digest}, indent=2) + "\n")
+
+
+def _prepare_output(cfg: Config, state, datasets: dict[str, SampleSet]) -> None:
+    """Main process: check the stored protocol, cut torn lines, save the config; every process
+    gets the outcome (a refusal stops them all)."""
+    out = Path(cfg.eval.output_dir)
+    pred_dir = out / "predictions"
+    error = None
+    if state.is_main_process:
+        try:
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            check_protocol(pred_dir, run_protocol(cfg, datasets), cfg.eval.overwrite)
+            for f in sorted(pred_dir.glob("rank*.jsonl")):
+                if cut := cut_torn_tail(f):
+                    log.warning("%s: its last line was cut by a kill (%d bytes); removed, that batch is redone",
+                                f, cut)
+            save_config(cfg, out / "config.yaml")
+        except Exception as e:
+            error = e
+    message = D.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ProtocolMismatchError(f"the main process refused to start: {message}")
 
 
 def evaluate(cfg: Config, model=None, processor=None) -> dict:
@@ -95,25 +258,25 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     e = cfg.eval
     if e.samples > 1 and e.temperature == 0:
         raise ValueError("eval.samples > 1 needs eval.temperature > 0 (greedy samples would be identical)")
+    check_model_dir(cfg.model.path)  # local folders only, checked before anything else
+    if e.adapter:
+        check_adapter_dir(e.adapter)
     state = D.make_state()
     out = Path(e.output_dir)
     pred_dir = out / "predictions"
-    if state.is_main_process:
-        pred_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    paths = e.datasets or (cfg.data.eval,)
+    datasets: dict[str, SampleSet] = {
+        name: load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
+                           max_samples=cfg.data.max_samples, name=name)
+        for name, path in zip(dataset_names(paths), paths)}
+    _prepare_output(cfg, state, datasets)
     state.wait_for_everyone()
     processor = processor or load_processor(cfg.model)
     model = model or _load_policy(cfg, state.device)
     rcfg = replace(cfg.rollout, template=e.mode, group_size=e.samples, temperature=e.temperature or 1.0)
     greedy = e.temperature == 0
 
-    datasets: dict[str, SampleSet] = {}
-    for path in e.datasets or (cfg.data.eval,):
-        name = _dataset_name(path)
-        datasets[name] = load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
-                                      max_samples=cfg.data.max_samples, name=name)
-
-    done = {(r["dataset"], r["id"]) for r in _read_predictions(pred_dir)}
+    done = _done(_read_predictions(pred_dir), e.samples)
     mine = open(pred_dir / f"rank{state.process_index}.jsonl", "a")  # noqa: SIM115
     try:
         from tqdm import tqdm
@@ -166,7 +329,10 @@ def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict
     metrics = compute_metrics(good)
     proto = protocol(cfg) | {"datasets": {n: fingerprint(ds[i].id for i in range(len(ds)))
                                           for n, ds in datasets.items()}}
-    result = {"protocol": proto, "results": metrics, "skipped": {n: len(v) for n, v in errors.items()}}
+    stored = out / "predictions" / PROTOCOL_FILE
+    digest = json.loads(stored.read_text())["sha256"] if stored.exists() else None
+    result = {"protocol": proto, "protocol_sha256": digest, "results": metrics,
+              "skipped": {n: len(v) for n, v in errors.items()}}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(metrics, proto, errors))
     lookup = {(n, ds[i].id): ds[i] for n, ds in datasets.items() for i in range(len(ds))}

@@ -38,7 +38,8 @@ def check_model_dir(path: str | Path, weights: bool = False) -> Path:
     config = path / "config.json"
     if not config.is_file():
         hint = " (run `make tiny` to build the embedded one)" if "tiny" in path.name else ""
-        raise FileNotFoundError(f"no Qwen2.5-VL checkpoint at {path}: config.json is missing{hint}")
+        raise FileNotFoundError(f"no Qwen2.5-VL checkpoint at {path}: not a local folder with a config.json "
+                                f"(models are read from local folders only, nothing is downloaded){hint}")
     try:
         if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
             raise ValueError("expected a JSON object")

@@ -4,11 +4,17 @@ Two presets share one shape: a system prompt, a first user turn (image + text), 
 ``mgpo`` only, a second user turn that carries the crop (or the original again when the
 box is unusable). Messages are rendered through the processor's own chat template, so a
 real Qwen2.5-VL checkpoint and the tiny one format them identically.
+
+Text from data (question, options) is escaped first: a question holding
+``<|im_end|>\n<|im_start|>assistant`` would otherwise be tokenized as control tokens and
+rewrite the conversation, and one holding ``<|image_pad|>`` would break the image count.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, everywhere in the project
 
@@ -95,6 +101,33 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+
+def escape_special(text: str, specials) -> str:
+    """Break every special-token string in data text with a zero-width space after its first
+    character, so the tokenizer reads it as ordinary text (it still reads the same).
+
+    >>> escape_special("a<|im_end|>b", ["<|im_end|>"])
+    'a<\u200b|im_end|>b'
+    """
+    specials = tuple(t for t in specials if len(t) > 1)
+    if not specials:
+        return text
+    return _special_pattern(specials).sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
+
+
+def _escaped(processor, question: str, options) -> tuple[str, list[str]]:
+    """Question and options with the tokenizer's added tokens (every control token) escaped."""
+    specials = tuple(getattr(processor, "tokenizer", processor).get_added_vocab())
+    return escape_special(question, specials), [escape_special(str(o), specials) for o in options]
+
+
 def _messages(system: str | None, content: list[dict]) -> list[dict]:
     msgs = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
     return msgs + [{"role": "user", "content": content}]
@@ -102,6 +135,7 @@ def _messages(system: str | None, content: list[dict]) -> list[dict]:
 
 def first_prompt_text(processor, template: Template, question: str, options) -> str:
     """The whole turn-1 prompt, ending with the assistant generation header."""
+    question, options = _escaped(processor, question, options)
     return processor.apply_chat_template(_messages(template.system, template.first_user(question, options)),
                                          add_generation_prompt=True, tokenize=False)
 
@@ -112,6 +146,7 @@ def second_turn_text(processor, template: Template, question: str, options, crop
     Rendered by the chat template (system + user, minus the system part), so it is exactly
     what the template would produce for the whole conversation.
     """
+    question, options = _escaped(processor, question, options)
     system = template.system or "You are a helpful assistant."
     head = processor.apply_chat_template(_messages(system, []), tokenize=False)
     head = head[: head.rfind("<|im_start|>user")]

@@ -13,6 +13,9 @@ import torch
 
 _BOXED = "\\boxed{"
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+# A letter alone, in parentheses, or followed by ". ) :" ("C", "(C) red", "C. red", "C: red");
+# a letter followed by a space and a word ("a red") is text, not a letter.
+_LETTER = re.compile(r"^(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -40,6 +43,8 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
     'B'
     >>> extract_answer("\\\\boxed{red}", options=["blue", "red"])
     'B'
+    >>> extract_answer("\\\\boxed{a red}", options=["red", "blue"]) is None  # not letter A
+    True
     >>> extract_answer("no answer") is None
     True
     """
@@ -50,10 +55,10 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
     while prev != content:  # unwrap \text{\textbf{C}} and friends
         prev, content = content, _WRAPPERS.sub(r"\1", content)
     content = content.strip().strip("$").strip()
-    m = re.match(r"^\(?\s*([A-Za-z])(?![A-Za-z])", content)  # "C", "(C)", "C. red", not "Cat"
+    m = _LETTER.match(content)
     if m:
-        return m.group(1).upper()
-    if options:
+        return (m.group(1) or m.group(2)).upper()
+    if options:  # option text counts only as a whole: "a red" is not option A
         for i, option in enumerate(options):
             if content.lower() == str(option).strip().lower():
                 return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i]

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .checkpoint import load_training_state, resolve_resume, save_checkpoint
-from .config import Config, TrainConfig, save_config
+from .checkpoint import load_training_state, save_checkpoint
+from .config import Config, TrainConfig
 from .data import BadImageError, drop_long_prompts, load_samples
 from .generation import suppressed_ids
 from .logger import RunLogger, rollout_metrics, setup_logging
@@ -29,6 +29,7 @@ from .model import load_model, load_processor
 from .policy import PolicyForward, rollout_logprobs
 from .reward import group_advantages, score
 from .rollout import Rollout, prompt_tokens, rollout, teacher_forced
+from .run_folder import start_run
 from .sft import sft_texts
 
 log = logging.getLogger("mgpo")
@@ -139,6 +140,7 @@ class _Run:
     logger: RunLogger
     out: Path
     total: int
+    folder: object = None  # the run folder's lock, held until the run object goes
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch": 0})
     bad_steps: int = 0
 
@@ -252,10 +254,8 @@ def _setup(cfg: Config) -> _Run:
     accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
     setup_logging()
     out = Path(t.output_dir)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    resume_from = D.broadcast_object(resolve_resume(t.resume, out))
+    folder = start_run(cfg)  # lock the folder; verify the checkpoint; refuse changed settings; save the config
+    resume_from = folder.resume_from
     torch.manual_seed(t.seed + D.rank())  # each rank samples its own rollouts
 
     # ---- model, reference, optimizer
@@ -295,7 +295,7 @@ def _setup(cfg: Config) -> _Run:
              t.micro_batch_size)
     return _Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
                 _decodable_reserve(data), RunLogger(out, total, resume_step=state["step"] if resume_from else None),
-                out, total, state={**state})
+                out, total, folder=folder, state={**state})
 
 
 def _decodable_reserve(data):

@@ -1,0 +1,173 @@
+"""One training run per folder: a lock, the saved config, and what a resume may change.
+
+``start_run`` is the trainer's first step, before any model is loaded:
+
+1. lock ``<output_dir>/.lock`` (``fcntl.flock``, held until the process ends): a second run
+   started in the same folder refuses instead of interleaving checkpoints with the first;
+2. pick the checkpoint to resume and verify it (``checkpoint.resolve_resume``);
+3. compare this run's config with the one saved beside the checkpoint: a resume whose
+   training-relevant settings differ is refused, naming each field, unless
+   ``train.allow_config_change=true``; then the new config is written as
+   ``config.resume-<step>.yaml`` and ``config.yaml`` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from . import distributed as D
+from .checkpoint import check_resume_settings, checkpoint_step, resolve_resume
+from .config import Config, save_config
+
+log = logging.getLogger("mgpo")
+
+LOCK = ".lock"
+SAVED = "config.yaml"
+
+# Fields that may change on resume without changing what is trained: how long, how often
+# to save or log, memory/speed knobs, and evaluation. Everything else is training-relevant.
+FREE_ON_RESUME = frozenset({
+    "train.output_dir", "train.resume", "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
+    "train.log_every", "train.max_bad_steps", "train.allow_config_change", "train.micro_batch_size",
+    "train.gradient_checkpointing", "model.attn_implementation", "rollout.shared_prefill", "rollout.continue_turn2",
+    "data.eval", "data.eval_format",
+})
+# Restored from the checkpoint whatever the config says (optimizer and scheduler state, the
+# checkpoint's layout): a change could not take effect, so it is refused even when allowed.
+FIXED_ON_RESUME = {
+    "train.lr": "the learning rate is restored with the scheduler state",
+    "train.betas": "AdamW betas are restored with the optimizer state",
+    "train.weight_decay": "weight decay is restored with the optimizer state",
+    "train.lora_rank": "the checkpoint's weights are laid out for it",
+    "train.lora_target_modules": "the checkpoint's adapters sit on these modules",
+    "train.freeze_vision": "the optimizer state covers exactly the trainable parameters",
+}
+
+
+class RunFolderError(RuntimeError):
+    """A run that must not start in this folder as configured; the message says why."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Training-relevant fields whose value differs: ``{"train.lr": (saved, current)}``.
+
+    Fields the saved config does not have (added by a newer version) are not compared.
+
+    >>> config_changes({"train": {"lr": 1e-6, "max_steps": 10}}, {"train": {"lr": 0.5, "max_steps": 20}})
+    {'train.lr': (1e-06, 0.5)}
+    """
+    old, new = _flat(saved), _flat(current)
+    return {k: (old[k], v) for k, v in new.items()
+            if k in old and old[k] != v and k not in FREE_ON_RESUME and not k.startswith("eval.")}
+
+
+def lock_run_folder(out: Path) -> IO:
+    """Take the folder's lock for the life of this process (the open file holds it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderError(f"another training run is using {out} (pid {holder} holds {out / LOCK}); wait for it "
+                             "to finish, or choose another train.output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def saved_config(out: Path, ckpt: Path) -> Path | None:
+    """The config the resumed checkpoint was trained under: the newest ``config.resume-*.yaml``
+    or ``config.yaml`` of this run folder, else of the checkpoint's own run folder."""
+    for folder in (out, ckpt.parent.parent):
+        resumed = sorted(folder.glob("config.resume-*.yaml"))
+        if resumed:
+            return resumed[-1]
+        if (folder / SAVED).is_file():
+            return folder / SAVED
+    return None
+
+
+def _check_config(cfg: Config, out: Path, ckpt: Path) -> None:
+    """Refuse a resume with changed settings (name each); with the override, save the new config beside."""
+    path = saved_config(out, ckpt)
+    if path is None:
+        log.warning("no saved config beside %s: cannot check this run's settings against it", ckpt)
+        return
+    changes = config_changes(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+    if not changes:
+        return
+    lines = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()]
+    fixed = [f"{k} ({FIXED_ON_RESUME[k]})" for k in changes if k in FIXED_ON_RESUME]
+    if fixed:
+        raise RunFolderError(f"resuming {ckpt} with settings that differ from {path}:\n  - " + "\n  - ".join(lines)
+                             + "\nthese cannot change on resume: " + "; ".join(fixed)
+                             + "\nstart a new train.output_dir to use them")
+    if not cfg.train.allow_config_change:
+        raise RunFolderError(f"resuming {ckpt} with settings that differ from {path}:\n  - " + "\n  - ".join(lines)
+                             + "\nset train.allow_config_change=true to resume with the new values anyway, "
+                             "or start a new train.output_dir")
+    written = out / f"config.resume-{checkpoint_step(ckpt):06d}.yaml"
+    save_config(cfg, written)
+    log.warning("resuming %s with changed settings (allowed by train.allow_config_change): %s; saved as %s",
+                ckpt, "; ".join(lines), written)
+
+
+def _prepare(cfg: Config, out: Path) -> Path | None:
+    """Main rank only: which checkpoint to resume (verified and checked), the config saved."""
+    t = cfg.train
+    ckpt = resolve_resume(t.resume, out)
+    if ckpt is None:
+        save_config(cfg, out / SAVED)  # a new run
+        return None
+    check_resume_settings(ckpt, t.lora_rank, t.freeze_vision)
+    _check_config(cfg, out, ckpt)
+    if not (out / SAVED).exists():  # resuming another folder's checkpoint into a new one
+        save_config(cfg, out / SAVED)
+    return ckpt
+
+
+@dataclass
+class RunStart:
+    resume_from: Path | None  # the verified checkpoint to resume, or None for a new run
+    lock: IO | None  # the open lock file (rank 0); keep a reference for the run's life
+
+
+def start_run(cfg: Config) -> RunStart:
+    """Lock the run folder, choose and check the checkpoint, save the config. Every rank calls
+    this; rank 0 does the work and the others get its answer (or its refusal)."""
+    out = Path(cfg.train.output_dir)
+    lock, answer, error = None, None, None
+    if D.is_main():
+        try:
+            lock = lock_run_folder(out)
+            answer = _prepare(cfg, out)
+        except Exception as e:
+            error = e
+    answer, message = D.broadcast_object((answer, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RunFolderError(f"rank 0 refused to start: {message}")
+    return RunStart(answer, lock)
