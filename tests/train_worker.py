@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--rewards", default="real", choices=["real", "random"])
     ap.add_argument("--boxes", default="free", choices=["free", "valid", "invalid", "split"])
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
+    ap.add_argument("--negate-advantages", action="store_true", help="a broken trainer: advantages negated")
     ap.add_argument("--record-loss-inputs", action="store_true",
                     help="record every micro-batch's masked loss inputs (to recompute the step's figures)")
     ap.add_argument("overrides", nargs="*")
@@ -68,6 +69,10 @@ def main():
             script = f'```json\n[{{"bbox_2d": {box}}}]\n```'
             return real_rollout(ScriptedModel(model, processor.tokenizer, [script, None]), processor, *a, **kw)
         trainer.rollout = _rollout
+
+    if args.negate_advantages:
+        real_advantages = trainer.group_advantages
+        trainer.group_advantages = lambda *a, **kw: -real_advantages(*a, **kw)
 
     if args.nan_loss:
         real_loss = trainer.policy_loss

@@ -1,12 +1,15 @@
 """Show one MGPO step on one question: both turns, the box, the crop, reward, advantage, loss.
 
     python -m mgpo.demo --config configs/tiny_cpu.yaml
+    python -m mgpo.demo --config configs/tiny_demo.yaml --before build/base/base.json   # the demo's table
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,13 +58,38 @@ def show_one_rollout(cfg, sample_index: int = 0) -> dict:
     return {"rollout_s": t_rollout, "loss_s": t_loss, **stats}
 
 
+def before_after(base_json: str | Path, run_dir: str | Path, eval_dir: str | Path) -> str:
+    """The demo's closing table: the base model's starting point, the first and last logged
+    training steps, and the trained model's evaluation."""
+    base = json.loads(Path(base_json).read_text())
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    after = json.loads((Path(eval_dir) / "metrics.json").read_text())["results"]
+    test = next(iter(after.values()))
+    first, last = rows[0], rows[-1]
+    lines = [
+        "| | base model | trained |",
+        "|---|---|---|",
+        f"| test accuracy % (greedy) | {base['test_accuracy']:.1f} | {test['accuracy']:.1f} |",
+        f"| test valid box % | {base['valid_box']:.1f} | {test['grounding']['valid_box']:.1f} |",
+        f"| training reward (step {first['step']} -> {last['step']}) | {first['reward/mean']:.3f} | "
+        f"{last['reward/mean']:.3f} |",
+        f"| training valid-box share | {first['grounding/valid_box_share']:.2f} | "
+        f"{last['grounding/valid_box_share']:.2f} |",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
     parser.add_argument("--from-run", action="store_true", help="use the newest checkpoint of train.output_dir")
+    parser.add_argument("--before", help="base.json of the base model: print a before/after table")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.before:
+        print(before_after(args.before, cfg.train.output_dir, cfg.eval.output_dir))
+        return
     if args.from_run:
         from .evaluate import newest_run_model
 

@@ -290,9 +290,9 @@ def _setup(cfg: Config) -> _Run:
                          f"train.prompts_per_rollout ({t.prompts_per_rollout})")
     total = t.epochs * (len(data) // t.prompts_per_rollout) * plan.steps_per_rollout * t.ppo_epochs
     total = min(total, t.max_steps) if t.max_steps else total
-    log.info("training %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
-             "per step", total, t.prompts_per_rollout, cfg.rollout.group_size, world, plan.grad_accum,
-             t.micro_batch_size)
+    log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
+             "per step", t.algorithm, total, t.prompts_per_rollout, 1 if t.algorithm == "sft" else cfg.rollout.group_size,
+             world, plan.grad_accum, t.micro_batch_size)
     return _Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
                 _decodable_reserve(data), RunLogger(out, total, resume_step=state["step"] if resume_from else None),
                 out, total, folder=folder, state={**state})
@@ -429,6 +429,8 @@ def _log(run: _Run, exp: Experience, bad, steps: list[dict], images: dict) -> di
     gathered = D.all_gather_objects((exp.batch.trajectories, rewards.tolist(), bad))
     trajs = [tr for g in gathered for tr in g[0]]
     metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], exp.group_size)
+    if exp.rewards is None:  # SFT: teacher-forced texts, their "reward" says nothing
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("reward/")}
     metrics.update({f"train/{k}": v for k, v in (steps[-1] if steps else {}).items()})
     gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
     metrics.update({

@@ -1,0 +1,124 @@
+"""The embedded base model: a warm-started tiny Qwen2.5-VL that the demo's MGPO run starts from.
+
+    python -m mgpo.base build/base          # `make base`: data, SFT, starting point, ~3 min on 2 cores
+
+A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
+work with. This builds, deterministically from a seed:
+
+1. ``data/``: the *colours* task. A 224-px image of grey clutter holds one large square
+   in red, green or blue; the question asks its colour, with the options always in that
+   order. ``sft.jsonl`` carries noisy labels (60% of them replaced by a random letter),
+   ``train.jsonl`` and ``test.jsonl`` the true ones.
+2. ``model/``: the tiny checkpoint after SFT (``train.algorithm=sft``) on ``sft.jsonl`` in
+   the MGPO template: turn 1 a box around the square, turn 2 ``\\boxed{LETTER}``. The
+   noisy labels are on purpose: the base learns the two-turn format and only a weak
+   preference for the right letter (the best an SFT model can do on these labels is
+   40% + 60% / 3 = 60% right), leaving room for the answer reward to teach the rest.
+3. ``base.json``: where it starts (greedy test accuracy, valid-box share).
+
+What this shows is the first level of the learning issue (the trainer learns from the
+answer reward). The colour is visible at the model's resolution, so the crop does not
+matter here: it is not the paper's emergent grounding (see docs/reproduction.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 220)}
+SIZE = 224  # px: 64 merged image tokens at the tiny budget, so a CPU step takes seconds
+LABEL_NOISE = 0.6  # share of SFT labels replaced by a random letter
+SFT_STEPS = 300
+
+
+def colours_record(index: int, seed: int, split: str, image_dir: Path, label_noise: float = 0.0) -> dict:
+    """Draw one image and return its JSONL record."""
+    from .prompts import LETTERS
+
+    rng = random.Random(f"colours-{seed}-{split}-{index}")
+    img = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
+    draw = ImageDraw.Draw(img)
+    for _ in range(30):  # grey clutter
+        x, y, g = rng.randrange(SIZE), rng.randrange(SIZE), rng.randrange(90, 170)
+        draw.rectangle([x, y, x + rng.randrange(4, 20), y + rng.randrange(4, 20)], fill=(g, g, g))
+    names = list(COLOURS)
+    colour = rng.randrange(len(names))
+    side = rng.randrange(56, 96)
+    x, y = rng.randrange(0, SIZE - side), rng.randrange(0, SIZE - side)
+    draw.rectangle([x, y, x + side, y + side], fill=COLOURS[names[colour]])
+    name = f"{split}-{index:05d}.png"
+    img.save(image_dir / name)
+    answer = LETTERS[colour] if rng.random() >= label_noise else rng.choice(LETTERS[: len(names)])
+    return {"id": f"colours-{split}-{index:05d}", "image": f"images/{name}",
+            "question": "What is the color of the square?", "options": names, "answer": answer,
+            "category": "colour", "target_boxes": [[x, y, x + side, y + side]]}
+
+
+def build_colours(out: Path, n: int, seed: int, split: str, label_noise: float = 0.0) -> Path:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = [colours_record(i, seed, split, out / "images", label_noise) for i in range(n)]
+    path = out / f"{split}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base_overrides(out: Path) -> list[str]:
+    """Config overrides (on configs/tiny_cpu.yaml) shared by the base's SFT and the demo."""
+    return [f"data.train={out / 'data' / 'train.jsonl'}", f"data.eval={out / 'data' / 'test.jsonl'}",
+            "rollout.max_new_tokens_turn1=40", "rollout.max_new_tokens_turn2=12"]
+
+
+def build_base(out: str | Path, seed: int = 0, sft_steps: int = SFT_STEPS, config: str = "configs/tiny_cpu.yaml"):
+    """Data, SFT and the starting point; returns the model folder."""
+    from .config import load_config
+    from .evaluate import evaluate
+    from .tiny import build_tiny_checkpoint
+    from .trainer import train
+
+    out = Path(out)
+    start = time.time()
+    data = out / "data"
+    build_colours(data, 256, seed, "train")
+    build_colours(data, 256, seed, "sft", LABEL_NOISE)
+    build_colours(data, 64, seed + 1, "test")
+    init = build_tiny_checkpoint(out / "init", seed=seed)
+    cfg = load_config(config, [*base_overrides(out), f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
+                               "train.algorithm=sft", f"train.output_dir={out / 'sft'}", "train.resume=none",
+                               "train.allow_config_change=true", f"train.seed={seed}", "train.epochs=1000",
+                               f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
+                               "train.prompts_per_step=16", "train.micro_batch_size=8", "train.lr=1e-3",
+                               f"train.save_every={sft_steps}", "train.log_every=50", "loss.kl_coef=0"])
+    result = train(cfg)
+    model = out / "model"
+    if model.exists():
+        shutil.rmtree(model)
+    shutil.copytree(result.output_dir / "checkpoints" / f"step-{sft_steps:06d}" / "model", model)
+    ev = load_config(config, [*base_overrides(out), f"model.path={model}", f"eval.output_dir={out / 'eval'}",
+                              "eval.overwrite=true"])
+    metrics = evaluate(ev)["results"]["test"]
+    summary = {"seed": seed, "sft_steps": sft_steps, "label_noise": LABEL_NOISE, "minutes": (time.time() - start) / 60,
+               "test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"]}
+    (out / "base.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"base model: {model} (greedy test accuracy {summary['test_accuracy']:.1f}%, valid box "
+          f"{summary['valid_box']:.1f}%, {summary['minutes']:.1f} min)")
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
+    args = parser.parse_args(argv)
+    build_base(args.out_dir, args.seed, args.sft_steps)
+
+
+if __name__ == "__main__":
+    main()
