@@ -81,6 +81,78 @@ class _StageTimer:
             h.remove()
 
 
+# ----------------------------------------------------------------------------- real widths
+
+def _heap_bytes() -> int:
+    """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``): the
+    CPU analogue of ``torch.cuda.memory_allocated``, counting live tensors exactly."""
+    import ctypes
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Info
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def _lm_of_width(arch: str, layers: int, dtype: torch.dtype):
+    """The decoder of ``arch`` at ``layers`` layers with a 1k vocabulary (the
+    vocabulary only sizes the embedding, not a layer), random weights."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+    from .tiny import arch_config
+
+    text = arch_config(arch, layers=layers, vision_depth=1).text_config
+    text.vocab_size, text.pad_token_id = 1024, 0
+    with torch.device("meta"):
+        model = Qwen2_5_VLTextModel(text)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model
+
+
+def measure_layer_bytes(arch: str, tokens: int = 512, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Per layer and per token: KV-cache bytes, and activation bytes held for the backward
+    pass with and without gradient checkpointing.
+
+    Measured, not assumed: the bytes of the cache a forward returns, and the live heap
+    after a training forward minus before (the graph kept for backward), each at 2 layers
+    minus at 1 layer, divided by the tokens. Everything outside the layers (embedding,
+    final norm, the hidden state returned) cancels in the difference.
+    """
+    import gc
+
+    found = {}
+    for layers in (1, 2):
+        model = lm = _lm_of_width(arch, layers, dtype)
+        ids = torch.randint(0, 1024, (1, tokens))
+        row = {}
+        with torch.no_grad():
+            cache = lm(input_ids=ids, use_cache=True).past_key_values
+            row["kv"] = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+            del cache
+        for ckpt in (False, True):
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the trainer
+            model.train()
+            gc.collect()
+            start = _heap_bytes()
+            hidden = lm(input_ids=ids, use_cache=False).last_hidden_state
+            row["act_ckpt" if ckpt else "act"] = _heap_bytes() - start
+            hidden.float().sum().backward()  # frees the graph; checks it was a real one
+            del hidden
+            model.zero_grad(set_to_none=True)
+        found[layers] = row
+        del model, lm
+        gc.collect()
+    return {k: (found[2][k] - found[1][k]) / tokens for k in found[1]} | {"tokens": tokens, "dtype": str(dtype)}
+
+
 def bench_rollout(workdir: Path, reps: int = 3) -> dict:
     from .data import Sample
     from .model import load_model, load_processor

@@ -1,0 +1,90 @@
+"""The GPU memory plan: DeepSpeed's estimator, a CPU measurement, and what to change."""
+
+import pytest
+
+from mgpo.archs import ARCHS
+from mgpo.config import load_config
+from mgpo.plan import (
+    MEASURED_ACT,
+    activation_bytes,
+    count_params,
+    deepspeed_estimate_gb,
+    kv_bytes_per_token,
+    plan,
+    verdict,
+)
+
+PAPER = "configs/qwen2_5_vl_7b_mgpo.yaml"
+LORA = "configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml"
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize("arch", ["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
+def test_model_states_match_deepspeeds_estimator(arch, world):
+    pytest.importorskip("deepspeed")
+    cfg = load_config(PAPER)
+    p = count_params(arch)
+    ours = plan(cfg, world, 80, arch=arch).model_states_gb
+    theirs = deepspeed_estimate_gb(p.total, p.largest_module, world)
+    assert abs(ours - theirs) / theirs < 0.10, (ours, theirs)
+
+
+def test_parameter_counts_are_the_published_models():
+    # 3,754,622,976 and 8,292,166,656: the sizes the published safetensors indexes add up to.
+    assert count_params("qwen2.5-vl-3b").total == 3_754_622_976
+    assert count_params("qwen2.5-vl-7b").total == 8_292_166_656
+
+
+def test_kv_and_activation_figures_match_a_cpu_measurement():
+    """The plan's per-layer figures against a fresh measurement at 2 vs 1 layers (3B widths)."""
+    from mgpo.bench import measure_layer_bytes
+
+    a = ARCHS["qwen2.5-vl-3b"]
+    measured = measure_layer_bytes(a.name, tokens=256)
+    assert kv_bytes_per_token(a, layers=1) == pytest.approx(measured["kv"], rel=0.2)
+    assert activation_bytes(a, 1, checkpointing=False, layers=1) == pytest.approx(measured["act"], rel=0.2)
+    assert MEASURED_ACT[a.name]["act_ckpt"] == pytest.approx(measured["act_ckpt"], rel=0.2)
+    # Checkpointing keeps a layer's input only: the two figures differ by far more than 20%.
+    assert measured["act_ckpt"] < 0.1 * measured["act"]
+
+
+def test_the_papers_run_at_its_token_limits_does_not_fit_and_says_what_to_change():
+    cfg = load_config(PAPER)
+    pl = plan(cfg, 8, 80)
+    assert not pl.fits
+    assert pl.verdict.startswith("does not fit") and "rollout: at most" in pl.verdict
+    assert f"at most {pl.max_generation_groups} prompt group(s)" in pl.verdict and pl.max_generation_groups >= 1
+    assert "rollout.max_new_tokens_turn1/2" in pl.verdict
+
+
+def test_shorter_turns_and_fewer_prompts_per_rank_fit():
+    cfg = load_config(PAPER, ["rollout.max_new_tokens_turn1=512", "rollout.max_new_tokens_turn2=512",
+                              "train.prompts_per_rollout=128"])
+    pl = plan(cfg, 8, 80)
+    assert pl.fits and pl.verdict.startswith("fits"), pl.verdict
+    assert max(pl.phases.values()) <= pl.usable_gb
+
+
+def test_too_large_a_micro_batch_is_named_with_the_largest_that_fits():
+    cfg = load_config(PAPER, ["rollout.max_new_tokens_turn1=512", "rollout.max_new_tokens_turn2=512",
+                              "train.prompts_per_rollout=128", "train.micro_batch_size=64",
+                              "train.prompts_per_step=128"])
+    pl = plan(cfg, 8, 80)
+    assert not pl.fits and 1 <= pl.max_micro_batch < 64
+    assert f"train.micro_batch_size at most {pl.max_micro_batch}" in pl.verdict
+    ok = plan(load_config(PAPER, ["rollout.max_new_tokens_turn1=512", "rollout.max_new_tokens_turn2=512",
+                                  "train.prompts_per_rollout=128",
+                                  f"train.micro_batch_size={pl.max_micro_batch}"]), 8, 80)
+    assert ok.phases["update"] <= ok.usable_gb
+
+
+def test_full_finetuning_on_one_small_gpu_names_the_model_states():
+    line = verdict(load_config(PAPER), 1, 24)
+    assert line.startswith("does not fit") and "model states alone do not fit" in line and "\n" not in line
+
+
+def test_lora_preset_has_no_reference_copy_and_no_gathered_copy():
+    pl = plan(load_config(LORA), 1, 80)
+    names = " ".join(what for what, _, _ in pl.lines)
+    assert "reference" not in names and "gathered" not in names
+    assert pl.phases["optimizer step"] < 25  # bf16 base (16.6 GB) + adapters
