@@ -30,9 +30,12 @@ def test_model_states_match_deepspeeds_estimator(arch, world):
 
 
 def test_parameter_counts_are_the_published_models():
-    # 3,754,622,976 and 8,292,166,656: the sizes the published safetensors indexes add up to.
-    assert count_params("qwen2.5-vl-3b").total == 3_754_622_976
-    assert count_params("qwen2.5-vl-7b").total == 8_292_166_656
+    # The counts public loader logs and model registries report for the published checkpoints
+    # (3B: 3,754,622,976 with a 311,164,928 embedding; 7B: 8,292,166,656 with a 676,550,144
+    # vision tower): the table in mgpo.archs builds those exact models.
+    p3, p7 = count_params("qwen2.5-vl-3b"), count_params("qwen2.5-vl-7b")
+    assert (p3.total, p3.embedding) == (3_754_622_976, 311_164_928)
+    assert (p7.total, p7.vision, p7.embedding) == (8_292_166_656, 676_550_144, 544_997_376)
 
 
 def test_kv_and_activation_figures_match_a_cpu_measurement():
@@ -88,3 +91,22 @@ def test_lora_preset_has_no_reference_copy_and_no_gathered_copy():
     names = " ".join(what for what, _, _ in pl.lines)
     assert "reference" not in names and "gathered" not in names
     assert pl.phases["optimizer step"] < 25  # bf16 base (16.6 GB) + adapters
+
+
+def test_startup_line_only_on_gpus_and_warns_when_it_will_not_fit(monkeypatch):
+    import types
+
+    import torch
+
+    from mgpo.plan import startup_line
+
+    cfg = load_config(PAPER)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert startup_line(cfg) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80e9))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    assert startup_line(cfg).startswith("WARNING: predicted out of memory: does not fit")
+    monkeypatch.setenv("RANK", "3")
+    assert startup_line(cfg) is None

@@ -5,7 +5,9 @@ weights of ``Qwen2.5-VL-3B-Instruct`` and ``Qwen2.5-VL-7B-Instruct`` (text field
 top level, vision fields under ``vision_config``, ``mrope_section`` under
 ``rope_scaling``). Checked against verbatim copies of both files found in public
 repositories (a model-card dump of the 3B config, and the 7B config as printed by a verl
-run and as embedded in a diffusion pipeline's loader), which agree with each other.
+run and as embedded in a diffusion pipeline's loader), which agree with each other. The
+models built from this table have exactly the parameter counts reported for the loaded
+published checkpoints (3,754,622,976 and 8,292,166,656; ``tests/test_plan.py``).
 
 Nothing here downloads anything: ``mgpo.tiny --arch`` builds these widths at reduced
 depth with random weights, and ``mgpo.plan`` sizes the full-depth models on paper.

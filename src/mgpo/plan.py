@@ -280,6 +280,21 @@ def verdict(cfg: Config, world: int, gpu_memory_gb: float) -> str:
         return f"memory plan unavailable: {e}"
 
 
+def startup_line(cfg: Config) -> str | None:
+    """The verdict for this launch, on the main process of a GPU run (None elsewhere); a
+    predicted out-of-memory is flagged as a warning."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+        return None
+    from .distributed import launched_world_size
+
+    line = verdict(cfg, launched_world_size(), torch.cuda.get_device_properties(0).total_memory / GB)
+    return ("WARNING: predicted out of memory: " if line.startswith("does not fit") else "memory plan: ") + line
+
+
 def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, text_tokens: int) -> str:
     out = [f"per-GPU memory plan: {world} x {gpu_gb:g} GB, micro-batch {cfg.train.micro_batch_size}, "
            f"group size {cfg.rollout.group_size}, {text_tokens} text tokens assumed per trajectory", ""]
