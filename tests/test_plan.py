@@ -60,25 +60,32 @@ def test_the_papers_run_at_its_token_limits_does_not_fit_and_says_what_to_change
     assert "rollout.max_new_tokens_turn1/2" in pl.verdict
 
 
-def test_shorter_turns_and_fewer_prompts_per_rank_fit():
-    cfg = load_config(PAPER, ["rollout.max_new_tokens_turn1=512", "rollout.max_new_tokens_turn2=512",
-                              "train.prompts_per_rollout=128"])
-    pl = plan(cfg, 8, 80)
-    assert pl.fits and pl.verdict.startswith("fits"), pl.verdict
-    assert max(pl.phases.values()) <= pl.usable_gb
+SHORT = ["rollout.max_new_tokens_turn1=1024", "rollout.max_new_tokens_turn2=1024"]
+
+
+def test_following_the_advice_fits_and_one_group_more_does_not():
+    advice = plan(load_config(PAPER, SHORT), 8, 80)
+    assert not advice.fits and advice.max_generation_groups >= 1
+    n = advice.max_generation_groups
+    fits = plan(load_config(PAPER, SHORT + [f"train.prompts_per_rollout={8 * n}"]), 8, 80)
+    assert fits.fits and fits.verdict.startswith("fits"), fits.verdict
+    assert max(fits.phases.values()) <= fits.usable_gb
+    over = plan(load_config(PAPER, SHORT + [f"train.prompts_per_rollout={8 * (n + 1)}"]), 8, 80)
+    assert not over.fits and over.phases["rollout"] > over.usable_gb
 
 
 def test_too_large_a_micro_batch_is_named_with_the_largest_that_fits():
-    cfg = load_config(PAPER, ["rollout.max_new_tokens_turn1=512", "rollout.max_new_tokens_turn2=512",
-                              "train.prompts_per_rollout=128", "train.micro_batch_size=64",
-                              "train.prompts_per_step=128"])
+    cfg = load_config(PAPER, SHORT + ["train.prompts_per_rollout=64", "train.micro_batch_size=64",
+                                      "train.prompts_per_step=64"])
     pl = plan(cfg, 8, 80)
     assert not pl.fits and 1 <= pl.max_micro_batch < 64
     assert f"train.micro_batch_size at most {pl.max_micro_batch}" in pl.verdict
-    ok = plan(load_config(PAPER, ["rollout.max_new_tokens_turn1=512", "rollout.max_new_tokens_turn2=512",
-                                  "train.prompts_per_rollout=128",
-                                  f"train.micro_batch_size={pl.max_micro_batch}"]), 8, 80)
+    ok = plan(load_config(PAPER, SHORT + ["train.prompts_per_rollout=64",
+                                          f"train.micro_batch_size={pl.max_micro_batch}"]), 8, 80)
     assert ok.phases["update"] <= ok.usable_gb
+    assert plan(load_config(PAPER, SHORT + ["train.prompts_per_rollout=64",
+                                            f"train.micro_batch_size={pl.max_micro_batch + 1}"]), 8, 80
+                ).phases["update"] > ok.usable_gb
 
 
 def test_full_finetuning_on_one_small_gpu_names_the_model_states():

@@ -6,7 +6,8 @@
 One training step has three memory peaks, never at the same time:
 
 - rollout: the rank's shard of the model states, the whole policy gathered in bf16 for
-  ``generate``, the reference model's shard, and the KV cache of one generate batch;
+  ``generate``, the reference model's shard, and the larger of the KV cache of one generate
+  batch at its longest and the turn-2 prefill (cache so far + one layer's transient);
 - update: the model states, the reference shard, the layers ZeRO-3 gathers for the
   forward, the activations of one micro-batch and the masked-logits buffer;
 - optimizer step: the model states plus the fp32 gradient of one optimizer sub-group.
@@ -139,6 +140,24 @@ def activation_bytes(a: Arch, tokens: int, checkpointing: bool, layers: int | No
     return tokens * per_token
 
 
+def turn2_prefill_bytes(a: Arch, cfg: Config, text_tokens: int) -> int:
+    """Per row, at the start of turn 2 (``continue_cache``: every row's new chunk, its crop
+    included, prefilled in one forward): the cache so far (turn 1 and the chunk) plus the
+    largest transient of one layer, whichever of the decoder's MLP (gate, up and their
+    product live together: 3 x intermediate x 2 bytes per token) and the vision tower's
+    MLP on the crop's patches (4 per image token) is larger. Counted from the code, not
+    measured; the single-turn template has no turn 2."""
+    r = cfg.rollout
+    if r.template == "grpo":
+        return 0
+    image = cfg.model.max_pixels // (28 * 28)
+    chunk = text_tokens // 2 + image
+    turn1 = text_tokens // 2 + image + r.max_new_tokens_turn1
+    lm = chunk * 3 * a.intermediate_size * BF16
+    vision = 4 * image * 3 * a.vision_intermediate_size * BF16
+    return (turn1 + chunk) * kv_bytes_per_token(a) + max(lm, vision)
+
+
 def masked_logits_bytes(a: Arch, tokens: int, entropy: bool) -> int:
     """``masked_token_logprobs``: lm_head only on the ``tokens`` generated positions: bf16
     logits, their fp32 copy divided by the temperature, log_softmax (kept for backward) and,
@@ -206,12 +225,14 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
     kv = add(f"KV cache: {rows} rows x {T} tokens", rows * T * kv_bytes_per_token(a),
              f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
     decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
+    prefill = add(f"turn-2 prefill of {rows} rows, KV so far + the widest layer's transient",
+                  rows * turn2_prefill_bytes(a, cfg, text_tokens), "counted from the code: MLP gate, up, product")
     M = t.micro_batch_size
     act = add(f"activations, micro-batch {M} x {T} tokens" + (" (checkpointed)" if t.gradient_checkpointing else ""),
               activation_bytes(a, M * T, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
     logits = add(f"masked-logits buffer ({M} x {new} generated tokens)",
                  masked_logits_bytes(a, M * new, cfg.loss.entropy_coef > 0), "masked_token_logprobs")
-    phases = {"rollout": states + gathered + ref + kv + decode_logits,
+    phases = {"rollout": states + gathered + ref + max(kv + decode_logits, prefill),
               "update": states + layer_buf + ref + act + logits,
               "optimizer step": states + step}
     usable = HEADROOM * gpu_memory_gb
@@ -221,7 +242,8 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
     per_traj_train = (activation_bytes(a, T, t.gradient_checkpointing) + masked_logits_bytes(
         a, new, cfg.loss.entropy_coef > 0)) / GB
     max_micro = max(0, math.floor((usable - (states + layer_buf + ref)) / per_traj_train))
-    per_group_gen = G * (T * kv_bytes_per_token(a) + a.vocab_size * 2 * FP32) / GB
+    per_group_gen = G * max(T * kv_bytes_per_token(a) + a.vocab_size * 2 * FP32,
+                            turn2_prefill_bytes(a, cfg, text_tokens)) / GB
     max_groups = max(0, math.floor((usable - (states + gathered + ref)) / per_group_gen))
 
     floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
