@@ -47,6 +47,7 @@ def test_kv_and_activation_figures_match_a_cpu_measurement():
     assert kv_bytes_per_token(a, layers=1) == pytest.approx(measured["kv"], rel=0.2)
     assert activation_bytes(a, 1, checkpointing=False, layers=1) == pytest.approx(measured["act"], rel=0.2)
     assert MEASURED_ACT[a.name]["act_ckpt"] == pytest.approx(measured["act_ckpt"], rel=0.2)
+    assert MEASURED_ACT[a.name]["prefill"] == pytest.approx(measured["prefill_peak"], rel=0.2)
     # Checkpointing keeps a layer's input only: the two figures differ by far more than 20%.
     assert measured["act_ckpt"] < 0.1 * measured["act"]
 

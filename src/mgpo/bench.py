@@ -120,8 +120,9 @@ def _lm_of_width(arch: str, layers: int, dtype: torch.dtype):
 
 
 def measure_layer_bytes(arch: str, tokens: int = 512, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Per layer and per token: KV-cache bytes, and activation bytes held for the backward
-    pass with and without gradient checkpointing.
+    """Per layer and per token: KV-cache bytes, activation bytes held for the backward
+    pass with and without gradient checkpointing, and the peak a no-grad layer (a prefill)
+    holds beyond its input.
 
     Measured, not assumed: the bytes of the cache a forward returns, and the live heap
     after a training forward minus before (the graph kept for backward), each at 2 layers
@@ -136,8 +137,11 @@ def measure_layer_bytes(arch: str, tokens: int = 512, dtype: torch.dtype = torch
         ids = torch.randint(0, 1024, (1, tokens))
         row = {}
         with torch.no_grad():
+            heap = _PrefillPeak(lm.layers[0], lm.config.intermediate_size * _bytes(dtype))
             cache = lm(input_ids=ids, use_cache=True).past_key_values
+            heap.close()
             row["kv"] = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+            row["prefill_peak"] = heap.peak
             del cache
         for ckpt in (False, True):
             if ckpt:
@@ -153,7 +157,35 @@ def measure_layer_bytes(arch: str, tokens: int = 512, dtype: torch.dtype = torch
         found[layers] = row
         del model, lm
         gc.collect()
-    return {k: (found[2][k] - found[1][k]) / tokens for k in found[1]} | {"tokens": tokens, "dtype": str(dtype)}
+    out = {k: (found[2][k] - found[1][k]) / tokens for k in ("kv", "act", "act_ckpt")}
+    return out | {"prefill_peak": found[1]["prefill_peak"] / tokens, "tokens": tokens, "dtype": str(dtype)}
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+class _PrefillPeak:
+    """The most a no-grad decoder layer holds beyond its input: its MLP computes
+    ``down(act(gate(x)) * up(x))``, so right after ``up`` the heap holds act(gate(x)) and
+    up(x), and the product (one more intermediate-wide tensor) comes on top."""
+
+    def __init__(self, layer, product_bytes_per_token: int):
+        self.peak, self._start = 0, 0
+        self._product = product_bytes_per_token
+        self._hooks = [layer.register_forward_pre_hook(self._enter),
+                       layer.mlp.up_proj.register_forward_hook(self._after_up)]
+
+    def _enter(self, module, args):
+        self._start = _heap_bytes()
+
+    def _after_up(self, module, args, out):
+        tokens = out.shape[0] * out.shape[1]
+        self.peak = max(self.peak, _heap_bytes() - self._start + self._product * tokens)
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
 
 
 class _Stages:

@@ -47,10 +47,11 @@ BANDWIDTH_TBS = {"h100": 3.35, "h200": 4.8}
 # tokens; ``make bench`` on 2026-11-24, AMD EPYC CPU, torch 2.14.1, transformers 5.23).
 # "act": everything autograd keeps for backward; "act_ckpt": with gradient checkpointing
 # (the layer's input, 2 x hidden bytes). Counting the tensors autograd saves gives about
-# 22 x hidden + 6 x kv width + 8 x intermediate bytes, within 4% of both.
+# 22 x hidden + 6 x kv width + 8 x intermediate bytes, within 4% of both. "prefill": the
+# peak of a no-grad layer beyond its input (its MLP's act(gate), up and their product).
 MEASURED_ACT = {
-    "qwen2.5-vl-3b": {"act": 130_205, "act_ckpt": 4_181},
-    "qwen2.5-vl-7b": {"act": 225_512, "act_ckpt": 7_247},
+    "qwen2.5-vl-3b": {"act": 130_205, "act_ckpt": 4_181, "prefill": 83_274},
+    "qwen2.5-vl-7b": {"act": 225_512, "act_ckpt": 7_247, "prefill": 134_977},
 }
 
 
@@ -143,17 +144,17 @@ def activation_bytes(a: Arch, tokens: int, checkpointing: bool, layers: int | No
 def turn2_prefill_bytes(a: Arch, cfg: Config, text_tokens: int) -> int:
     """Per row, at the start of turn 2 (``continue_cache``: every row's new chunk, its crop
     included, prefilled in one forward): the cache so far (turn 1 and the chunk) plus the
-    largest transient of one layer, whichever of the decoder's MLP (gate, up and their
-    product live together: 3 x intermediate x 2 bytes per token) and the vision tower's
-    MLP on the crop's patches (4 per image token) is larger. Counted from the code, not
-    measured; the single-turn template has no turn 2."""
+    largest transient of one layer, whichever of the decoder layer's (measured, per chunk
+    token) and the vision tower's MLP on the crop's patches (4 per image token; act(gate),
+    up and product: 3 x 3,420 x 2 bytes, counted) is larger. The single-turn template has
+    no turn 2."""
     r = cfg.rollout
     if r.template == "grpo":
         return 0
     image = cfg.model.max_pixels // (28 * 28)
     chunk = text_tokens // 2 + image
     turn1 = text_tokens // 2 + image + r.max_new_tokens_turn1
-    lm = chunk * 3 * a.intermediate_size * BF16
+    lm = chunk * MEASURED_ACT[a.name]["prefill"]
     vision = 4 * image * 3 * a.vision_intermediate_size * BF16
     return (turn1 + chunk) * kv_bytes_per_token(a) + max(lm, vision)
 
@@ -226,7 +227,7 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
              f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
     decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
     prefill = add(f"turn-2 prefill of {rows} rows, KV so far + the widest layer's transient",
-                  rows * turn2_prefill_bytes(a, cfg, text_tokens), "counted from the code: MLP gate, up, product")
+                  rows * turn2_prefill_bytes(a, cfg, text_tokens), "measured per-token layer peak x chunk")
     M = t.micro_batch_size
     act = add(f"activations, micro-batch {M} x {T} tokens" + (" (checkpointed)" if t.gradient_checkpointing else ""),
               activation_bytes(a, M * T, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
