@@ -299,12 +299,13 @@ def real_width_section(results: dict) -> str:
               "forward returns, and the live heap after a training forward minus before, at 2 layers minus 1 layer, "
               f"{results['layers'][next(iter(ARCHS))]['tokens']} tokens); the plan (`mgpo.plan`) uses these:", "",
               "| widths | KV cache B | formula B | activations B, no checkpointing | with checkpointing | "
-              "plan's figures |", "|---|---|---|---|---|---|"]
+              "no-grad layer peak (prefill) B | plan's figures |", "|---|---|---|---|---|---|---|"]
     for name, m in results["layers"].items():
         a = ARCHS[name]
         lines.append(f"| {name} | {m['kv']:.0f} | {kv_bytes_per_token(a, layers=1)} (2 x {a.num_key_value_heads} x "
-                     f"{a.head_dim} x 2) | {m['act']:,.0f} | {m['act_ckpt']:,.0f} | {MEASURED_ACT[name]['act']:,} / "
-                     f"{MEASURED_ACT[name]['act_ckpt']:,} |")
+                     f"{a.head_dim} x 2) | {m['act']:,.0f} | {m['act_ckpt']:,.0f} | {m['prefill_peak']:,.0f} | "
+                     f"{MEASURED_ACT[name]['act']:,} / {MEASURED_ACT[name]['act_ckpt']:,} / "
+                     f"{MEASURED_ACT[name]['prefill']:,} |")
     return "\n".join(lines) + "\n"
 
 
