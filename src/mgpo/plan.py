@@ -216,9 +216,9 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
         states += add(f"fp32 master weights + Adam m, v {how}", 3 * FP32 * trainable / shard, "AdamW, mixed precision")
         step = add("fp32 gradient of one optimizer sub-group (at the step)",
                    FP32 * min(DS_SUB_GROUP, trainable / shard), "DeepSpeed sub_group_size 1e9")
-        layer_buf = add("layers gathered for forward/backward (ZeRO-3)", 2 * BF16 * p.largest_module if zero3 else 0,
-                        "largest module, current + prefetched")
-        gathered = add("full bf16 policy gathered for generate", BF16 * p.total if zero3 else 0,
+        layer_buf = add("layers gathered for forward/backward (ZeRO-3)", 2 * BF16 * p.largest_module,
+                        "largest module, current + prefetched") if zero3 else 0.0
+        gathered = add("full bf16 policy gathered for generate", BF16 * p.total,
                        "D.generation_weights") if zero3 else 0.0
         ref = add("reference model (bf16) share", BF16 * p.total / shard if cfg.loss.kl_coef > 0 else 0,
                   "kl_coef > 0: a frozen copy, sharded like the policy")
@@ -248,7 +248,7 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
     max_groups = max(0, math.floor((usable - (states + gathered + ref)) / per_group_gen))
 
     floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
-    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups, prompts_per_rank)
+    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups)
     return Plan(lines, phases, usable, fits, verdict, max_micro, max_groups, floor_s, states + step + layer_buf)
 
 
@@ -267,7 +267,7 @@ def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int,
     return seconds
 
 
-def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups, prompts_per_rank) -> str:
+def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups) -> str:
     worst = max(phases, key=phases.get)
     head = f"{phases[worst]:.1f} GB peak ({worst}) of {usable:.0f} GB usable on {gpu_gb:g} GB x {world}"
     if phases[worst] <= usable:
