@@ -118,3 +118,9 @@ def test_startup_line_only_on_gpus_and_warns_when_it_will_not_fit(monkeypatch):
     assert startup_line(cfg).startswith("WARNING: predicted out of memory: does not fit")
     monkeypatch.setenv("RANK", "3")
     assert startup_line(cfg) is None
+
+
+def test_a_model_the_plan_cannot_size_gets_a_line_not_an_error(tiny_dir):
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.path={tiny_dir}"])
+    line = verdict(cfg, 1, 80)
+    assert line.startswith("memory plan unavailable") and "hidden_size 64" in line
