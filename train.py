@@ -10,6 +10,7 @@ Any field can be overridden as section.key=value; --print-config shows the resul
 import argparse
 
 from mgpo.config import load_config
+from mgpo.plan import startup_line
 from mgpo.trainer import train
 
 if __name__ == "__main__":
@@ -22,5 +23,7 @@ if __name__ == "__main__":
     if args.print_config:
         print(cfg.to_yaml(), end="")
     else:
+        if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.plan)
+            print(line)
         result = train(cfg)
         print(f"done: {result.steps} steps; logs, metrics and checkpoints are in {result.output_dir}")

@@ -6,6 +6,8 @@
 2. One full MGPO training step on the embedded tiny model (TRL's figure is quoted).
 3. Host memory over a pass of 1,000 samples with 4,000-px images through the host side
    of a rollout (decode, resize, crop, enlarge, processor): peak RSS after the first 100.
+4. The published Qwen2.5-VL-3B/7B widths at 2 layers: seconds and peak RSS per stage, and
+   the per-layer KV and activation bytes per token that ``mgpo.plan`` scales to full depth.
 
 These are measurements, not tests: nothing here asserts.
 """
@@ -13,6 +15,7 @@ These are measurements, not tests: nothing here asserts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import random
 import statistics
@@ -79,6 +82,248 @@ class _StageTimer:
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+# ----------------------------------------------------------------------------- real widths
+
+def _heap_bytes() -> int:
+    """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``): the
+    CPU analogue of ``torch.cuda.memory_allocated``, counting live tensors exactly."""
+    import ctypes
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Info
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def _lm_of_width(arch: str, layers: int, dtype: torch.dtype):
+    """The decoder of ``arch`` at ``layers`` layers with a 1k vocabulary (the
+    vocabulary only sizes the embedding, not a layer), random weights."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+    from .tiny import arch_config
+
+    text = arch_config(arch, layers=layers, vision_depth=1).text_config
+    text.vocab_size, text.pad_token_id = 1024, 0
+    with torch.device("meta"):
+        model = Qwen2_5_VLTextModel(text)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model
+
+
+def measure_layer_bytes(arch: str, tokens: int = 512, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Per layer and per token: KV-cache bytes, activation bytes held for the backward
+    pass with and without gradient checkpointing, and the peak a no-grad layer (a prefill)
+    holds beyond its input.
+
+    Measured, not assumed: the bytes of the cache a forward returns, and the live heap
+    after a training forward minus before (the graph kept for backward), each at 2 layers
+    minus at 1 layer, divided by the tokens. Everything outside the layers (embedding,
+    final norm, the hidden state returned) cancels in the difference.
+    """
+    import gc
+
+    found = {}
+    for layers in (1, 2):
+        model = lm = _lm_of_width(arch, layers, dtype)
+        ids = torch.randint(0, 1024, (1, tokens))
+        row = {}
+        with torch.no_grad():
+            heap = _PrefillPeak(lm.layers[0], lm.config.intermediate_size * _bytes(dtype))
+            cache = lm(input_ids=ids, use_cache=True).past_key_values
+            heap.close()
+            row["kv"] = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+            row["prefill_peak"] = heap.peak
+            del cache
+        for ckpt in (False, True):
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the trainer
+            model.train()
+            gc.collect()
+            start = _heap_bytes()
+            hidden = lm(input_ids=ids, use_cache=False).last_hidden_state
+            row["act_ckpt" if ckpt else "act"] = _heap_bytes() - start
+            hidden.float().sum().backward()  # frees the graph; checks it was a real one
+            del hidden
+            model.zero_grad(set_to_none=True)
+        found[layers] = row
+        del model, lm
+        gc.collect()
+    out = {k: (found[2][k] - found[1][k]) / tokens for k in ("kv", "act", "act_ckpt")}
+    return out | {"prefill_peak": found[1]["prefill_peak"] / tokens, "tokens": tokens, "dtype": str(dtype)}
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+class _PrefillPeak:
+    """The most a no-grad decoder layer holds beyond its input: its MLP computes
+    ``down(act(gate(x)) * up(x))``, so right after ``up`` the heap holds act(gate(x)) and
+    up(x), and the product (one more intermediate-wide tensor) comes on top."""
+
+    def __init__(self, layer, product_bytes_per_token: int):
+        self.peak, self._start = 0, 0
+        self._product = product_bytes_per_token
+        self._hooks = [layer.register_forward_pre_hook(self._enter),
+                       layer.mlp.up_proj.register_forward_hook(self._after_up)]
+
+    def _enter(self, module, args):
+        self._start = _heap_bytes()
+
+    def _after_up(self, module, args, out):
+        tokens = out.shape[0] * out.shape[1]
+        self.peak = max(self.peak, _heap_bytes() - self._start + self._product * tokens)
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+
+
+class _Stages:
+    """Seconds and peak RSS of each stage; the kernel's peak counter (VmHWM) is reset
+    before each one by writing 5 to /proc/self/clear_refs."""
+
+    def __init__(self):
+        self.rows: dict[str, tuple[float, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        import gc
+
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")
+        t0 = time.perf_counter()
+        yield
+        self.rows[name] = (time.perf_counter() - t0, _status_mb("VmHWM"))
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_real_widths(workdir: Path, arch: str, train_step: bool) -> dict:
+    """Each stage of a training step at the published widths of ``arch``, 2 layers and 2
+    vision blocks, fp32 on CPU: a 4,000-px image at max_pixels 1280*28*28, group size 2,
+    8 new tokens per turn, micro-batch 2 with gradient checkpointing, AdamW."""
+    from PIL import Image
+
+    from .config import ModelConfig
+    from .data import Sample
+    from .loss import token_logprobs
+    from .model import load_model, load_processor
+    from .rollout import rollout
+    from .synth import _background
+    from .tiny import build_tiny_checkpoint
+
+    lo, hi = 256 * 28 * 28, 1280 * 28 * 28
+    stage = _Stages()
+    with stage("build checkpoint (random init, save_pretrained)"):
+        ckpt = build_tiny_checkpoint(workdir / arch, seed=0, arch=arch, layers=2, vision_depth=2,
+                                     min_pixels=lo, max_pixels=hi)
+    _background(random.Random(0), (3200, 4000)).save(workdir / "big.jpg", quality=90)
+    Image.new("RGB", (1, 1))
+    sample = Sample(id="big", image=str(workdir / "big.jpg"), question="What colour is the square?",
+                    options=("red", "green", "blue", "white"), answer="A")
+    mcfg = ModelConfig(path=str(ckpt), min_pixels=lo, max_pixels=hi, dtype="float32")
+    with stage("load (from_pretrained)"):
+        model, processor = load_model(mcfg), load_processor(mcfg)
+    suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in
+                ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")]
+    cfg = RolloutConfig(group_size=2, max_new_tokens_turn1=8, max_new_tokens_turn2=8)
+    torch.manual_seed(0)
+    with stage("rollout (2 turns, group size 2)"):
+        r = rollout(model, processor, [sample], cfg, min_pixels=lo, max_pixels=hi)
+    with stage("log-probs (no grad, masked lm_head)"), torch.no_grad():
+        token_logprobs(model, r, suppress_ids=suppress)
+    if train_step:
+        model.model.visual.requires_grad_(False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, foreach=False)
+        with stage("update (forward + backward, checkpointed, AdamW step)"):
+            logp, _ = token_logprobs(model, r, suppress_ids=suppress)
+            (-(logp * r.loss_mask).sum() / r.loss_mask.sum()).backward()
+            optimizer.step()
+        del optimizer
+        model.zero_grad(set_to_none=True)
+    with stage("save_pretrained"):
+        model.save_pretrained(workdir / f"{arch}-saved", safe_serialization=True)
+    n = sum(p.numel() for p in model.parameters())
+    tokens = int(r.attention_mask.sum(dim=1).max())
+    return {"arch": arch, "params_m": n / 1e6, "tokens": tokens, "image_tokens": int(r.image_grid_thw[0].prod()) // 4,
+            "stages": stage.rows}
+
+
+def bench_layers() -> dict:
+    """``measure_layer_bytes`` for both published architectures, beside the plan's figures."""
+    from .archs import ARCHS
+
+    return {name: measure_layer_bytes(name) for name in ARCHS}
+
+
+def real_width_section(results: dict) -> str:
+    """Section 4 of docs/benchmarks.md."""
+    from .archs import ARCHS
+    from .plan import MEASURED_ACT, kv_bytes_per_token
+
+    lines = ["## 4. Real widths on CPU (Qwen2.5-VL-3B and -7B, 2 layers)", "",
+             f"Command: `python -m mgpo.bench --only real-widths` (part of `make bench`), {results['date']}; "
+             f"{results['machine']}. Every width from the published configs (`mgpo.archs`), 2 decoder layers and "
+             "2 vision blocks (one windowed, one full attention), random weights, fp32. One 3200 x 4000 image at "
+             "max_pixels 1280*28*28 (1,280 image tokens), group size 2, 8 new tokens per turn; the random model "
+             "writes no box, so both samples take the fallback (the original again). Peak RSS is the whole "
+             "process's high-water mark during that stage (reset before each). `from_pretrained` maps the "
+             "safetensors file, so the first forward (the rollout) reads the weights in.", "",
+             "| widths | parameters at 2 layers | stage | seconds | peak RSS GB |", "|---|---|---|---|---|"]
+    for run in results["real"]:
+        for name, (sec, mb) in run["stages"].items():
+            lines.append(f"| {run['arch']} | {run['params_m']:.0f} M | {name} | {sec:.1f} | {mb / 1024:.1f} |")
+    skipped = [run["arch"] for run in results["real"] if not any(k.startswith("update") for k in run["stages"])]
+    if skipped:
+        lines += ["", f"No update row for {', '.join(skipped)}: fp32 weights, gradients and AdamW states of its "
+                  "2-layer model (1.6 B parameters, 1.1 B of them the untied embedding and lm_head) need about 25 GB; "
+                  "the 3B row shows the same code path."]
+    lines += ["", "Per decoder layer and per token, bf16, SDPA, measured by `measure_layer_bytes` (the cache a "
+              "forward returns, and the live heap after a training forward minus before, at 2 layers minus 1 layer, "
+              f"{results['layers'][next(iter(ARCHS))]['tokens']} tokens); the plan (`mgpo.plan`) uses these:", "",
+              "| widths | KV cache B | formula B | activations B, no checkpointing | with checkpointing | "
+              "no-grad layer peak (prefill) B | plan's figures |", "|---|---|---|---|---|---|---|"]
+    for name, m in results["layers"].items():
+        a = ARCHS[name]
+        lines.append(f"| {name} | {m['kv']:.0f} | {kv_bytes_per_token(a, layers=1)} (2 x {a.num_key_value_heads} x "
+                     f"{a.head_dim} x 2) | {m['act']:,.0f} | {m['act_ckpt']:,.0f} | {m['prefill_peak']:,.0f} | "
+                     f"{MEASURED_ACT[name]['act']:,} / {MEASURED_ACT[name]['act_ckpt']:,} / "
+                     f"{MEASURED_ACT[name]['prefill']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def splice_section(path: Path, section: str) -> None:
+    """Put ``section`` in place of the file's section with the same heading (else before
+    "## Not measured here", else at the end); the rest of the file is kept."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    head = section.splitlines()[0]
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    elif "## Not measured here" in text:
+        i = text.index("## Not measured here")
+        text = text[:i] + section + "\n" + text[i:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 def bench_rollout(workdir: Path, reps: int = 3) -> dict:
@@ -295,13 +540,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--only", choices=["all", "real-widths"], default="all",
+                        help="real-widths: only section 4, spliced into the existing file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"),
-                   "rollout": bench_rollout(Path(tmp)), "step": bench_train_step(Path(tmp)),
-                   "trl": bench_trl_step(Path(tmp)),
-                   "memory": bench_host_memory(Path(tmp), args.samples)}
-    print(write_report(results, Path(args.out)))
+        results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d")}
+        if args.only == "all":
+            results |= {"rollout": bench_rollout(Path(tmp)), "step": bench_train_step(Path(tmp)),
+                        "trl": bench_trl_step(Path(tmp)), "memory": bench_host_memory(Path(tmp), args.samples)}
+        results["layers"] = bench_layers()
+        results["real"] = [bench_real_widths(Path(tmp), "qwen2.5-vl-3b", train_step=True),
+                           bench_real_widths(Path(tmp), "qwen2.5-vl-7b", train_step=False)]
+    if args.only == "all":
+        write_report(results, Path(args.out))
+    splice_section(Path(args.out), real_width_section(results))
+    print(Path(args.out).read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""The GPU memory plan: DeepSpeed's estimator, a CPU measurement, and what to change."""
+
+import pytest
+
+from mgpo.archs import ARCHS
+from mgpo.config import load_config
+from mgpo.plan import (
+    MEASURED_ACT,
+    activation_bytes,
+    count_params,
+    deepspeed_estimate_gb,
+    kv_bytes_per_token,
+    plan,
+    verdict,
+)
+
+PAPER = "configs/qwen2_5_vl_7b_mgpo.yaml"
+LORA = "configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml"
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize("arch", ["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
+def test_model_states_match_deepspeeds_estimator(arch, world):
+    pytest.importorskip("deepspeed")
+    cfg = load_config(PAPER)
+    p = count_params(arch)
+    ours = plan(cfg, world, 80, arch=arch).model_states_gb
+    theirs = deepspeed_estimate_gb(p.total, p.largest_module, world)
+    assert abs(ours - theirs) / theirs < 0.10, (ours, theirs)
+
+
+def test_parameter_counts_are_the_published_models():
+    # The counts public loader logs and model registries report for the published checkpoints
+    # (3B: 3,754,622,976 with a 311,164,928 embedding; 7B: 8,292,166,656 with a 676,550,144
+    # vision tower): the table in mgpo.archs builds those exact models.
+    p3, p7 = count_params("qwen2.5-vl-3b"), count_params("qwen2.5-vl-7b")
+    assert (p3.total, p3.embedding) == (3_754_622_976, 311_164_928)
+    assert (p7.total, p7.vision, p7.embedding) == (8_292_166_656, 676_550_144, 544_997_376)
+
+
+def test_kv_and_activation_figures_match_a_cpu_measurement():
+    """The plan's per-layer figures against a fresh measurement at 2 vs 1 layers (3B widths)."""
+    from mgpo.bench import measure_layer_bytes
+
+    a = ARCHS["qwen2.5-vl-3b"]
+    measured = measure_layer_bytes(a.name, tokens=256)
+    assert kv_bytes_per_token(a, layers=1) == pytest.approx(measured["kv"], rel=0.2)
+    assert activation_bytes(a, 1, checkpointing=False, layers=1) == pytest.approx(measured["act"], rel=0.2)
+    assert MEASURED_ACT[a.name]["act_ckpt"] == pytest.approx(measured["act_ckpt"], rel=0.2)
+    assert MEASURED_ACT[a.name]["prefill"] == pytest.approx(measured["prefill_peak"], rel=0.2)
+    # Checkpointing keeps a layer's input only: the two figures differ by far more than 20%.
+    assert measured["act_ckpt"] < 0.1 * measured["act"]
+
+
+def test_the_papers_run_at_its_token_limits_does_not_fit_and_says_what_to_change():
+    cfg = load_config(PAPER)
+    pl = plan(cfg, 8, 80)
+    assert not pl.fits
+    assert pl.verdict.startswith("does not fit") and "rollout: at most" in pl.verdict
+    assert f"at most {pl.max_generation_groups} prompt group(s)" in pl.verdict and pl.max_generation_groups >= 1
+    assert "rollout.max_new_tokens_turn1/2" in pl.verdict
+
+
+SHORT = ["rollout.max_new_tokens_turn1=1024", "rollout.max_new_tokens_turn2=1024"]
+
+
+def test_following_the_advice_fits_and_one_group_more_does_not():
+    advice = plan(load_config(PAPER, SHORT), 8, 80)
+    assert not advice.fits and advice.max_generation_groups >= 1
+    n = advice.max_generation_groups
+    fits = plan(load_config(PAPER, SHORT + [f"train.prompts_per_rollout={8 * n}"]), 8, 80)
+    assert fits.fits and fits.verdict.startswith("fits"), fits.verdict
+    assert max(fits.phases.values()) <= fits.usable_gb
+    over = plan(load_config(PAPER, SHORT + [f"train.prompts_per_rollout={8 * (n + 1)}"]), 8, 80)
+    assert not over.fits and over.phases["rollout"] > over.usable_gb
+
+
+def test_too_large_a_micro_batch_is_named_with_the_largest_that_fits():
+    cfg = load_config(PAPER, SHORT + ["train.prompts_per_rollout=64", "train.micro_batch_size=64",
+                                      "train.prompts_per_step=64"])
+    pl = plan(cfg, 8, 80)
+    assert not pl.fits and 1 <= pl.max_micro_batch < 64
+    assert f"train.micro_batch_size at most {pl.max_micro_batch}" in pl.verdict
+    ok = plan(load_config(PAPER, SHORT + ["train.prompts_per_rollout=64",
+                                          f"train.micro_batch_size={pl.max_micro_batch}"]), 8, 80)
+    assert ok.phases["update"] <= ok.usable_gb
+    assert plan(load_config(PAPER, SHORT + ["train.prompts_per_rollout=64",
+                                            f"train.micro_batch_size={pl.max_micro_batch + 1}"]), 8, 80
+                ).phases["update"] > ok.usable_gb
+
+
+def test_full_finetuning_on_one_small_gpu_names_the_model_states():
+    line = verdict(load_config(PAPER), 1, 24)
+    assert line.startswith("does not fit") and "model states alone do not fit" in line and "\n" not in line
+
+
+def test_lora_preset_has_no_reference_copy_and_no_gathered_copy():
+    pl = plan(load_config(LORA), 1, 80)
+    names = " ".join(what for what, _, _ in pl.lines)
+    assert "reference" not in names and "gathered" not in names
+    assert pl.phases["optimizer step"] < 25  # bf16 base (16.6 GB) + adapters
+
+
+def test_startup_line_only_on_gpus_and_warns_when_it_will_not_fit(monkeypatch):
+    import types
+
+    import torch
+
+    from mgpo.plan import startup_line
+
+    cfg = load_config(PAPER)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert startup_line(cfg) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80e9))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    assert startup_line(cfg).startswith("WARNING: predicted out of memory: does not fit")
+    monkeypatch.setenv("RANK", "3")
+    assert startup_line(cfg) is None
+
+
+def test_a_model_the_plan_cannot_size_gets_a_line_not_an_error(tiny_dir):
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.path={tiny_dir}"])
+    line = verdict(cfg, 1, 80)
+    assert line.startswith("memory plan unavailable") and "hidden_size 64" in line
