@@ -18,8 +18,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from mgpo.config import ModelConfig, RolloutConfig, load_config
 from mgpo.data import Sample
-from mgpo.generation import VISION_TOKENS, special_ids
-from mgpo.loss import token_logprobs
+from mgpo.generation import special_ids, suppressed_ids
+from mgpo.policy import PolicyForward
 from mgpo.rollout import rollout
 
 pytestmark = pytest.mark.slow
@@ -74,9 +74,10 @@ def real(tmp_path_factory):
             "samples": samples}
 
 
-def _suppress(processor):
-    ids = special_ids(processor)
-    return [ids[t] for t in VISION_TOKENS]
+def _logprobs(model, processor, batch):
+    """The trainer's log-prob forward (masked, chunked lm_head) on one rollout."""
+    forward = PolicyForward(model, 1.0, suppressed_ids(processor))
+    return forward(loss_mask=batch.loss_mask, **batch.model_inputs())
 
 
 def test_the_checkpoint_has_every_published_width(real):
@@ -135,7 +136,7 @@ def test_rollout_logprobs_mask_update_reload_and_eval(real):
     # Plain SGD: AdamW's two fp32 states would add 3.7 GB here and nothing width-specific.
     optimizer = torch.optim.SGD(trainable.values(), lr=0.1)
     mb = r.select([0])
-    logp, _ = token_logprobs(model, mb, suppress_ids=_suppress(processor))
+    logp, _ = _logprobs(model, processor, mb)
     mask = mb.loss_mask.bool()
     turn2 = mask.clone()
     turn2[0, mask[0].nonzero().squeeze(-1)[: good.turn1_tokens]] = False  # turn 1 was forced (scores = the forcing's)

@@ -221,8 +221,9 @@ def bench_real_widths(workdir: Path, arch: str, train_step: bool) -> dict:
 
     from .config import ModelConfig
     from .data import Sample
-    from .loss import token_logprobs
+    from .generation import suppressed_ids
     from .model import load_model, load_processor
+    from .policy import PolicyForward
     from .rollout import rollout
     from .synth import _background
     from .tiny import build_tiny_checkpoint
@@ -230,8 +231,7 @@ def bench_real_widths(workdir: Path, arch: str, train_step: bool) -> dict:
     lo, hi = 256 * 28 * 28, 1280 * 28 * 28
     stage = _Stages()
     with stage("build checkpoint (random init, save_pretrained)"):
-        ckpt = build_tiny_checkpoint(workdir / arch, seed=0, arch=arch, layers=2, vision_depth=2,
-                                     min_pixels=lo, max_pixels=hi)
+        ckpt = build_tiny_checkpoint(workdir / arch, seed=0, arch=arch, layers=2, vision_depth=2)
     _background(random.Random(0), (3200, 4000)).save(workdir / "big.jpg", quality=90)
     Image.new("RGB", (1, 1))
     sample = Sample(id="big", image=str(workdir / "big.jpg"), question="What colour is the square?",
@@ -239,21 +239,20 @@ def bench_real_widths(workdir: Path, arch: str, train_step: bool) -> dict:
     mcfg = ModelConfig(path=str(ckpt), min_pixels=lo, max_pixels=hi, dtype="float32")
     with stage("load (from_pretrained)"):
         model, processor = load_model(mcfg), load_processor(mcfg)
-    suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in
-                ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")]
+    forward = PolicyForward(model, 1.0, suppressed_ids(processor))
     cfg = RolloutConfig(group_size=2, max_new_tokens_turn1=8, max_new_tokens_turn2=8)
     torch.manual_seed(0)
     with stage("rollout (2 turns, group size 2)"):
         r = rollout(model, processor, [sample], cfg, min_pixels=lo, max_pixels=hi)
     with stage("log-probs (no grad, masked lm_head)"), torch.no_grad():
-        token_logprobs(model, r, suppress_ids=suppress)
+        forward(loss_mask=r.loss_mask, **r.model_inputs())
     if train_step:
         model.model.visual.requires_grad_(False)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, foreach=False)
         with stage("update (forward + backward, checkpointed, AdamW step)"):
-            logp, _ = token_logprobs(model, r, suppress_ids=suppress)
+            logp, _ = forward(loss_mask=r.loss_mask, **r.model_inputs())
             (-(logp * r.loss_mask).sum() / r.loss_mask.sum()).backward()
             optimizer.step()
         del optimizer
