@@ -438,8 +438,7 @@ def _generate_turn2(model, ctx: _Context, prompts, conversations, blocks, turn1:
         seqs.append(torch.cat([piece.tokens for piece in conv.pieces] + [block.ids]))
         pixels.append(torch.cat([p.enc.image.pixel_values, block.image.pixel_values]))
         grids.append(torch.cat([p.enc.image.grid, block.image.grid]))
-        rows.append(Continuation(i, len(p.enc.ids), conv.kept, seqs[-1], grids[-1], block.image.pixel_values,
-                                 block.image.grid))
+        rows.append(Continuation(i, conv.kept, seqs[-1], grids[-1], block.image.pixel_values, block.image.grid))
     gen = ctx.generation(ctx.cfg.max_new_tokens_turn2)
     prepared = None
     if turn1.cache is not None:
