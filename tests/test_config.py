@@ -102,7 +102,7 @@ def test_every_field_is_documented():
     ("rollout.temperature=0", "rollout.temperature must be > 0"),
     ("model.max_pixels=1000", "model.max_pixels (1000) must be >= model.min_pixels (200704)"),
     ("rollout.template=mgp0", "rollout.template must be one of ['direct', 'grpo', 'mgpo', 'mgpo_k'], got 'mgp0'"),
-    ("eval.mode=greedy", "eval.mode must be one of ['direct', 'grpo', 'mgpo']"),
+    ("eval.mode=greedy", "eval.mode must be one of ['direct', 'grpo', 'mgpo', 'mgpo_k']"),
     ("rollout.crop_resample=cubic", "rollout.crop_resample must be one of ['nearest', 'bilinear', 'bicubic', 'lanczos']"),
     ("model.dtype=fp16", "model.dtype must be one of ['auto', 'bfloat16', 'float16', 'float32']"),
     ("data.train_format=csv", "data.train_format must be one of ['auto', 'jsonl', 'vstar', 'mme_realworld', 'hrbench']"),

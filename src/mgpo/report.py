@@ -94,10 +94,10 @@ def turn_summary(recs: list[dict]) -> dict:
            "nested_zoom": _acc([any(t["nested"] for t in log) for log in logs]),
            "answer_at_turn": {}, "valid_box_at_turn": {}}
     for k in range(1, max(len(log) for log in logs) + 1):
-        out["answer_at_turn"][k] = _acc([len(log) == k for log in logs])
+        out["answer_at_turn"][str(k)] = _acc([len(log) == k for log in logs])  # str: JSON keys
         asked = [log[k - 1]["valid"] for log in logs if len(log) > k]
         if asked:
-            out["valid_box_at_turn"][k] = _acc(asked)
+            out["valid_box_at_turn"][str(k)] = _acc(asked)
     return out
 
 

@@ -23,8 +23,8 @@ class TurnRecord:
     """The turn hit its token limit."""
     action: str
     """"zoom" (a valid box: the next user turn shows its crop), "fallback" (no usable box: the
-    previous image again), "answer" (a ``\\boxed{}`` answer ended the conversation), "final" (the
-    forced-answer turn, or a turn cut before it wrote a box or an answer at the last turn)."""
+    previous image again), "answer" (a ``\\boxed{}`` answer ended the conversation), "final" (the last
+    turn, forced to answer, which wrote no readable answer)."""
     box_input: list[float] | None = None
     """The box as written, in pixels of the image the model was looking at."""
     box_original: list[float] | None = None
