@@ -127,11 +127,26 @@ def bench_rollout(workdir: Path, reps: int = 3) -> dict:
     return out
 
 
+class _ForceBox:
+    """Logits processor: the first generated tokens spell ``box``, then sampling is free."""
+
+    def __init__(self, box: list[int], width: int):
+        self.box, self.width = box, width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.width
+        if step < len(self.box):
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.box[step]] = 0.0
+        return scores
+
+
 def bench_turns(workdir: Path, turns=(2, 3, 4), prompts: int = 4, group_size: int = 4) -> dict:
     """K-turn rollout (``mgpo_k``) on the embedded tiny model: seconds per turn (one generate
     call plus the grounding and cache continuation before it) and memory per trajectory: the
-    Rollout's tensors on the host, and the key/value cache its final length needs. The random
-    model never answers, so every trajectory runs all K turns (each turn shows an image)."""
+    Rollout's tensors on the host (distinct images once), and the key/value cache its final
+    length needs. Every turn is forced to write a valid box, so every trajectory runs all K
+    turns and each turn adds a new crop (the worst case for memory)."""
     from .data import load_samples
     from .model import load_model, load_processor
     from .rollout import rollout
@@ -143,20 +158,24 @@ def bench_turns(workdir: Path, turns=(2, 3, 4), prompts: int = 4, group_size: in
     mcfg = ModelConfig(path=str(ckpt), min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28, dtype="float32")
     model, processor = load_model(mcfg), load_processor(mcfg)
     samples = list(load_samples(workdir / "turns-synth" / "train.jsonl"))
+    box = processor.tokenizer.encode('```json\n[{"bbox_2d": [20, 20, 200, 150]}]\n```', add_special_tokens=False)
     text = model.config.text_config
     kv_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
     real_generate, ends = model.generate, []
 
-    def timed(**kw):
+    def timed(**kw):  # every turn writes the same valid box: each turn adds a new crop
+        from transformers import LogitsProcessorList
+
+        kw["logits_processor"] = LogitsProcessorList([_ForceBox(box, kw["input_ids"].shape[1])])
         out = real_generate(**kw)
         ends.append(time.perf_counter())
         return out
     model.generate = timed
-    out = {"prompts": prompts, "group_size": group_size, "new_tokens_per_turn": 16}
+    out = {"prompts": prompts, "group_size": group_size, "new_tokens_per_turn": 32}
     try:
         for K in (None, *turns):  # None: the paper's mgpo template, the K = 2 reference
             cfg = RolloutConfig(template="mgpo" if K is None else "mgpo_k", max_turns=K or 2, group_size=group_size,
-                                max_new_tokens_turn1=16, max_new_tokens_turn2=16)
+                                max_new_tokens_turn1=32, max_new_tokens_turn2=32)
             torch.manual_seed(0)
             ends.clear()
             t0 = time.perf_counter()
