@@ -1,6 +1,5 @@
 """Test helpers: a real model whose generate is steered to write chosen text."""
 
-import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 

@@ -16,7 +16,8 @@ For a batch of prompts, each sampled ``group_size`` times:
    and per-trajectory metadata.
 
 The one-turn templates (``grpo``, ``direct``) stop after step 1 and keep the whole turn:
-the box, if any, is only a diagnostic there.
+the box, if any, is only a diagnostic there. The K-turn template ``mgpo_k`` (beyond the
+paper) runs its turns in ``mgpo.zoom`` with the same pieces.
 
 Prompts are generated ``rollout.generation_batch_size`` whole groups at a time; each
 chunk runs the same number of ``generate`` calls whatever the boxes look like (one per

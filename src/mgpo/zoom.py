@@ -22,12 +22,30 @@ from dataclasses import dataclass
 import torch
 
 from .generation import Continuation, Generated, continue_cache, generate_batch
-from .grounding import Box, View, box_problem, crop_original, find_box, fit_to_budget, input_size_from_grid, \
-    pixel_box, view_to_original
+from .grounding import (
+    Box,
+    View,
+    box_problem,
+    crop_original,
+    find_box,
+    fit_to_budget,
+    input_size_from_grid,
+    pixel_box,
+    view_to_original,
+)
 from .prompts import zoom_turn_text
 from .reward import extract_answer
-from .rollout import _closed, _Context, _Conversation, _cut_after, _encode, _generate_turn1, _Piece, _Prompt, \
-    _scripted
+from .rollout import (
+    _closed,
+    _Context,
+    _Conversation,
+    _cut_after,
+    _encode,
+    _generate_turn1,
+    _Piece,
+    _Prompt,
+    _scripted,
+)
 from .trajectory import Trajectory, TurnRecord
 
 
