@@ -161,7 +161,7 @@ class RunLogger:
                     self.writer.add_image(f"rollout{i}/crop", np.asarray(crop), step, dataformats="HWC")
             self.writer.add_text(f"rollout{i}/text",
                                  f"**{t.sample_id}** answer {t.answer}, valid box {t.valid} {t.box_input}\n\n"
-                                 f"turn 1: `{t.turn1_text}`\n\nturn 2: `{t.turn2_text}`", step)
+                                 + "\n\n".join(f"turn {j + 1}: `{x}`" for j, x in enumerate(t.texts)), step)
 
     def close(self) -> None:
         if not self.enabled:

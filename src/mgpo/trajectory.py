@@ -51,7 +51,7 @@ class Trajectory:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     turns: int = 2
-    """Assistant turns of the template (the reward reads the last one)."""
+    """Assistant turns of the template (the reward reads the last one); for ``mgpo_k``, the turns used."""
     bare_letter: bool = False
     """The template asks for a bare option letter (``direct``), not ``\\boxed{}``."""
     turn1_text: str = ""
@@ -112,7 +112,7 @@ class Rollout:
 
     input_ids: torch.Tensor  # [N, T]
     attention_mask: torch.Tensor  # [N, T]
-    loss_mask: torch.Tensor  # [N, T] 1.0 on tokens the model produced in either turn
+    loss_mask: torch.Tensor  # [N, T] 1.0 on tokens the model produced, every turn
     mm_token_type_ids: torch.Tensor  # [N, T] 1 on image tokens (mRoPE needs it)
     images: list[ImagePatches]
     image_index: list[list[int]]

@@ -204,6 +204,8 @@ def _next_call(model, ctx: _Context, prompts, prev: _Call, running: list[int], c
         return _Call(gen, trajs, inputs, images)
     image_id = ctx.ids["<|image_pad|>"]
     generation = ctx.generation(ctx.cfg.max_new_tokens_turn2)
+    if not ctx.cfg.continue_turn2:
+        prev.gen.cache = None  # nothing reuses it: free it before the next call fills another
     prepared = None
     if prev.gen.cache is not None and ctx.cfg.continue_turn2:
         spare = ctx.images[prompts[0].image]
