@@ -138,3 +138,19 @@ def test_image_token_cap_forces_the_answer(env):
         assert [rec.action for rec in t.turn_log][0] == "zoom" and t.turn_log[0].capped and len(t.turn_log) == 2
         full = processor.tokenizer.decode(capped.input_ids[i][capped.attention_mask[i].bool()])
         assert ZOOM_CAPPED in full and ZOOM_FALLBACK_LEAD not in full and full.count("<|vision_start|>") == 1
+
+
+def test_teacher_forced_k_turn_conversation(env):
+    """SFT in mgpo_k: the scripted box zooms, the scripted answer ends the conversation, and
+    the mask covers exactly both assistant turns (the rollout's own assembly)."""
+    from mgpo.rollout import teacher_forced
+
+    model, processor, samples = env
+    texts = [(_box(20, 20, 200, 150), "\\boxed{B}")]
+    cfg = RolloutConfig(template="mgpo_k", max_turns=4)
+    r = teacher_forced(processor, samples[:1], texts, cfg, min_pixels=MIN_PX, max_pixels=MAX_PX)
+    (t,) = r.trajectories
+    assert [rec.action for rec in t.turn_log] == ["zoom", "answer"] and t.final_text == "\\boxed{B}"
+    masked = processor.tokenizer.decode(r.input_ids[0][r.loss_mask[0].bool()], skip_special_tokens=False)
+    assert masked == texts[0][0] + "<|im_end|>" + "\\boxed{B}<|im_end|>"
+    assert r.images_per_trajectory == [2]
