@@ -15,6 +15,10 @@ widest new chunk; padding may sit in the middle, the attention mask covers it):
     [left pad][cached prefix_i] | [pad][new chunk_i]
     <-------- P ---------------> <------ N -------->
 
+In K turns (``mgpo_k``) turn k+1 continues from turn k's cache, over the rows still
+running only; a continued call's prompt is no longer contiguous in its cache, so each
+``Generated`` records the cache column of every real input token (``columns``).
+
 Positions are Qwen's 3-D mRoPE ones computed over the whole row (``get_rope_index``),
 so the crop's image tokens get their grid positions after the first image and the text.
 """
