@@ -1,26 +1,33 @@
 """Test helpers: a real model whose generate is steered to write chosen text."""
 
-import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 
 class _Force(LogitsProcessor):
-    """Force ``script`` token by token from the first generated position, then sample freely."""
+    """Force ``script`` token by token from the first generated position, then sample freely.
 
-    def __init__(self, script: list[int], prompt_width: int):
+    ``script`` is one token list for every row, or a list of them, one per row (None: free)."""
+
+    def __init__(self, script, prompt_width: int):
         self.script, self.prompt_width = script, prompt_width
 
     def __call__(self, input_ids, scores):
         step = input_ids.shape[1] - self.prompt_width
-        if step < len(self.script):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.script[step]] = 0.0
-            return forced
+        per_row = self.script if self.script and isinstance(self.script[0], list | type(None)) else None
+        if per_row is None:
+            per_row = [self.script] * scores.shape[0]
+        scores = scores.clone()
+        for row, script in enumerate(per_row[: scores.shape[0]]):
+            if script is not None and step < len(script):
+                scores[row] = float("-inf")
+                scores[row, script[step]] = 0.0
         return scores
 
 
 class ScriptedModel:
     """Wraps a real Qwen2.5-VL; call k of ``generate`` starts with ``scripts[k]`` (text), then samples.
+
+    ``scripts[k]`` may also be a list of texts, one per row of call k (None: that row is free).
 
     Everything else (the forward, the weights) is the real model's.
     """
@@ -32,7 +39,10 @@ class ScriptedModel:
     def generate(self, **kwargs):
         script = self.scripts[self.calls] if self.calls < len(self.scripts) else None
         self.calls += 1
-        if script is not None:
+        if isinstance(script, list):
+            ids = [None if s is None else self.tokenizer.encode(s, add_special_tokens=False) for s in script]
+            kwargs["logits_processor"] = LogitsProcessorList([_Force(ids, kwargs["input_ids"].shape[1])])
+        elif script is not None:
             ids = self.tokenizer.encode(script, add_special_tokens=False)
             kwargs["logits_processor"] = LogitsProcessorList([_Force(ids, kwargs["input_ids"].shape[1])])
         return self.model.generate(**kwargs)

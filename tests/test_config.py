@@ -101,8 +101,8 @@ def test_every_field_is_documented():
     ("train.lr=-1e-6", "train.lr must be > 0"),
     ("rollout.temperature=0", "rollout.temperature must be > 0"),
     ("model.max_pixels=1000", "model.max_pixels (1000) must be >= model.min_pixels (200704)"),
-    ("rollout.template=mgp0", "rollout.template must be one of ['direct', 'grpo', 'mgpo'], got 'mgp0'"),
-    ("eval.mode=greedy", "eval.mode must be one of ['direct', 'grpo', 'mgpo']"),
+    ("rollout.template=mgp0", "rollout.template must be one of ['direct', 'grpo', 'mgpo', 'mgpo_k'], got 'mgp0'"),
+    ("eval.mode=greedy", "eval.mode must be one of ['direct', 'grpo', 'mgpo', 'mgpo_k']"),
     ("rollout.crop_resample=cubic", "rollout.crop_resample must be one of ['nearest', 'bilinear', 'bicubic', 'lanczos']"),
     ("model.dtype=fp16", "model.dtype must be one of ['auto', 'bfloat16', 'float16', 'float32']"),
     ("data.train_format=csv", "data.train_format must be one of ['auto', 'jsonl', 'vstar', 'mme_realworld', 'hrbench']"),
@@ -135,3 +135,15 @@ def test_data_fields_for_published_layouts():
     cfg = load_config(None, ["data.image_root=/data/mme", "data.max_prompt_tokens=4096"])
     assert cfg.data.image_root == "/data/mme" and cfg.data.max_prompt_tokens == 4096
     assert load_config().data.max_prompt_tokens == 8192
+
+
+def test_k_turn_fields_are_checked():
+    """The paper's template is two turns; K-turn fields have ranges."""
+    from mgpo.config import ConfigError, load_config
+
+    assert load_config(None, ["rollout.template=mgpo_k", "rollout.max_turns=4"]).rollout.max_turns == 4
+    for bad, field in (("rollout.max_turns=3", "rollout.max_turns"), ("eval.max_turns=5", "eval.max_turns"),
+                       ("rollout.turn_cost=-1", "rollout.turn_cost"),
+                       ("rollout.max_image_tokens=-1", "rollout.max_image_tokens")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(None, [bad])

@@ -240,3 +240,28 @@ def test_hostile_records_are_listed_and_the_evaluation_finishes(tiny_dir, synth_
                  "boxes: target_boxes[0] must be 4", "letters: 27 options", "strings: options must be a list",
                  "long: prompt has", "over data.max_prompt_tokens (2048)"):
         assert text in report, text
+
+
+def test_k_turn_mode_reports_every_turn_and_crop(tiny_dir, synth_dir, tmp_path, loaded):
+    """eval.mode=mgpo_k eval.max_turns=3: the protocol says so; each prediction lists its turns;
+    report.md has the turns table; each case card shows every crop in order."""
+    model, processor = loaded
+    box = '```json\n[{"bbox_2d": [20, 20, 200, 150]}]\n```'
+    scripted = ScriptedModel(model, processor.tokenizer, [box, box, "\\boxed{A}<|im_end|>"])
+    out = tmp_path / "k3"
+    cfg = _cfg(tiny_dir, out, "eval.mode=mgpo_k", "eval.max_turns=3", "eval.batch_size=12",
+               "rollout.max_new_tokens_turn1=40", "rollout.max_new_tokens_turn2=40", "eval.report_examples=2",
+               data=synth_dir / "train.jsonl")
+    result = ev.evaluate(cfg, model=scripted, processor=processor)
+    assert scripted.calls == 3
+    proto = result["protocol"]
+    assert proto["mode"] == "mgpo_k" and proto["max_turns"] == 3 and "not the paper's" in proto["template_wording"]
+    preds = _predictions(out)
+    assert all([t["action"] for t in p["turns"]] == ["zoom", "zoom", "answer"] for p in preds)
+    assert all(p["turns"][1]["nested"] for p in preds)
+    turns = result["results"]["train"]["turns"]
+    assert turns["turns_used"] == 3 and turns["crops"] == 2 and turns["answer_at_turn"] == {"1": 0.0, "2": 0.0,
+                                                                                          "3": 100.0}
+    assert "## Turns (K-turn mode)" in (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "alt='crop 1'" in html and "alt='crop 2'" in html and "turn 3 (answer)" in html

@@ -149,3 +149,20 @@ def test_fit_to_budget_enlarges_small_crops_and_keeps_aspect():
 def test_resample_filters(resample):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
     assert fit_to_budget(img, 64 * 28 * 28, 256 * 28 * 28, resample).size[0] % 28 == 0
+
+
+def test_nested_view_maps_back_to_original_pixels():
+    """A box on a crop of a crop, mapped by hand: 4000x3000 original shown at 448x336; a box
+    (112, 84, 224, 168) there is original (1000, 750, 2000, 1500); that crop shown at 560x420;
+    a box (280, 210, 560, 420) on it is 1000 + 280 * 1000 / 560 = 1500, 750 + 210 * 750 / 420 = 1125,
+    1000 + 560 * 1000 / 560 = 2000, 750 + 420 * 750 / 420 = 1500."""
+    from mgpo.grounding import View, view_to_original
+
+    whole = View(Box(0, 0, 4000, 3000), (448, 336))
+    first = view_to_original(Box(112, 84, 224, 168), whole)
+    assert first == Box(1000, 750, 2000, 1500)
+    assert first == to_original_box(Box(112, 84, 224, 168), (448, 336), (4000, 3000))
+    second = view_to_original(Box(280, 210, 560, 420), View(first, (560, 420)))
+    assert second == Box(1500, 1125, 2000, 1500)
+    # a box of the crop's whole shown image is the crop's region, exactly
+    assert view_to_original(Box(0, 0, 560, 420), View(first, (560, 420))) == first

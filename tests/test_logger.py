@@ -49,3 +49,25 @@ def test_resume_hides_tensorboard_points_past_the_checkpoint(tmp_path):
     events.Reload()
     points = [(e.step, e.value) for e in events.Scalars("reward/mean")]
     assert points == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+
+
+def test_turn_metrics_of_k_turn_rollouts():
+    """Turns used, crops, answer-at-turn shares, nested zooms, per-turn valid boxes (mgpo_k);
+    the paper's two-turn trajectories add none of these keys."""
+    from mgpo.logger import rollout_metrics
+    from mgpo.rollout import Trajectory, TurnRecord
+
+    def traj(*actions):
+        log = [TurnRecord("", 1, False, a, valid=a == "zoom", nested=a == "zoom" and k > 0 and actions[k - 1] == "zoom",
+                          crop_size=(28, 28) if a == "zoom" else None) for k, a in enumerate(actions)]
+        return Trajectory("x", 0, "A", ("a", "b"), (10, 10), (10, 10), turn_log=log)
+
+    ts = [traj("answer"), traj("zoom", "zoom", "final"), traj("fallback", "zoom", "answer"), traj("zoom", "answer")]
+    m = rollout_metrics(ts, [0, 0, 0, 1], group_size=2)
+    assert m["turns/used"] == 2.25 and m["turns/crops"] == 1.0
+    assert (m["turns/answer_at_turn1"], m["turns/answer_at_turn2"], m["turns/answer_at_turn3"]) == (0.25, 0.25, 0.5)
+    assert m["turns/nested_zoom_share"] == 0.25
+    assert m["turns/valid_box_share_turn1"] == 2 / 3 and m["turns/valid_box_share_turn2"] == 1.0
+    assert "turns/valid_box_share_turn3" not in m
+    two = Trajectory("x", 0, "A", ("a", "b"), (10, 10), (10, 10))
+    assert not any(k.startswith("turns/") for k in rollout_metrics([two, two], [0, 1], group_size=2))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mgpo import extract_answer, group_advantages
-from mgpo.reward import accuracy_reward, zero_variance_share
+from mgpo.reward import accuracy_reward, score, zero_variance_share
 
 
 @pytest.mark.parametrize("text, letter", [
@@ -56,3 +56,17 @@ def test_group_advantages_errors():
 
 def test_zero_variance_share():
     assert zero_variance_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(2 / 3)
+
+
+def test_turn_cost_charges_each_crop_shown():
+    """rollout.turn_cost: the reward of the final turn's answer minus the cost per crop."""
+    from mgpo.rollout import Trajectory, TurnRecord
+
+    log = [TurnRecord("z", 3, False, "zoom", crop_size=(28, 28)), TurnRecord("z", 3, False, "zoom", crop_size=(28, 28)),
+           TurnRecord("f", 3, False, "fallback"), TurnRecord("\\boxed{B}", 3, False, "answer")]
+    t = Trajectory("x", 0, "B", ("a", "b"), (10, 10), (10, 10), turn_log=log)
+    assert t.crops == 2 and t.final_text == "\\boxed{B}"
+    assert score([t]).tolist() == [1.0]
+    assert score([t], turn_cost=0.25).tolist() == [0.5]
+    two = Trajectory("y", 0, "B", ("a", "b"), (10, 10), (10, 10), turn2_text="\\boxed{A}", crop_size=(28, 28))
+    assert score([two], turn_cost=0.25).tolist() == [-0.25]

@@ -228,3 +228,24 @@ def test_optimized_paths_match_naive_path_token_for_token(env, monkeypatch, shar
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
     assert torch.equal(a.pixel_values, b.pixel_values)
     assert [t.turn1_text for t in a.trajectories] == [t.turn1_text for t in b.trajectories]
+
+
+def test_two_turns_reproduce_the_recorded_rollouts(env):
+    """``rollout.max_turns = 2`` is the paper's template token for token: ids, masks, texts,
+    images and log-probs equal those the code wrote before the K-turn loop existed
+    (tests/data/k2_reference.json, written by tests/k2_reference.py)."""
+    import json
+    from pathlib import Path
+
+    from k2_reference import run_all
+
+    model, processor, samples = env
+    want = json.loads((Path(__file__).parent / "data" / "k2_reference.json").read_text())
+    got = json.loads(json.dumps(run_all(model, processor, samples)))
+    for name in want:
+        for key in want[name]:
+            if key != "sample_logp":
+                assert got[name][key] == want[name][key], (name, key)
+        for a, b in zip(got[name]["sample_logp"], want[name]["sample_logp"]):
+            assert [x is None for x in a] == [x is None for x in b]
+            assert max((abs(x - y) for x, y in zip(a, b) if x is not None), default=0) < 1e-4, name

@@ -251,3 +251,19 @@ def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, tiny_dir, synth_dir
     assert [r["steps"] for r in records] == [2, 2]
     metrics = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["grounding/valid_box_share"] == pytest.approx(0.5)
+
+
+def test_zero3_k_turns_lock_step(tmp_path, tiny_dir, synth_dir):
+    """mgpo_k, K = 3 under ZeRO-3: rank 0's trajectories all answer at turn 1, rank 1's zoom to
+    the last turn. Both ranks run exactly K generate calls per rollout (rank 0 joins turns 2
+    and 3 with a dummy row) and the run finishes."""
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "zoom", "train.max_steps=1",
+                         "rollout.template=mgpo_k", "rollout.max_turns=3", "rollout.max_new_tokens_turn1=40",
+                         "rollout.max_new_tokens_turn2=40", launcher="configs/accelerate/cpu_zero3_2proc.yaml",
+                         flags=["--zoom", "split"], env=_zero3_env(tmp_path), timeout=900)
+    assert [r["steps"] for r in records] == [1, 1]
+    assert [r["generate_calls"] for r in records] == [[3], [3]]
+    metrics = [json.loads(line) for line in (tmp_path / "zoom" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["turns/answer_at_turn1"] == pytest.approx(0.5)
+    assert metrics[-1]["turns/answer_at_turn3"] == pytest.approx(0.5)
+    assert metrics[-1]["turns/nested_zoom_share"] == pytest.approx(0.5)

@@ -2,7 +2,7 @@
 what the tests check: per-rank parameter checksums, which parameters changed.
 
     python tests/train_worker.py OUT.json --config configs/tiny_cpu.yaml [--rewards random]
-        [--boxes valid|invalid|split] key=value ...
+        [--boxes valid|invalid|split] [--zoom split] key=value ...
 """
 
 import argparse
@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--config", default="configs/tiny_cpu.yaml")
     ap.add_argument("--rewards", default="real", choices=["real", "random"])
     ap.add_argument("--boxes", default="free", choices=["free", "valid", "invalid", "split"])
+    ap.add_argument("--zoom", default="free", choices=["free", "split"],
+                    help="mgpo_k: rank 0's trajectories all answer at turn 1, rank 1's zoom at every turn")
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
     ap.add_argument("--negate-advantages", action="store_true", help="a broken trainer: advantages negated")
     ap.add_argument("--record-loss-inputs", action="store_true",
@@ -73,6 +75,21 @@ def main():
     if args.negate_advantages:
         real_advantages = trainer.group_advantages
         trainer.group_advantages = lambda *a, **kw: -real_advantages(*a, **kw)
+
+    generate_calls = []  # per rollout, this rank's generate calls
+    if args.zoom == "split":
+        from helpers import ScriptedModel
+
+        real_rollout = trainer.rollout
+
+        def _rollout(model, processor, *a, **kw):
+            box = '```json\n[{"bbox_2d": [30, 30, 200, 200]}]\n```'
+            scripts = ["\\boxed{A}<|im_end|>"] if D.rank() == 0 else [box] * (cfg.rollout.max_turns - 1)
+            scripted = ScriptedModel(model, processor.tokenizer, scripts)
+            out = real_rollout(scripted, processor, *a, **kw)
+            generate_calls.append(scripted.calls)
+            return out
+        trainer.rollout = _rollout
 
     if args.nan_loss:
         real_loss = trainer.policy_loss
@@ -115,6 +132,7 @@ def main():
         "trainable": before.pop("__trainable__"),
         "changed": [n for n in after if after[n] != before[n]],
         "loss_inputs": loss_inputs,
+        "generate_calls": generate_calls,
     }
     Path(f"{args.out}.rank{D.rank()}").write_text(json.dumps(record))
 

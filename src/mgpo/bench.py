@@ -371,6 +371,77 @@ def bench_rollout(workdir: Path, reps: int = 3) -> dict:
     return out
 
 
+class _ForceBox:
+    """Logits processor: the first generated tokens spell ``box``, then sampling is free."""
+
+    def __init__(self, box: list[int], width: int):
+        self.box, self.width = box, width
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.width
+        if step < len(self.box):
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.box[step]] = 0.0
+        return scores
+
+
+def bench_turns(workdir: Path, turns=(2, 3, 4), prompts: int = 4, group_size: int = 4) -> dict:
+    """K-turn rollout (``mgpo_k``) on the embedded tiny model: seconds per turn (one generate
+    call plus the grounding and cache continuation before it) and memory per trajectory: the
+    Rollout's tensors on the host (distinct images once), and the key/value cache its final
+    length needs. Every turn is forced to write a valid box, so every trajectory runs all K
+    turns and each turn adds a new crop (the worst case for memory)."""
+    from .data import load_samples
+    from .model import load_model, load_processor
+    from .rollout import rollout
+    from .synth import build_synth
+    from .tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(workdir / "turns-tiny", seed=0)
+    build_synth(workdir / "turns-synth", n=prompts, seed=0, split="train")
+    mcfg = ModelConfig(path=str(ckpt), min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28, dtype="float32")
+    model, processor = load_model(mcfg), load_processor(mcfg)
+    samples = list(load_samples(workdir / "turns-synth" / "train.jsonl"))
+    box = processor.tokenizer.encode('```json\n[{"bbox_2d": [20, 20, 200, 150]}]\n```', add_special_tokens=False)
+    text = model.config.text_config
+    kv_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    real_generate, ends = model.generate, []
+
+    def timed(**kw):  # every turn writes the same valid box: each turn adds a new crop
+        from transformers import LogitsProcessorList
+
+        kw["logits_processor"] = LogitsProcessorList([_ForceBox(box, kw["input_ids"].shape[1])])
+        out = real_generate(**kw)
+        ends.append(time.perf_counter())
+        return out
+    model.generate = timed
+    out = {"prompts": prompts, "group_size": group_size, "new_tokens_per_turn": 32}
+    try:
+        for K in (None, *turns):  # None: the paper's mgpo template, the K = 2 reference
+            cfg = RolloutConfig(template="mgpo" if K is None else "mgpo_k", max_turns=K or 2, group_size=group_size,
+                                max_new_tokens_turn1=32, max_new_tokens_turn2=32)
+            torch.manual_seed(0)
+            ends.clear()
+            t0 = time.perf_counter()
+            r = rollout(model, processor, samples, cfg, min_pixels=mcfg.min_pixels, max_pixels=mcfg.max_pixels,
+                        record_logprobs=True)
+            marks = [t0, *ends]
+            host = sum(t.numel() * t.element_size() for t in (r.input_ids, r.attention_mask, r.loss_mask,
+                                                               r.mm_token_type_ids, r.sample_logp))
+            host += sum(im.pixel_values.numel() * im.pixel_values.element_size() for im in r.images)
+            out["mgpo" if K is None else f"mgpo_k K={K}"] = {
+                "turn_s": [round(b - a, 3) for a, b in zip(marks, marks[1:])],
+                "turns_used": statistics.mean(len(t.texts) for t in r.trajectories),
+                "images_per_trajectory": statistics.mean(r.images_per_trajectory),
+                "tokens_per_trajectory": float(r.attention_mask.sum(dim=1).float().mean()),
+                "host_kib_per_trajectory": host / len(r) / 1024,
+                "kv_cache_kib_per_trajectory": float(r.attention_mask.sum(dim=1).float().mean()) * kv_per_token / 1024,
+            }
+    finally:
+        model.generate = real_generate
+    return out
+
+
 def bench_host_memory(workdir: Path, n: int = 1000) -> dict:
     """The host side of a rollout over n samples with 4,000-px images; RSS every 10 samples."""
     from PIL import Image
@@ -541,7 +612,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--only", choices=["all", "real-widths"], default="all",
                         help="real-widths: only section 4, spliced into the existing file")
+    parser.add_argument("--turns-only", action="store_true", help="only the K-turn figures (K = 2, 3, 4), printed")
     args = parser.parse_args(argv)
+    if args.turns_only:
+        import json
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(bench_turns(Path(tmp)), indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d")}
         if args.only == "all":

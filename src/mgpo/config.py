@@ -64,7 +64,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     template: str = "mgpo"
-    """Prompt preset: "mgpo" (two turns with a crop) or "grpo" (single-turn baseline)."""
+    """Prompt preset: "mgpo" (two turns with a crop), "grpo" (single-turn baseline), "direct", or
+    "mgpo_k" (beyond the paper: each turn zooms or answers, up to ``max_turns`` turns; our wording)."""
+    max_turns: int = 2
+    """Assistant turns of a conversation. "mgpo" is the paper's two (and refuses any other value);
+    "mgpo_k" takes K >= 2, the last turn being a forced answer; one-turn templates ignore it."""
     group_size: int = 8
     """Samples per prompt (n in GRPO); advantages are normalized within each group."""
     temperature: float = 1.0
@@ -86,6 +90,12 @@ class RolloutConfig:
     """A box is valid only if its long/short side ratio is below this."""
     format_reward: float = 0.0
     """Extra reward for a valid box in turn 1 (off in the paper's runs)."""
+    turn_cost: float = 0.0
+    """Reward subtracted per crop shown, for shorter searches ("mgpo_k"; 0 = off)."""
+    max_image_tokens: int = 0
+    """"mgpo_k": cap on a trajectory's image tokens (all its images); a turn whose next image would
+    pass it gets the text-only forced-answer turn instead. 0 = no cap. Host and device memory of
+    a trajectory grow with its images."""
     shared_prefill: bool = True
     """Encode each image and prefill each prompt once per group, then sample the group from a
     copied cache (False: the naive path, every sample re-encodes and re-reads its prompt)."""
@@ -171,7 +181,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     mode: str = "mgpo"
-    """mgpo (two turns with a crop), grpo (single-turn baseline) or direct (question + choices only)."""
+    """mgpo (two turns with a crop), grpo (single-turn baseline), direct (question + choices only)
+    or mgpo_k (zoom or answer each turn, up to eval.max_turns turns; beyond the paper)."""
+    max_turns: int = 2
+    """Assistant turns in mgpo_k mode (the rollout's max_turns for evaluation); mgpo is always 2."""
     adapter: str = ""
     """Optional LoRA adapter folder applied on top of model.path."""
     datasets: tuple[str, ...] = ()
@@ -362,6 +375,8 @@ def _problems(cfg: Config) -> list[str]:
         "rollout.max_new_tokens_turn2": (r.max_new_tokens_turn2, 1), "rollout.top_k": (r.top_k, 0),
         "rollout.generation_batch_size": (r.generation_batch_size, 0), "train.keep_last": (t.keep_last, 0),
         "loss.kl_coef": (cfg.loss.kl_coef, 0), "loss.entropy_coef": (cfg.loss.entropy_coef, 0),
+        "rollout.max_turns": (r.max_turns, 2), "eval.max_turns": (e.max_turns, 2),
+        "rollout.turn_cost": (r.turn_cost, 0), "rollout.max_image_tokens": (r.max_image_tokens, 0),
     }
     problems = [f"{k} must be >= {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
     above_zero = {"train.lr": t.lr, "rollout.temperature": r.temperature, "train.grad_clip": t.grad_clip,
@@ -369,6 +384,9 @@ def _problems(cfg: Config) -> list[str]:
     problems += [f"{k} must be > 0, got {v}" for k, v in above_zero.items() if not v > 0]
     if not 0 < r.top_p <= 1:
         problems.append(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    for key, template, turns in (("rollout", r.template, r.max_turns), ("eval", e.mode, e.max_turns)):
+        if template == "mgpo" and turns != 2:
+            problems.append(f"{key}.max_turns must be 2 with the paper's mgpo template, got {turns} (use mgpo_k)")
     if m.max_pixels < m.min_pixels:
         problems.append(f"model.max_pixels ({m.max_pixels}) must be >= model.min_pixels ({m.min_pixels})")
     choices = {

@@ -56,7 +56,9 @@ def protocol(cfg: Config) -> dict:
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
         "answer_match": "exact option letter in the last \\boxed{}" + (
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
-    }
+    } | ({"max_turns": e.max_turns, "max_image_tokens": r.max_image_tokens or "no cap",
+          "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
+         if get_template(e.mode).zoom_loop else {})
 
 
 def check_adapter_dir(path: str) -> Path:
@@ -91,8 +93,17 @@ def _records(batch, samples_by_id, dataset: str, k: int) -> list[dict]:
             "box_input": t.box_input, "box_original": t.box_original, "valid": t.valid, "box_problem": t.box_problem,
             "crop_size": list(t.crop_size) if t.crop_size else None, "original_size": list(t.original_size),
             "target_boxes": [list(b) for b in s.target_boxes], "breakdown": list(s.breakdown), "cycle": s.cycle,
-        })
+        } | _turn_records(t))
     return out
+
+
+def _turn_records(t) -> dict:
+    """K-turn mode: every turn's text, action and box, in order (the report's crops come from here)."""
+    if not t.turn_log:
+        return {}
+    return {"turns": [{"text": r.text, "action": r.action, "box_input": r.box_input, "box_original": r.box_original,
+                       "valid": r.valid, "nested": r.nested, "capped": r.capped,
+                       "crop_size": list(r.crop_size) if r.crop_size else None} for r in t.turn_log]}
 
 
 def _read_predictions(pred_dir: Path) -> list[dict]:
@@ -273,7 +284,8 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     state.wait_for_everyone()
     processor = processor or load_processor(cfg.model)
     model = model or _load_policy(cfg, state.device)
-    rcfg = replace(cfg.rollout, template=e.mode, group_size=e.samples, temperature=e.temperature or 1.0)
+    rcfg = replace(cfg.rollout, template=e.mode, group_size=e.samples, temperature=e.temperature or 1.0,
+                   max_turns=e.max_turns if get_template(e.mode).zoom_loop else 2)
     greedy = e.temperature == 0
 
     done = _done(_read_predictions(pred_dir), e.samples)

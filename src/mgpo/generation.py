@@ -15,6 +15,10 @@ widest new chunk; padding may sit in the middle, the attention mask covers it):
     [left pad][cached prefix_i] | [pad][new chunk_i]
     <-------- P ---------------> <------ N -------->
 
+In K turns (``mgpo_k``) turn k+1 continues from turn k's cache, over the rows still
+running only; a continued call's prompt is no longer contiguous in its cache, so each
+``Generated`` records the cache column of every real input token (``columns``).
+
 Positions are Qwen's 3-D mRoPE ones computed over the whole row (``get_rope_index``),
 so the crop's image tokens get their grid positions after the first image and the text.
 """
@@ -124,12 +128,16 @@ class Generated:
     cache: object  # the key/value cache after the call
     width: int  # input width (left-padded prompt)
     steps: int  # decode steps run (the widest row's new tokens)
+    columns: list[torch.Tensor] | None = None
+    """Per row, the cache column of each real input token, in order. A fresh call's prompt is
+    contiguous at the right; a continued call's is not ([pad][prefix] | [pad][new chunk])."""
 
-    def cached_tokens(self, prompt_len: int, kept: int) -> tuple[int, int]:
-        """(first cache column, count) of a row's prompt plus its first ``kept`` new tokens.
+    def cached_tokens(self, row: int, kept: int) -> torch.Tensor:
+        """Cache columns of a row's input plus its first ``kept`` new tokens, in token order.
 
         The cache lacks the last decoded token: its forward never ran."""
-        return self.width - prompt_len, prompt_len + min(kept, self.steps - 1)
+        new = torch.arange(self.width, self.width + min(kept, self.steps - 1))
+        return torch.cat([self.columns[row], new])
 
 
 @dataclass
@@ -137,12 +145,11 @@ class Continuation:
     """One row of a turn that continues from the previous turn's cache."""
 
     row: int  # row of the previous ``Generated``
-    prompt_len: int  # the previous turn's prompt length (unpadded)
     kept: int  # new tokens of the previous turn kept in the conversation
     ids: torch.Tensor  # [L] the whole input of this turn: prompt, kept tokens, new block
     grids: torch.Tensor  # [n_images, 3] every image grid of the row, in order
-    new_pixels: torch.Tensor  # [p, D] the new block's image patches
-    new_grid: torch.Tensor  # [1, 3]
+    new_pixels: torch.Tensor | None  # [p, D] the new block's image patches (None: a text-only block)
+    new_grid: torch.Tensor | None  # [1, 3]
 
 
 @torch.no_grad()
@@ -178,7 +185,8 @@ def generate_batch(model, seqs: list[torch.Tensor], pixel_values: list[torch.Ten
         tokens.append(new[row, :end].clone())
         logps.append(torch.tensor([torch.log_softmax(out.scores[j][row].float(), dim=-1)[seq[j]].item()
                                    for j in range(end)]) if gen_cfg.output_scores else None)
-    return Generated(tokens, logps, out.past_key_values, ids.shape[1], new.shape[1])
+    columns = [m.nonzero().squeeze(1) for m in mask]
+    return Generated(tokens, logps, out.past_key_values, ids.shape[1], new.shape[1], columns)
 
 
 @torch.no_grad()
@@ -201,24 +209,28 @@ def shared_prefill(model, ids, mask, mm, pixel_values, grids, group_size: int) -
 
 @torch.no_grad()
 def continue_cache(model, previous: Generated, rows: list[Continuation], image_token_id: int,
-                   pad_id: int) -> Prepared:
+                   pad_id: int, spare_image: tuple[torch.Tensor, torch.Tensor] | None = None) -> Prepared:
     """Reuse each row's cache from the previous turn and prefill its new tokens (all but
-    the last, which ``generate`` feeds itself)."""
+    the last, which ``generate`` feeds itself). Any subset of the previous rows, in any
+    order, can continue.
+
+    ``spare_image`` (pixels, grid): under ZeRO-3 every rank must run the vision tower as
+    often as the others; when no row brings a new image it is run on this one, unused."""
     device = model.device
     inner = rope_owner(model)  # the Qwen2_5_VLModel: embeddings, vision tower, language model
-    spans = [previous.cached_tokens(r.prompt_len, r.kept) for r in rows]  # (start, reuse) per row
-    P = max(reuse for _, reuse in spans)
-    N = max(len(r.ids) - reuse for r, (_, reuse) in zip(rows, spans))
+    spans = [previous.cached_tokens(r.row, r.kept) for r in rows]  # cache columns per row
+    P = max(len(cols) for cols in spans)
+    N = max(len(r.ids) - len(cols) for r, cols in zip(rows, spans))
     ids = torch.full((len(rows), P + N), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P + N), dtype=torch.long)
     keep = torch.zeros((len(rows), P), dtype=torch.long)  # old-cache column feeding each prefix slot
     keep_mask = torch.zeros((len(rows), P), dtype=torch.bool)
-    for i, (r, (start, reuse)) in enumerate(zip(rows, spans)):
+    for i, (r, cols) in enumerate(zip(rows, spans)):
+        reuse = len(cols)
         new = len(r.ids) - reuse
-        assert start + reuse <= previous.width + previous.steps - 1, "only cached tokens can be reused"
         ids[i, P - reuse: P], ids[i, P + N - new:] = r.ids[:reuse], r.ids[reuse:]
         mask[i, P - reuse: P], mask[i, P + N - new:] = 1, 1
-        keep[i, P - reuse:] = torch.arange(start, start + reuse)
+        keep[i, P - reuse:] = cols
         keep_mask[i, P - reuse:] = True
     # Repack every layer's keys/values into the new left-padded prefix (pad slots zeroed;
     # the mask hides them). RoPE is already inside the cached keys, so moving a key to
@@ -238,10 +250,12 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     chunk = ids[:, P: P + N - 1].to(device)
     embeds = inner.get_input_embeddings()(chunk)
     if (chunk == image_token_id).any():
-        pixels = torch.cat([r.new_pixels for r in rows]).to(device)
-        new_grids = torch.cat([r.new_grid for r in rows]).to(device)
+        pixels = torch.cat([r.new_pixels for r in rows if r.new_pixels is not None]).to(device)
+        new_grids = torch.cat([r.new_grid for r in rows if r.new_grid is not None]).to(device)
         features = torch.cat(inner.get_image_features(pixels, new_grids).pooler_output).to(embeds.dtype)
         embeds = embeds.masked_scatter((chunk == image_token_id)[..., None].expand_as(embeds), features)
+    elif spare_image is not None:  # lock-step: the other ranks run the vision tower now
+        inner.get_image_features(spare_image[0].to(device), spare_image[1].to(device))
     inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : P + N - 1].to(device),
                          position_ids=positions[:, :, P: P + N - 1], past_key_values=previous.cache, use_cache=True)
     inner.rope_deltas = deltas  # decode positions = real-token count + delta, per row

@@ -151,6 +151,28 @@ def to_original_box(box: Box, input_size: tuple[int, int], original_size: tuple[
     return Box(box.x1 * wo / wi, box.y1 * ho / hi, box.x2 * wo / wi, box.y2 * ho / hi)
 
 
+@dataclass(frozen=True)
+class View:
+    """One image as shown to the model: the region of the original it holds (original pixels;
+    the whole image for the original itself) and the size the model saw it at (width, height)."""
+
+    region: Box
+    input_size: tuple[int, int]
+
+
+def view_to_original(box: Box, view: View) -> Box:
+    """Map a box drawn on a shown image back to original pixels: undo the view's resize, then
+    add its offset. Chained over crops of crops, a nested zoom lands on full-resolution pixels.
+
+    >>> view_to_original(Box(280, 210, 560, 420), View(Box(1000, 750, 2000, 1500), (560, 420)))
+    Box(x1=1500.0, y1=1125.0, x2=2000.0, y2=1500.0)
+    """
+    (wi, hi), r = view.input_size, view.region
+    # multiply first, as in to_original_box: the view's edge lands exactly on its region's edge
+    return Box(r.x1 + box.x1 * r.width / wi, r.y1 + box.y1 * r.height / hi,
+               r.x1 + box.x2 * r.width / wi, r.y1 + box.y2 * r.height / hi)
+
+
 def input_size_from_grid(grid_thw) -> tuple[int, int]:
     """(width, height) of the resized image the model saw, from one ``image_grid_thw`` row."""
     _, gh, gw = (int(v) for v in grid_thw)

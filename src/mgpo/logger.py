@@ -47,7 +47,26 @@ def rollout_metrics(trajectories, rewards, group_size: int) -> dict[str, float]:
         "length/turn1_truncated": float(np.mean([t.turn1_truncated for t in trajectories])),
         "length/turn2_truncated": float(np.mean([t.turn2_truncated for t in trajectories])),
         "rollout/trajectories": float(n),
-    }
+    } | turn_metrics(trajectories)
+
+
+def turn_metrics(trajectories) -> dict[str, float]:
+    """K-turn rollouts (``mgpo_k``): turns and crops per trajectory, the share answering at each
+    turn (the turns-used histogram), nested zooms, and the valid-box share of each turn among
+    the trajectories that wrote that turn without answering. Empty for the paper's templates."""
+    logs = [t.turn_log for t in trajectories if t.turn_log]
+    if not logs:
+        return {}
+    out = {"turns/used": float(np.mean([len(log) for log in logs])),
+           "turns/crops": float(np.mean([sum(r.crop_size is not None for r in log) for log in logs])),
+           "turns/nested_zoom_share": float(np.mean([any(r.nested for r in log) for log in logs])),
+           "turns/capped_share": float(np.mean([any(r.capped for r in log) for log in logs]))}
+    for k in range(1, max(len(log) for log in logs) + 1):
+        out[f"turns/answer_at_turn{k}"] = float(np.mean([len(log) == k for log in logs]))
+        asked = [log[k - 1] for log in logs if len(log) > k]  # turns that zoomed or fell back
+        if asked:
+            out[f"turns/valid_box_share_turn{k}"] = float(np.mean([r.valid for r in asked]))
+    return out
 
 
 def draw_box(image, box, color=(255, 0, 0), width: int = 6):
@@ -142,7 +161,7 @@ class RunLogger:
                     self.writer.add_image(f"rollout{i}/crop", np.asarray(crop), step, dataformats="HWC")
             self.writer.add_text(f"rollout{i}/text",
                                  f"**{t.sample_id}** answer {t.answer}, valid box {t.valid} {t.box_input}\n\n"
-                                 f"turn 1: `{t.turn1_text}`\n\nturn 2: `{t.turn2_text}`", step)
+                                 + "\n\n".join(f"turn {j + 1}: `{x}`" for j, x in enumerate(t.texts)), step)
 
     def close(self) -> None:
         if not self.enabled:

@@ -2,7 +2,8 @@
 
 Two presets share one shape: a system prompt, a first user turn (image + text), and, for
 ``mgpo`` only, a second user turn that carries the crop (or the original again when the
-box is unusable). Messages are rendered through the processor's own chat template, so a
+box is unusable). ``mgpo_k`` (beyond the paper) lets every turn zoom or answer, up to
+``rollout.max_turns`` turns; its strings are ours, not the paper's. Messages are rendered through the processor's own chat template, so a
 real Qwen2.5-VL checkpoint and the tiny one format them identically.
 
 Text from data (question, options) is escaped first: a question holding
@@ -46,6 +47,26 @@ GRPO_SUFFIX = (
 )
 DIRECT_SUFFIX = "Answer with the option's letter from the given choices directly."
 
+# ``mgpo_k`` (issue 13, beyond the paper): the model zooms as often as it needs, then answers.
+# These strings are this project's own wording, NOT the paper's or the reference's; no
+# released checkpoint was trained on them.
+ZOOM_SYSTEM = (
+    "You are a helpful assistant. You are given an image and a multiple-choice question. Before "
+    "answering you may look closer: write the coordinates of one image region in JSON format, as "
+    '{"bbox_2d": [x1, y1, x2, y2]} in pixels of the latest image you were shown, and stop. That region '
+    "is then cut from the full-resolution image, enlarged and shown to you, and you may zoom into it "
+    "again the same way. As soon as you are sure, give the final answer (A, B, C, D, or E) enclosed "
+    "within \\boxed{} instead of coordinates."
+)
+ZOOM_ASK = "Either give the coordinates of a region to enlarge in JSON format, or the final answer within \\boxed{}."
+ZOOM_CROP_LEAD = "Here is the region you asked for, enlarged:"
+ZOOM_FALLBACK_LEAD = "The coordinates were missing or unusable, so here is the previous image again:"
+ZOOM_CAPPED = "No more images can be shown."
+ZOOM_LAST = (
+    "This is the last image. Answer now: reason step by step from what you have seen and give the "
+    "final answer (A, B, C, D, or E) enclosed within \\boxed{}."
+)
+
 
 def render_choices(options) -> str:
     """
@@ -70,11 +91,15 @@ class Template:
     turns: int
     bare_letter: bool = False
     """The prompt asks for a bare option letter; the scorer accepts one (``direct``)."""
+    zoom_loop: bool = False
+    """Each turn zooms or answers, up to ``rollout.max_turns`` turns (``mgpo_k``); ``turns`` is then unused."""
 
     def first_user(self, question: str, options) -> list[dict]:
         """Content of the first user message: the image, then the text."""
         if self.name == "mgpo":
             text = f"Question: {with_period(question)} {TURN1_SUFFIX}"
+        elif self.zoom_loop:
+            text = f"Question: {question.strip()}\n{render_choices(options)}{ZOOM_ASK}"
         elif self.name == "grpo":
             text = f"{question.strip()}\n{render_choices(options)}{GRPO_SUFFIX}"
         else:  # direct
@@ -88,8 +113,20 @@ class Template:
         return [{"type": "text", "text": lead + "\n"}, {"type": "image"}, {"type": "text", "text": body}]
 
 
+    def zoom_user(self, question: str, options, shown: str, last: bool) -> list[dict]:
+        """A K-turn user message (``mgpo_k``): ``shown`` is "crop" (the new crop), "fallback" (the
+        previous image again) or "capped" (no image: the image-token cap is reached, answer now)."""
+        tail = ZOOM_LAST if last or shown == "capped" else ZOOM_ASK
+        body = f"Question: {question.strip()}\n{render_choices(options)}{tail}"
+        if shown == "capped":
+            return [{"type": "text", "text": f"{ZOOM_CAPPED} {body}"}]
+        lead = ZOOM_CROP_LEAD if shown == "crop" else ZOOM_FALLBACK_LEAD
+        return [{"type": "text", "text": lead + "\n"}, {"type": "image"}, {"type": "text", "text": "\n" + body}]
+
+
 TEMPLATES = {
     "mgpo": Template("mgpo", MGPO_SYSTEM, turns=2),
+    "mgpo_k": Template("mgpo_k", ZOOM_SYSTEM, turns=2, zoom_loop=True),
     "grpo": Template("grpo", None, turns=1),
     "direct": Template("direct", None, turns=1, bare_letter=True),
 }
@@ -140,18 +177,25 @@ def first_prompt_text(processor, template: Template, question: str, options) -> 
                                          add_generation_prompt=True, tokenize=False)
 
 
-def second_turn_text(processor, template: Template, question: str, options, cropped: bool) -> str:
-    """The text that follows turn 1's ``<|im_end|>``: newline, the user block, the assistant header.
-
-    Rendered by the chat template (system + user, minus the system part), so it is exactly
-    what the template would produce for the whole conversation.
-    """
-    question, options = _escaped(processor, question, options)
+def _next_user_text(processor, template: Template, content: list[dict]) -> str:
+    """What follows an assistant turn's ``<|im_end|>``: newline, the user block ``content``,
+    the next assistant header. Rendered by the chat template (system + user, minus the
+    system part), so it is exactly what the template would produce for the whole conversation."""
     system = template.system or "You are a helpful assistant."
     head = processor.apply_chat_template(_messages(system, []), tokenize=False)
     head = head[: head.rfind("<|im_start|>user")]
-    full = processor.apply_chat_template(
-        _messages(system, template.second_user(question, options, cropped)),
-        add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(_messages(system, content), add_generation_prompt=True, tokenize=False)
     assert full.startswith(head), "chat template must render the system block first"
     return "\n" + full[len(head):]
+
+
+def second_turn_text(processor, template: Template, question: str, options, cropped: bool) -> str:
+    """The turn-2 user block of the paper's template (crop or fallback), after turn 1's ``<|im_end|>``."""
+    question, options = _escaped(processor, question, options)
+    return _next_user_text(processor, template, template.second_user(question, options, cropped))
+
+
+def zoom_turn_text(processor, template: Template, question: str, options, shown: str, last: bool) -> str:
+    """A K-turn user block (``Template.zoom_user``), after the previous assistant turn's ``<|im_end|>``."""
+    question, options = _escaped(processor, question, options)
+    return _next_user_text(processor, template, template.zoom_user(question, options, shown, last))

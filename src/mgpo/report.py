@@ -86,6 +86,22 @@ def per_cycle(recs: list[dict]) -> dict | None:
     return {"cycles": accs, "mean_over_cycles": float(np.mean(list(accs.values())))}
 
 
+def turn_summary(recs: list[dict]) -> dict:
+    """K-turn mode: turns and crops per question, the share answering at each turn, nested zooms,
+    and the valid-box share of each turn that zoomed or fell back."""
+    logs = [r["turns"] for r in recs if r.get("turns")]
+    out = {"turns_used": float(np.mean([len(log) for log in logs])),
+           "crops": float(np.mean([sum(bool(t["crop_size"]) for t in log) for log in logs])),
+           "nested_zoom": _acc([any(t["nested"] for t in log) for log in logs]),
+           "answer_at_turn": {}, "valid_box_at_turn": {}}
+    for k in range(1, max(len(log) for log in logs) + 1):
+        out["answer_at_turn"][str(k)] = _acc([len(log) == k for log in logs])  # str: JSON keys
+        asked = [log[k - 1]["valid"] for log in logs if len(log) > k]
+        if asked:
+            out["valid_box_at_turn"][str(k)] = _acc(asked)
+    return out
+
+
 def compute_metrics(records: list[dict]) -> dict:
     """Accuracy (Avg@k, pass@k) per dataset and category, and grounding diagnostics."""
     out: dict = {}
@@ -115,6 +131,8 @@ def compute_metrics(records: list[dict]) -> dict:
                                               if shares else None),
             },
         }
+        if any(r.get("turns") for r in recs):
+            out[name]["turns"] = turn_summary(recs)
         if any(r.get("breakdown") for r in recs):
             out[name]["breakdown"] = breakdown(recs)
         if (cycles := per_cycle(recs)) is not None:
@@ -157,6 +175,15 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
         iou_text = f"{g['mean_iou']:.3f}" if g["mean_iou"] is not None else "-"
         lines.append(f"| {name} | {_fmt(g['valid_box'])} | {iou_text} | {_fmt(g['crop_contains_target'])} | {q} | "
                      f"{_fmt(m['no_answer'])} |")
+    turned = {name: m["turns"] for name, m in metrics.items() if "turns" in m}
+    if turned:
+        lines += ["", "## Turns (K-turn mode)", "", "| dataset | turns used | crops | nested zoom % | answer at turn k % "
+                  "| valid box at turn k % |", "|---|---|---|---|---|---|"]
+        for name, t in turned.items():
+            at = ", ".join(f"{k}: {_fmt(v)}" for k, v in t["answer_at_turn"].items())
+            valid = ", ".join(f"{k}: {_fmt(v)}" for k, v in t["valid_box_at_turn"].items()) or "-"
+            lines.append(f"| {name} | {t['turns_used']:.2f} | {t['crops']:.2f} | {_fmt(t['nested_zoom'])} | {at} | "
+                         f"{valid} |")
     bad = [(d, i, why) for d, items in skipped.items() for i, why in items]
     lines += ["", f"## Skipped records ({len(bad)})", ""]
     lines += [f"- {d} / {i}: {why}" for d, i, why in bad[:200]] or ["none"]

@@ -186,12 +186,19 @@ def _card(r: dict, load_image) -> str:
     if r["valid"]:
         boxes.append((r["box_original"], (230, 0, 0)))
         crop = f"<img alt='crop' src='{_thumb(image.crop([int(v) for v in r['box_original']]), [], 256)}'>"
+    texts = f"turn 1: {_e(r['turn1_text'][:600])}\n\nturn 2: {_e(r['turn2_text'][:600])}"
+    if r.get("turns"):  # K-turn mode: every crop in order, every turn's text
+        zooms = [t["box_original"] for t in r["turns"] if t.get("crop_size")]
+        boxes += [(b, (230, 0, 0)) for b in zooms[1:]]
+        crop = "".join(f"<img alt='crop {k + 1}' src='{_thumb(image.crop([int(v) for v in b]), [], 160)}'>"
+                       for k, b in enumerate(zooms))
+        texts = "\n\n".join(f"turn {k + 1} ({t['action']}): {_e(t['text'][:300])}" for k, t in enumerate(r["turns"]))
     verdict = "right" if r["correct"] else "wrong"
     kinds = verdict + ("" if r["valid"] else " invalid")
     return (f"<div class='card {kinds}'><div class='head'><b>{_e(r['id'])}</b> [{_e(r['dataset'])} / "
             f"{_e(r['category'])}] answer {_e(r['answer'])}, predicted {_e(r['pred'])}: <b>{verdict}</b></div>"
             f"<img alt='original' src='{_thumb(image, boxes)}'>{crop}<p class='q'>{_e(r['question'])}</p>"
-            f"<pre>turn 1: {_e(r['turn1_text'][:600])}\n\nturn 2: {_e(r['turn2_text'][:600])}</pre></div>")
+            f"<pre>{texts}</pre></div>")
 
 
 def _cases(records: list[dict], load_image, limit: int) -> str:

@@ -118,7 +118,8 @@ def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
     return (rewards_BG.max(dim=1).values == rewards_BG.min(dim=1).values).float().mean().item()
 
 
-def score(trajectories, format_reward: float = 0.0) -> torch.Tensor:
-    """Rewards of a rollout, one per trajectory: accuracy (+ an optional valid-box bonus)."""
+def score(trajectories, format_reward: float = 0.0, turn_cost: float = 0.0) -> torch.Tensor:
+    """Rewards of a rollout, one per trajectory: accuracy of the final turn (+ an optional
+    valid-box bonus, - an optional cost per crop shown, for short K-turn searches)."""
     return torch.tensor([float(predicted_letter(t) == t.answer) + (format_reward if t.valid else 0.0)
-                         for t in trajectories])
+                         - turn_cost * t.crops for t in trajectories])

@@ -16,7 +16,8 @@ For a batch of prompts, each sampled ``group_size`` times:
    and per-trajectory metadata.
 
 The one-turn templates (``grpo``, ``direct``) stop after step 1 and keep the whole turn:
-the box, if any, is only a diagnostic there.
+the box, if any, is only a diagnostic there. The K-turn template ``mgpo_k`` (beyond the
+paper) runs its turns in ``mgpo.zoom`` with the same pieces.
 
 Prompts are generated ``rollout.generation_batch_size`` whole groups at a time; each
 chunk runs the same number of ``generate`` calls whatever the boxes look like (one per
@@ -51,116 +52,9 @@ from .grounding import (
     to_original_box,
 )
 from .prompts import Template, first_prompt_text, get_template, second_turn_text
+from .trajectory import ImagePatches, Rollout, Trajectory, TurnRecord
 
-
-@dataclass
-class Trajectory:
-    """What happened in one sampled conversation (metadata only; tensors live in Rollout)."""
-
-    sample_id: str
-    group: int
-    """Index of the prompt within the batch; a group's trajectories are consecutive."""
-    answer: str
-    options: tuple[str, ...]
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-    turns: int = 2
-    """Assistant turns of the template (the reward reads the last one)."""
-    bare_letter: bool = False
-    """The template asks for a bare option letter (``direct``), not ``\\boxed{}``."""
-    turn1_text: str = ""
-    turn2_text: str = ""
-    box_input: list[float] | None = None
-    box_original: list[float] | None = None
-    valid: bool = False
-    box_problem: str | None = "no box"
-    crop_size: tuple[int, int] | None = None
-    turn1_truncated: bool = False
-    """Turn 1 hit its token limit (in two turns: without a box, so the original is shown again)."""
-    turn2_truncated: bool = False
-    """Turn 2 hit its token limit; the reward is taken from what exists."""
-    turn1_tokens: int = 0
-    turn2_tokens: int = 0
-
-    @property
-    def final_text(self) -> str:
-        """The template's final assistant turn, the one the answer reward reads (SPEC 4)."""
-        return self.turn2_text if self.turns == 2 else self.turn1_text
-
-
-@dataclass
-class ImagePatches:
-    """One image as the model reads it."""
-
-    pixel_values: torch.Tensor  # [p, D] patches
-    grid: torch.Tensor  # [1, 3] (t, h, w) in patches
-
-
-@dataclass
-class Rollout:
-    """A batch of finished trajectories, ready for the training forward.
-
-    Shapes: N trajectories, T tokens (right-padded). Each distinct image is stored once
-    (a group shares its first image); ``image_index[i]`` lists trajectory i's images in
-    the order they appear in its tokens.
-    """
-
-    input_ids: torch.Tensor  # [N, T]
-    attention_mask: torch.Tensor  # [N, T]
-    loss_mask: torch.Tensor  # [N, T] 1.0 on tokens the model produced in either turn
-    mm_token_type_ids: torch.Tensor  # [N, T] 1 on image tokens (mRoPE needs it)
-    images: list[ImagePatches]
-    image_index: list[list[int]]
-    trajectories: list[Trajectory]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    """(sample id, reason) for prompts dropped before generation (e.g. unreadable image)."""
-    sample_logp: torch.Tensor | None = None  # [N, T] generation-time log-probs, NaN elsewhere
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def images_per_trajectory(self) -> list[int]:
-        return [len(ix) for ix in self.image_index]
-
-    @property
-    def pixel_values(self) -> torch.Tensor:
-        """[P, D] every trajectory's image patches, trajectory by trajectory (the model's layout)."""
-        return torch.cat([self.images[j].pixel_values for ix in self.image_index for j in ix])
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        """[I, 3] the grids in the same order as ``pixel_values``."""
-        return torch.cat([self.images[j].grid for ix in self.image_index for j in ix])
-
-    def select(self, index) -> Rollout:
-        """A sub-batch holding only the images its trajectories use."""
-        index = [int(i) for i in index]
-        used = sorted({j for i in index for j in self.image_index[i]})
-        new = {j: k for k, j in enumerate(used)}
-        width = int(self.attention_mask[index].sum(dim=1).max())  # trim shared right padding
-        return Rollout(
-            input_ids=self.input_ids[index, :width],
-            attention_mask=self.attention_mask[index, :width],
-            loss_mask=self.loss_mask[index, :width],
-            mm_token_type_ids=self.mm_token_type_ids[index, :width],
-            images=[self.images[j] for j in used],
-            image_index=[[new[j] for j in self.image_index[i]] for i in index],
-            trajectories=[self.trajectories[i] for i in index],
-            sample_logp=None if self.sample_logp is None else self.sample_logp[index, :width],
-        )
-
-    def model_inputs(self, device=None) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the model's forward (mm_token_type_ids included)."""
-        out = {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "mm_token_type_ids": self.mm_token_type_ids,
-            "pixel_values": self.pixel_values,
-            "image_grid_thw": self.image_grid_thw,
-        }
-        out = {k: v for k, v in out.items() if v is not None}
-        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+__all__ = ["ImagePatches", "Rollout", "Trajectory", "TurnRecord", "prompt_tokens", "rollout", "teacher_forced"]
 
 
 # ----------------------------------------------------------------------------- hand-overs
@@ -333,17 +227,11 @@ def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: i
                                p.original.size, input_size_from_grid(p.enc.image.grid[0]), turns=ctx.template.turns,
                                bare_letter=ctx.template.bare_letter)
                     for g, p in enumerate(prompts) for _ in range(group_size)]
-    # ---- turn 1: one batched generate (each prompt prefilled once, or once per sample)
-    shared = ctx.cfg.shared_prefill and group_size > 1
-    rows = 1 if shared else group_size  # input rows per prompt (shared: the cache is copied instead)
-    if prompts[0].script is not None:
-        turn1 = _scripted(ctx, [p.script[0] for p in prompts])
-    else:
-        turn1 = generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],
-                               [p.enc.image.pixel_values for p in prompts for _ in range(rows)],
-                               [p.enc.image.grid for p in prompts for _ in range(rows)],
-                               ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"],
-                               ctx.synced_gpus, group_size=group_size if shared else 1)
+    if ctx.template.zoom_loop:  # mgpo_k: zoom or answer, turn after turn
+        from .zoom import zoom_turns
+
+        return trajectories, zoom_turns(model, ctx, prompts, trajectories)
+    turn1 = _generate_turn1(model, ctx, prompts)
     conversations = [_close_turn1(ctx, t, prompts[i // group_size], turn1, i) for i, t in enumerate(trajectories)]
     if ctx.template.turns == 1:
         return trajectories, conversations
@@ -365,6 +253,21 @@ def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: i
         conv.pieces += [_Piece(block.ids, False), _Piece(out, True, turn2.logps[i])]
         conv.images.append(image)
     return trajectories, conversations
+
+
+def _generate_turn1(model, ctx: _Context, prompts: list[_Prompt]) -> Generated:
+    """Turn 1: one batched generate (each prompt prefilled once, or once per sample); rows
+    are trajectories, group by group."""
+    group_size = ctx.cfg.group_size
+    if prompts[0].script is not None:
+        return _scripted(ctx, [p.script[0] for p in prompts])
+    shared = ctx.cfg.shared_prefill and group_size > 1
+    rows = 1 if shared else group_size  # input rows per prompt (shared: the cache is copied instead)
+    return generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],
+                          [p.enc.image.pixel_values for p in prompts for _ in range(rows)],
+                          [p.enc.image.grid for p in prompts for _ in range(rows)],
+                          ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"],
+                          ctx.synced_gpus, group_size=group_size if shared else 1)
 
 
 def _close_turn1(ctx: _Context, t: Trajectory, prompt: _Prompt, turn1: Generated, i: int) -> _Conversation:
@@ -438,8 +341,7 @@ def _generate_turn2(model, ctx: _Context, prompts, conversations, blocks, turn1:
         seqs.append(torch.cat([piece.tokens for piece in conv.pieces] + [block.ids]))
         pixels.append(torch.cat([p.enc.image.pixel_values, block.image.pixel_values]))
         grids.append(torch.cat([p.enc.image.grid, block.image.grid]))
-        rows.append(Continuation(i, len(p.enc.ids), conv.kept, seqs[-1], grids[-1], block.image.pixel_values,
-                                 block.image.grid))
+        rows.append(Continuation(i, conv.kept, seqs[-1], grids[-1], block.image.pixel_values, block.image.grid))
     gen = ctx.generation(ctx.cfg.max_new_tokens_turn2)
     prepared = None
     if turn1.cache is not None:

@@ -215,7 +215,7 @@ def _rl_experience(run: _Run, prompts, images) -> Experience:
     run.wrapped.train()
     t_rollout = time.perf_counter() - t0
     # ---- rewards and group-relative advantages
-    rewards = score(batch.trajectories, cfg.rollout.format_reward)
+    rewards = score(batch.trajectories, cfg.rollout.format_reward, cfg.rollout.turn_cost)
     adv = group_advantages(rewards, cfg.rollout.group_size, cfg.loss.adv_eps)
     # ---- old and reference log-probs (no grad)
     t0 = time.perf_counter()

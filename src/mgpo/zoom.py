@@ -1,0 +1,239 @@
+"""The K-turn rollout (``mgpo_k``, beyond the paper): each turn zooms or answers.
+
+Every assistant turn either writes a box, which crops that region from the ORIGINAL image
+(a box drawn on a crop is mapped back through that crop's resize and offset, so a nested
+zoom reaches full resolution) and shows it in a new user turn; or writes ``\\boxed{}``,
+which ends the conversation. A turn with neither, or with an unusable box, gets the
+fallback text and the previous image again. Turn ``rollout.max_turns`` is a forced answer;
+so is a turn whose next image would pass ``rollout.max_image_tokens``.
+
+Batched: each turn is one ``generate`` over the trajectories still running. Turn k+1
+continues from turn k's cache (``continue_cache`` with the running rows only) or re-reads
+every conversation (``continue_turn2 = False``). Under ZeRO-3 (``synced_gpus``) every rank
+runs exactly ``max_turns`` calls: a rank whose trajectories have all finished still joins
+each one with a dummy row whose output is thrown away. Turn 1 uses
+``max_new_tokens_turn1``, every later turn ``max_new_tokens_turn2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .generation import Continuation, Generated, continue_cache, generate_batch
+from .grounding import (
+    Box,
+    View,
+    box_problem,
+    crop_original,
+    find_box,
+    fit_to_budget,
+    input_size_from_grid,
+    pixel_box,
+    view_to_original,
+)
+from .prompts import zoom_turn_text
+from .reward import extract_answer
+from .rollout import (
+    _closed,
+    _Context,
+    _Conversation,
+    _cut_after,
+    _encode,
+    _generate_turn1,
+    _Piece,
+    _Prompt,
+    _scripted,
+)
+from .trajectory import Trajectory, TurnRecord
+
+
+@dataclass
+class _State:
+    """One trajectory between turns: the image it looks at and what it has cost so far."""
+
+    prompt: _Prompt
+    view: View  # the latest image shown, as a region of the original
+    picture: object  # that image (PIL), to show it again on a fallback
+    image: int  # its index in the rollout's image list
+    image_tokens: int  # image tokens in the conversation so far
+    depth: int = 0  # crops of crops: 0 while the original is the latest image
+    forced: bool = False  # the next turn is the forced answer
+    done: bool = False
+
+
+@dataclass
+class _Call:
+    """One generate call's rows: the trajectory of each (None: the lock-step dummy), its input."""
+
+    gen: Generated
+    trajs: list[int | None]
+    inputs: list[torch.Tensor]
+    images: list[list[int]]
+
+
+def _image_tokens(grid: torch.Tensor) -> int:
+    return int(grid.prod()) // 4  # 2x2 patches merge into one token
+
+
+def zoom_turns(model, ctx: _Context, prompts: list[_Prompt], trajectories: list[Trajectory]) -> list[_Conversation]:
+    """Run up to ``ctx.cfg.max_turns`` turns; return each trajectory's conversation."""
+    K, G = ctx.cfg.max_turns, ctx.cfg.group_size
+    states, convs = [], []
+    for i, t in enumerate(trajectories):
+        p = prompts[i // G]
+        region = Box(0.0, 0.0, float(t.original_size[0]), float(t.original_size[1]))
+        states.append(_State(p, View(region, t.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
+        convs.append(_Conversation([_Piece(p.enc.ids, False)], [p.image]))
+    n = len(trajectories)
+    call = _Call(_generate_turn1(model, ctx, prompts), list(range(n)), [p.enc.ids for p in prompts for _ in range(G)],
+                 [[p.image] for p in prompts for _ in range(G)])
+    for turn in range(1, K + 1):
+        for row, i in enumerate(call.trajs):
+            if i is not None:
+                _read_turn(ctx, trajectories[i], states[i], convs[i], call.gen, row, last=turn == K)
+        running = [i for i in range(n) if not states[i].done]
+        if turn == K or not (running or ctx.synced_gpus):
+            break
+        blocks = {i: _next_block(ctx, trajectories[i], states[i], last=turn + 1 == K) for i in running}
+        for i in running:
+            ids, new = blocks[i]
+            convs[i].pieces.append(_Piece(ids, False))
+            convs[i].images += [] if new is None else [new]
+        call = _next_call(model, ctx, prompts, call, running, convs, blocks, turn + 1)
+    for t in trajectories:
+        _summarize(t)
+    return convs
+
+
+def _read_turn(ctx: _Context, t: Trajectory, st: _State, conv: _Conversation, gen: Generated, row: int,
+               last: bool) -> None:
+    """Decide what one turn did (zoom, fall back, answer) and which of its tokens stay.
+
+    A zooming or falling-back turn is cut right after its box and closed with ``<|im_end|>``,
+    as the paper's turn 1; an answering turn is kept whole, as sampled, and ends the
+    conversation. Whichever comes first wins: a box closed before any ``\\boxed{}`` answer
+    zooms, an answer written before the box ends the conversation."""
+    tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
+    sampled, logp = gen.tokens[row], gen.logps[row]
+    closed = _closed(sampled, ctx.stops)
+    body = sampled[:-1] if closed else sampled
+    text = tok.decode(body, skip_special_tokens=False)
+    found = None if last or st.forced else find_box(text)
+    answered = extract_answer(text if found is None else text[:found[1]], t.options) is not None
+    if last or st.forced or answered:
+        conv.pieces.append(_Piece(sampled, True, logp))
+        t.turn_log.append(TurnRecord(tok.decode(body, skip_special_tokens=False), len(sampled), not closed,
+                                     "answer" if answered else "final"))
+        st.done = True
+        return
+    record = TurnRecord("", 0, not closed, "fallback")
+    keep = len(body)
+    if found is not None:
+        box, end = found
+        record.box_input = box.as_list()
+        record.box_problem = box_problem(box, st.view.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
+        record.valid = record.box_problem is None
+        keep = _cut_after(tok, body, text, end)
+        if record.valid:
+            record.action, record.nested = "zoom", st.depth > 0
+            record.box_original = view_to_original(box, st.view).as_list()
+    else:
+        record.box_problem = "no box"
+    sampled_close = closed and keep == len(body) and int(sampled[-1]) == im_end
+    tokens = torch.cat([body[:keep], torch.tensor([im_end])])
+    if logp is not None:
+        logp = torch.cat([logp[:keep], logp[keep:keep + 1] if sampled_close else torch.tensor([float("nan")])])
+    record.text, record.tokens = tok.decode(body[:keep], skip_special_tokens=False), len(tokens)
+    conv.pieces.append(_Piece(tokens, True, logp))
+    conv.kept = keep
+    t.turn_log.append(record)
+
+
+def _next_block(ctx: _Context, t: Trajectory, st: _State, last: bool):
+    """The next user block of a running trajectory and its new image's index (None: text only).
+
+    A zoom shows the crop of the original, enlarged into the pixel budget; a fallback shows
+    the previous image again; either becomes the text-only forced-answer block when its image
+    would pass ``rollout.max_image_tokens``."""
+    record, p = t.turn_log[-1], st.prompt
+    question, options = p.sample.question, p.sample.options
+    picture = st.picture
+    if record.action == "zoom":
+        box = Box(*record.box_original)
+        picture = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
+                                ctx.cfg.crop_resample)
+    block = _encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, question, options,
+                                                  "crop" if record.action == "zoom" else "fallback", last), [picture])
+    cost = _image_tokens(block.image.grid)
+    cap = ctx.cfg.max_image_tokens
+    if cap and st.image_tokens + cost > cap:
+        record.capped, st.forced = record.action == "zoom", True
+        text = zoom_turn_text(ctx.processor, ctx.template, question, options, "capped", True)
+        return ctx.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0], None
+    st.image_tokens += cost
+    if record.action != "zoom":
+        return block.ids, st.image  # the same picture: its patches are stored once
+    record.crop_size = picture.size
+    st.view = View(Box(*map(float, pixel_box(Box(*record.box_original), p.original.size))),
+                   input_size_from_grid(block.image.grid[0]))
+    st.picture, st.depth = picture, st.depth + 1
+    st.image = ctx.add_image(block.image)
+    return block.ids, st.image
+
+
+def _next_call(model, ctx: _Context, prompts, prev: _Call, running: list[int], convs, blocks, turn: int) -> _Call:
+    """One generate over the running trajectories (or a dummy row, lock-step), continued from
+    the previous call's cache when it is kept."""
+    row_of = {i: r for r, i in enumerate(prev.trajs)}
+    trajs, inputs, images, rows = [], [], [], []
+    for i in running:
+        trajs.append(i)
+        inputs.append(torch.cat([piece.tokens for piece in convs[i].pieces]))
+        images.append(list(convs[i].images))
+        rows.append(_continuation(ctx, row_of[i], convs[i].kept, inputs[-1], images[-1], blocks[i][1]))
+    if not running:  # synced_gpus: join the call with the first row's input and a fallback block
+        p = prompts[0]
+        fallback = _encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, p.sample.question,
+                                                         p.sample.options, "fallback", False), [p.original])
+        trajs, inputs, images = [None], [torch.cat([prev.inputs[0], fallback.ids])], [prev.images[0] + [p.image]]
+        rows.append(_continuation(ctx, 0, 0, inputs[0], images[0], p.image))
+    if prompts[0].script is not None:
+        gen = _scripted(ctx, [prompts[i // ctx.cfg.group_size].script[turn - 1] for i in running])
+        return _Call(gen, trajs, inputs, images)
+    image_id = ctx.ids["<|image_pad|>"]
+    generation = ctx.generation(ctx.cfg.max_new_tokens_turn2)
+    if not ctx.cfg.continue_turn2:
+        prev.gen.cache = None  # nothing reuses it: free it before the next call fills another
+    prepared = None
+    if prev.gen.cache is not None and ctx.cfg.continue_turn2:
+        spare = ctx.images[prompts[0].image]
+        prepared = continue_cache(model, prev.gen, rows, image_id, ctx.ids["<|endoftext|>"],
+                                  spare_image=(spare.pixel_values, spare.grid) if ctx.synced_gpus else None)
+        prev.gen.cache = None
+    gen = generate_batch(model, inputs, [torch.cat([ctx.images[j].pixel_values for j in ix]) for ix in images],
+                         [r.grids for r in rows], generation, image_id, ctx.synced_gpus, prepared=prepared)
+    if not ctx.cfg.continue_turn2:
+        gen.cache = None  # nothing reuses it
+    return _Call(gen, trajs, inputs, images)
+
+
+def _continuation(ctx: _Context, row: int, kept: int, ids, images: list[int], new: int | None) -> Continuation:
+    grids = torch.cat([ctx.images[j].grid for j in images])
+    if new is None:
+        return Continuation(row, kept, ids, grids, None, None)
+    return Continuation(row, kept, ids, grids, ctx.images[new].pixel_values, ctx.images[new].grid)
+
+
+def _summarize(t: Trajectory) -> None:
+    """Fill the two-turn fields from the turn log, for the paper-shaped consumers (turn 1's box)."""
+    log = t.turn_log
+    t.turns = len(log)
+    first = log[0]
+    t.turn1_text, t.turn1_tokens, t.turn1_truncated = first.text, first.tokens, first.truncated
+    if len(log) > 1:
+        t.turn2_text, t.turn2_tokens, t.turn2_truncated = log[1].text, log[1].tokens, log[1].truncated
+    t.box_input, t.box_original, t.valid = first.box_input, first.box_original, first.valid
+    t.box_problem = first.box_problem if first.action != "answer" else "answered"
+    t.crop_size = first.crop_size
