@@ -55,7 +55,7 @@ def main():
     cfg = load_config(args.config, args.overrides)
 
     if args.rewards == "random":  # non-zero advantages, so the policy gradient is exercised
-        def _score(trajectories, format_reward=0.0):
+        def _score(trajectories, *_):
             g = torch.Generator().manual_seed(len(trajectories) + D.rank())
             return torch.randint(0, 2, (len(trajectories),), generator=g).float()
         trainer.score = _score
