@@ -16,7 +16,7 @@ leaves the previous checkpoint untouched and loadable; folders without COMPLETE,
 folders not named ``step-<digits>``, are ignored on resume.
 
 Nothing in a checkpoint is deserialized before the manifest is verified: DeepSpeed's
-engine files go through its own ``torch.load(weights_only=False)``, so a file changed or
+engine files are unpickled by DeepSpeed without the weights-only guard, so a file changed or
 added after the save (a crafted ``mp_rank_00_model_states.pt``) would otherwise run code.
 A checkpoint that fails verification is refused, naming the file; ``resume=auto`` then
 falls back to the newest one that passes.
