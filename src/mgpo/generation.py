@@ -235,13 +235,15 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     # Repack every layer's keys/values into the new left-padded prefix (pad slots zeroed;
     # the mask hides them). RoPE is already inside the cached keys, so moving a key to
     # another slot does not change what it encodes. Rows follow ``rows``' order.
-    rows_idx = torch.tensor([r.row for r in rows], device=device)
-    index = keep.to(device)[:, None, :, None]
+    # One indexing per tensor picks the rows and their kept slots together, so only the
+    # kept part is copied (the turn-2 cache is the rollout's memory peak).
+    rows_idx = torch.tensor([r.row for r in rows], device=device)[:, None]  # [B, 1]
+    slots, live = keep.to(device), keep_mask.to(device)[:, None, :, None]  # [B, P], [B, 1, P, 1]
     for layer in previous.cache.layers:
         for name in ("keys", "values"):
-            old = getattr(layer, name)[rows_idx]  # [B, heads, S, head_dim]
-            new = old.gather(2, index.expand(-1, old.shape[1], -1, old.shape[3]))
-            setattr(layer, name, new * keep_mask.to(device)[:, None, :, None].to(new.dtype))
+            old = getattr(layer, name)  # [B_prev, heads, S, head_dim]
+            new = old[rows_idx, :, slots].transpose(1, 2).contiguous()  # [B, heads, P, head_dim]
+            setattr(layer, name, new.mul_(live.to(new.dtype)))
     mm = (ids == image_token_id).long()
     positions, deltas = inner.get_rope_index(ids.to(device), mm_token_type_ids=mm.to(device),
                                              image_grid_thw=torch.cat([r.grids for r in rows]).to(device),
