@@ -8,6 +8,7 @@
 import argparse
 import sys
 
+from mgpo import distributed as D
 from mgpo.config import load_config
 from mgpo.evaluate import evaluate, newest_run_model
 from mgpo.report import compare
@@ -35,3 +36,4 @@ if __name__ == "__main__":
     result = evaluate(cfg)
     if result:
         print(f"report: {cfg.eval.output_dir}/report.md (and report.html, metrics.json, predictions.jsonl)")
+    D.finish()

@@ -9,6 +9,7 @@ Any field can be overridden as section.key=value; --print-config shows the resul
 
 import argparse
 
+from mgpo import distributed as D
 from mgpo.config import load_config
 from mgpo.plan import startup_line
 from mgpo.trainer import train
@@ -27,3 +28,4 @@ if __name__ == "__main__":
             print(line)
         result = train(cfg)
         print(f"done: {result.steps} steps; logs, metrics and checkpoints are in {result.output_dir}")
+        D.finish()

@@ -135,6 +135,7 @@ def main():
         "generate_calls": generate_calls,
     }
     Path(f"{args.out}.rank{D.rank()}").write_text(json.dumps(record))
+    D.finish()
 
 
 if __name__ == "__main__":

@@ -105,6 +105,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """End a distributed job cleanly: every rank waits for the others, then the process group
+    is torn down before the interpreter exits (left to exit-time destructors, gloo's worker
+    threads can abort a finished rank with "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """``x`` summed over ranks (a CPU tensor, unchanged outside distributed runs)."""
     x = x.detach().float().reshape(1)

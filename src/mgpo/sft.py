@@ -74,6 +74,7 @@ def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from . import distributed as D
     from .config import load_config
     from .trainer import train
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = train(load_config(args.config, [*args.overrides, "train.algorithm=sft"]))
     print(f"SFT done: {result.steps} steps, checkpoints in {result.output_dir / 'checkpoints'}")
+    D.finish()
 
 
 if __name__ == "__main__":
