@@ -74,3 +74,19 @@ def test_rollout_metrics_one_turn_template_with_a_valid_box():
     m = rollout_metrics([t, t], [1.0, 1.0], group_size=2)
     assert m["grounding/valid_box_share"] == 1.0 and m["grounding/crop_area_share"] == 0.0
     assert m["reward/accuracy"] == 1.0
+
+
+def test_target_metrics_hand_computed():
+    """IoU with the annotated target and "the box holds the target", over records with a target:
+    a one-turn box (no crop) is mapped from input pixels (50 px input, 100 px original)."""
+    target = ((0, 0, 50, 50),)
+    one_turn = Trajectory("s", 0, "A", ("x", "y"), (100, 100), (50, 50), turns=1, valid=True,
+                          box_input=[0, 0, 25, 25], target_boxes=target)
+    invalid = Trajectory("s", 0, "A", ("x", "y"), (100, 100), (50, 50), valid=False, target_boxes=target)
+    whole = Trajectory("s", 0, "A", ("x", "y"), (100, 100), (50, 50), valid=True, box_input=[0, 0, 50, 50],
+                       box_original=[0, 0, 100, 100], target_boxes=target)
+    no_target = _traj(True, [0, 0, 10, 10])
+    m = rollout_metrics([one_turn, invalid, whole, no_target], [0, 0, 0, 0], group_size=2)
+    assert m["grounding/iou"] == pytest.approx((1.0 + 0.0 + 0.25) / 3)
+    assert m["grounding/box_holds_target"] == pytest.approx(2 / 3)
+    assert "grounding/iou" not in rollout_metrics([no_target, no_target], [0, 0], group_size=2)

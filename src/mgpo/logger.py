@@ -17,7 +17,7 @@ import torch
 from PIL import ImageDraw
 
 from . import distributed as D
-from .grounding import area_share
+from .grounding import Box, area_share, contains, enclosing, iou, to_original_box
 from .reward import predicted_letter, zero_variance_share
 
 log = logging.getLogger("mgpo")
@@ -47,7 +47,32 @@ def rollout_metrics(trajectories, rewards, group_size: int) -> dict[str, float]:
         "length/turn1_truncated": float(np.mean([t.turn1_truncated for t in trajectories])),
         "length/turn2_truncated": float(np.mean([t.turn2_truncated for t in trajectories])),
         "rollout/trajectories": float(n),
-    } | turn_metrics(trajectories)
+    } | target_metrics(trajectories) | turn_metrics(trajectories)
+
+
+def target_metrics(trajectories) -> dict[str, float]:
+    """How close the boxes come to the records' annotated targets (records that have one): mean
+    IoU with the box around every target (0 without a valid box) and the share of boxes that hold
+    every target. Nothing in training sees these; they show whether grounding emerges."""
+    grounded = [t for t in trajectories if t.target_boxes]
+    if not grounded:
+        return {}
+    ious, holds = [], []
+    for t in grounded:
+        target = enclosing(t.target_boxes)
+        box = _original_box(t)
+        ious.append(iou(box, target) if box else 0.0)
+        holds.append(bool(box and contains(box, target)))
+    return {"grounding/iou": float(np.mean(ious)), "grounding/box_holds_target": float(np.mean(holds))}
+
+
+def _original_box(t) -> list[float] | None:
+    """The first valid box in original pixels (the one-turn template maps it here: no crop sets it)."""
+    if t.turn_log:
+        return next((r.box_original for r in t.turn_log if r.valid and r.box_original), None)
+    if not t.valid or t.box_input is None:
+        return None
+    return t.box_original or to_original_box(Box(*t.box_input), t.input_size, t.original_size).as_list()
 
 
 def turn_metrics(trajectories) -> dict[str, float]:

@@ -13,33 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .grounding import area_share
-
-
-def iou(a, b) -> float:
-    """Intersection over union of two [x1, y1, x2, y2] boxes.
-
-    >>> iou([0, 0, 10, 10], [5, 0, 15, 10])
-    0.3333333333333333
-    """
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def enclosing(boxes) -> list[float]:
-    """The smallest box around all ``boxes`` (a crop must hold every target to be useful)."""
-    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
-
-
-def contains(outer, inner) -> bool:
-    """
-    >>> contains([0, 0, 10, 10], [2, 2, 5, 5]), contains([0, 0, 10, 10], [2, 2, 11, 5])
-    (True, False)
-    """
-    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+from .grounding import area_share, contains, enclosing, iou
 
 
 def fingerprint(ids) -> dict:

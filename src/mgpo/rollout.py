@@ -225,7 +225,8 @@ def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: i
     group_size = ctx.cfg.group_size
     trajectories = [Trajectory(p.sample.id, first_group + g, p.sample.answer, tuple(p.sample.options),
                                p.original.size, input_size_from_grid(p.enc.image.grid[0]), turns=ctx.template.turns,
-                               bare_letter=ctx.template.bare_letter)
+                               bare_letter=ctx.template.bare_letter,
+                               target_boxes=tuple(tuple(b) for b in p.sample.target_boxes))
                     for g, p in enumerate(prompts) for _ in range(group_size)]
     if ctx.template.zoom_loop:  # mgpo_k: zoom or answer, turn after turn
         from .zoom import zoom_turns

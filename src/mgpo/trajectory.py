@@ -70,6 +70,9 @@ class Trajectory:
     turn_log: list[TurnRecord] = field(default_factory=list)
     """K-turn templates (``mgpo_k``): one record per assistant turn, in order; ``turns`` is
     then the number of turns used. Empty for the paper's templates (the fields above say it all)."""
+    target_boxes: tuple = ()
+    """The record's annotated target boxes in original pixels, when it has any: never shown to
+    the model or the reward, only to the grounding figures (IoU, crop holds the target)."""
 
     @property
     def final_text(self) -> str:
