@@ -96,3 +96,14 @@ def test_sft_two_rank_ddp_and_exact_resume(tmp_path, tiny_dir, synth_dir):
     assert resumed["steps"] == 4 and resumed["after"] == straight["after"]
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all("train/nll" in m for m in metrics)
+
+
+def test_sft_templates_alternate_per_batch(tmp_path, tiny_dir, synth_dir):
+    """train.sft_templates=[mgpo, grpo]: batch 1 is the two-turn conversation, batch 2 the one-turn
+    one (no turn-2 tokens), so one base model learns both prompts."""
+    run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "mix", "train.algorithm=sft", "train.max_steps=2",
+               "train.micro_batch_size=1", "train.prompts_per_rollout=2", "train.prompts_per_step=2",
+               "train.sft_templates=[mgpo, grpo]")
+    metrics = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["length/turn2_tokens"] > 0 and metrics[1]["length/turn2_tokens"] == 0

@@ -133,6 +133,9 @@ class TrainConfig:
     """"rl": MGPO, or the one-turn GRPO baseline, by rollout.template. "sft": supervised
     fine-tuning on the records' answers (and, in two turns, a box around the target) in the
     same template: the paper's SFT row and the warm start of the embedded base model."""
+    sft_templates: tuple[str, ...] = ()
+    """SFT only: templates taken in turn, one per rollout batch (e.g. [mgpo, grpo], so one base
+    model follows both the two-turn and the one-turn prompts). Empty: rollout.template."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     prompts_per_rollout: int = 512
@@ -396,6 +399,8 @@ def _problems(cfg: Config) -> list[str]:
         "data.train_format": (d.train_format, ["auto", *FORMATS]), "data.eval_format": (d.eval_format, ["auto", *FORMATS]),
     }
     problems += [f"{k} must be one of {allowed}, got {v!r}" for k, (v, allowed) in choices.items() if v not in allowed]
+    problems += [f"train.sft_templates entries must be among {sorted(TEMPLATES)}, got {v!r}"
+                 for v in t.sft_templates if v not in TEMPLATES]
     return problems
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -236,9 +236,11 @@ def _sft_experience(run: _Run, prompts, images) -> Experience:
     turns, a box around its target), teacher-forced, loss on the assistant tokens only."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    texts = [sft_texts(p, cfg.rollout.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels)
+    templates = cfg.train.sft_templates or (cfg.rollout.template,)
+    rollout_cfg = replace(cfg.rollout, template=templates[run.state["batch"] % len(templates)])
+    texts = [sft_texts(p, rollout_cfg.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels)
              for p, im in zip(prompts, images)]
-    batch = teacher_forced(run.processor, prompts, texts, cfg.rollout, min_pixels=cfg.model.min_pixels,
+    batch = teacher_forced(run.processor, prompts, texts, rollout_cfg, min_pixels=cfg.model.min_pixels,
                            max_pixels=cfg.model.max_pixels, images=images)
 
     def micro_loss(logp, entropy, part, denom):
