@@ -1,0 +1,54 @@
+"""The beacon task keeps its promise: through the model's own processor, the down-scaled image
+is the same whatever the answer (rounding aside) while a crop of the target shows it; the base
+model's SFT records pair every panel with the pattern inside it."""
+
+import json
+
+import pytest
+
+from mgpo import beacon
+from mgpo.config import ModelConfig
+
+BUDGET = 448 * 112  # the beacon budget: min_pixels = max_pixels, a 4x down-scale
+ONE_LEVEL = 1 / 255 / 0.26  # one 8-bit level after the processor's normalization (smallest std 0.26)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir):
+    from mgpo.model import load_processor
+
+    return load_processor(ModelConfig(path=str(tiny_dir), min_pixels=BUDGET, max_pixels=BUDGET))
+
+
+def _pixels(processor, image):
+    return processor.image_processor(images=[image], return_tensors="pt")
+
+
+@pytest.mark.parametrize("target", [0, 1, 2])
+def test_answer_invisible_down_scaled_legible_in_the_crop(processor, target):
+    images = [beacon.draw(target, [(k + i) % 3 for i in range(3)]) for k in range(3)]  # the three answers
+    whole = [_pixels(processor, im) for im in images]
+    assert whole[0]["image_grid_thw"].tolist() == [[1, 8, 32]]  # 448 x 112: the 4x down-scale
+    spread = max((a["pixel_values"] - b["pixel_values"]).abs().max().item() for a in whole for b in whole)
+    assert spread <= 2.5 * ONE_LEVEL, "the down-scaled image must not tell the answers apart"
+    crops = [_pixels(processor, im.crop(tuple(beacon.panel_box(target))))["pixel_values"] for im in images]
+    gaps = [(crops[i] - crops[j]).abs().mean().item() for i in range(3) for j in range(i)]
+    assert min(gaps) > 20 * ONE_LEVEL, "a crop of the target must show its pattern"
+
+
+def test_the_tint_marks_the_target(processor):
+    """The target's place is visible down-scaled: moving the target changes the image."""
+    a, b = (_pixels(processor, beacon.draw(t, [0, 0, 0]))["pixel_values"] for t in (0, 2))
+    assert (a - b).abs().max().item() > 20 * ONE_LEVEL
+
+
+def test_sft_records_pair_every_panel_with_its_own_pattern(tmp_path):
+    path = beacon.build_beacon(tmp_path, n=4, seed=0, split="sft", every_panel=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    truth = [json.loads(line) for line in beacon.build_beacon(tmp_path / "t", 4, 0, "sft").read_text().splitlines()]
+    assert len(rows) == 4 * len(beacon.PANELS)
+    for i, t in enumerate(truth):
+        mine = rows[i * 3:(i + 1) * 3]
+        assert [r["target_boxes"] for r in mine] == [[beacon.panel_box(p)] for p in range(3)]
+        # the record whose box is the true target carries the true answer
+        assert [r["answer"] for r in mine if r["target_boxes"] == t["target_boxes"]] == [t["answer"]]
