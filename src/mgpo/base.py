@@ -1,6 +1,7 @@
-"""The embedded base model: a warm-started tiny Qwen2.5-VL that the demo's MGPO run starts from.
+"""The embedded base models: warm-started tiny Qwen2.5-VLs that the MGPO runs start from.
 
-    python -m mgpo.base build/base          # `make base`: data, SFT, starting point, ~3 min on 2 cores
+    python -m mgpo.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
+    python -m mgpo.base build/beacon --task beacon   # the beacon task (grounding), ~4 min
 
 A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
 work with. This builds, deterministically from a seed:
@@ -19,6 +20,14 @@ work with. This builds, deterministically from a seed:
 What this shows is the first level of the learning issue (the trainer learns from the
 answer reward). The colour is visible at the model's resolution, so the crop does not
 matter here: it is not the paper's emergent grounding (see docs/reproduction.md).
+
+``--task beacon`` builds the base for the grounding experiment instead (``mgpo.beacon``: the
+answer is legible only in a crop of the tinted panel). Its SFT data: every training image
+once per panel, the box on that panel and the answer the pattern inside it (so nothing
+says which panel to pick), plus "what colour is the coloured square?" exercises on other,
+pattern-free images with the box on the tinted panel, a generic grounding skill. The base
+never sees the pattern question with its target's box; whether MGPO makes the skill
+transfer to it is what ``python -m mgpo.repro --task beacon`` measures.
 """
 
 from __future__ import annotations
@@ -75,7 +84,28 @@ def base_overrides(out: Path) -> list[str]:
             "rollout.max_new_tokens_turn1=40", "rollout.max_new_tokens_turn2=12"]
 
 
-def build_base(out: str | Path, seed: int = 0, sft_steps: int = SFT_STEPS, config: str = "configs/tiny_cpu.yaml"):
+BEACON_SFT_STEPS = 500
+TASKS = {  # task -> (overrides on configs/tiny_cpu.yaml for its SFT and evaluation, SFT steps)
+    "colours": ([], SFT_STEPS),
+    "beacon": (["model.min_pixels=50176", "model.max_pixels=50176"], BEACON_SFT_STEPS),  # configs/tiny_beacon.yaml
+}
+
+
+def build_data(data: Path, seed: int, task: str) -> None:
+    if task == "beacon":
+        from .beacon import build_beacon
+
+        build_beacon(data, 256, seed, "sft", every_panel=True, locate=384)
+        build_beacon(data, 256, seed, "train")
+        build_beacon(data, 64, seed + 1, "test")
+        return
+    build_colours(data, 256, seed, "train")
+    build_colours(data, 256, seed, "sft", LABEL_NOISE)
+    build_colours(data, 64, seed + 1, "test")
+
+
+def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, task: str = "colours",
+               config: str = "configs/tiny_cpu.yaml"):
     """Data, SFT and the starting point; returns the model folder."""
     from .config import load_config
     from .evaluate import evaluate
@@ -83,13 +113,13 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int = SFT_STEPS, confi
     from .trainer import train
 
     out = Path(out)
+    budget, default_steps = TASKS[task]
+    sft_steps = sft_steps or default_steps
     start = time.time()
     data = out / "data"
-    build_colours(data, 256, seed, "train")
-    build_colours(data, 256, seed, "sft", LABEL_NOISE)
-    build_colours(data, 64, seed + 1, "test")
+    build_data(data, seed, task)
     init = build_tiny_checkpoint(out / "init", seed=seed)
-    cfg = load_config(config, [*base_overrides(out), f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
+    cfg = load_config(config, [*base_overrides(out), *budget, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
                                "train.algorithm=sft", f"train.output_dir={out / 'sft'}", "train.resume=none",
                                "train.allow_config_change=true", f"train.seed={seed}", "train.epochs=1000",
                                f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
@@ -100,11 +130,14 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int = SFT_STEPS, confi
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(result.output_dir / "checkpoints" / f"step-{sft_steps:06d}" / "model", model)
-    ev = load_config(config, [*base_overrides(out), f"model.path={model}", f"eval.output_dir={out / 'eval'}",
+    ev = load_config(config, [*base_overrides(out), *budget, f"model.path={model}", f"eval.output_dir={out / 'eval'}",
                               "eval.overwrite=true"])
     metrics = evaluate(ev)["results"]["test"]
-    summary = {"seed": seed, "sft_steps": sft_steps, "label_noise": LABEL_NOISE, "minutes": (time.time() - start) / 60,
-               "test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"]}
+    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "minutes": (time.time() - start) / 60,
+               "test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
+               "mean_iou": metrics["grounding"]["mean_iou"]}
+    if task == "colours":
+        summary["label_noise"] = LABEL_NOISE
     (out / "base.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"base model: {model} (greedy test accuracy {summary['test_accuracy']:.1f}%, valid box "
           f"{summary['valid_box']:.1f}%, {summary['minutes']:.1f} min)")
@@ -115,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
+    parser.add_argument("--task", choices=sorted(TASKS), default="colours")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 500 (beacon)")
     args = parser.parse_args(argv)
-    build_base(args.out_dir, args.seed, args.sft_steps)
+    build_base(args.out_dir, args.seed, args.sft_steps, args.task)
 
 
 if __name__ == "__main__":

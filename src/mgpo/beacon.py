@@ -96,9 +96,29 @@ def beacon_records(index: int, seed: int, split: str, image_dir: Path, every_pan
             for c in range(len(PANELS))]
 
 
-def build_beacon(out: Path, n: int, seed: int, split: str, every_panel: bool = False) -> Path:
+def locate_record(index: int, seed: int, split: str, image_dir: Path) -> dict:
+    """A generic grounding exercise on other images: flat panels, no patterns, one tinted; the
+    question asks the tint's colour and the box is the tinted panel. It teaches "box the
+    coloured square" (and the colour-place link) without ever pairing the pattern question
+    with the box of its target."""
+    rng = random.Random(f"locate-{seed}-{split}-{index}")
+    target = rng.randrange(len(PANELS))
+    img = np.full((HEIGHT, WIDTH, 3), GREY, dtype=np.uint8)
+    for i in range(len(PANELS)):
+        x1, y1, x2, y2 = panel_box(i)
+        img[y1:y2, x1:x2] = TINTS[PLACES[i]] if i == target else (100, 100, 100)
+    name = f"{split}-locate-{index:05d}.png"
+    Image.fromarray(img).save(image_dir / name, compress_level=1)
+    return {"id": f"locate-{split}-{index:05d}", "image": f"images/{name}",
+            "question": "What colour is the coloured square?", "options": PLACES,
+            "answer": LETTERS[target], "category": "locate", "target_boxes": [panel_box(target)]}
+
+
+def build_beacon(out: Path, n: int, seed: int, split: str, every_panel: bool = False, locate: int = 0) -> Path:
+    """``n`` images (``every_panel``: one record per panel) and ``locate`` grounding exercises."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = [r for i in range(n) for r in beacon_records(i, seed, split, out / "images", every_panel)]
+    rows += [locate_record(i, seed, split, out / "images") for i in range(locate)]
     path = out / f"{split}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -1,0 +1,23 @@
+"""The reproduction report: one block per task between its markers, the rest of the page kept."""
+
+from mgpo.repro import write_report
+
+
+def _run(seed):
+    return {"seed": seed, "minutes": 1.5, "accuracy": {50: 60.0 + seed, 100: 80.0}, "iou": {50: 0.5, 100: 0.75},
+            "reward": [(5, 0.4), (10, 0.6)], "valid_box": [(5, 1.0), (10, 1.0)], "train_iou": [(5, 0.3), (10, 0.7)]}
+
+
+def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
+    page = tmp_path / "reproduction.md"
+    page.write_text("# Notes written by hand\n\n<!-- repro:start -->\ncolours table\n<!-- repro:end -->\n")
+    base = {"seed": 0, "sft_steps": 500, "test_accuracy": 53.1, "mean_iou": 0.34}
+    write_report(base, [_run(0), _run(1)], tmp_path, "python -m mgpo.repro --task beacon", task="beacon")
+    text = page.read_text()
+    assert text.startswith("# Notes written by hand") and "colours table" in text
+    block = text[text.index("<!-- repro-beacon:start -->"):text.index("<!-- repro-beacon:end -->")]
+    assert "| 0 | 53.1 | 60.0 | 80.0 | 1.5 |" in block and "| mean | 53.1 | 60.5 | 80.0 | |" in block
+    assert "| 1 | 0.34 | 0.50 | 0.75 | 1.5 |" in block
+    assert (tmp_path / "reproduction" / "beacon_iou.png").exists()
+    write_report(base, [_run(0)], tmp_path, "again", task="beacon")  # replaced, not appended
+    assert page.read_text().count("repro-beacon:start") == 1
