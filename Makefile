@@ -10,14 +10,15 @@ STAMP := $(VENV)/.installed
 TINY := build/tiny-qwen2.5-vl
 SYNTH := build/synth
 BASE := build/base
+BEACON := build/beacon
 CONFIG ?= configs/tiny_cpu.yaml
-DEMO_CONFIG ?= configs/tiny_demo.yaml
+DEMO_CONFIG ?= configs/tiny_beacon.yaml
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: install test test-fast demo train eval bench lint clean tiny synth base repro
+.PHONY: install test test-fast demo train eval bench lint clean tiny synth base beacon repro
 
 install: $(STAMP)
 
@@ -55,10 +56,16 @@ base: $(BASE)/base.json
 $(BASE)/base.json: | $(STAMP)
 	$(PY) -m mgpo.base $(BASE)
 
-# The miniature reproduction (src/mgpo/repro.py): MGPO from the base over 3 seeds, evaluated
-# every 20 steps; writes docs/reproduction.md and its figures. About 10 minutes on 2 cores.
-repro: $(STAMP) base
+# The base model of the grounding experiment (src/mgpo/beacon.py), ~4 minutes on 2 cores.
+beacon: $(BEACON)/base.json
+$(BEACON)/base.json: | $(STAMP)
+	$(PY) -m mgpo.base $(BEACON) --task beacon
+
+# The miniature reproduction (src/mgpo/repro.py): MGPO from each base over 3 seeds, evaluated
+# along the way; writes docs/reproduction.md and its figures. About 30 minutes on 2 cores.
+repro: $(STAMP) base beacon
 	$(PY) -m mgpo.repro --seeds 0 1 2 --steps 60
+	$(PY) -m mgpo.repro --task beacon --seeds 0 1 2 --steps 150 --eval-every 50
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -66,15 +73,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# The main job on the embedded default: build (or reuse) the base model, train it with MGPO
-# on the colours task, evaluate the result (eval.overwrite=true: a fresh evaluation of the
-# newest checkpoint), show one two-turn rollout and the before/after table.
-demo: $(STAMP) base
+# The main job on the embedded default: build (or reuse) the beacon base model, train it with
+# MGPO (the answer reward only; watch the turn-1 box find the target), evaluate the result
+# (eval.overwrite=true: a fresh evaluation of the newest checkpoint), show one two-turn
+# rollout and the before/after table.
+demo: $(STAMP) beacon
 	$(PY) train.py --config $(DEMO_CONFIG) $(ARGS)
 	$(PY) eval.py --config $(DEMO_CONFIG) eval.overwrite=true
 	$(PY) -m mgpo.demo --config $(DEMO_CONFIG) --from-run
-	$(PY) -m mgpo.demo --config $(DEMO_CONFIG) --before $(BASE)/base.json
-	@echo "demo done: TensorBoard logs and checkpoints in runs/tiny_demo, report in runs/tiny_demo/eval/report.html"
+	$(PY) -m mgpo.demo --config $(DEMO_CONFIG) --before $(BEACON)/base.json
+	@echo "demo done: TensorBoard logs and checkpoints in runs/tiny_beacon, report in runs/tiny_beacon/eval/report.html"
 
 train: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)

@@ -2,7 +2,7 @@
 same run with a broken trainer (advantages negated) does not.
 
 The base model is built once (``python -m mgpo.base``, as ``make base`` does) and each run
-goes through tests/train_worker.py with configs/tiny_demo.yaml, the demo's own settings.
+goes through tests/train_worker.py with configs/tiny_demo.yaml (the colours task's settings).
 Margin: measured over seeds 0, 1, 2 (docs/reproduction.md); the rise is the mean reward of
 the last three logged steps minus that of the first three.
 """

@@ -76,6 +76,10 @@ def before_after(base_json: str | Path, run_dir: str | Path, eval_dir: str | Pat
         f"| training valid-box share | {first['grounding/valid_box_share']:.2f} | "
         f"{last['grounding/valid_box_share']:.2f} |",
     ]
+    if "mean_iou" in base and "grounding/iou" in last:  # records with a target: did the box find it?
+        lines[4:4] = [f"| test IoU of the turn-1 box with the target | {base['mean_iou']:.2f} | "
+                      f"{test['grounding']['mean_iou']:.2f} |"]
+        lines.append(f"| training IoU with the target | {first['grounding/iou']:.2f} | {last['grounding/iou']:.2f} |")
     return "\n".join(lines)
 
 
