@@ -195,3 +195,23 @@ def test_chunked_head_equals_unchunked(env):
     model.zero_grad()
     for a, b in zip(outs[5], outs[1 << 20]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_one_turn_valid_box_is_mapped_for_the_grounding_figures(env):
+    """A valid box in the one-turn template makes no crop; the report's IoU read its (unset)
+    original-image box and ``eval.mode=grpo`` crashed on the first valid box."""
+    from mgpo.evaluate import _records
+    from mgpo.grounding import Box, to_original_box
+    from mgpo.report import grounding_values
+
+    model, processor, samples, _ = env
+    sample = samples[0]
+    text = '```json\n[{"bbox_2d": [10, 10, 300, 200], "label": "x"}]\n``` \\boxed{' + sample.answer + "}"
+    r = _run(ScriptedModel(model, processor.tokenizer, [text + "<|im_end|>"]), processor, [sample], template="grpo",
+             max_new_tokens_turn1=96)
+    t = r.trajectories[0]
+    assert t.valid and t.crop_size is None
+    assert t.box_original == to_original_box(Box(*t.box_input), t.input_size, t.original_size).as_list()
+    r.trajectories = r.trajectories[:1]
+    ious, _, _ = grounding_values(_records(r, {sample.id: sample}, "test", 1))
+    assert len(ious) == (1 if sample.target_boxes else 0)

@@ -77,11 +77,11 @@ def test_rollout_metrics_one_turn_template_with_a_valid_box():
 
 
 def test_target_metrics_hand_computed():
-    """IoU with the annotated target and "the box holds the target", over records with a target:
-    a one-turn box (no crop) is mapped from input pixels (50 px input, 100 px original)."""
+    """IoU with the annotated target and "the box holds the target", over records with a target
+    (0 and False without a valid box)."""
     target = ((0, 0, 50, 50),)
     one_turn = Trajectory("s", 0, "A", ("x", "y"), (100, 100), (50, 50), turns=1, valid=True,
-                          box_input=[0, 0, 25, 25], target_boxes=target)
+                          box_input=[0, 0, 25, 25], box_original=[0, 0, 50, 50], target_boxes=target)
     invalid = Trajectory("s", 0, "A", ("x", "y"), (100, 100), (50, 50), valid=False, target_boxes=target)
     whole = Trajectory("s", 0, "A", ("x", "y"), (100, 100), (50, 50), valid=True, box_input=[0, 0, 50, 50],
                        box_original=[0, 0, 100, 100], target_boxes=target)

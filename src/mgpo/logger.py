@@ -17,7 +17,7 @@ import torch
 from PIL import ImageDraw
 
 from . import distributed as D
-from .grounding import Box, area_share, contains, enclosing, iou, to_original_box
+from .grounding import area_share, contains, enclosing, iou
 from .reward import predicted_letter, zero_variance_share
 
 log = logging.getLogger("mgpo")
@@ -67,12 +67,10 @@ def target_metrics(trajectories) -> dict[str, float]:
 
 
 def _original_box(t) -> list[float] | None:
-    """The first valid box in original pixels (the one-turn template maps it here: no crop sets it)."""
+    """The first valid box, in original pixels."""
     if t.turn_log:
         return next((r.box_original for r in t.turn_log if r.valid and r.box_original), None)
-    if not t.valid or t.box_input is None:
-        return None
-    return t.box_original or to_original_box(Box(*t.box_input), t.input_size, t.original_size).as_list()
+    return t.box_original if t.valid else None
 
 
 def turn_metrics(trajectories) -> dict[str, float]:

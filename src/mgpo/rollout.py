@@ -290,6 +290,8 @@ def _close_turn1(ctx: _Context, t: Trajectory, prompt: _Prompt, turn1: Generated
         t.box_input = box.as_list()
         t.box_problem = box_problem(box, t.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
         t.valid = t.box_problem is None
+        if t.valid:  # in original pixels: the crop's region, or (one turn) the grounding figures' box
+            t.box_original = to_original_box(box, t.input_size, t.original_size).as_list()
         if t.turns == 2:
             keep = _cut_after(tok, body, text, end)
     t.turn1_truncated = not closed and (found is None or t.turns == 1)
