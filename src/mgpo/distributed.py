@@ -114,8 +114,8 @@ def finish() -> None:
     Leaving at once (``os._exit(0)``, after flushing the standard streams) skips the
     interpreter's teardown, where a finished DeepSpeed rank on CPU now and then aborted with
     "terminate called without an active exception" (a C++ destructor with no Python frame
-    left; seen in CI and here about once in 20 runs, with or without the process group
-    destroyed first), turning a finished job into a failed one. Everything the job writes is
+    left; seen in two CI runs and in one of three local runs of the three ZeRO-3 tests, with
+    or without the process group destroyed first), turning a finished job into a failed one. Everything the job writes is
     closed and flushed before this point. A single process returns normally."""
     if not (dist.is_available() and dist.is_initialized()):
         return
