@@ -12,7 +12,8 @@ from helpers import ScriptedModel
 
 import mgpo.evaluate as ev
 from mgpo.config import load_config
-from mgpo.report import compare, compute_metrics, contains, enclosing, iou
+from mgpo.grounding import contains, enclosing, iou
+from mgpo.report import compare, compute_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -111,12 +111,13 @@ def finish() -> None:
     """The last call of a launched script (train.py, eval.py, ``mgpo.sft``): in a distributed
     run every rank waits for the others, tears the process group down and leaves at once.
 
-    Leaving at once (``os._exit(0)``, after flushing the standard streams) skips the
+    Leaving at once (``os._exit(0)``, after flushing the logs and standard streams) skips the
     interpreter's teardown, where a finished DeepSpeed rank on CPU now and then aborted with
     "terminate called without an active exception" (a C++ destructor with no Python frame
     left; seen in two CI runs and in one of three local runs of the three ZeRO-3 tests, with
-    or without the process group destroyed first), turning a finished job into a failed one. Everything the job writes is
-    closed and flushed before this point. A single process returns normally."""
+    or without the process group destroyed first), turning a finished job into a failed one.
+    Everything the job writes is closed and flushed before this point. A single process
+    returns normally."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()

@@ -205,6 +205,14 @@ def contains(outer, inner) -> bool:
     return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
 
 
+def target_fit(box, targets) -> tuple[float, bool]:
+    """How a box (None: no valid box) fits the box around every target: (IoU, holds them all)."""
+    if not box:
+        return 0.0, False
+    target = enclosing(targets)
+    return iou(box, target), contains(box, target)
+
+
 def area_share(box, size: tuple[int, int]) -> float:
     """Share of an image of ``size`` (w, h) that a box [x1, y1, x2, y2] covers.
 

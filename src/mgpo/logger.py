@@ -17,7 +17,7 @@ import torch
 from PIL import ImageDraw
 
 from . import distributed as D
-from .grounding import area_share, contains, enclosing, iou
+from .grounding import area_share, target_fit
 from .reward import predicted_letter, zero_variance_share
 
 log = logging.getLogger("mgpo")
@@ -57,12 +57,7 @@ def target_metrics(trajectories) -> dict[str, float]:
     grounded = [t for t in trajectories if t.target_boxes]
     if not grounded:
         return {}
-    ious, holds = [], []
-    for t in grounded:
-        target = enclosing(t.target_boxes)
-        box = _original_box(t)
-        ious.append(iou(box, target) if box else 0.0)
-        holds.append(bool(box and contains(box, target)))
+    ious, holds = zip(*(target_fit(_original_box(t), t.target_boxes) for t in grounded))
     return {"grounding/iou": float(np.mean(ious)), "grounding/box_holds_target": float(np.mean(holds))}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .grounding import area_share, contains, enclosing, iou
+from .grounding import area_share, target_fit
 
 
 def fingerprint(ids) -> dict:
@@ -30,8 +30,8 @@ def grounding_values(recs: list[dict]) -> tuple[list[float], list[bool], list[fl
     """Per record: IoU of the box with the targets' enclosing box (0 when invalid), whether the crop
     holds every target (records with targets only), and the crop's share of the image (valid boxes)."""
     grounded = [r for r in recs if r.get("target_boxes")]
-    ious = [iou(r["box_original"], enclosing(r["target_boxes"])) if r["valid"] else 0.0 for r in grounded]
-    crop_hits = [bool(r["valid"] and contains(r["box_original"], enclosing(r["target_boxes"]))) for r in grounded]
+    fits = [target_fit(r["box_original"] if r["valid"] else None, r["target_boxes"]) for r in grounded]
+    ious, crop_hits = [f[0] for f in fits], [f[1] for f in fits]
     shares = [area_share(r["box_original"], r["original_size"]) for r in recs if r["valid"] and r["box_original"]]
     return ious, crop_hits, shares
 

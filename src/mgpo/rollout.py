@@ -320,10 +320,10 @@ def _turn2_blocks(ctx: _Context, prompts: list[_Prompt], trajectories: list[Traj
         p = prompts[g]
         q, options = p.sample.question, p.sample.options
         if t.valid:
-            box = to_original_box(Box(*t.box_input), t.input_size, t.original_size)
+            box = Box(*t.box_original)  # mapped when turn 1 was closed
             crop = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
                                  ctx.cfg.crop_resample)
-            t.box_original, t.crop_size = box.as_list(), crop.size
+            t.crop_size = crop.size
             if g not in crop_text:  # the same words for every crop of the group
                 crop_text[g] = second_turn_text(ctx.processor, ctx.template, q, options, True)
             block = _encode(ctx.processor, crop_text[g], [crop])
