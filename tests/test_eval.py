@@ -266,3 +266,30 @@ def test_k_turn_mode_reports_every_turn_and_crop(tiny_dir, synth_dir, tmp_path, 
     assert "## Turns (K-turn mode)" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "alt='crop 1'" in html and "alt='crop 2'" in html and "turn 3 (answer)" in html
+
+
+def test_crop_answerable_counts_questions_boxes_and_right_answers(tiny_dir, synth_dir, tmp_path, loaded, monkeypatch):
+    """Table 3's bookkeeping: every question counts, only a valid turn-1 box gives the judge a
+    crop, and a right answer from that crop is what counts (here a judge that always says A)."""
+    from helpers import ScriptedModel
+
+    from mgpo.config import save_config
+
+    model, processor = loaded
+    out = tmp_path / "eval"
+    (out / "predictions").mkdir(parents=True)
+    save_config(_cfg(tiny_dir, out, data=synth_dir / "train.jsonl"), out / "config.yaml")
+    truth = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    rows = [{"id": r["id"], "dataset": "train", "sample": 0, "valid": k < 6, "box_input": [0, 0, 84, 84]}
+            for k, r in enumerate(truth[:10])]
+    rows += [{"id": truth[0]["id"], "dataset": "train", "sample": 1, "valid": False, "box_input": None},
+             {"id": truth[10]["id"], "dataset": "train", "error": "unreadable"}]
+    (out / "predictions" / "rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge = ScriptedModel(model, processor.tokenizer, ["\\boxed{A}"] * 4)
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: judge)
+    result = ev.crop_answerable(out, str(tiny_dir), batch_size=4)
+    want = sum(r["answer"] == "A" for r in truth[:6])
+    assert judge.calls == 2  # 6 boxed questions in batches of 4: turn 2 only, turn 1 is the box
+    assert (result["questions"], result["valid_boxes"], result["answerable"]) == (10, 6, want)
+    assert result["share"] == pytest.approx(100 * want / 10)
+    assert json.loads((out / ev.CROPS_FILE).read_text())["answerable"] == want

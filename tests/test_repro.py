@@ -3,21 +3,30 @@
 from mgpo.repro import write_report
 
 
-def _run(seed):
-    return {"seed": seed, "minutes": 1.5, "accuracy": {50: 60.0 + seed, 100: 80.0}, "iou": {50: 0.5, 100: 0.75},
+def _run(seed, method="mgpo"):
+    return {"method": method, "seed": seed, "valid": {50: 100.0, 100: 90.0 + seed}, "crops": 50.0 + 10 * seed, "minutes": 1.5, "accuracy": {50: 60.0 + seed, 100: 80.0}, "iou": {50: 0.5, 100: 0.75},
             "reward": [(5, 0.4), (10, 0.6)], "valid_box": [(5, 1.0), (10, 1.0)], "train_iou": [(5, 0.3), (10, 0.7)]}
 
 
 def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
     page = tmp_path / "reproduction.md"
     page.write_text("# Notes written by hand\n\n<!-- repro:start -->\ncolours table\n<!-- repro:end -->\n")
-    base = {"seed": 0, "sft_steps": 500, "test_accuracy": 53.1, "mean_iou": 0.34}
-    write_report(base, [_run(0), _run(1)], tmp_path, "python -m mgpo.repro --task beacon", task="beacon")
+    base = {"seed": 0, "sft_steps": 500, "test_accuracy": 53.1, "mean_iou": 0.34, "templates": ["mgpo", "grpo"],
+            "modes": {"mgpo": {"test_accuracy": 53.1, "valid_box": 100.0, "mean_iou": 0.34},
+                      "grpo": {"test_accuracy": 35.9, "valid_box": 100.0, "mean_iou": 0.30}},
+            "crops": {"mgpo": 31.0, "grpo": 30.0}}
+    runs = [_run(0), _run(1), _run(0, "grpo"), _run(1, "grpo")]
+    write_report(base, runs, tmp_path, "python -m mgpo.repro --task beacon", task="beacon")
     text = page.read_text()
     assert text.startswith("# Notes written by hand") and "colours table" in text
     block = text[text.index("<!-- repro-beacon:start -->"):text.index("<!-- repro-beacon:end -->")]
     assert "| 0 | 53.1 | 60.0 | 80.0 | 1.5 |" in block and "| mean | 53.1 | 60.5 | 80.0 | |" in block
     assert "| 1 | 0.34 | 0.50 | 0.75 | 1.5 |" in block
+    # The paper's tables in miniature: each template's base row, each method's last step, seeds in brackets.
+    assert "| base, MGPO template | 53.1 | 100.0 | 0.34 | 31.0 |" in block
+    assert "| base, GRPO template | 35.9 | 100.0 | 0.30 | 30.0 |" in block
+    assert "| MGPO, step 100 | 80.0 (80.0 / 80.0) | 90.5 (90.0 / 91.0) | 0.75 (0.75 / 0.75) | 55.0 (50.0 / 60.0) |" in block
+    assert "GRPO, greedy test accuracy (%)" in block and "| 0 | 35.9 | 60.0 | 80.0 | 1.5 |" in block
     assert (tmp_path / "reproduction" / "beacon_iou.png").exists()
     write_report(base, [_run(0)], tmp_path, "again", task="beacon")  # replaced, not appended
     assert page.read_text().count("repro-beacon:start") == 1

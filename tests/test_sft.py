@@ -107,3 +107,27 @@ def test_sft_templates_alternate_per_batch(tmp_path, tiny_dir, synth_dir):
     metrics = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[0]["length/turn2_tokens"] > 0 and metrics[1]["length/turn2_tokens"] == 0
+
+
+def test_scripted_turn1_model_writes_turn2_greedily(env):
+    """Table 3's measure: turn 1 scripted (a box), turn 2 written by the model. Each token the
+    model wrote is the argmax of its logits over the assembled conversation (crop included),
+    so the answer was generated in exactly the context the rollout builds."""
+    model, processor, samples = env
+    images = [s.load_image() for s in samples[:2]]
+    texts = [sft_texts(s, "mgpo", im.size, MIN_PX, MAX_PX)[:1] for s, im in zip(samples[:2], images)]
+    r = teacher_forced(processor, samples[:2], texts, RolloutConfig(template="mgpo", max_new_tokens_turn2=6),
+                       min_pixels=MIN_PX, max_pixels=MAX_PX, images=images, model=model)
+    with torch.no_grad():
+        logits = model(**r.model_inputs()).logits
+    for i, t in enumerate(r.trajectories):
+        assert t.valid and t.crop_size is not None and t.turn1_text == texts[i][0]
+        n = int(r.attention_mask[i].sum())
+        turn2 = r.loss_mask[i, :n].nonzero().flatten()[-t.turn2_tokens:]  # the last trained span
+        assert t.turn2_tokens > 0 and int(turn2[0]) > len(processor.tokenizer(texts[i][0])["input_ids"])
+        masked = logits[i, turn2 - 1].clone()
+        masked[:, list(suppressed_ids(processor))] = float("-inf")
+        assert torch.equal(masked.argmax(-1), r.input_ids[i, turn2])
+    with pytest.raises(ValueError, match="no model"):
+        teacher_forced(processor, samples[:1], texts[:1], RolloutConfig(template="mgpo"), min_pixels=MIN_PX,
+                       max_pixels=MAX_PX)

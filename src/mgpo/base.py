@@ -1,7 +1,7 @@
 """The embedded base models: warm-started tiny Qwen2.5-VLs that the MGPO runs start from.
 
     python -m mgpo.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
-    python -m mgpo.base build/beacon --task beacon   # the beacon task (grounding), ~4 min
+    python -m mgpo.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
 
 A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
 work with. This builds, deterministically from a seed:
@@ -25,8 +25,9 @@ matter here: it is not the paper's emergent grounding (see docs/reproduction.md)
 answer is legible only in a crop of the tinted panel). Its SFT data: every training image
 once per panel, the box on that panel and the answer the pattern inside it (so nothing
 says which panel to pick), plus "what colour is the coloured square?" exercises on other,
-pattern-free images with the box on the tinted panel, a generic grounding skill. The base
-never sees the pattern question with its target's box; whether MGPO makes the skill
+pattern-free images with the box on the tinted panel, a generic grounding skill. Each SFT
+batch takes the MGPO or the one-turn GRPO template in turn, so that both methods start from
+this one model (``python -m mgpo.repro --task beacon`` compares them). The base never sees the pattern question with its target's box; whether MGPO makes the skill
 transfer to it is what ``python -m mgpo.repro --task beacon`` measures.
 """
 
@@ -84,10 +85,12 @@ def base_overrides(out: Path) -> list[str]:
             "rollout.max_new_tokens_turn1=40", "rollout.max_new_tokens_turn2=12"]
 
 
-BEACON_SFT_STEPS = 500
-TASKS = {  # task -> (overrides on configs/tiny_cpu.yaml for its SFT and evaluation, SFT steps)
-    "colours": ([], SFT_STEPS),
-    "beacon": (["model.min_pixels=50176", "model.max_pixels=50176"], BEACON_SFT_STEPS),  # configs/tiny_beacon.yaml
+BEACON_SFT_STEPS = 1000
+TASKS = {  # task -> (overrides on configs/tiny_cpu.yaml for its SFT and evaluation, SFT steps, templates)
+    "colours": ([], SFT_STEPS, ("mgpo",)),
+    # the pixel budget of configs/tiny_beacon.yaml; both templates, so MGPO and the one-turn
+    # GRPO baseline start from the same model
+    "beacon": (["model.min_pixels=50176", "model.max_pixels=50176"], BEACON_SFT_STEPS, ("mgpo", "grpo")),
 }
 
 
@@ -113,7 +116,7 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     from .trainer import train
 
     out = Path(out)
-    budget, default_steps = TASKS[task]
+    budget, default_steps, templates = TASKS[task]
     sft_steps = sft_steps or default_steps
     start = time.time()
     data = out / "data"
@@ -124,23 +127,29 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
                                "train.allow_config_change=true", f"train.seed={seed}", "train.epochs=1000",
                                f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
                                "train.prompts_per_step=16", "train.micro_batch_size=8", "train.lr=1e-3",
+                               f"train.sft_templates=[{','.join(templates)}]",
                                f"train.save_every={sft_steps}", "train.log_every=50", "loss.kl_coef=0"])
     result = train(cfg)
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(result.output_dir / "checkpoints" / f"step-{sft_steps:06d}" / "model", model)
-    ev = load_config(config, [*base_overrides(out), *budget, f"model.path={model}", f"eval.output_dir={out / 'eval'}",
-                              "eval.overwrite=true"])
-    metrics = evaluate(ev)["results"]["test"]
-    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "minutes": (time.time() - start) / 60,
-               "test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
-               "mean_iou": metrics["grounding"]["mean_iou"]}
+    modes = {}
+    for mode in templates:
+        ev = load_config(config, [*base_overrides(out), *budget, f"model.path={model}", f"eval.mode={mode}",
+                                  f"eval.output_dir={out / 'eval' / mode}", "eval.overwrite=true"])
+        metrics = evaluate(ev)["results"]["test"]
+        modes[mode] = {"test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
+                       "mean_iou": metrics["grounding"]["mean_iou"]}
+    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "templates": list(templates),
+               "minutes": (time.time() - start) / 60, **modes[templates[0]], "modes": modes}
     if task == "colours":
         summary["label_noise"] = LABEL_NOISE
     (out / "base.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"base model: {model} (greedy test accuracy {summary['test_accuracy']:.1f}%, valid box "
-          f"{summary['valid_box']:.1f}%, {summary['minutes']:.1f} min)")
+    for mode, m in modes.items():
+        print(f"base model: {model}, {mode} template: greedy test accuracy {m['test_accuracy']:.1f}%, valid box "
+              f"{m['valid_box']:.1f}%, IoU {m['mean_iou']:.2f}")
+    print(f"built in {summary['minutes']:.1f} min")
     return model
 
 
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="colours")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 500 (beacon)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 1000 (beacon)")
     args = parser.parse_args(argv)
     build_base(args.out_dir, args.seed, args.sft_steps, args.task)
 

@@ -4,6 +4,12 @@ Formats (``load_samples(path, fmt="auto")``):
 
 - ``jsonl``: the project's own, written by ``mgpo.synth``: one JSON object per line with
   id, image (relative to the file), question, options, answer, category, target_boxes.
+- ``chat``: conversations for SFT (``train.algorithm: sft``), one per line:
+  ``{"id": ..., "messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+  {"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}, ...]}``, the
+  chat layout of Hugging Face processors. ``content`` is a text or a list of parts; image
+  paths are relative to the file; roles: an optional first ``system``, then ``user`` and
+  ``assistant`` in turn, ending with ``assistant``. Every assistant message is a target.
 - ``vstar``, ``mme_realworld``, ``hrbench``: the published benchmark layouts, read by
   ``mgpo.benchmarks`` (V* from ``test_questions.jsonl``, MME-RealWorld(-Lite) from its JSON
   list, HR-Bench from its TSV or parquet file, streamed).
@@ -36,7 +42,7 @@ from .prompts import LETTERS
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "vstar", "mme_realworld", "hrbench")
+FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Sample:
     """The benchmark's own score hierarchy, e.g. (Task, Subtask, Category) for MME-RealWorld."""
     cycle: str = ""
     """HR-Bench's ``cycle_category``: which rotation of the options this row is."""
+    messages: tuple = ()
+    """A ``chat`` record (SFT only): ((role, ((kind, value), ...)), ...) with kind "text" or
+    "image" (a path; ``image`` above is the first one). Empty for a question record."""
 
     def load_image(self) -> Image.Image:
         return load_image(self.image, self.id)
@@ -135,6 +144,57 @@ def _validate(rec: dict) -> dict:
             "breakdown": tuple(str(x) for x in rec.get("breakdown", ())), "cycle": str(rec.get("cycle", ""))}
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _chat_part(part: object, where: str) -> tuple[str, str]:
+    if isinstance(part, str):
+        return ("text", part)
+    if not isinstance(part, dict):
+        raise ValueError(f"{where} must be a text or an object, got {_kind(part)}")
+    kind = part.get("type")
+    if kind == "text":
+        return ("text", _text(part.get("text"), f"{where}.text"))
+    if kind == "image":
+        image = part.get("image")
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{where}.image must be a path, got {_kind(image)}")
+        return ("image", image)
+    raise ValueError(f"{where}.type must be \"text\" or \"image\", got {kind!r:.40}")
+
+
+def _validate_chat(rec: dict) -> dict:
+    """A ``chat`` record's fields, checked: roles in order, every part a text or an image."""
+    raw = rec.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"messages must be a non-empty list, got {_kind(raw)}")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object, got {_kind(m)}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r:.40}")
+        parts = [content] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not parts:
+            raise ValueError(f"messages[{i}].content must be a text or a non-empty list of parts")
+        parts = tuple(_chat_part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(parts))
+        if role == "assistant" and any(kind != "text" for kind, _ in parts):
+            raise ValueError(f"messages[{i}]: an assistant message holds text only (it is the target)")
+        messages.append((role, parts))
+    roles = [r for r, _ in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body or body != ["user", "assistant"] * (len(body) // 2):
+        raise ValueError(f"roles must be an optional system, then user and assistant in turn, ending with "
+                         f"assistant; got {', '.join(roles)}")
+    images = [v for _, parts in messages for kind, v in parts if kind == "image"]
+    if not images:
+        raise ValueError("a chat record needs at least one image")
+    texts = [v for r, parts in messages if r == "user" for kind, v in parts if kind == "text"]
+    return {"image": images[0], "question": texts[0] if texts else "", "options": (), "answer": "", "messages": tuple(messages),
+            "category": _text(rec.get("category"), "category", required=False)}
+
+
 @dataclass(frozen=True)
 class Raw:
     """One record as a reader found it: where it is in the file, its fields, or why it is unusable."""
@@ -181,10 +241,17 @@ def _record_id(raw: Raw, derived: list[str]) -> str:
 
 
 def _sample(raw: Raw, rid: str, name: str, check_images: bool) -> Sample:
-    fields = _validate(raw.fields)
+    fields = _validate_chat(raw.fields) if "messages" in raw.fields else _validate(raw.fields)
     width, height = raw.fields.get("width", 0), raw.fields.get("height", 0)
     if raw.fields.get("image_error"):
         raise ValueError(raw.fields["image_error"])
+    for _, parts in fields.get("messages", ()) if check_images else ():  # a chat's other images
+        for kind, image in parts:
+            if kind == "image" and image != fields["image"]:
+                try:
+                    _image_size(image, rid)
+                except BadImageError as e:
+                    raise ValueError(str(e).split(": ", 1)[-1]) from e
     if check_images and not width:
         try:
             width, height = _image_size(fields["image"], rid)
@@ -261,6 +328,17 @@ def resolve(path_text: object, base: Path) -> object:
     return path_text
 
 
+def _chat_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
+    """The ``chat`` format: image paths inside the messages resolved against the file's folder."""
+    for raw in jsonl_objects(path):
+        for m in (raw.fields or {}).get("messages") or []:
+            content = m.get("content") if isinstance(m, dict) else None
+            for part in content if isinstance(content, list) else []:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    part["image"] = resolve(part.get("image"), image_root or path.parent)
+        yield raw
+
+
 def _jsonl_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
     for raw in jsonl_objects(path):
         if raw.fields is not None:
@@ -269,6 +347,11 @@ def _jsonl_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
 
 
 # ----------------------------------------------------------------------------- entry point
+
+def _first_has_messages(path: Path) -> bool:
+    first = next(jsonl_objects(path), None)
+    return first is not None and first.fields is not None and "messages" in first.fields
+
 
 def detect_format(path: Path) -> str:
     from .benchmarks import is_vstar_listing, parquet_format
@@ -280,7 +363,7 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".parquet":
         return parquet_format(path)
     if path.suffix == ".jsonl":
-        return "vstar" if is_vstar_listing(path) else "jsonl"
+        return "vstar" if is_vstar_listing(path) else "chat" if _first_has_messages(path) else "jsonl"
     if path.suffix == ".json":
         return "mme_realworld"
     raise ValueError(f"cannot tell the format of {path}; pass fmt= one of {', '.join(FORMATS)}")
@@ -302,6 +385,7 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
     root = Path(image_root) if image_root else None
     readers = {
         "jsonl": lambda: _jsonl_records(path, root),
+        "chat": lambda: _chat_records(path, root),
         "vstar": lambda: benchmarks.vstar_records(path, root),
         "mme_realworld": lambda: benchmarks.mme_records(path, root),
         "hrbench": lambda: benchmarks.hrbench_records(path),

@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .config import Config, save_config
+from .config import Config, load_config, save_config
 from .data import BadImageError, SampleSet, load_samples
+from .grounding import Box
 from .model import check_model_dir, load_model, load_processor
 from .prompts import get_template
 from .report import compute_metrics, fingerprint, render_markdown
 from .report_html import render_html
 from .reward import predicted_letter
-from .rollout import rollout
+from .rollout import rollout, teacher_forced
 
 log = logging.getLogger("mgpo")
 
@@ -352,6 +353,59 @@ def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict
                        metrics, proto, errors)
     (out / "report.html").write_text(html)
     log.info("evaluation report: %s", out / "report.md")
+    return result
+
+
+CROPS_FILE = "crop_answerable.json"
+
+
+def _turn1_box(record: dict) -> list[int] | None:
+    """A prediction's first box in input pixels, when it was valid (K-turn: its first turn's)."""
+    first = record["turns"][0] if record.get("turns") else record
+    return first.get("box_input") if first.get("valid") else None
+
+
+def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> dict:
+    """The paper's Table 3 for one evaluation: the share of its questions whose turn-1 box,
+    given to ``judge`` (a model folder; in the paper, the base model) as the judge's own
+    turn 1 of the MGPO template, leads the judge to the right answer from that crop.
+
+    A question without a valid box counts as not answerable (there is no crop to read).
+    The judge runs at the evaluation's pixel budget, greedy, on its first sample of each
+    question. Writes ``crop_answerable.json`` beside the evaluation's report."""
+    from tqdm import tqdm
+
+    from .sft import grounding_block
+
+    out = Path(eval_dir)
+    cfg = load_config(out / "config.yaml")
+    check_model_dir(judge)
+    judged = replace(cfg.model, path=judge)
+    firsts = {(r["dataset"], r["id"]): r for r in _read_predictions(out / "predictions")
+              if "error" not in r and r.get("sample", 0) == 0}
+    if not firsts:
+        raise FileNotFoundError(f"{out / 'predictions'}: no predictions to judge")
+    paths = cfg.eval.datasets or (cfg.data.eval,)
+    samples = {(name, s.id): s for name, path in zip(dataset_names(paths), paths)
+               for s in load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None, name=name)}
+    boxed = [(samples[k], _turn1_box(r)) for k, r in firsts.items() if k in samples and _turn1_box(r)]
+    processor, model = load_processor(judged), load_model(judged)
+    rcfg = replace(cfg.rollout, template="mgpo")
+    right = 0
+    for lo in tqdm(range(0, len(boxed), batch_size), desc="judging crops"):
+        chunk = boxed[lo: lo + batch_size]
+        texts = [(grounding_block(Box(*box), s.category.replace("_", " ")),) for s, box in chunk]
+        try:
+            batch = teacher_forced(processor, [s for s, _ in chunk], texts, rcfg, min_pixels=cfg.model.min_pixels,
+                                   max_pixels=cfg.model.max_pixels, model=model)
+        except BadImageError as err:
+            log.warning("crop_answerable: a batch was skipped: %s", err)
+            continue
+        right += sum(t.valid and predicted_letter(t) == t.answer for t in batch.trajectories)
+    result = {"evaluation": str(out), "judge": judge, "questions": len(firsts), "valid_boxes": len(boxed),
+              "answerable": right, "share": 100.0 * right / len(firsts),
+              "share_of_valid_boxes": 100.0 * right / len(boxed) if boxed else None}
+    (out / CROPS_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

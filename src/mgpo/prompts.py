@@ -189,6 +189,31 @@ def _next_user_text(processor, template: Template, content: list[dict]) -> str:
     return "\n" + full[len(head):]
 
 
+def chat_pieces(processor, messages) -> list[tuple[str, bool]]:
+    """A ``chat`` record (``Sample.messages``) as the chat template renders it, cut into
+    (text, is_target) pieces: the text before each assistant message (system, user blocks
+    with their image placeholders, the assistant header) and the assistant message itself,
+    whose closing ``<|im_end|>`` the caller appends as a token. Data text is escaped like
+    every prompt's; the pieces joined with the ``<|im_end|>`` are the template's own rendering."""
+    specials = tuple(getattr(processor, "tokenizer", processor).get_added_vocab())
+    chat = [{"role": role, "content": [{"type": "image"} if kind == "image" else
+                                       {"type": "text", "text": escape_special(value, specials)}
+                                       for kind, value in parts]} for role, parts in messages]
+    pieces, done = [], ""
+    for a, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        head = processor.apply_chat_template(chat[:a], add_generation_prompt=True, tokenize=False)
+        target = "".join(part["text"] for part in message["content"])
+        if not head.startswith(done):
+            raise ValueError("the chat template renders an earlier turn differently once later turns follow")
+        pieces += [(head[len(done):], False), (target, True)]
+        done = head + target + "<|im_end|>"
+    if not processor.apply_chat_template(chat, tokenize=False).startswith(done):
+        raise ValueError("the chat template does not close an assistant message with <|im_end|>")
+    return pieces
+
+
 def second_turn_text(processor, template: Template, question: str, options, cropped: bool) -> str:
     """The turn-2 user block of the paper's template (crop or fallback), after turn 1's ``<|im_end|>``."""
     question, options = _escaped(processor, question, options)

@@ -1,7 +1,7 @@
 """The miniature reproduction: MGPO from the embedded base model, over seeds, measured.
 
     python -m mgpo.repro --seeds 0 1 2 --steps 60        # `make repro`, writes docs/reproduction.md
-    python -m mgpo.repro --task beacon --seeds 0 1 --steps 150   # grounding from the answer reward
+    python -m mgpo.repro --task beacon --seeds 0 1 --steps 150   # MGPO vs one-turn GRPO, grounding
 
 For each seed: ``train.py`` with ``configs/tiny_demo.yaml`` from ``build/base/model``
 (built first when missing), the greedy test accuracy of the checkpoints every
@@ -9,9 +9,12 @@ For each seed: ``train.py`` with ``configs/tiny_demo.yaml`` from ``build/base/mo
 ``metrics.jsonl``. Writes the table and the curves (PNG, drawn with PIL) to
 ``docs/reproduction.md`` and ``docs/reproduction/``.
 
-``--task beacon`` does the same from ``build/beacon`` with ``configs/tiny_beacon.yaml``: the
-answer is legible only in a crop, so the curves to read are the IoU of the turn-1 box with
-the target and the test accuracy (see ``mgpo.beacon``).
+``--task beacon`` does the same from ``build/beacon`` with ``configs/tiny_beacon.yaml``, for
+MGPO and the paper's one-turn GRPO baseline (``--methods``) from the same base: the answer
+is legible only in a crop, so the curves to read are the IoU of the turn-1 box with the
+target, the valid-box share (the paper's Figure 7) and the test accuracy (see
+``mgpo.beacon``). It also measures the paper's Table 3: the share of test questions whose
+turn-1 crop lets the base model answer right (``eval.py crops``).
 """
 
 from __future__ import annotations
@@ -33,29 +36,48 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, config: str) -> dict:
-    """Train one seed from the base and evaluate its checkpoints; return curves and accuracies."""
-    run = out / f"mgpo-seed{seed}"
+METHODS = {  # method -> its template (training rollouts and evaluation)
+    "mgpo": "mgpo",  # two turns: box, crop of the original, answer
+    "grpo": "grpo",  # the paper's one-turn baseline: box and answer in one turn, no crop
+}
+
+
+def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, config: str, method: str = "mgpo",
+             judge: str | None = None) -> dict:
+    """Train one seed of ``method`` from the base and evaluate its checkpoints; return curves
+    and test figures. With ``judge``, also the share of the last checkpoint's test questions
+    the judge answers from their turn-1 crops (the paper's Table 3)."""
+    run = out / f"{method}-seed{seed}"
     start = time.time()
     common = [f"model.path={base / 'model'}", f"data.train={base / 'data' / 'train.jsonl'}",
-              f"data.eval={base / 'data' / 'test.jsonl'}"]
+              f"data.eval={base / 'data' / 'test.jsonl'}", f"rollout.template={METHODS[method]}",
+              f"eval.mode={METHODS[method]}"]
     _run([sys.executable, "train.py", "--config", config, *common, f"train.output_dir={run}", f"train.seed={seed}",
           f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100", "train.resume=none",
           "train.allow_config_change=true"])
     minutes = (time.time() - start) / 60
-    accuracy, iou = {}, {}
+    accuracy, iou, valid = {}, {}, {}
     for step in range(eval_every, steps + 1, eval_every):
         ckpt = run / "checkpoints" / f"step-{step:06d}" / "model"
         _run([sys.executable, "eval.py", "--config", config, *common, f"model.path={ckpt}",
               f"eval.output_dir={run / f'eval-{step}'}", "eval.overwrite=true"])
-        result = json.loads((run / f"eval-{step}" / "metrics.json").read_text())["results"]
-        accuracy[step] = next(iter(result.values()))["accuracy"]
-        iou[step] = next(iter(result.values()))["grounding"]["mean_iou"]
+        result = next(iter(json.loads((run / f"eval-{step}" / "metrics.json").read_text())["results"].values()))
+        accuracy[step], iou[step] = result["accuracy"], result["grounding"]["mean_iou"] or 0.0
+        valid[step] = result["grounding"]["valid_box"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"seed": seed, "minutes": minutes, "accuracy": accuracy, "iou": iou,
-            "reward": [(r["step"], r["reward/mean"]) for r in rows],
-            "valid_box": [(r["step"], r["grounding/valid_box_share"]) for r in rows],
-            "train_iou": [(r["step"], r.get("grounding/iou", 0.0)) for r in rows]}
+    found = {"method": method, "seed": seed, "minutes": minutes, "accuracy": accuracy, "iou": iou, "valid": valid,
+             "reward": [(r["step"], r["reward/mean"]) for r in rows],
+             "valid_box": [(r["step"], r["grounding/valid_box_share"]) for r in rows],
+             "train_iou": [(r["step"], r.get("grounding/iou", 0.0)) for r in rows]}
+    if judge:
+        found["crops"] = crops(run / f"eval-{steps}", judge)
+    return found
+
+
+def crops(eval_dir: Path, judge: str) -> float:
+    """Table 3 for one evaluation folder (``eval.py crops``): % of questions answerable from the crop."""
+    _run([sys.executable, "eval.py", "crops", str(eval_dir), "--judge", judge])
+    return json.loads((eval_dir / "crop_answerable.json").read_text())["share"]
 
 
 def plot(series: dict[str, list[tuple[float, float]]], title: str, path: Path, y_max: float = 1.0) -> None:
@@ -83,36 +105,75 @@ def plot(series: dict[str, list[tuple[float, float]]], title: str, path: Path, y
     img.save(path)
 
 
+def _final(run: dict, key: str) -> float:
+    return run[key][max(run[key])]
+
+
+def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
+    """The paper's Tables 1-3 in miniature: base (each template) and each method's last
+    checkpoint, mean over seeds with each seed in brackets."""
+    def cell(values, fmt):
+        mean = fmt.format(sum(values) / len(values))
+        return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
+
+    lines = ["| model | test accuracy % | valid box % | IoU with the target | answerable from the turn-1 crop % |",
+             "|---|---|---|---|---|"]
+    for mode, m in base.get("modes", {}).items():
+        crop = base.get("crops", {}).get(mode)
+        lines.append(f"| base, {mode.upper()} template | {m['test_accuracy']:.1f} | {m['valid_box']:.1f} | "
+                     f"{m['mean_iou'] or 0.0:.2f} | {'-' if crop is None else f'{crop:.1f}'} |")
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        step = max(mine[0]["accuracy"])
+        crop = cell([r["crops"] for r in mine], "{:.1f}") if all("crops" in r for r in mine) else "-"
+        lines.append(f"| {method.upper()}, step {step} | {cell([_final(r, 'accuracy') for r in mine], '{:.1f}')} | "
+                     f"{cell([_final(r, 'valid') for r in mine], '{:.1f}')} | "
+                     f"{cell([_final(r, 'iou') for r in mine], '{:.2f}')} | {crop} |")
+    seeds = ", ".join(str(r["seed"]) for r in runs if r["method"] == methods[0])
+    return (f"Greedy test figures, {base.get('n_test', 64)} questions; each method's last checkpoint, mean over "
+            f"seeds {seeds} with each seed in brackets. The last column is the paper's Table 3: the share of "
+            "questions whose turn-1 box, given to the base model as its own turn 1, lets it answer right "
+            "(`eval.py crops`; no valid box counts as not answerable):\n\n" + "\n".join(lines))
+
+
 def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: str = "colours") -> Path:
     figures = docs / "reproduction"
     prefix = "" if task == "colours" else f"{task}_"
-    charts = {"reward": ("training reward (MGPO)", "reward"), "valid_box": ("valid-box share (MGPO)", "valid_box")}
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    who = " and ".join(m.upper() for m in methods)
+    name = (lambda r: f"seed {r['seed']}") if len(methods) == 1 else (lambda r: f"{r['method'].upper()} seed {r['seed']}")
+    charts = {"reward": (f"training reward ({who})", "reward"), "valid_box": (f"valid-box share ({who})", "valid_box")}
     if task != "colours":
-        charts["iou"] = ("IoU of the turn-1 box with the target (MGPO, training rollouts)", "train_iou")
-    for name, (title, key) in charts.items():
-        plot({f"seed {r['seed']}": r[key] for r in runs}, title, figures / f"{prefix}{name}.png")
-    steps = sorted(runs[0]["accuracy"])
-    tables = []
-    for label, key, base_value, fmt in (("Greedy test accuracy (%)", "accuracy", base["test_accuracy"], "{:.1f}"),
-                                        ("Greedy test IoU of the turn-1 box with the target", "iou",
-                                         base.get("mean_iou") or 0.0, "{:.2f}")):
-        if key == "iou" and task == "colours":
-            continue
-        head = "| seed | base | " + " | ".join(f"step {s}" for s in steps) + " | minutes |"
-        lines = [f"{label}, {base.get('n_test', 64)} questions:", "", head, "|" + "---|" * (len(steps) + 3)]
-        for r in runs:
-            vals = " | ".join(fmt.format(r[key][s]) for s in steps)
-            lines.append(f"| {r['seed']} | {fmt.format(base_value)} | {vals} | {r['minutes']:.1f} |")
-        mean = " | ".join(fmt.format(sum(r[key][s] for r in runs) / len(runs)) for s in steps)
-        lines.append(f"| mean | {fmt.format(base_value)} | {mean} | |")
-        tables.append("\n".join(lines))
+        charts["iou"] = (f"IoU of the turn-1 box with the target ({who}, training rollouts)", "train_iou")
+    for chart, (title, key) in charts.items():
+        plot({name(r): r[key] for r in runs}, title, figures / f"{prefix}{chart}.png")
+    tables = [_summary(base, runs, methods)] if task != "colours" else []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        at_base = base.get("modes", {}).get(METHODS[method], base)
+        steps = sorted(mine[0]["accuracy"])
+        for label, key, base_value, fmt in (("greedy test accuracy (%)", "accuracy", at_base["test_accuracy"], "{:.1f}"),
+                                            ("greedy test IoU of the turn-1 box with the target", "iou",
+                                             at_base.get("mean_iou") or 0.0, "{:.2f}")):
+            if key == "iou" and task == "colours":
+                continue
+            head = "| seed | base | " + " | ".join(f"step {s}" for s in steps) + " | minutes |"
+            lines = [f"{method.upper()}, {label}, {base.get('n_test', 64)} questions:", "", head,
+                     "|" + "---|" * (len(steps) + 3)]
+            for r in mine:
+                vals = " | ".join(fmt.format(r[key][s]) for s in steps)
+                lines.append(f"| {r['seed']} | {fmt.format(base_value)} | {vals} | {r['minutes']:.1f} |")
+            mean = " | ".join(fmt.format(sum(r[key][s] for r in mine) / len(mine)) for s in steps)
+            lines.append(f"| mean | {fmt.format(base_value)} | {mean} | |")
+            tables.append("\n".join(lines))
     about = f"the base model (seed {base['seed']}, {base['sft_steps']} SFT steps"
+    about += f" in the {' and '.join(base['templates'])} templates" if len(base.get("templates", [])) > 1 else ""
     about += f", label noise {base['label_noise']})" if "label_noise" in base else ")"
     path = docs / "reproduction.md"
     text = path.read_text() if path.exists() else ""
     tag = "repro" if task == "colours" else f"repro-{task}"
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    images = "\n".join(f"![{title}](reproduction/{prefix}{name}.png)" for name, (title, _) in charts.items())
+    images = "\n".join(f"![{title}](reproduction/{prefix}{chart}.png)" for chart, (title, _) in charts.items())
     block = f"{start}\nGenerated by `{command}`, from {about}.\n\n" + "\n\n".join(tables) + f"\n\n{images}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
@@ -131,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="default: build/base (colours), build/beacon (beacon)")
     parser.add_argument("--out", help="default: runs/repro (colours), runs/repro-beacon")
     parser.add_argument("--config", help="default: configs/tiny_demo.yaml (colours), configs/tiny_beacon.yaml")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                        help="default: mgpo (colours), mgpo grpo (beacon, whose base follows both templates)")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     beacon = args.task == "beacon"
@@ -139,10 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     config = args.config or ("configs/tiny_beacon.yaml" if beacon else "configs/tiny_demo.yaml")
     if not (base / "base.json").exists():
         _run([sys.executable, "-m", "mgpo.base", str(base), "--task", args.task])
-    runs = [run_seed(s, args.steps, args.eval_every, base, out, config) for s in args.seeds]
+    methods = args.methods or (["mgpo", "grpo"] if beacon else ["mgpo"])
+    summary = json.loads((base / "base.json").read_text())
+    judge = str(base / "model") if beacon else None  # Table 3: the base answers from each method's crops
+    if judge:
+        summary["crops"] = {mode: crops(base / "eval" / mode, judge) for mode in summary.get("modes", {})}
+    runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge) for m in methods for s in args.seeds]
     command = (f"python -m mgpo.repro{' --task beacon' if beacon else ''} --seeds {' '.join(map(str, args.seeds))} "
-               f"--steps {args.steps} --eval-every {args.eval_every}")
-    path = write_report(json.loads((base / "base.json").read_text()), runs, Path(args.docs), command, args.task)
+               f"--steps {args.steps} --eval-every {args.eval_every} --methods {' '.join(methods)}")
+    path = write_report(summary, runs, Path(args.docs), command, args.task)
     print(f"wrote {path}")
 
 

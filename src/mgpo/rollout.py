@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import RolloutConfig
-from .data import MIN_SIDE, BadImageError, Sample, prompt_length_problem
+from .data import MIN_SIDE, BadImageError, Sample, load_image, prompt_length_problem
 from .generation import (
     Continuation,
     Generated,
@@ -51,10 +51,11 @@ from .grounding import (
     smart_resize,
     to_original_box,
 )
-from .prompts import Template, first_prompt_text, get_template, second_turn_text
+from .prompts import Template, chat_pieces, first_prompt_text, get_template, second_turn_text
 from .trajectory import ImagePatches, Rollout, Trajectory, TurnRecord
 
-__all__ = ["ImagePatches", "Rollout", "Trajectory", "TurnRecord", "prompt_tokens", "rollout", "teacher_forced"]
+__all__ = ["ImagePatches", "Rollout", "Trajectory", "TurnRecord", "chat_forced", "prompt_tokens", "rollout",
+           "teacher_forced"]
 
 
 # ----------------------------------------------------------------------------- hand-overs
@@ -179,16 +180,77 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
     return _assemble(ctx, conversations, trajectories, skipped)
 
 
+@torch.no_grad()
 def teacher_forced(processor, samples: list[Sample], texts: list[tuple[str, ...]], cfg: RolloutConfig, *,
-                   min_pixels: int, max_pixels: int, images: list | None = None) -> Rollout:
+                   min_pixels: int, max_pixels: int, images: list | None = None, model=None) -> Rollout:
     """The conversations the rollout would build had the model written ``texts[i]`` (one
     string per assistant turn) for ``samples[i]``: SFT's batches, with the rollout's own
-    box parsing, crop, token concatenation and loss mask. One trajectory per sample."""
-    ctx = _Context(processor, get_template(cfg.template), replace(cfg, group_size=1), special_ids(processor),
+    box parsing, crop, token concatenation and loss mask. One trajectory per sample.
+
+    With ``model``, ``texts`` may script turn 1 only: ``model`` then writes turn 2 greedily
+    (the crop-answerability measure: given this box, does the model answer?)."""
+    template = get_template(cfg.template)
+    if not template.zoom_loop:  # (mgpo_k scripts end where their answer is)
+        if any(len(t) != len(texts[0]) for t in texts) or not 0 < len(texts[0]) <= template.turns:
+            raise ValueError(f"teacher_forced: every sample needs the same number of scripted turns, 1 to "
+                             f"{template.turns} for the {cfg.template!r} template")
+        if len(texts[0]) < template.turns and model is None:
+            raise ValueError("teacher_forced: the texts script turn 1 only, and no model is given to write turn 2")
+    ctx = _Context(processor, template, replace(cfg, group_size=1, continue_turn2=False), special_ids(processor),
                    greedy=True, record_logprobs=False, min_pixels=min_pixels, max_pixels=max_pixels,
                    synced_gpus=False)
     prompts, skipped = _encode_prompts(ctx, samples, images, texts)
-    trajectories, conversations = _rollout_groups(None, ctx, prompts, first_group=0)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    try:
+        trajectories, conversations = _rollout_groups(model, ctx, prompts, first_group=0)
+    finally:
+        if was_training:
+            model.train()
+    return _assemble(ctx, conversations, trajectories, skipped)
+
+
+def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels: int,
+                images: list | None = None) -> Rollout:
+    """SFT on ``chat`` records (``Sample.messages``): each conversation encoded piece by piece
+    as a rollout is, the text between assistant messages (system, user blocks, their images)
+    untrained, each assistant message and its closing ``<|im_end|>`` trained; the same
+    `_assemble` builds the loss mask. ``images[i]``, when given, is sample i's first image
+    decoded; a sample with an unreadable image is skipped and listed."""
+    ctx = _Context(processor, get_template("mgpo"), RolloutConfig(group_size=1), special_ids(processor),
+                   greedy=True, record_logprobs=False, min_pixels=min_pixels, max_pixels=max_pixels,
+                   synced_gpus=False)
+    tok, im_end = processor.tokenizer, ctx.ids["<|im_end|>"]
+    trajectories, conversations, skipped = [], [], []
+    for k, sample in enumerate(samples):
+        paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
+        try:
+            loaded = [images[k] if images is not None else sample.load_image()]
+            loaded += [load_image(path, sample.id) for path in paths[1:]]
+        except BadImageError as e:
+            skipped.append((sample.id, str(e)))
+            continue
+        pieces, shown, targets = [], [], []
+        for text, target in chat_pieces(processor, sample.messages):
+            if target:
+                pieces.append(_Piece(torch.tensor(tok.encode(text, add_special_tokens=False) + [im_end]), True))
+                targets.append(text)
+                continue
+            block = loaded[len(shown): len(shown) + text.count("<|vision_start|>")]
+            out = processor(text=[text], images=block or None, return_tensors="pt")
+            if block:  # one ImagePatches per image: the processor returns them concatenated
+                grids = out["image_grid_thw"]
+                for pixels, grid in zip(out["pixel_values"].split(grids.prod(-1).tolist()), grids.split(1)):
+                    shown.append(ctx.add_image(ImagePatches(pixels, grid)))
+            pieces.append(_Piece(out["input_ids"][0], False))
+        t = Trajectory(sample.id, len(conversations), "", (), loaded[0].size,
+                       input_size_from_grid(ctx.images[shown[0]].grid[0]), turns=len(targets))
+        t.turn1_text, t.turn2_text = targets[0], targets[-1] if len(targets) > 1 else ""
+        trajectories.append(t)
+        conversations.append(_Conversation(pieces, shown))
+    if not conversations:
+        raise BadImageError("every conversation of the batch was skipped: " + "; ".join(r for _, r in skipped))
     return _assemble(ctx, conversations, trajectories, skipped)
 
 
@@ -241,7 +303,7 @@ def _rollout_groups(model, ctx: _Context, prompts: list[_Prompt], first_group: i
     # ---- ground: crop (or fall back) and encode each turn-2 user block
     blocks = _turn2_blocks(ctx, prompts, trajectories)
     # ---- turn 2: one batched generate (also when every box failed: lock-step)
-    if prompts[0].script is not None:
+    if prompts[0].script is not None and len(prompts[0].script) > 1:
         turn2 = _scripted(ctx, [p.script[1] for p in prompts])
     else:
         turn2 = _generate_turn2(model, ctx, prompts, conversations, blocks, turn1)

@@ -28,7 +28,7 @@ from .loss import policy_loss, sft_loss
 from .model import load_model, load_processor
 from .policy import PolicyForward, rollout_logprobs
 from .reward import group_advantages, score
-from .rollout import Rollout, prompt_tokens, rollout, teacher_forced
+from .rollout import Rollout, chat_forced, prompt_tokens, rollout, teacher_forced
 from .run_folder import start_run
 from .sft import sft_texts
 
@@ -236,6 +236,12 @@ def _sft_experience(run: _Run, prompts, images) -> Experience:
     turns, a box around its target), teacher-forced, loss on the assistant tokens only."""
     cfg = run.cfg
     t0 = time.perf_counter()
+    if prompts[0].messages:  # chat records: their own assistant messages are the targets
+        batch = chat_forced(run.processor, prompts, min_pixels=cfg.model.min_pixels,
+                            max_pixels=cfg.model.max_pixels, images=images)
+        return Experience(batch, 1, lambda logp, entropy, part, denom: sft_loss(
+            logp, batch.loss_mask[part, : logp.shape[1]].to(logp.device), denom), None,
+            {"time/rollout_s": time.perf_counter() - t0})
     templates = cfg.train.sft_templates or (cfg.rollout.template,)
     rollout_cfg = replace(cfg.rollout, template=templates[run.state["batch"] % len(templates)])
     texts = [sft_texts(p, rollout_cfg.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -285,8 +291,14 @@ def _setup(cfg: Config) -> _Run:
     # ---- data
     data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
                         max_samples=cfg.data.max_samples)
-    data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s, cfg.model.min_pixels,
-                                                           cfg.model.max_pixels), cfg.data.max_prompt_tokens)
+    chat = any(s.messages for s in data)
+    if chat and t.algorithm != "sft":
+        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
+                         "set train.algorithm=sft, or give RL a question file")
+    if not chat:  # (a chat record's length is its own: not limited at load)
+        data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s,
+                                                               cfg.model.min_pixels, cfg.model.max_pixels),
+                                 cfg.data.max_prompt_tokens)
     if len(data) < t.prompts_per_rollout:
         raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
                          f"train.prompts_per_rollout ({t.prompts_per_rollout})")
