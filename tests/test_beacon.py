@@ -52,3 +52,36 @@ def test_sft_records_pair_every_panel_with_its_own_pattern(tmp_path):
         assert [r["target_boxes"] for r in mine] == [[beacon.panel_box(p)] for p in range(3)]
         # the record whose box is the true target carries the true answer
         assert [r["answer"] for r in mine if r["target_boxes"] == t["target_boxes"]] == [t["answer"]]
+
+
+@pytest.fixture(scope="module")
+def nested_processor(tiny_dir):
+    from mgpo.model import load_processor
+
+    budget = beacon.NESTED.budget
+    return load_processor(ModelConfig(path=str(tiny_dir), min_pixels=budget, max_pixels=budget))
+
+
+@pytest.mark.parametrize("target", [0, 1, 2])
+def test_nested_layout_needs_two_zooms(nested_processor, target):
+    """NESTED: the pattern is invisible in the image (4x down) and in a crop of the panel (2x
+    down, as the rollout shows it), legible only in the panel's centre (1x): two zooms."""
+    from mgpo.grounding import Box, crop_original, fit_to_budget
+
+    layout, budget = beacon.NESTED, beacon.NESTED.budget
+    images = [beacon.draw(target, [(k + i) % 3 for i in range(3)], layout) for k in range(3)]
+
+    def shown(region):  # what the model reads of a region of the original
+        return [_pixels(nested_processor, fit_to_budget(crop_original(im, Box(*region)), budget, budget))
+                for im in images]
+
+    whole = [_pixels(nested_processor, im) for im in images]
+    assert whole[0]["image_grid_thw"].tolist() == [[1, 4, 16]]  # 224 x 56: the 4x down-scale
+    panel = shown(beacon.panel_box(target, layout))
+    assert panel[0]["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112 x 112: the panel at 2x down
+    for views in (whole, panel):
+        spread = max((a["pixel_values"] - b["pixel_values"]).abs().max().item() for a in views for b in views)
+        assert spread <= 2.5 * ONE_LEVEL, "neither the image nor a crop of the panel may tell the answers apart"
+    centre = [v["pixel_values"] for v in shown(beacon.target_box(target, layout))]
+    gaps = [(centre[i] - centre[j]).abs().mean().item() for i in range(3) for j in range(i)]
+    assert min(gaps) > 20 * ONE_LEVEL, "the second zoom must show the pattern"

@@ -21,6 +21,14 @@ the three box texts differ in two digits, both fixed by the first, so the choice
 is one token and the tiny model's digit-by-digit box text is otherwise the same whichever
 panel it picks.
 
+The *nested* layout (``NESTED``, for the K-turn experiment of ``mgpo_k``) needs two zooms:
+an 896 x 224 image seen at 224 x 56 (4x down-scale, budget 112 x 112 = 12544 px), panels
+of 224 px filled with a 1-px pattern (period 2). A crop of the panel is shown at 112 x 112,
+a 2x down-scale, where the pattern still averages out; only a second zoom inside it (the
+target is the panel's central 112 px) shows it at full resolution. The down-scale factors
+4 and 2 are even and the panels start on multiples of 4, so every filter pairs opposite
+pixels of the pattern and it cancels exactly (rounding aside).
+
     python -m mgpo.beacon build/beacon --n 256 --seed 0 --split train
 """
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,44 +45,71 @@ from PIL import Image
 
 from .prompts import LETTERS
 
-WIDTH, HEIGHT = 1792, 448  # original image, px: 448 x 112 at the 4x down-scale of the tiny budget
-SIDE = 224  # panel side, px: a crop of one panel is shown at its own resolution
-PANELS = [(400, 112), (800, 112), (1200, 112)]  # panel top-left corners: input boxes [100, 28, 156, 84] ...
-PERIOD = 4  # px: divides the 4x down-scale (patterns average out), 2-px stripes in the crop
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things are, in original pixels, and the pixel budget they are drawn for."""
+
+    name: str
+    width: int
+    height: int
+    side: int  # panel side
+    panels: tuple[tuple[int, int], ...]  # panel top-left corners
+    period: int  # of the pattern: divides every down-scale factor, so the pattern averages out
+    budget: int  # min_pixels = max_pixels of the model that reads it
+    detail: int  # side of the target region, centred in the panel (the whole panel: side)
+
+
+# 448 x 112 at the 4x down-scale; panels at input boxes [100, 28, 156, 84] ...; 2-px stripes in a crop
+BEACON = Layout("beacon", 1792, 448, 224, ((400, 112), (800, 112), (1200, 112)), period=4, budget=448 * 112,
+                detail=224)
+# 224 x 56 at 4x; a panel crop at 2x (112 x 112); the central 112 px at 1x: two zooms to read it
+NESTED = Layout("nested", 896, 224, 224, ((64, 0), (352, 0), (640, 0)), period=2, budget=112 * 112, detail=112)
+LAYOUTS = {layout.name: layout for layout in (BEACON, NESTED)}
 FADE = 16  # px over which the pattern's contrast fades in from each panel edge
 PATTERNS = ["horizontal stripes", "vertical stripes", "checks"]
 TINTS = {"red": (190, 50, 50), "green": (50, 150, 60), "blue": (60, 80, 200)}
 PLACES = list(TINTS)  # panel index -> the colour that marks it when it is the target
 GREY = (128, 128, 128)
 QUESTION = "Which pattern fills the coloured square?"  # the colour is not named: the image says where
+PANELS = BEACON.panels
 
 
-def panel_box(index: int) -> list[int]:
+def panel_box(index: int, layout: Layout = BEACON) -> list[int]:
     """[x1, y1, x2, y2] of panel ``index`` in original pixels."""
-    x, y = PANELS[index]
-    return [x, y, x + SIDE, y + SIDE]
+    x, y = layout.panels[index]
+    return [x, y, x + layout.side, y + layout.side]
 
 
-def _pattern(kind: int) -> np.ndarray:
-    """A SIDE x SIDE field of -1/+1 with the contrast faded in near the edges."""
-    y, x = np.mgrid[0:SIDE, 0:SIDE]
-    h, v = (y % PERIOD) < PERIOD // 2, (x % PERIOD) < PERIOD // 2
+def target_box(index: int, layout: Layout = BEACON) -> list[int]:
+    """The region that answers the question when panel ``index`` is the target: its centre."""
+    x1, y1, _, _ = panel_box(index, layout)
+    margin = (layout.side - layout.detail) // 2
+    return [x1 + margin, y1 + margin, x1 + margin + layout.detail, y1 + margin + layout.detail]
+
+
+def _pattern(kind: int, layout: Layout) -> np.ndarray:
+    """A side x side field of -1/+1 with the contrast faded in near the edges."""
+    side, period = layout.side, layout.period
+    y, x = np.mgrid[0:side, 0:side]
+    h, v = (y % period) < period // 2, (x % period) < period // 2
     sign = np.where([h, v, h ^ v][kind], -1.0, 1.0)
-    edge = np.minimum(np.minimum(y, SIDE - 1 - y), np.minimum(x, SIDE - 1 - x))
+    edge = np.minimum(np.minimum(y, side - 1 - y), np.minimum(x, side - 1 - x))
     return sign * np.clip(edge / FADE, 0.0, 1.0)
 
 
-def draw(target: int, patterns: list[int]) -> Image.Image:
+def draw(target: int, patterns: list[int], layout: Layout = BEACON) -> Image.Image:
     """The image: panel ``i`` holds ``patterns[i]``; the target panel carries its place's tint."""
-    img = np.full((HEIGHT, WIDTH, 3), GREY, dtype=float)
+    img = np.full((layout.height, layout.width, 3), GREY, dtype=float)
     for i, kind in enumerate(patterns):
-        x1, y1, x2, y2 = panel_box(i)
+        x1, y1, x2, y2 = panel_box(i, layout)
         mean = np.array(TINTS[PLACES[i]] if i == target else GREY, dtype=float)
-        img[y1:y2, x1:x2] = mean + _pattern(kind)[..., None] * 50.0
+        img[y1:y2, x1:x2] = mean + _pattern(kind, layout)[..., None] * 50.0
     return Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8))
 
 
-def beacon_records(index: int, seed: int, split: str, image_dir: Path, every_panel: bool = False) -> list[dict]:
+def beacon_records(index: int, seed: int, split: str, image_dir: Path, every_panel: bool = False,
+                   layout: Layout = BEACON) -> list[dict]:
     """One image and its record, with the target's box and the true answer.
 
     ``every_panel`` (the base model's SFT data) gives one record per panel instead, each with
@@ -82,43 +118,44 @@ def beacon_records(index: int, seed: int, split: str, image_dir: Path, every_pan
     shown, and nothing about which panel to pick: only a crop of the tinted panel answers the
     question, which the base is never told."""
     rng = random.Random(f"beacon-{seed}-{split}-{index}")
-    target = rng.randrange(len(PANELS))
-    patterns = [rng.randrange(len(PATTERNS)) for _ in range(len(PANELS))]
+    target = rng.randrange(len(layout.panels))
+    patterns = [rng.randrange(len(PATTERNS)) for _ in range(len(layout.panels))]
     name = f"{split}-{index:05d}.png"
-    draw(target, patterns).save(image_dir / name, compress_level=1)
-    record = {"id": f"beacon-{split}-{index:05d}", "image": f"images/{name}", "question": QUESTION,
+    draw(target, patterns, layout).save(image_dir / name, compress_level=1)
+    record = {"id": f"{layout.name}-{split}-{index:05d}", "image": f"images/{name}", "question": QUESTION,
               "options": PATTERNS, "answer": LETTERS[patterns[target]], "category": "square",
-              "target_boxes": [panel_box(target)]}
+              "target_boxes": [target_box(target, layout)]}
     if not every_panel:
         return [record]
-    return [{**record, "id": f"{record['id']}-panel{c}", "target_boxes": [panel_box(c)],
+    return [{**record, "id": f"{record['id']}-panel{c}", "target_boxes": [target_box(c, layout)],
              "answer": LETTERS[patterns[c]]}
-            for c in range(len(PANELS))]
+            for c in range(len(layout.panels))]
 
 
-def locate_record(index: int, seed: int, split: str, image_dir: Path) -> dict:
+def locate_record(index: int, seed: int, split: str, image_dir: Path, layout: Layout = BEACON) -> dict:
     """A generic grounding exercise on other images: flat panels, no patterns, one tinted; the
     question asks the tint's colour and the box is the tinted panel. It teaches "box the
     coloured square" (and the colour-place link) without ever pairing the pattern question
     with the box of its target."""
     rng = random.Random(f"locate-{seed}-{split}-{index}")
-    target = rng.randrange(len(PANELS))
-    img = np.full((HEIGHT, WIDTH, 3), GREY, dtype=np.uint8)
-    for i in range(len(PANELS)):
-        x1, y1, x2, y2 = panel_box(i)
+    target = rng.randrange(len(layout.panels))
+    img = np.full((layout.height, layout.width, 3), GREY, dtype=np.uint8)
+    for i in range(len(layout.panels)):
+        x1, y1, x2, y2 = panel_box(i, layout)
         img[y1:y2, x1:x2] = TINTS[PLACES[i]] if i == target else (100, 100, 100)
     name = f"{split}-locate-{index:05d}.png"
     Image.fromarray(img).save(image_dir / name, compress_level=1)
     return {"id": f"locate-{split}-{index:05d}", "image": f"images/{name}",
             "question": "What colour is the coloured square?", "options": PLACES,
-            "answer": LETTERS[target], "category": "locate", "target_boxes": [panel_box(target)]}
+            "answer": LETTERS[target], "category": "locate", "target_boxes": [target_box(target, layout)]}
 
 
-def build_beacon(out: Path, n: int, seed: int, split: str, every_panel: bool = False, locate: int = 0) -> Path:
+def build_beacon(out: Path, n: int, seed: int, split: str, every_panel: bool = False, locate: int = 0,
+                 layout: Layout = BEACON) -> Path:
     """``n`` images (``every_panel``: one record per panel) and ``locate`` grounding exercises."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = [r for i in range(n) for r in beacon_records(i, seed, split, out / "images", every_panel)]
-    rows += [locate_record(i, seed, split, out / "images") for i in range(locate)]
+    rows = [r for i in range(n) for r in beacon_records(i, seed, split, out / "images", every_panel, layout)]
+    rows += [locate_record(i, seed, split, out / "images", layout) for i in range(locate)]
     path = out / f"{split}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -131,8 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train")
     parser.add_argument("--every-panel", action="store_true", help="one record per panel (the base's SFT data)")
+    parser.add_argument("--locate", type=int, default=0, help="generic grounding exercises to add")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="beacon")
     args = parser.parse_args(argv)
-    print(build_beacon(Path(args.out_dir), args.n, args.seed, args.split, args.every_panel))
+    print(build_beacon(Path(args.out_dir), args.n, args.seed, args.split, args.every_panel, args.locate,
+                       LAYOUTS[args.layout]))
 
 
 if __name__ == "__main__":
