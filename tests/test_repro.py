@@ -30,3 +30,29 @@ def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
     assert (tmp_path / "reproduction" / "beacon_iou.png").exists()
     write_report(base, [_run(0)], tmp_path, "again", task="beacon")  # replaced, not appended
     assert page.read_text().count("repro-beacon:start") == 1
+
+
+def test_collect_reads_a_run_folder_back(tmp_path):
+    """--report-only rebuilds the figures from a run folder: curves, each evaluated step, Table 3."""
+    import json
+    import os
+
+    from mgpo.repro import collect
+
+    run = tmp_path / "grpo-seed1"
+    (run / "checkpoints" / "step-000100").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    os.utime(run / "config.yaml", (1000, 1000))
+    os.utime(run / "checkpoints" / "step-000100", (1000 + 90, 1000 + 90))
+    rows = [{"step": 5, "reward/mean": 0.25, "grounding/valid_box_share": 1.0, "grounding/iou": 0.3},
+            {"step": 10, "reward/mean": 0.5, "grounding/valid_box_share": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step, acc in ((50, 40.0), (100, 30.0)):
+        (run / f"eval-{step}").mkdir()
+        result = {"results": {"test": {"accuracy": acc, "grounding": {"mean_iou": None, "valid_box": acc / 2}}}}
+        (run / f"eval-{step}" / "metrics.json").write_text(json.dumps(result))
+    (run / "eval-100" / "crop_answerable.json").write_text(json.dumps({"share": 12.5}))
+    got = collect(run, "grpo", 1)
+    assert got["accuracy"] == {50: 40.0, 100: 30.0} and got["valid"] == {50: 20.0, 100: 15.0}
+    assert got["iou"] == {50: 0.0, 100: 0.0} and got["crops"] == 12.5 and got["minutes"] == 1.5
+    assert got["reward"] == [(5, 0.25), (10, 0.5)] and got["train_iou"] == [(5, 0.3), (10, 0.0)]

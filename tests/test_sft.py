@@ -131,3 +131,30 @@ def test_scripted_turn1_model_writes_turn2_greedily(env):
     with pytest.raises(ValueError, match="no model"):
         teacher_forced(processor, samples[:1], texts[:1], RolloutConfig(template="mgpo"), min_pixels=MIN_PX,
                        max_pixels=MAX_PX)
+
+
+@pytest.mark.parametrize("max_turns, zooms", [(2, 1), (3, 2), (4, 2)])
+def test_k_turn_targets_zoom_until_full_resolution(tiny_dir, tmp_path, max_turns, zooms):
+    """mgpo_k SFT on the nested beacon: each box is drawn on the latest view, the second inside
+    the first crop; zooming stops once the target is shown at full resolution (two zooms), or
+    when the turns run out (K = 2: one zoom, then the forced answer)."""
+    from mgpo import beacon
+    from mgpo.model import load_processor
+
+    layout = beacon.NESTED
+    path = beacon.build_beacon(tmp_path, 2, 0, "test", layout=layout)
+    samples = list(load_samples(path))
+    processor = load_processor(ModelConfig(path=str(tiny_dir), min_pixels=layout.budget, max_pixels=layout.budget))
+    images = [s.load_image() for s in samples]
+    texts = [sft_texts(s, "mgpo_k", im.size, layout.budget, layout.budget, max_turns) for s, im in zip(samples, images)]
+    r = teacher_forced(processor, samples, texts, RolloutConfig(template="mgpo_k", max_turns=max_turns),
+                       min_pixels=layout.budget, max_pixels=layout.budget, images=images)
+    for s, t, script in zip(samples, r.trajectories, texts):
+        assert len(script) == zooms + 1 and script[-1] == f"\\boxed{{{s.answer}}}"
+        assert [rec.action for rec in t.turn_log] == ["zoom"] * zooms + ["answer"]
+        assert [rec.nested for rec in t.turn_log[:zooms]] == [False, True][:zooms]
+        first = t.turn_log[0].box_original
+        assert first[0] <= s.target_boxes[0][0] and first[2] >= s.target_boxes[0][2]  # the panel holds the target
+        if zooms == 2:  # the second crop is the target itself, shown at its own size
+            assert t.turn_log[1].box_original == list(map(float, s.target_boxes[0]))
+            assert t.turn_log[1].crop_size == (layout.detail, layout.detail)

@@ -2,6 +2,7 @@
 
     python -m mgpo.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
     python -m mgpo.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
+    python -m mgpo.base build/nested --task nested   # two zooms needed (the K-turn experiment)
 
 A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
 work with. This builds, deterministically from a seed:
@@ -38,6 +39,7 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -86,21 +88,59 @@ def base_overrides(out: Path) -> list[str]:
 
 
 BEACON_SFT_STEPS = 1000
-TASKS = {  # task -> (overrides on configs/tiny_cpu.yaml for its SFT and evaluation, SFT steps, templates)
-    "colours": ([], SFT_STEPS, ("mgpo",)),
-    # the pixel budget of configs/tiny_beacon.yaml; both templates, so MGPO and the one-turn
-    # GRPO baseline start from the same model
-    "beacon": (["model.min_pixels=50176", "model.max_pixels=50176"], BEACON_SFT_STEPS, ("mgpo", "grpo")),
+# How a base is evaluated (and how `mgpo.repro` trains and evaluates each method from it):
+# method -> (template, turns)
+METHODS = {
+    "mgpo": ("mgpo", 2),  # the paper's two turns: box, crop of the original, answer
+    "grpo": ("grpo", 2),  # the paper's one-turn baseline: box and answer in one turn, no crop
+    "mgpo_k2": ("mgpo_k", 2),  # this project's K-turn template (issue 13), K = 2: one zoom at most
+    "mgpo_k3": ("mgpo_k", 3),  # K = 3: up to two zooms, the second inside the first crop
 }
 
 
-def build_data(data: Path, seed: int, task: str) -> None:
-    if task == "beacon":
-        from .beacon import build_beacon
+def method_overrides(method: str) -> list[str]:
+    """The config overrides that train and evaluate ``method``."""
+    template, turns = METHODS[method]
+    return [f"rollout.template={template}", f"rollout.max_turns={turns}", f"eval.mode={template}",
+            f"eval.max_turns={turns}"]
 
-        build_beacon(data, 256, seed, "sft", every_panel=True, locate=384)
-        build_beacon(data, 256, seed, "train")
-        build_beacon(data, 64, seed + 1, "test")
+
+@dataclass(frozen=True)
+class Task:
+    overrides: tuple[str, ...]  # on configs/tiny_cpu.yaml, for the SFT and the evaluations
+    sft_steps: int
+    methods: tuple[str, ...]  # the SFT teaches each one's conversation; the base is evaluated in each
+
+
+TASKS = {
+    "colours": Task((), SFT_STEPS, ("mgpo",)),
+    # the pixel budget of configs/tiny_beacon.yaml; both templates, so MGPO and the one-turn
+    # GRPO baseline start from the same model
+    "beacon": Task(("model.min_pixels=50176", "model.max_pixels=50176"), BEACON_SFT_STEPS, ("mgpo", "grpo")),
+    # configs/tiny_nested.yaml: K = 2 and K = 3 conversations in turn, from one model
+    "nested": Task(("model.min_pixels=12544", "model.max_pixels=12544", "rollout.max_new_tokens_turn2=40"),
+                   BEACON_SFT_STEPS, ("mgpo_k2", "mgpo_k3")),
+}
+
+
+def sft_overrides(task: Task) -> list[str]:
+    """One SFT batch per method, in turn: its template (and, for mgpo_k, its number of turns)."""
+    templates = [METHODS[m][0] for m in task.methods]
+    out = [f"train.sft_templates=[{','.join(templates)}]"]
+    if "mgpo_k" in templates:
+        out += ["rollout.template=mgpo_k", f"rollout.max_turns={max(t for _, t in map(METHODS.get, task.methods))}",
+                f"train.sft_max_turns=[{','.join(str(METHODS[m][1]) for m in task.methods)}]"]
+    return out
+
+
+def build_data(data: Path, seed: int, task: str) -> None:
+    if task in ("beacon", "nested"):
+        from .beacon import LAYOUTS, build_beacon
+
+        layout = LAYOUTS[task]
+        build_beacon(data, 256, seed, "sft", every_panel=True, locate=384, layout=layout)
+        build_beacon(data, 256, seed, "train", layout=layout)
+        build_beacon(data, 64, seed + 1, "test", layout=layout)
         return
     build_colours(data, 256, seed, "train")
     build_colours(data, 256, seed, "sft", LABEL_NOISE)
@@ -116,18 +156,18 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     from .trainer import train
 
     out = Path(out)
-    budget, default_steps, templates = TASKS[task]
-    sft_steps = sft_steps or default_steps
+    spec = TASKS[task]
+    sft_steps = sft_steps or spec.sft_steps
     start = time.time()
     data = out / "data"
     build_data(data, seed, task)
     init = build_tiny_checkpoint(out / "init", seed=seed)
-    cfg = load_config(config, [*base_overrides(out), *budget, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
+    cfg = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
                                "train.algorithm=sft", f"train.output_dir={out / 'sft'}", "train.resume=none",
                                "train.allow_config_change=true", f"train.seed={seed}", "train.epochs=1000",
                                f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
                                "train.prompts_per_step=16", "train.micro_batch_size=8", "train.lr=1e-3",
-                               f"train.sft_templates=[{','.join(templates)}]",
+                               *sft_overrides(spec),
                                f"train.save_every={sft_steps}", "train.log_every=50", "loss.kl_coef=0"])
     result = train(cfg)
     model = out / "model"
@@ -135,14 +175,15 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
         shutil.rmtree(model)
     shutil.copytree(result.output_dir / "checkpoints" / f"step-{sft_steps:06d}" / "model", model)
     modes = {}
-    for mode in templates:
-        ev = load_config(config, [*base_overrides(out), *budget, f"model.path={model}", f"eval.mode={mode}",
-                                  f"eval.output_dir={out / 'eval' / mode}", "eval.overwrite=true"])
+    for mode in spec.methods:
+        ev = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={model}",
+                                  *method_overrides(mode), f"eval.output_dir={out / 'eval' / mode}",
+                                  "eval.overwrite=true"])
         metrics = evaluate(ev)["results"]["test"]
         modes[mode] = {"test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
                        "mean_iou": metrics["grounding"]["mean_iou"]}
-    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "templates": list(templates),
-               "minutes": (time.time() - start) / 60, **modes[templates[0]], "modes": modes}
+    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "methods": list(spec.methods),
+               "minutes": (time.time() - start) / 60, **modes[spec.methods[0]], "modes": modes}
     if task == "colours":
         summary["label_noise"] = LABEL_NOISE
     (out / "base.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -158,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="colours")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 1000 (beacon)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 1000 (beacon, nested)")
     args = parser.parse_args(argv)
     build_base(args.out_dir, args.seed, args.sft_steps, args.task)
 

@@ -136,6 +136,9 @@ class TrainConfig:
     sft_templates: tuple[str, ...] = ()
     """SFT only: templates taken in turn, one per rollout batch (e.g. [mgpo, grpo], so one base
     model follows both the two-turn and the one-turn prompts). Empty: rollout.template."""
+    sft_max_turns: tuple[int, ...] = ()
+    """SFT in mgpo_k only: the rollout.max_turns of each rollout batch, taken in turn (e.g. [2, 3],
+    so one base model knows both the K = 2 and the K = 3 conversation). Empty: rollout.max_turns."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     prompts_per_rollout: int = 512
@@ -401,6 +404,7 @@ def _problems(cfg: Config) -> list[str]:
     problems += [f"{k} must be one of {allowed}, got {v!r}" for k, (v, allowed) in choices.items() if v not in allowed]
     problems += [f"train.sft_templates entries must be among {sorted(TEMPLATES)}, got {v!r}"
                  for v in t.sft_templates if v not in TEMPLATES]
+    problems += [f"train.sft_max_turns entries must be at least 2, got {v!r}" for v in t.sft_max_turns if v < 2]
     return problems
 
 

@@ -23,10 +23,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .base import METHODS, method_overrides
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
@@ -36,41 +37,54 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-METHODS = {  # method -> its template (training rollouts and evaluation)
-    "mgpo": "mgpo",  # two turns: box, crop of the original, answer
-    "grpo": "grpo",  # the paper's one-turn baseline: box and answer in one turn, no crop
+LABELS = {"mgpo": "MGPO", "grpo": "GRPO", "mgpo_k2": "MGPO-K, K=2", "mgpo_k3": "MGPO-K, K=3"}
+TASK_DEFAULTS = {  # task -> (default base folder, config, methods)
+    "colours": ("build/base", "configs/tiny_demo.yaml", ["mgpo"]),
+    "beacon": ("build/beacon", "configs/tiny_beacon.yaml", ["mgpo", "grpo"]),
+    "nested": ("build/nested", "configs/tiny_nested.yaml", ["mgpo_k2", "mgpo_k3"]),
 }
 
 
 def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, config: str, method: str = "mgpo",
              judge: str | None = None) -> dict:
-    """Train one seed of ``method`` from the base and evaluate its checkpoints; return curves
-    and test figures. With ``judge``, also the share of the last checkpoint's test questions
+    """Train one seed of ``method`` from the base and evaluate its checkpoints (``collect`` reads
+    the figures back). With ``judge``, also the share of the last checkpoint's test questions
     the judge answers from their turn-1 crops (the paper's Table 3)."""
     run = out / f"{method}-seed{seed}"
-    start = time.time()
     common = [f"model.path={base / 'model'}", f"data.train={base / 'data' / 'train.jsonl'}",
-              f"data.eval={base / 'data' / 'test.jsonl'}", f"rollout.template={METHODS[method]}",
-              f"eval.mode={METHODS[method]}"]
+              f"data.eval={base / 'data' / 'test.jsonl'}", *method_overrides(method)]
     _run([sys.executable, "train.py", "--config", config, *common, f"train.output_dir={run}", f"train.seed={seed}",
           f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100", "train.resume=none",
           "train.allow_config_change=true"])
-    minutes = (time.time() - start) / 60
-    accuracy, iou, valid = {}, {}, {}
     for step in range(eval_every, steps + 1, eval_every):
         ckpt = run / "checkpoints" / f"step-{step:06d}" / "model"
         _run([sys.executable, "eval.py", "--config", config, *common, f"model.path={ckpt}",
               f"eval.output_dir={run / f'eval-{step}'}", "eval.overwrite=true"])
-        result = next(iter(json.loads((run / f"eval-{step}" / "metrics.json").read_text())["results"].values()))
+    if judge:
+        crops(run / f"eval-{steps}", judge)
+    return collect(run, method, seed)
+
+
+def collect(run: Path, method: str, seed: int) -> dict:
+    """One run's figures from its folder: the training curves (``metrics.jsonl``), each
+    evaluated checkpoint's test accuracy, valid-box share and IoU, Table 3 when measured, and
+    the training minutes (from the config's writing to the last checkpoint's)."""
+    accuracy, iou, valid = {}, {}, {}
+    for folder in sorted(run.glob("eval-*"), key=lambda f: int(f.name.split("-")[1])):
+        step = int(folder.name.split("-")[1])
+        result = next(iter(json.loads((folder / "metrics.json").read_text())["results"].values()))
         accuracy[step], iou[step] = result["accuracy"], result["grounding"]["mean_iou"] or 0.0
         valid[step] = result["grounding"]["valid_box"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    found = {"method": method, "seed": seed, "minutes": minutes, "accuracy": accuracy, "iou": iou, "valid": valid,
+    last = max((run / "checkpoints").glob("step-*"))
+    found = {"method": method, "seed": seed, "accuracy": accuracy, "iou": iou, "valid": valid,
+             "minutes": (last.stat().st_mtime - (run / "config.yaml").stat().st_mtime) / 60,
              "reward": [(r["step"], r["reward/mean"]) for r in rows],
              "valid_box": [(r["step"], r["grounding/valid_box_share"]) for r in rows],
              "train_iou": [(r["step"], r.get("grounding/iou", 0.0)) for r in rows]}
-    if judge:
-        found["crops"] = crops(run / f"eval-{steps}", judge)
+    table3 = run / f"eval-{max(accuracy)}" / "crop_answerable.json"
+    if table3.exists():
+        found["crops"] = json.loads(table3.read_text())["share"]
     return found
 
 
@@ -120,13 +134,13 @@ def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
              "|---|---|---|---|---|"]
     for mode, m in base.get("modes", {}).items():
         crop = base.get("crops", {}).get(mode)
-        lines.append(f"| base, {mode.upper()} template | {m['test_accuracy']:.1f} | {m['valid_box']:.1f} | "
+        lines.append(f"| base, {LABELS[mode]} | {m['test_accuracy']:.1f} | {m['valid_box']:.1f} | "
                      f"{m['mean_iou'] or 0.0:.2f} | {'-' if crop is None else f'{crop:.1f}'} |")
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
         step = max(mine[0]["accuracy"])
         crop = cell([r["crops"] for r in mine], "{:.1f}") if all("crops" in r for r in mine) else "-"
-        lines.append(f"| {method.upper()}, step {step} | {cell([_final(r, 'accuracy') for r in mine], '{:.1f}')} | "
+        lines.append(f"| {LABELS[method]}, step {step} | {cell([_final(r, 'accuracy') for r in mine], '{:.1f}')} | "
                      f"{cell([_final(r, 'valid') for r in mine], '{:.1f}')} | "
                      f"{cell([_final(r, 'iou') for r in mine], '{:.2f}')} | {crop} |")
     seeds = ", ".join(str(r["seed"]) for r in runs if r["method"] == methods[0])
@@ -140,8 +154,8 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
     figures = docs / "reproduction"
     prefix = "" if task == "colours" else f"{task}_"
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    who = " and ".join(m.upper() for m in methods)
-    name = (lambda r: f"seed {r['seed']}") if len(methods) == 1 else (lambda r: f"{r['method'].upper()} seed {r['seed']}")
+    who = " and ".join(LABELS[m] for m in methods)
+    name = (lambda r: f"seed {r['seed']}") if len(methods) == 1 else (lambda r: f"{LABELS[r['method']]} seed {r['seed']}")
     charts = {"reward": (f"training reward ({who})", "reward"), "valid_box": (f"valid-box share ({who})", "valid_box")}
     if task != "colours":
         charts["iou"] = (f"IoU of the turn-1 box with the target ({who}, training rollouts)", "train_iou")
@@ -150,7 +164,7 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
     tables = [_summary(base, runs, methods)] if task != "colours" else []
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
-        at_base = base.get("modes", {}).get(METHODS[method], base)
+        at_base = base.get("modes", {}).get(method, base)
         steps = sorted(mine[0]["accuracy"])
         for label, key, base_value, fmt in (("greedy test accuracy (%)", "accuracy", at_base["test_accuracy"], "{:.1f}"),
                                             ("greedy test IoU of the turn-1 box with the target", "iou",
@@ -158,7 +172,7 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
             if key == "iou" and task == "colours":
                 continue
             head = "| seed | base | " + " | ".join(f"step {s}" for s in steps) + " | minutes |"
-            lines = [f"{method.upper()}, {label}, {base.get('n_test', 64)} questions:", "", head,
+            lines = [f"{LABELS[method]}, {label}, {base.get('n_test', 64)} questions:", "", head,
                      "|" + "---|" * (len(steps) + 3)]
             for r in mine:
                 vals = " | ".join(fmt.format(r[key][s]) for s in steps)
@@ -167,7 +181,8 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
             lines.append(f"| mean | {fmt.format(base_value)} | {mean} | |")
             tables.append("\n".join(lines))
     about = f"the base model (seed {base['seed']}, {base['sft_steps']} SFT steps"
-    about += f" in the {' and '.join(base['templates'])} templates" if len(base.get("templates", [])) > 1 else ""
+    methods_sft = base.get("methods", [])
+    about += f", the conversations of {' and '.join(LABELS[m] for m in methods_sft)} in turn" if len(methods_sft) > 1 else ""
     about += f", label noise {base['label_noise']})" if "label_noise" in base else ")"
     path = docs / "reproduction.md"
     text = path.read_text() if path.exists() else ""
@@ -188,27 +203,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--task", choices=["colours", "beacon"], default="colours")
-    parser.add_argument("--base", help="default: build/base (colours), build/beacon (beacon)")
-    parser.add_argument("--out", help="default: runs/repro (colours), runs/repro-beacon")
-    parser.add_argument("--config", help="default: configs/tiny_demo.yaml (colours), configs/tiny_beacon.yaml")
+    parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="colours")
+    parser.add_argument("--base", help="default: build/base, build/beacon, build/nested (by task)")
+    parser.add_argument("--out", help="default: runs/repro, runs/repro-<task>")
+    parser.add_argument("--config", help="default: configs/tiny_demo.yaml, configs/tiny_<task>.yaml")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                        help="default: mgpo (colours), mgpo grpo (beacon, whose base follows both templates)")
+                        help="default: mgpo (colours), mgpo grpo (beacon), mgpo_k2 mgpo_k3 (nested): the methods "
+                             "whose conversations the task's base learnt")
     parser.add_argument("--docs", default="docs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rewrite the report from the run folders already in --out")
     args = parser.parse_args(argv)
-    beacon = args.task == "beacon"
-    base = Path(args.base or ("build/beacon" if beacon else "build/base"))
-    out = Path(args.out or ("runs/repro-beacon" if beacon else "runs/repro"))
-    config = args.config or ("configs/tiny_beacon.yaml" if beacon else "configs/tiny_demo.yaml")
+    default_base, default_config, default_methods = TASK_DEFAULTS[args.task]
+    base = Path(args.base or default_base)
+    out = Path(args.out or ("runs/repro" if args.task == "colours" else f"runs/repro-{args.task}"))
+    config = args.config or default_config
     if not (base / "base.json").exists():
         _run([sys.executable, "-m", "mgpo.base", str(base), "--task", args.task])
-    methods = args.methods or (["mgpo", "grpo"] if beacon else ["mgpo"])
+    methods = args.methods or default_methods
     summary = json.loads((base / "base.json").read_text())
-    judge = str(base / "model") if beacon else None  # Table 3: the base answers from each method's crops
+    # Table 3 (the paper's template only): the base answers from each method's turn-1 crops
+    judge = str(base / "model") if args.task == "beacon" else None
     if judge:
-        summary["crops"] = {mode: crops(base / "eval" / mode, judge) for mode in summary.get("modes", {})}
-    runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge) for m in methods for s in args.seeds]
-    command = (f"python -m mgpo.repro{' --task beacon' if beacon else ''} --seeds {' '.join(map(str, args.seeds))} "
+        summary["crops"] = {mode: crops(base / "eval" / mode, judge) if not args.report_only else
+                            json.loads((base / "eval" / mode / "crop_answerable.json").read_text())["share"]
+                            for mode in summary.get("modes", {})}
+    if args.report_only:
+        runs = [collect(out / f"{m}-seed{s}", m, s) for m in methods for s in args.seeds]
+    else:
+        runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge) for m in methods for s in args.seeds]
+    command = (f"python -m mgpo.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
                f"--steps {args.steps} --eval-every {args.eval_every} --methods {' '.join(methods)}")
     path = write_report(summary, runs, Path(args.docs), command, args.task)
     print(f"wrote {path}")

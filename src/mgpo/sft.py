@@ -14,13 +14,16 @@ Targets per template:
   target box writes no box: turn 2 then sees the original again (the fallback).
 - ``grpo``: the box block (when known) and ``\\boxed{LETTER}`` in one turn.
 - ``direct``: the bare letter.
+- ``mgpo_k`` (K turns): zoom towards the target until it is shown at full resolution or
+  K - 1 zooms are used, each box drawn on the latest view (so a second box is nested in the
+  first crop), then ``\\boxed{LETTER}``.
 """
 
 from __future__ import annotations
 
 import json
 
-from .grounding import Box
+from .grounding import Box, View, pixel_box, view_to_original
 from .prompts import get_template
 
 MIN_TARGET_SIDE = 56  # input pixels: twice the validity threshold, so the crop keeps some context
@@ -35,14 +38,15 @@ def input_size(original_size: tuple[int, int], min_pixels: int, max_pixels: int)
     return rw, rh
 
 
-def target_box(sample, original_size, size_in) -> Box | None:
-    """The box enclosing every target, mapped to input pixels and widened to at least
-    ``MIN_TARGET_SIDE`` on each side (clamped to the image)."""
+def target_box(sample, original_size, size_in, region: Box | None = None) -> Box | None:
+    """The box enclosing every target, mapped to input pixels of the view of ``region`` (default:
+    the whole original) and widened to at least ``MIN_TARGET_SIDE`` on each side (clamped)."""
     if not sample.target_boxes:
         return None
-    (W, H), (w, h) = original_size, size_in
-    x1, y1 = min(b[0] for b in sample.target_boxes) * w / W, min(b[1] for b in sample.target_boxes) * h / H
-    x2, y2 = max(b[2] for b in sample.target_boxes) * w / W, max(b[3] for b in sample.target_boxes) * h / H
+    region = region or Box(0, 0, *original_size)
+    (W, H), (w, h), (ox, oy) = (region.width, region.height), size_in, (region.x1, region.y1)
+    x1, y1 = (min(b[0] for b in sample.target_boxes) - ox) * w / W, (min(b[1] for b in sample.target_boxes) - oy) * h / H
+    x2, y2 = (max(b[2] for b in sample.target_boxes) - ox) * w / W, (max(b[3] for b in sample.target_boxes) - oy) * h / H
     sides = []
     for lo, hi, limit in ((x1, x2, w), (y1, y2, h)):
         side = min(limit, max(hi - lo, MIN_TARGET_SIDE))
@@ -58,12 +62,31 @@ def grounding_block(box: Box, label: str) -> str:
     return "```json\n" + json.dumps([item]) + "\n```"
 
 
-def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels: int) -> tuple[str, ...]:
+def zoom_path(sample, original_size, min_pixels: int, max_pixels: int, max_zooms: int) -> list[Box]:
+    """``mgpo_k``'s boxes towards the target: each on the latest view, in its input pixels,
+    until the target is shown at full resolution (or ``max_zooms`` are used)."""
+    region, boxes = Box(0, 0, *original_size), []
+    while len(boxes) < max_zooms:
+        size_in = input_size((round(region.width), round(region.height)), min_pixels, max_pixels)
+        box = target_box(sample, original_size, size_in, region)
+        if box is None or region.width <= size_in[0]:  # already at full resolution (or no target)
+            break
+        boxes.append(box)
+        region = Box(*map(float, pixel_box(view_to_original(box, View(region, size_in)), original_size)))
+    return boxes
+
+
+def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels: int,
+              max_turns: int = 2) -> tuple[str, ...]:
     """The assistant text of each turn for one record."""
     t = get_template(template)
     answer = f"\\boxed{{{sample.answer}}}"
     if t.bare_letter:
         return (sample.answer,)
+    if t.zoom_loop:
+        label = sample.category.replace("_", " ")
+        path = zoom_path(sample, original_size, min_pixels, max_pixels, max_turns - 1)
+        return (*(grounding_block(b, label) for b in path), answer)
     box = target_box(sample, original_size, input_size(original_size, min_pixels, max_pixels))
     block = grounding_block(box, sample.category.replace("_", " ")) if box is not None else ""
     if t.turns == 1:
