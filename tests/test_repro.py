@@ -23,8 +23,8 @@ def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
     assert "| 0 | 53.1 | 60.0 | 80.0 | 1.5 |" in block and "| mean | 53.1 | 60.5 | 80.0 | |" in block
     assert "| 1 | 0.34 | 0.50 | 0.75 | 1.5 |" in block
     # The paper's tables in miniature: each template's base row, each method's last step, seeds in brackets.
-    assert "| base, MGPO template | 53.1 | 100.0 | 0.34 | 31.0 |" in block
-    assert "| base, GRPO template | 35.9 | 100.0 | 0.30 | 30.0 |" in block
+    assert "| base, MGPO | 53.1 | 100.0 | 0.34 | 31.0 |" in block
+    assert "| base, GRPO | 35.9 | 100.0 | 0.30 | 30.0 |" in block
     assert "| MGPO, step 100 | 80.0 (80.0 / 80.0) | 90.5 (90.0 / 91.0) | 0.75 (0.75 / 0.75) | 55.0 (50.0 / 60.0) |" in block
     assert "GRPO, greedy test accuracy (%)" in block and "| 0 | 35.9 | 60.0 | 80.0 | 1.5 |" in block
     assert (tmp_path / "reproduction" / "beacon_iou.png").exists()
