@@ -105,7 +105,7 @@ def test_every_field_is_documented():
     ("eval.mode=greedy", "eval.mode must be one of ['direct', 'grpo', 'mgpo', 'mgpo_k']"),
     ("rollout.crop_resample=cubic", "rollout.crop_resample must be one of ['nearest', 'bilinear', 'bicubic', 'lanczos']"),
     ("model.dtype=fp16", "model.dtype must be one of ['auto', 'bfloat16', 'float16', 'float32']"),
-    ("data.train_format=csv", "data.train_format must be one of ['auto', 'jsonl', 'vstar', 'mme_realworld', 'hrbench']"),
+    ("data.train_format=csv", "data.train_format must be one of ['auto', 'jsonl', 'chat', 'vstar', 'mme_realworld', 'hrbench']"),
     ("data.eval_format=tsv", "data.eval_format must be one of"),
     ("data.max_prompt_tokens=-1", "data.max_prompt_tokens must be >= 0"),
     ("train.grad_clip=0", "train.grad_clip must be > 0"),
