@@ -3,6 +3,7 @@ skipped and named, the mask on exactly the assistant messages, and a run through
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,14 @@ def test_sft_on_chat_file_trains_and_rl_refuses_it(tmp_path, tiny_dir, synth_dir
     with pytest.raises(AssertionError, match="chat conversations"):
         run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "rl", f"data.train={chat_file}", "train.max_steps=1",
                    "train.prompts_per_rollout=2", "train.prompts_per_step=2")
+
+
+def test_evaluation_refuses_chat_files(tiny_dir, chat_file, tmp_path):
+    from mgpo.config import load_config
+    from mgpo.evaluate import evaluate
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny_cpu.yaml", [f"model.path={tiny_dir}", f"eval.datasets=[{chat_file}]",
+                                                f"eval.output_dir={tmp_path / 'eval'}"])
+    with pytest.raises(ValueError, match="chat conversations"):
+        evaluate(cfg)

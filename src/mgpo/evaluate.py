@@ -281,6 +281,10 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
         name: load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
                            max_samples=cfg.data.max_samples, name=name)
         for name, path in zip(dataset_names(paths), paths)}
+    for name, ds in datasets.items():
+        if any(s.messages for s in ds):
+            raise ValueError(f"eval dataset {name} holds chat conversations (format chat): they are SFT data; "
+                             "evaluate on multiple-choice question records")
     _prepare_output(cfg, state, datasets)
     state.wait_for_everyone()
     processor = processor or load_processor(cfg.model)
