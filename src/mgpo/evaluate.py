@@ -393,7 +393,8 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
     samples = {(name, s.id): s for name, path in zip(dataset_names(paths), paths)
                for s in load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None, name=name)}
     boxed = [(samples[k], _turn1_box(r)) for k, r in firsts.items() if k in samples and _turn1_box(r)]
-    processor, model = load_processor(judged), load_model(judged)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    processor, model = load_processor(judged), load_model(judged, device)
     rcfg = replace(cfg.rollout, template="mgpo")
     right = 0
     for lo in tqdm(range(0, len(boxed), batch_size), desc="judging crops"):
