@@ -265,6 +265,14 @@ def _prepare_output(cfg: Config, state, datasets: dict[str, SampleSet]) -> None:
         raise ProtocolMismatchError(f"the main process refused to start: {message}")
 
 
+def eval_sets(cfg: Config) -> dict[str, SampleSet]:
+    """The evaluation's datasets by their short names (``eval.datasets``, else ``data.eval``)."""
+    paths = cfg.eval.datasets or (cfg.data.eval,)
+    return {name: load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
+                               max_samples=cfg.data.max_samples, name=name)
+            for name, path in zip(dataset_names(paths), paths)}
+
+
 def evaluate(cfg: Config, model=None, processor=None) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.eval.datasets``; write the report; return metrics.json's content."""
     e = cfg.eval
@@ -276,11 +284,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     state = D.make_state()
     out = Path(e.output_dir)
     pred_dir = out / "predictions"
-    paths = e.datasets or (cfg.data.eval,)
-    datasets: dict[str, SampleSet] = {
-        name: load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
-                           max_samples=cfg.data.max_samples, name=name)
-        for name, path in zip(dataset_names(paths), paths)}
+    datasets = eval_sets(cfg)
     for name, ds in datasets.items():
         if any(s.messages for s in ds):
             raise ValueError(f"eval dataset {name} holds chat conversations (format chat): they are SFT data; "
@@ -389,10 +393,8 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
               if "error" not in r and r.get("sample", 0) == 0}
     if not firsts:
         raise FileNotFoundError(f"{out / 'predictions'}: no predictions to judge")
-    paths = cfg.eval.datasets or (cfg.data.eval,)
-    samples = {(name, s.id): s for name, path in zip(dataset_names(paths), paths)
-               for s in load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None, name=name)}
-    boxed = [(samples[k], _turn1_box(r)) for k, r in firsts.items() if k in samples and _turn1_box(r)]
+    samples = {(name, s.id): s for name, ds in eval_sets(cfg).items() for s in ds}
+    boxed = [(samples[k], box) for k, r in firsts.items() if k in samples and (box := _turn1_box(r))]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     processor, model = load_processor(judged), load_model(judged, device)
     rcfg = replace(cfg.rollout, template="mgpo")

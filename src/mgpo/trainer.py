@@ -239,17 +239,15 @@ def _sft_experience(run: _Run, prompts, images) -> Experience:
     if prompts[0].messages:  # chat records: their own assistant messages are the targets
         batch = chat_forced(run.processor, prompts, min_pixels=cfg.model.min_pixels,
                             max_pixels=cfg.model.max_pixels, images=images)
-        return Experience(batch, 1, lambda logp, entropy, part, denom: sft_loss(
-            logp, batch.loss_mask[part, : logp.shape[1]].to(logp.device), denom), None,
-            {"time/rollout_s": time.perf_counter() - t0})
-    templates = cfg.train.sft_templates or (cfg.rollout.template,)
-    turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
-    n = run.state["batch"]
-    rollout_cfg = replace(cfg.rollout, template=templates[n % len(templates)], max_turns=turns[n % len(turns)])
-    texts = [sft_texts(p, rollout_cfg.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels,
-                       rollout_cfg.max_turns) for p, im in zip(prompts, images)]
-    batch = teacher_forced(run.processor, prompts, texts, rollout_cfg, min_pixels=cfg.model.min_pixels,
-                           max_pixels=cfg.model.max_pixels, images=images)
+    else:
+        templates = cfg.train.sft_templates or (cfg.rollout.template,)
+        turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
+        n = run.state["batch"]
+        rollout_cfg = replace(cfg.rollout, template=templates[n % len(templates)], max_turns=turns[n % len(turns)])
+        texts = [sft_texts(p, rollout_cfg.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels,
+                           rollout_cfg.max_turns) for p, im in zip(prompts, images)]
+        batch = teacher_forced(run.processor, prompts, texts, rollout_cfg, min_pixels=cfg.model.min_pixels,
+                               max_pixels=cfg.model.max_pixels, images=images)
 
     def micro_loss(logp, entropy, part, denom):
         return sft_loss(logp, batch.loss_mask[part, : logp.shape[1]].to(logp.device), denom)
