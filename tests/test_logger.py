@@ -25,13 +25,17 @@ def test_resume_drops_rows_past_the_checkpoint(tmp_path):
     assert [r["reward/mean"] for r in rows] == [1.0, 2.0, 3.0, 14.0, 15.0]
 
 
-def test_fresh_run_appends(tmp_path):
-    for steps in ((1, 2), (3,)):
-        lg = RunLogger(tmp_path, total_steps=3, enabled=True)
-        for s in steps:
-            lg.scalars({"x": 1.0}, s)
-        lg.close()
-    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+def test_new_run_after_one_killed_before_its_first_checkpoint_starts_clean(tmp_path):
+    """No checkpoint: the run starts again at step 1, so the killed run's rows would repeat."""
+    killed = RunLogger(tmp_path, total_steps=3, enabled=True)
+    for step in (1, 2):
+        killed.scalars({"x": 1.0}, step)
+    killed.close()
+    again = RunLogger(tmp_path, total_steps=3, enabled=True)
+    for step in (1, 2, 3):
+        again.scalars({"x": 2.0}, step)
+    again.close()
+    assert [(r["step"], r["x"]) for r in _rows(tmp_path / "metrics.jsonl")] == [(1, 2.0), (2, 2.0), (3, 2.0)]
 
 
 def test_resume_hides_tensorboard_points_past_the_checkpoint(tmp_path):

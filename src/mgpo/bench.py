@@ -494,7 +494,7 @@ def bench_train_step(workdir: Path) -> dict:
     data = build_synth(workdir / "step-synth", n=16, seed=0)
     cfg = load_config(None, [
         f"model.path={ckpt}", "model.min_pixels=50176", "model.max_pixels=200704", "model.dtype=float32",
-        f"data.train={data}", f"train.output_dir={workdir / 'step-run'}", "train.resume=none",
+        f"data.train={data}", f"train.output_dir={workdir / 'step-run'}", "train.resume=none", "train.overwrite=true",
         "rollout.group_size=4", "rollout.max_new_tokens_turn1=16", "rollout.max_new_tokens_turn2=16",
         "train.prompts_per_rollout=4", "train.prompts_per_step=4", "train.micro_batch_size=16",
         "train.max_steps=5", "train.save_every=1000", "train.lr=1e-5"])

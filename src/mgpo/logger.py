@@ -122,8 +122,10 @@ def drop_rows_after(path: Path, step: int) -> int:
 class RunLogger:
     def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool | None = None,
                  resume_step: int | None = None):
-        """``resume_step``: the step of the checkpoint a run resumes from; rows logged after it
-        by the interrupted run are dropped (metrics.jsonl) or hidden (TensorBoard's purge_step)."""
+        """``resume_step``: the step of the checkpoint a run resumes from (None: a new run, step 0);
+        rows logged after it by an interrupted run are dropped (metrics.jsonl) or hidden
+        (TensorBoard's purge_step). A new run thus starts clean after one killed before its
+        first checkpoint."""
         self.enabled = D.is_main() if enabled is None else enabled
         self.dir = Path(output_dir)
         self.writer = None
@@ -133,13 +135,10 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        purge = None
-        if resume_step is not None:
-            purge = resume_step + 1
-            if dropped := drop_rows_after(self.dir / "metrics.jsonl", resume_step):
-                log.info("metrics.jsonl: dropped %d row(s) logged after step %d by the interrupted run",
-                         dropped, resume_step)
-        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
+        start = resume_step or 0
+        if dropped := drop_rows_after(self.dir / "metrics.jsonl", start):
+            log.info("metrics.jsonl: dropped %d row(s) logged after step %d by an interrupted run", dropped, start)
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start + 1)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -4,7 +4,10 @@
 
 1. lock ``<output_dir>/.lock`` (``fcntl.flock``, held until the process ends): a second run
    started in the same folder refuses instead of interleaving checkpoints with the first;
-2. pick the checkpoint to resume and verify it (``checkpoint.resolve_resume``);
+2. pick the checkpoint to resume and verify it (``checkpoint.resolve_resume``); a new run
+   (``resume=none``) in a folder that holds an earlier run's checkpoints is refused, unless
+   ``train.overwrite=true`` discards them (otherwise the two runs' checkpoints and metrics
+   would mix, and pruning could delete the new run's checkpoints before the old ones);
 3. compare this run's config with the one saved beside the checkpoint: a resume whose
    training-relevant settings differ is refused, naming each field, unless
    ``train.allow_config_change=true``; then the new config is written as
@@ -16,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +27,7 @@ from typing import IO, Any
 import yaml
 
 from . import distributed as D
-from .checkpoint import check_resume_settings, checkpoint_step, resolve_resume
+from .checkpoint import check_resume_settings, checkpoint_root, checkpoint_step, list_checkpoints, resolve_resume
 from .config import Config, save_config
 
 log = logging.getLogger("mgpo")
@@ -34,7 +38,7 @@ SAVED = "config.yaml"
 # Fields that may change on resume without changing what is trained: how long, how often
 # to save or log, memory/speed knobs, and evaluation. Everything else is training-relevant.
 FREE_ON_RESUME = frozenset({
-    "train.output_dir", "train.resume", "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
+    "train.output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
     "train.log_every", "train.max_bad_steps", "train.allow_config_change", "train.micro_batch_size",
     "train.gradient_checkpointing", "model.attn_implementation", "rollout.shared_prefill", "rollout.continue_turn2",
     "data.eval", "data.eval_format",
@@ -134,12 +138,31 @@ def _check_config(cfg: Config, out: Path, ckpt: Path) -> None:
                 ckpt, "; ".join(lines), written)
 
 
+def _clear_earlier_run(out: Path, overwrite: bool) -> None:
+    """A new run's folder: refuse one that holds an earlier run's checkpoints, or (``overwrite``)
+    discard that run's checkpoints, metrics and TensorBoard logs."""
+    earlier = list_checkpoints(out)
+    if not earlier:
+        return
+    if not overwrite:
+        raise RunFolderError(f"train.resume=none, but {out} holds an earlier run's checkpoints ({earlier[0].name} .. "
+                             f"{earlier[-1].name}); set train.overwrite=true to discard that run, "
+                             "train.resume=auto to continue it, or choose another train.output_dir")
+    log.warning("train.overwrite: discarding the earlier run in %s (%d checkpoints, its metrics and TensorBoard logs)",
+                out, len(earlier))
+    shutil.rmtree(checkpoint_root(out))
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    for stale in [out / "metrics.jsonl", *out.glob("config.resume-*.yaml")]:
+        stale.unlink(missing_ok=True)
+
+
 def _prepare(cfg: Config, out: Path) -> Path | None:
     """Main rank only: which checkpoint to resume (verified and checked), the config saved."""
     t = cfg.train
     ckpt = resolve_resume(t.resume, out)
-    if ckpt is None:
-        save_config(cfg, out / SAVED)  # a new run
+    if ckpt is None:  # a new run
+        _clear_earlier_run(out, t.overwrite)
+        save_config(cfg, out / SAVED)
         return None
     check_resume_settings(ckpt, t.lora_rank, t.freeze_vision)
     _check_config(cfg, out, ckpt)
