@@ -164,7 +164,7 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     init = build_tiny_checkpoint(out / "init", seed=seed)
     cfg = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
                                "train.algorithm=sft", f"train.output_dir={out / 'sft'}", "train.resume=none",
-                               "train.allow_config_change=true", f"train.seed={seed}", "train.epochs=1000",
+                               "train.overwrite=true", f"train.seed={seed}", "train.epochs=1000",
                                f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
                                "train.prompts_per_step=16", "train.micro_batch_size=8", "train.lr=1e-3",
                                *sft_overrides(spec),
@@ -181,7 +181,8 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
                                   "eval.overwrite=true"])
         metrics = evaluate(ev)["results"]["test"]
         modes[mode] = {"test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
-                       "mean_iou": metrics["grounding"]["mean_iou"]}
+                       "mean_iou": metrics["grounding"]["mean_iou"],
+                       "holds": metrics["grounding"]["crop_contains_target"] or 0.0}
     summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "methods": list(spec.methods),
                "minutes": (time.time() - start) / 60, **modes[spec.methods[0]], "modes": modes}
     if task == "colours":

@@ -55,7 +55,7 @@ def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, conf
               f"data.eval={base / 'data' / 'test.jsonl'}", *method_overrides(method)]
     _run([sys.executable, "train.py", "--config", config, *common, f"train.output_dir={run}", f"train.seed={seed}",
           f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100", "train.resume=none",
-          "train.allow_config_change=true"])
+          "train.overwrite=true"])
     for step in range(eval_every, steps + 1, eval_every):
         ckpt = run / "checkpoints" / f"step-{step:06d}" / "model"
         _run([sys.executable, "eval.py", "--config", config, *common, f"model.path={ckpt}",
@@ -67,21 +67,24 @@ def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, conf
 
 def collect(run: Path, method: str, seed: int) -> dict:
     """One run's figures from its folder: the training curves (``metrics.jsonl``), each
-    evaluated checkpoint's test accuracy, valid-box share and IoU, Table 3 when measured, and
-    the training minutes (from the config's writing to the last checkpoint's)."""
-    accuracy, iou, valid = {}, {}, {}
+    evaluated checkpoint's test accuracy, valid-box share, IoU and share of turn-1 crops holding
+    the target, Table 3 when measured, and the training minutes (from the config's writing to
+    the last checkpoint's)."""
+    accuracy, iou, valid, holds = {}, {}, {}, {}
     for folder in sorted(run.glob("eval-*"), key=lambda f: int(f.name.split("-")[1])):
         step = int(folder.name.split("-")[1])
         result = next(iter(json.loads((folder / "metrics.json").read_text())["results"].values()))
         accuracy[step], iou[step] = result["accuracy"], result["grounding"]["mean_iou"] or 0.0
         valid[step] = result["grounding"]["valid_box"]
+        holds[step] = result["grounding"].get("crop_contains_target") or 0.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = max((run / "checkpoints").glob("step-*"))
-    found = {"method": method, "seed": seed, "accuracy": accuracy, "iou": iou, "valid": valid,
+    found = {"method": method, "seed": seed, "accuracy": accuracy, "iou": iou, "valid": valid, "holds": holds,
              "minutes": (last.stat().st_mtime - (run / "config.yaml").stat().st_mtime) / 60,
              "reward": [(r["step"], r["reward/mean"]) for r in rows],
              "valid_box": [(r["step"], r["grounding/valid_box_share"]) for r in rows],
-             "train_iou": [(r["step"], r.get("grounding/iou", 0.0)) for r in rows]}
+             "train_iou": [(r["step"], r.get("grounding/iou", 0.0)) for r in rows],
+             "train_holds": [(r["step"], r.get("grounding/box_holds_target", 0.0)) for r in rows]}
     table3 = run / f"eval-{max(accuracy)}" / "crop_answerable.json"
     if table3.exists():
         found["crops"] = json.loads(table3.read_text())["share"]
@@ -125,29 +128,38 @@ def _final(run: dict, key: str) -> float:
 
 def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
     """The paper's Tables 1-3 in miniature: base (each template) and each method's last
-    checkpoint, mean over seeds with each seed in brackets."""
+    checkpoint, mean over seeds with each seed in brackets. Table 3's column only where it was
+    measured (the paper's template)."""
     def cell(values, fmt):
         mean = fmt.format(sum(values) / len(values))
         return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
 
-    lines = ["| model | test accuracy % | valid box % | IoU with the target | answerable from the turn-1 crop % |",
-             "|---|---|---|---|---|"]
+    table3 = bool(base.get("crops")) or any("crops" in r for r in runs)
+    head = ["model", "test accuracy %", "valid box %", "IoU with the target", "turn-1 crop holds the target %"]
+    head += ["answerable from the turn-1 crop %"] if table3 else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, m in base.get("modes", {}).items():
+        row = [f"base, {LABELS[mode]}", f"{m['test_accuracy']:.1f}", f"{m['valid_box']:.1f}",
+               f"{m['mean_iou'] or 0.0:.2f}", f"{m['holds']:.1f}" if "holds" in m else "-"]
         crop = base.get("crops", {}).get(mode)
-        lines.append(f"| base, {LABELS[mode]} | {m['test_accuracy']:.1f} | {m['valid_box']:.1f} | "
-                     f"{m['mean_iou'] or 0.0:.2f} | {'-' if crop is None else f'{crop:.1f}'} |")
+        row += ["-" if crop is None else f"{crop:.1f}"] if table3 else []
+        lines.append("| " + " | ".join(row) + " |")
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
-        step = max(mine[0]["accuracy"])
-        crop = cell([r["crops"] for r in mine], "{:.1f}") if all("crops" in r for r in mine) else "-"
-        lines.append(f"| {LABELS[method]}, step {step} | {cell([_final(r, 'accuracy') for r in mine], '{:.1f}')} | "
-                     f"{cell([_final(r, 'valid') for r in mine], '{:.1f}')} | "
-                     f"{cell([_final(r, 'iou') for r in mine], '{:.2f}')} | {crop} |")
+        row = [f"{LABELS[method]}, step {max(mine[0]['accuracy'])}",
+               cell([_final(r, "accuracy") for r in mine], "{:.1f}"), cell([_final(r, "valid") for r in mine], "{:.1f}"),
+               cell([_final(r, "iou") for r in mine], "{:.2f}"), cell([_final(r, "holds") for r in mine], "{:.1f}")]
+        if table3:
+            row.append(cell([r["crops"] for r in mine], "{:.1f}") if all("crops" in r for r in mine) else "-")
+        lines.append("| " + " | ".join(row) + " |")
     seeds = ", ".join(str(r["seed"]) for r in runs if r["method"] == methods[0])
-    return (f"Greedy test figures, {base.get('n_test', 64)} questions; each method's last checkpoint, mean over "
-            f"seeds {seeds} with each seed in brackets. The last column is the paper's Table 3: the share of "
-            "questions whose turn-1 box, given to the base model as its own turn 1, lets it answer right "
-            "(`eval.py crops`; no valid box counts as not answerable):\n\n" + "\n".join(lines))
+    about = (f"Greedy test figures, {base.get('n_test', 64)} questions; each method's last checkpoint, mean over "
+             f"seeds {seeds} with each seed in brackets.")
+    if table3:
+        about += (" The last column is the paper's Table 3: the share of questions whose turn-1 box, given to the "
+                  "base model as its own turn 1, lets it answer right (`eval.py crops`; no valid box counts as not "
+                  "answerable).")
+    return about + "\n\n" + "\n".join(lines)
 
 
 def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: str = "colours") -> Path:
@@ -159,6 +171,7 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
     charts = {"reward": (f"training reward ({who})", "reward"), "valid_box": (f"valid-box share ({who})", "valid_box")}
     if task != "colours":
         charts["iou"] = (f"IoU of the turn-1 box with the target ({who}, training rollouts)", "train_iou")
+        charts["holds"] = (f"share of turn-1 boxes holding the target ({who}, training rollouts)", "train_holds")
     for chart, (title, key) in charts.items():
         plot({name(r): r[key] for r in runs}, title, figures / f"{prefix}{chart}.png")
     tables = [_summary(base, runs, methods)] if task != "colours" else []
