@@ -234,7 +234,7 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
     M = t.micro_batch_size
     act = add(f"activations, micro-batch {M} x {T} tokens" + (" (checkpointed)" if t.gradient_checkpointing else ""),
               activation_bytes(a, M * T, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
-    logits = add(f"masked-logits buffer ({M} x {new} generated tokens)",
+    logits = add(f"masked-logits buffer (one chunk of {M} x {new} generated)",
                  masked_logits_bytes(a, M * new, cfg.loss.entropy_coef > 0), "masked_token_logprobs")
     phases = {"rollout": states + gathered + ref + max(kv + decode_logits, prefill),
               "update": states + layer_buf + ref + act + logits,
