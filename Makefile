@@ -76,9 +76,9 @@ repro: $(STAMP) base beacon
 	$(PY) -m mgpo.repro --seeds 0 1 2 --steps 60
 	$(PY) -m mgpo.repro --task beacon --seeds 0 1 --steps 150 --eval-every 50
 
-# Beyond the paper: K = 3 against K = 2 turns of mgpo_k on the nested beacon, 2 seeds.
+# Beyond the paper: K = 3 against K = 2 turns of mgpo_k on the nested beacon, 3 seeds.
 repro-nested: $(STAMP) nested
-	$(PY) -m mgpo.repro --task nested --seeds 0 1 --steps 150 --eval-every 50
+	$(PY) -m mgpo.repro --task nested --seeds 0 1 2 --steps 200 --eval-every 50
 
 test: $(STAMP)
 	$(PY) -m pytest -q

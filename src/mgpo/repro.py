@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 
 from .base import METHODS, method_overrides
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
 
 
 def _run(cmd: list[str]) -> None:
@@ -135,7 +136,7 @@ def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
         return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
 
     table3 = bool(base.get("crops")) or any("crops" in r for r in runs)
-    head = ["model", "test accuracy %", "valid box %", "IoU with the target", "turn-1 crop holds the target %"]
+    head = ["model", "test accuracy %", "valid box %", "IoU with the target", "turn-1 box holds the target %"]
     head += ["answerable from the turn-1 crop %"] if table3 else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, m in base.get("modes", {}).items():
