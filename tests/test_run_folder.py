@@ -37,7 +37,9 @@ def test_overwrite_discards_the_earlier_run(tmp_path):
     assert _start(tmp_path, "train.overwrite=true").resume_from is None
     assert list_checkpoints(tmp_path) == []
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()
-    assert not list(tmp_path.glob("config.resume-*.yaml")) and (tmp_path / "config.yaml").exists()
+    assert not list(tmp_path.glob("config.resume-*.yaml"))
+    # the saved config, reused to continue this run (--config <run>/config.yaml), must not discard it
+    assert load_config(tmp_path / "config.yaml").train.overwrite is False
 
 
 def test_new_run_in_a_folder_without_checkpoints_starts(tmp_path):

@@ -20,7 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +67,12 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _save(cfg: Config, path: Path) -> None:
+    """Save the run's config with ``train.overwrite`` off: it is this invocation's order, and a
+    saved config reused to continue the run (``--config <run>/config.yaml``) must not discard it."""
+    save_config(replace(cfg, train=replace(cfg.train, overwrite=False)), path)
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
@@ -133,7 +139,7 @@ def _check_config(cfg: Config, out: Path, ckpt: Path) -> None:
                              + "\nset train.allow_config_change=true to resume with the new values anyway, "
                              "or start a new train.output_dir")
     written = out / f"config.resume-{checkpoint_step(ckpt):06d}.yaml"
-    save_config(cfg, written)
+    _save(cfg, written)
     log.warning("resuming %s with changed settings (allowed by train.allow_config_change): %s; saved as %s",
                 ckpt, "; ".join(lines), written)
 
@@ -162,12 +168,12 @@ def _prepare(cfg: Config, out: Path) -> Path | None:
     ckpt = resolve_resume(t.resume, out)
     if ckpt is None:  # a new run
         _clear_earlier_run(out, t.overwrite)
-        save_config(cfg, out / SAVED)
+        _save(cfg, out / SAVED)
         return None
     check_resume_settings(ckpt, t.lora_rank, t.freeze_vision)
     _check_config(cfg, out, ckpt)
     if not (out / SAVED).exists():  # resuming another folder's checkpoint into a new one
-        save_config(cfg, out / SAVED)
+        _save(cfg, out / SAVED)
     return ckpt
 
 
