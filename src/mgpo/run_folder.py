@@ -27,7 +27,13 @@ from typing import IO, Any
 import yaml
 
 from . import distributed as D
-from .checkpoint import check_resume_settings, checkpoint_root, checkpoint_step, list_checkpoints, resolve_resume
+from .checkpoint import (
+    check_resume_settings,
+    checkpoint_root,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_resume,
+)
 from .config import Config, save_config
 
 log = logging.getLogger("mgpo")
@@ -38,8 +44,8 @@ SAVED = "config.yaml"
 # Fields that may change on resume without changing what is trained: how long, how often
 # to save or log, memory/speed knobs, and evaluation. Everything else is training-relevant.
 FREE_ON_RESUME = frozenset({
-    "train.output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
-    "train.log_every", "train.max_bad_steps", "train.allow_config_change", "train.micro_batch_size",
+    "train.output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.save_every",
+    "train.keep_last", "train.log_every", "train.max_bad_steps", "train.allow_config_change", "train.micro_batch_size",
     "train.gradient_checkpointing", "model.attn_implementation", "rollout.shared_prefill", "rollout.continue_turn2",
     "data.eval", "data.eval_format",
 })
