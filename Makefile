@@ -43,42 +43,42 @@ endif
 
 tiny: $(TINY)/config.json
 $(TINY)/config.json: | $(STAMP)
-	$(PY) -m mgpo.tiny $(TINY)
+	$(PY) -m mgpo.tools.tiny $(TINY)
 
 synth: $(SYNTH)/train.jsonl $(SYNTH)/test.jsonl
 $(SYNTH)/train.jsonl: | $(STAMP)
-	$(PY) -m mgpo.synth $(SYNTH) --n 64 --seed 0 --split train
+	$(PY) -m mgpo.tools.synth $(SYNTH) --n 64 --seed 0 --split train
 $(SYNTH)/test.jsonl: | $(STAMP)
-	$(PY) -m mgpo.synth $(SYNTH) --n 32 --seed 1 --split test
+	$(PY) -m mgpo.tools.synth $(SYNTH) --n 32 --seed 1 --split test
 
 # The embedded base model: a warm-started tiny Qwen2.5-VL (SFT on the colours task), see
-# src/mgpo/base.py. Deterministic; rebuilt only when missing.
+# src/mgpo/tools/base.py. Deterministic; rebuilt only when missing.
 base: $(BASE)/base.json
 $(BASE)/base.json: | $(STAMP)
-	$(PY) -m mgpo.base $(BASE)
+	$(PY) -m mgpo.tools.base $(BASE)
 
-# The base model of the grounding experiment (src/mgpo/beacon.py; the MGPO and the one-turn
+# The base model of the grounding experiment (src/mgpo/tools/beacon.py; the MGPO and the one-turn
 # GRPO conversations), ~5 minutes on 2 cores.
 beacon: $(BEACON)/base.json
 $(BEACON)/base.json: | $(STAMP)
-	$(PY) -m mgpo.base $(BEACON) --task beacon
+	$(PY) -m mgpo.tools.base $(BEACON) --task beacon
 
 # The base model of the K-turn experiment (the nested beacon: two zooms needed), ~10 minutes.
 nested: $(NESTED)/base.json
 $(NESTED)/base.json: | $(STAMP)
-	$(PY) -m mgpo.base $(NESTED) --task nested
+	$(PY) -m mgpo.tools.base $(NESTED) --task nested
 
-# The miniature reproduction (src/mgpo/repro.py): MGPO from the colours base over 3 seeds, then
+# The miniature reproduction (src/mgpo/tools/repro.py): MGPO from the colours base over 3 seeds, then
 # MGPO and the one-turn GRPO baseline from the beacon base over 2 seeds, evaluated along the
 # way, with the paper's Table 3; writes docs/reproduction.md and its figures. About 30 minutes
 # on 2 cores, the bases included.
 repro: $(STAMP) base beacon
-	$(PY) -m mgpo.repro --seeds 0 1 2 --steps 60
-	$(PY) -m mgpo.repro --task beacon --seeds 0 1 --steps 150 --eval-every 50
+	$(PY) -m mgpo.tools.repro --seeds 0 1 2 --steps 60
+	$(PY) -m mgpo.tools.repro --task beacon --seeds 0 1 --steps 150 --eval-every 50
 
 # Beyond the paper: K = 3 against K = 2 turns of mgpo_k on the nested beacon, 3 seeds.
 repro-nested: $(STAMP) nested
-	$(PY) -m mgpo.repro --task nested --seeds 0 1 2 --steps 200 --eval-every 50
+	$(PY) -m mgpo.tools.repro --task nested --seeds 0 1 2 --steps 200 --eval-every 50
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -93,8 +93,8 @@ test-fast: $(STAMP)
 demo: $(STAMP) beacon
 	$(PY) train.py --config $(DEMO_CONFIG) $(ARGS)
 	$(PY) eval.py --config $(DEMO_CONFIG) eval.overwrite=true
-	$(PY) -m mgpo.demo --config $(DEMO_CONFIG) --from-run
-	$(PY) -m mgpo.demo --config $(DEMO_CONFIG) --before $(BEACON)/base.json
+	$(PY) -m mgpo.tools.demo --config $(DEMO_CONFIG) --from-run
+	$(PY) -m mgpo.tools.demo --config $(DEMO_CONFIG) --before $(BEACON)/base.json
 	@echo "demo done: TensorBoard logs and checkpoints in runs/tiny_beacon, report in runs/tiny_beacon/eval/report.html"
 
 train: $(STAMP) tiny synth
@@ -108,7 +108,7 @@ eval: $(STAMP) tiny synth
 # TRL is installed here only, as the peer to measure against; the trainer never imports it.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps "trl==1.16.0"
-	$(PY) -m mgpo.bench
+	$(PY) -m mgpo.tools.bench
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests train.py eval.py

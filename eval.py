@@ -9,10 +9,10 @@
 import argparse
 import sys
 
-from mgpo import distributed as D
 from mgpo.config import load_config
-from mgpo.evaluate import crop_answerable, evaluate, newest_run_model
-from mgpo.report import compare
+from mgpo.eval.evaluate import crop_answerable, evaluate, newest_run_model
+from mgpo.eval.report import compare
+from mgpo.runtime import distributed as D
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "compare":

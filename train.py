@@ -9,10 +9,10 @@ Any field can be overridden as section.key=value; --print-config shows the resul
 
 import argparse
 
-from mgpo import distributed as D
 from mgpo.config import load_config
-from mgpo.plan import startup_line
-from mgpo.trainer import train
+from mgpo.core.trainer import train
+from mgpo.runtime import distributed as D
+from mgpo.tools.plan import startup_line
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     if args.print_config:
         print(cfg.to_yaml(), end="")
     else:
-        if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.plan)
+        if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.tools.plan)
             print(line)
         result = train(cfg)
         print(f"done: {result.steps} steps; logs, metrics and checkpoints are in {result.output_dir}")

@@ -10,14 +10,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from mgpo.tiny import build_tiny_checkpoint
+    from mgpo.tools.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl", seed=0)
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    from mgpo.synth import build_synth
+    from mgpo.tools.synth import build_synth
 
     out = tmp_path_factory.mktemp("synth")
     build_synth(out, n=12, seed=0, split="train")

@@ -1,5 +1,5 @@
 """The paper's two-turn rollout, recorded: ``rollout.max_turns = 2`` must reproduce these
-token for token (issue 13). The reference was written by the code before the K-turn loop
+token for token. The reference was written by the code before the K-turn loop
 existed; regenerate it only when the two-turn rollout is meant to change:
 
     PYTHONPATH=src python tests/k2_reference.py tests/data/k2_reference.json
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import ScriptedModel  # noqa: E402
 
 from mgpo.config import RolloutConfig  # noqa: E402
-from mgpo.rollout import rollout  # noqa: E402
+from mgpo.core.rollout import rollout  # noqa: E402
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 # x2 = 400 fits the 588-px-wide input of samples[0] and not the 364-px one of samples[1].
@@ -70,10 +70,10 @@ if __name__ == "__main__":
     import tempfile
 
     from mgpo.config import ModelConfig
-    from mgpo.data import load_samples
-    from mgpo.model import load_model, load_processor
-    from mgpo.synth import build_synth
-    from mgpo.tiny import build_tiny_checkpoint
+    from mgpo.data.samples import load_samples
+    from mgpo.runtime.model import load_model, load_processor
+    from mgpo.tools.synth import build_synth
+    from mgpo.tools.tiny import build_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp())
     tiny = build_tiny_checkpoint(tmp / "tiny-qwen2.5-vl", seed=0)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mgpo import beacon
 from mgpo.config import ModelConfig
+from mgpo.tools import beacon
 
 BUDGET = 448 * 112  # the beacon budget: min_pixels = max_pixels, a 4x down-scale
 ONE_LEVEL = 1 / 255 / 0.26  # one 8-bit level after the processor's normalization (smallest std 0.26)
@@ -15,7 +15,7 @@ ONE_LEVEL = 1 / 255 / 0.26  # one 8-bit level after the processor's normalizatio
 
 @pytest.fixture(scope="module")
 def processor(tiny_dir):
-    from mgpo.model import load_processor
+    from mgpo.runtime.model import load_processor
 
     return load_processor(ModelConfig(path=str(tiny_dir), min_pixels=BUDGET, max_pixels=BUDGET))
 
@@ -56,7 +56,7 @@ def test_sft_records_pair_every_panel_with_its_own_pattern(tmp_path):
 
 @pytest.fixture(scope="module")
 def nested_processor(tiny_dir):
-    from mgpo.model import load_processor
+    from mgpo.runtime.model import load_processor
 
     budget = beacon.NESTED.budget
     return load_processor(ModelConfig(path=str(tiny_dir), min_pixels=budget, max_pixels=budget))
@@ -66,7 +66,7 @@ def nested_processor(tiny_dir):
 def test_nested_layout_needs_two_zooms(nested_processor, target):
     """NESTED: the pattern is invisible in the image (4x down) and in a crop of the panel (2x
     down, as the rollout shows it), legible only in the panel's centre (1x): two zooms."""
-    from mgpo.grounding import Box, crop_original, fit_to_budget
+    from mgpo.core.grounding import Box, crop_original, fit_to_budget
 
     layout, budget = beacon.NESTED, beacon.NESTED.budget
     images = [beacon.draw(target, [(k + i) % 3 for i in range(3)], layout) for k in range(3)]

@@ -11,8 +11,8 @@ from PIL import Image
 from test_train import run_worker
 
 from mgpo.config import ModelConfig
-from mgpo.data import load_samples
-from mgpo.rollout import chat_forced
+from mgpo.core.forced import chat_forced
+from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
@@ -61,7 +61,7 @@ def test_chat_file_loads_and_every_bad_record_is_named(chat_file):
 
 
 def test_chat_mask_is_exactly_the_assistant_messages(tiny_dir, chat_file):
-    from mgpo.model import load_model, load_processor
+    from mgpo.runtime.model import load_model, load_processor
 
     mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     processor, model = load_processor(mcfg), load_model(mcfg)
@@ -99,7 +99,7 @@ def test_sft_on_chat_file_trains_and_rl_refuses_it(tmp_path, tiny_dir, synth_dir
 
 def test_evaluation_refuses_chat_files(tiny_dir, chat_file, tmp_path):
     from mgpo.config import load_config
-    from mgpo.evaluate import evaluate
+    from mgpo.eval.evaluate import evaluate
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/tiny_cpu.yaml", [f"model.path={tiny_dir}", f"eval.datasets=[{chat_file}]",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mgpo.checkpoint import list_checkpoints, resolve_resume
+from mgpo.runtime.checkpoint import list_checkpoints, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_worker.py"

@@ -126,9 +126,16 @@ def test_every_problem_is_listed_at_once():
 
 def test_crop_filter_choices_are_the_ones_grounding_knows():
     from mgpo.config import CROP_FILTERS
-    from mgpo.grounding import RESAMPLE
+    from mgpo.core.grounding import RESAMPLE
 
     assert set(CROP_FILTERS) == set(RESAMPLE)
+
+
+def test_template_choices_are_the_templates_prompts_defines():
+    from mgpo.config import TEMPLATES
+    from mgpo.core.prompts import TEMPLATES as defined
+
+    assert set(TEMPLATES) == set(defined)
 
 
 def test_data_fields_for_published_layouts():

@@ -1,4 +1,4 @@
-"""Bugs that only a published checkpoint folder or the paper's scale shows (issue 9).
+"""Bugs that only a published checkpoint folder or the paper's scale shows.
 
 The tiny checkpoint is laid out like a published Qwen2.5-VL-7B-Instruct folder: its
 preprocessor_config.json carries the legacy 3,136..12,845,056-pixel keys and its
@@ -14,18 +14,19 @@ from helpers import ScriptedModel
 from PIL import Image
 
 from mgpo.config import ModelConfig, RolloutConfig
-from mgpo.data import load_samples
-from mgpo.generation import suppressed_ids
-from mgpo.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
-from mgpo.reward import score
-from mgpo.rollout import Trajectory, rollout
+from mgpo.core.generation import suppressed_ids
+from mgpo.core.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
+from mgpo.core.reward import score
+from mgpo.core.rollout import rollout
+from mgpo.core.trajectory import Trajectory
+from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
 
 @pytest.fixture(scope="module")
 def env(tiny_dir, synth_dir):
-    from mgpo.model import load_model, load_processor
+    from mgpo.runtime.model import load_model, load_processor
 
     mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     return load_model(mcfg), load_processor(mcfg), list(load_samples(synth_dir / "train.jsonl")), mcfg
@@ -55,7 +56,7 @@ def test_tiny_folder_is_laid_out_like_a_published_one(tiny_dir):
 
 def test_published_pixel_keys_do_not_override_the_budget(env, tmp_path):
     """Bug 1: a 3840x2160 image became 10,549 image tokens instead of at most 256."""
-    from mgpo.model import save_processor
+    from mgpo.runtime.model import save_processor
 
     _, processor, _, mcfg = env
     grid = processor.image_processor(images=[Image.new("RGB", (3840, 2160))], return_tensors="pt")["image_grid_thw"]
@@ -119,8 +120,8 @@ def test_one_turn_grpo_keeps_its_answer(env):
 def test_direct_mode_scores_a_bare_letter(env, tmp_path):
     """Bug 4: the direct prompt asks for a letter; the scorer only read \\boxed{}."""
     from mgpo.config import Config, EvalConfig
-    from mgpo.evaluate import evaluate
-    from mgpo.synth import build_synth
+    from mgpo.eval.evaluate import evaluate
+    from mgpo.tools.synth import build_synth
 
     model, processor, _, mcfg = env
     build_synth(tmp_path / "s", n=1, seed=3, split="test")
@@ -200,9 +201,9 @@ def test_chunked_head_equals_unchunked(env):
 def test_one_turn_valid_box_is_mapped_for_the_grounding_figures(env):
     """A valid box in the one-turn template makes no crop; the report's IoU read its (unset)
     original-image box and ``eval.mode=grpo`` crashed on the first valid box."""
-    from mgpo.evaluate import _records
-    from mgpo.grounding import Box, to_original_box
-    from mgpo.report import grounding_values
+    from mgpo.core.grounding import Box, to_original_box
+    from mgpo.eval.evaluate import _records
+    from mgpo.eval.report import grounding_values
 
     model, processor, samples, _ = env
     sample = samples[0]

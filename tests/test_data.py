@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgpo.data import BadImageError, load_image, load_samples, normalize_letter
+from mgpo.data.images import BadImageError, load_image
+from mgpo.data.records import normalize_letter
+from mgpo.data.samples import load_samples
 
 
 def _jpeg(path, size=(64, 48), color=(200, 20, 20)):
@@ -286,7 +288,7 @@ def test_duplicate_ids_keep_the_first_and_missing_ids_come_from_the_line(tmp_pat
 
 
 def test_prompt_length_limit():
-    from mgpo.data import prompt_length_problem
+    from mgpo.data.samples import prompt_length_problem
 
     assert prompt_length_problem(8192, 8192) is None and prompt_length_problem(10**6, 0) is None
     assert "8193 tokens, over data.max_prompt_tokens (8192)" in prompt_length_problem(8193, 8192)

@@ -5,7 +5,7 @@ import os
 
 from PIL import Image
 
-from mgpo.data import load_samples
+from mgpo.data.samples import load_samples
 
 
 def _write(path, question):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import mgpo.evaluate as ev
+import mgpo.eval.evaluate as ev
 from mgpo.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def loaded(tiny_dir):
     from mgpo.config import ModelConfig
-    from mgpo.model import load_model, load_processor
+    from mgpo.runtime.model import load_model, load_processor
 
     mcfg = ModelConfig(path=str(tiny_dir), min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
     return load_model(mcfg), load_processor(mcfg)

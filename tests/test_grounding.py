@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mgpo import parse_box, to_original_box
-from mgpo.grounding import Box, box_problem, crop_original, find_box, fit_to_budget, input_size_from_grid
+from mgpo.core.grounding import Box, box_problem, crop_original, find_box, fit_to_budget, input_size_from_grid
 
 
 @pytest.mark.parametrize("text, box", [
@@ -156,7 +156,7 @@ def test_nested_view_maps_back_to_original_pixels():
     (112, 84, 224, 168) there is original (1000, 750, 2000, 1500); that crop shown at 560x420;
     a box (280, 210, 560, 420) on it is 1000 + 280 * 1000 / 560 = 1500, 750 + 210 * 750 / 420 = 1125,
     1000 + 560 * 1000 / 560 = 2000, 750 + 420 * 750 / 420 = 1500."""
-    from mgpo.grounding import View, view_to_original
+    from mgpo.core.grounding import View, view_to_original
 
     whole = View(Box(0, 0, 4000, 3000), (448, 336))
     first = view_to_original(Box(112, 84, 224, 168), whole)

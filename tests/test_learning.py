@@ -1,7 +1,7 @@
 """The trainer learns: a short MGPO run from the embedded base model raises the reward; the
 same run with a broken trainer (advantages negated) does not.
 
-The base model is built once (``python -m mgpo.base``, as ``make base`` does) and each run
+The base model is built once (``python -m mgpo.tools.base``, as ``make base`` does) and each run
 goes through tests/train_worker.py with configs/tiny_demo.yaml (the colours task's settings).
 Margin: measured over seeds 0, 1, 2 (docs/reproduction.md); the rise is the mean reward of
 the last three logged steps minus that of the first three.
@@ -22,7 +22,7 @@ MARGIN = 0.15  # chosen from the measured rises (see the module docstring)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "base"
-    proc = subprocess.run([sys.executable, "-m", "mgpo.base", str(out)], cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mgpo.tools.base", str(out)], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

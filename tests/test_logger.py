@@ -2,7 +2,7 @@
 
 import json
 
-from mgpo.logger import RunLogger
+from mgpo.runtime.logger import RunLogger
 
 
 def _rows(path):
@@ -58,8 +58,8 @@ def test_resume_hides_tensorboard_points_past_the_checkpoint(tmp_path):
 def test_turn_metrics_of_k_turn_rollouts():
     """Turns used, crops, answer-at-turn shares, nested zooms, per-turn valid boxes (mgpo_k);
     the paper's two-turn trajectories add none of these keys."""
-    from mgpo.logger import rollout_metrics
-    from mgpo.rollout import Trajectory, TurnRecord
+    from mgpo.core.metrics import rollout_metrics
+    from mgpo.core.trajectory import Trajectory, TurnRecord
 
     def traj(*actions):
         log = [TurnRecord("", 1, False, a, valid=a == "zoom", nested=a == "zoom" and k > 0 and actions[k - 1] == "zoom",

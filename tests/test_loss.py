@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mgpo.config import LossConfig
-from mgpo.loss import clipped_policy_loss, kl_k3, masked_mean, policy_loss
+from mgpo.core.loss import clipped_policy_loss, kl_k3, masked_mean, policy_loss
 
 
 def test_masked_mean():

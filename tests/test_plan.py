@@ -2,9 +2,9 @@
 
 import pytest
 
-from mgpo.archs import ARCHS
 from mgpo.config import load_config
-from mgpo.plan import (
+from mgpo.tools.archs import ARCHS
+from mgpo.tools.plan import (
     MEASURED_ACT,
     activation_bytes,
     count_params,
@@ -32,7 +32,7 @@ def test_model_states_match_deepspeeds_estimator(arch, world):
 def test_parameter_counts_are_the_published_models():
     # The counts public loader logs and model registries report for the published checkpoints
     # (3B: 3,754,622,976 with a 311,164,928 embedding; 7B: 8,292,166,656 with a 676,550,144
-    # vision tower): the table in mgpo.archs builds those exact models.
+    # vision tower): the table in mgpo.tools.archs builds those exact models.
     p3, p7 = count_params("qwen2.5-vl-3b"), count_params("qwen2.5-vl-7b")
     assert (p3.total, p3.embedding) == (3_754_622_976, 311_164_928)
     assert (p7.total, p7.vision, p7.embedding) == (8_292_166_656, 676_550_144, 544_997_376)
@@ -40,7 +40,7 @@ def test_parameter_counts_are_the_published_models():
 
 def test_kv_and_activation_figures_match_a_cpu_measurement():
     """The plan's per-layer figures against a fresh measurement at 2 vs 1 layers (3B widths)."""
-    from mgpo.bench import measure_layer_bytes
+    from mgpo.tools.bench import measure_layer_bytes
 
     a = ARCHS["qwen2.5-vl-3b"]
     measured = measure_layer_bytes(a.name, tokens=256)
@@ -106,7 +106,7 @@ def test_startup_line_only_on_gpus_and_warns_when_it_will_not_fit(monkeypatch):
 
     import torch
 
-    from mgpo.plan import startup_line
+    from mgpo.tools.plan import startup_line
 
     cfg = load_config(PAPER)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -4,10 +4,11 @@ import json
 from dataclasses import replace
 
 from mgpo.config import ModelConfig
-from mgpo.data import drop_long_prompts, load_samples
-from mgpo.model import load_processor
-from mgpo.prompts import first_prompt_text, get_template
-from mgpo.rollout import _encode, prompt_tokens
+from mgpo.core.conversation import encode
+from mgpo.core.prompts import first_prompt_text, get_template
+from mgpo.core.rollout import prompt_tokens
+from mgpo.data.samples import drop_long_prompts, load_samples
+from mgpo.runtime.model import load_processor
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
@@ -19,7 +20,7 @@ def test_prompt_tokens_without_the_image_equal_the_encoded_length(tiny_dir, synt
     for name in ("mgpo", "grpo", "direct"):
         for s in samples:
             text = first_prompt_text(processor, get_template(name), s.question, s.options)
-            assert prompt_tokens(processor, name, s, MIN_PX, MAX_PX) == len(_encode(processor, text, [s.load_image()]).ids)
+            assert prompt_tokens(processor, name, s, MIN_PX, MAX_PX) == len(encode(processor, text, [s.load_image()]).ids)
 
 
 def test_training_set_drops_over_long_prompts_at_load(tiny_dir, synth_dir, tmp_path):

@@ -17,10 +17,10 @@ from helpers import ScriptedModel
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from mgpo.config import ModelConfig, RolloutConfig, load_config
-from mgpo.data import Sample
-from mgpo.generation import special_ids, suppressed_ids
-from mgpo.policy import PolicyForward
-from mgpo.rollout import rollout
+from mgpo.core.generation import special_ids, suppressed_ids
+from mgpo.core.policy import PolicyForward
+from mgpo.core.rollout import rollout
+from mgpo.data.samples import Sample
 
 pytestmark = pytest.mark.slow
 MIN_PX, MAX_PX = 256 * 28 * 28, 1280 * 28 * 28
@@ -58,9 +58,9 @@ class RowScriptedModel(ScriptedModel):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from mgpo.model import load_model, load_processor
-    from mgpo.synth import _background
-    from mgpo.tiny import build_tiny_checkpoint
+    from mgpo.runtime.model import load_model, load_processor
+    from mgpo.tools.synth import _background
+    from mgpo.tools.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("real3b")
     ckpt = build_tiny_checkpoint(root / "qwen2.5-vl-3b-2l", seed=0, arch="qwen2.5-vl-3b", layers=2,
@@ -81,7 +81,7 @@ def _logprobs(model, processor, batch):
 
 
 def test_the_checkpoint_has_every_published_width(real):
-    from mgpo.archs import ARCHS
+    from mgpo.tools.archs import ARCHS
 
     a, model = ARCHS["qwen2.5-vl-3b"], real["model"]
     lm, vis = model.model.language_model, model.model.visual
@@ -155,7 +155,7 @@ def test_rollout_logprobs_mask_update_reload_and_eval(real):
     assert all(after[n] == before[n] for n in before if n.startswith("model.visual."))
 
     # ---- save_pretrained + from_pretrained reload: the same weights
-    from mgpo.model import load_model
+    from mgpo.runtime.model import load_model
 
     out = real["root"] / "saved"
     model.save_pretrained(out, safe_serialization=True)
@@ -166,8 +166,8 @@ def test_rollout_logprobs_mask_update_reload_and_eval(real):
     del model, mine, theirs
     real["model"] = reloaded
 
-    # ---- a two-sample greedy evaluation through mgpo.evaluate
-    from mgpo.evaluate import evaluate
+    # ---- a two-sample greedy evaluation through mgpo.eval.evaluate
+    from mgpo.eval.evaluate import evaluate
 
     data = real["root"] / "eval.jsonl"
     data.write_text("".join(json.dumps({"id": s.id, "image": s.image, "question": s.question,

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 from PIL import Image
 
-from mgpo.report import compute_metrics
-from mgpo.report_html import pick_cases, render_html
+from mgpo.eval.report import compute_metrics
+from mgpo.eval.report_html import pick_cases, render_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -1,6 +1,6 @@
 """The reproduction report: one block per task between its markers, the rest of the page kept."""
 
-from mgpo.repro import write_report
+from mgpo.tools.repro import write_report
 
 
 def _run(seed, method="mgpo"):
@@ -17,7 +17,7 @@ def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
                       "grpo": {"test_accuracy": 35.9, "valid_box": 100.0, "mean_iou": 0.30}},
             "crops": {"mgpo": 31.0, "grpo": 30.0}}
     runs = [_run(0), _run(1), _run(0, "grpo"), _run(1, "grpo")]
-    write_report(base, runs, tmp_path, "python -m mgpo.repro --task beacon", task="beacon")
+    write_report(base, runs, tmp_path, "python -m mgpo.tools.repro --task beacon", task="beacon")
     text = page.read_text()
     assert text.startswith("# Notes written by hand") and "colours table" in text
     block = text[text.index("<!-- repro-beacon:start -->"):text.index("<!-- repro-beacon:end -->")]
@@ -41,7 +41,7 @@ def test_table3_column_only_where_measured(tmp_path):
             "modes": {"mgpo_k2": {"test_accuracy": 34.4, "valid_box": 100.0, "mean_iou": 0.09, "holds": 34.4},
                       "mgpo_k3": {"test_accuracy": 53.1, "valid_box": 100.0, "mean_iou": 0.09, "holds": 34.4}}}
     runs = [{k: v for k, v in _run(0, m).items() if k != "crops"} for m in ("mgpo_k2", "mgpo_k3")]
-    write_report(base, runs, tmp_path, "python -m mgpo.repro --task nested", task="nested")
+    write_report(base, runs, tmp_path, "python -m mgpo.tools.repro --task nested", task="nested")
     block = (tmp_path / "reproduction.md").read_text()
     assert "| base, MGPO-K, K=3 | 53.1 | 100.0 | 0.09 | 34.4 |\n" in block
     assert "| MGPO-K, K=3, step 100 | 80.0 | 90.0 | 0.75 | 70.0 |\n" in block
@@ -53,7 +53,7 @@ def test_collect_reads_a_run_folder_back(tmp_path):
     import json
     import os
 
-    from mgpo.repro import collect
+    from mgpo.tools.repro import collect
 
     run = tmp_path / "grpo-seed1"
     (run / "checkpoints" / "step-000100").mkdir(parents=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mgpo import extract_answer, group_advantages
-from mgpo.reward import accuracy_reward, score, zero_variance_share
+from mgpo.core.reward import score, zero_variance_share
 
 
 @pytest.mark.parametrize("text, letter", [
@@ -31,12 +31,6 @@ def test_option_text_needs_an_exact_match(text, letter):
     assert extract_answer(text, ["red", "a blue square", "green"]) == letter
 
 
-def test_accuracy_reward():
-    assert accuracy_reward("... \\boxed{B}", "B") == 1.0
-    assert accuracy_reward("... \\boxed{A}", "B") == 0.0
-    assert accuracy_reward("no answer at all", "B") == 0.0
-
-
 def test_group_advantages_hand_computed():
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
     adv = group_advantages(r, 4)
@@ -60,7 +54,7 @@ def test_zero_variance_share():
 
 def test_turn_cost_charges_each_crop_shown():
     """rollout.turn_cost: the reward of the final turn's answer minus the cost per crop."""
-    from mgpo.rollout import Trajectory, TurnRecord
+    from mgpo.core.trajectory import Trajectory, TurnRecord
 
     log = [TurnRecord("z", 3, False, "zoom", crop_size=(28, 28)), TurnRecord("z", 3, False, "zoom", crop_size=(28, 28)),
            TurnRecord("f", 3, False, "fallback"), TurnRecord("\\boxed{B}", 3, False, "answer")]

@@ -7,12 +7,12 @@ import torch
 from helpers import CountingModel, ScriptedModel
 
 from mgpo.config import RolloutConfig
-from mgpo.data import load_samples
-from mgpo.generation import VISION_TOKENS, generation_config, special_ids, suppressed_ids
-from mgpo.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
-from mgpo.prompts import CROP_LEAD, FALLBACK_LEAD
-from mgpo.reward import accuracy_reward
-from mgpo.rollout import rollout
+from mgpo.core.generation import VISION_TOKENS, generation_config, special_ids, suppressed_ids
+from mgpo.core.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
+from mgpo.core.prompts import CROP_LEAD, FALLBACK_LEAD
+from mgpo.core.reward import extract_answer
+from mgpo.core.rollout import rollout
+from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
@@ -20,7 +20,7 @@ MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 @pytest.fixture(scope="module")
 def env(tiny_dir, synth_dir):
     from mgpo.config import ModelConfig
-    from mgpo.model import load_model, load_processor
+    from mgpo.runtime.model import load_model, load_processor
 
     mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     processor = load_processor(mcfg)
@@ -72,7 +72,7 @@ def test_mask_covers_exactly_the_models_tokens(env):
         full = tok.decode(r.input_ids[i][r.attention_mask[i].bool()], skip_special_tokens=False)
         assert CROP_LEAD in full and full.count("<|vision_start|>") == 2
         assert r.loss_mask[i].sum() == t.turn1_tokens + t.turn2_tokens
-    assert accuracy_reward(r.trajectories[0].final_text, "B") == 1.0
+    assert extract_answer(r.trajectories[0].final_text) == "B"
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-prefill", "naive"])
@@ -157,7 +157,7 @@ def test_unclosed_turn1_falls_back_and_truncated_turn2_keeps_its_mask(env):
         assert FALLBACK_LEAD in full and CROP_LEAD not in full
         assert r.loss_mask[i].sum() == t.turn1_tokens + 12
         # The answer was written before the cut, so the reward still sees it.
-        assert accuracy_reward(t.final_text, "A") == 1.0
+        assert extract_answer(t.final_text) == "A"
 
 
 def test_grpo_template_is_one_turn(env):
@@ -198,13 +198,13 @@ def test_optimized_paths_match_naive_path_token_for_token(env, monkeypatch, shar
     """Greedy: the optimized paths (one prefill per prompt with the cache copied per sample;
     turn 2 continuing from turn 1's cache) and the naive one produce the same tokens, with
     mixed image sizes, valid and invalid boxes, and turns cut by the token limit."""
-    import mgpo.generation
-    import mgpo.rollout
+    import mgpo.core.generation
+    import mgpo.core.rollout
 
     model, processor, samples = env
     calls = {"shared_prefill": 0, "continue_cache": 0}
     # each helper is patched where it is looked up
-    for module, name in ((mgpo.generation, "shared_prefill"), (mgpo.rollout, "continue_cache")):
+    for module, name in ((mgpo.core.generation, "shared_prefill"), (mgpo.core.rollout, "continue_cache")):
         real = getattr(module, name)
 
         def counted(*a, _real=real, _name=name, **kw):

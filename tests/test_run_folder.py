@@ -3,9 +3,9 @@ discarded, never the two mixed (checkpoints pruned across runs, metrics rows app
 
 import pytest
 
-from mgpo.checkpoint import MARKER, list_checkpoints
 from mgpo.config import load_config
-from mgpo.run_folder import RunFolderError, start_run
+from mgpo.runtime.checkpoint import MARKER, list_checkpoints
+from mgpo.runtime.run_folder import RunFolderError, start_run
 
 
 def _earlier_run(out):

@@ -9,20 +9,20 @@ import torch
 from test_train import _env, _ranks_agree, run_worker
 
 from mgpo.config import ModelConfig, RolloutConfig
-from mgpo.data import load_samples
-from mgpo.generation import suppressed_ids
-from mgpo.loss import sft_loss
-from mgpo.policy import PolicyForward
-from mgpo.prompts import CROP_LEAD, FALLBACK_LEAD
-from mgpo.rollout import teacher_forced
-from mgpo.sft import sft_texts
+from mgpo.core.forced import teacher_forced
+from mgpo.core.generation import suppressed_ids
+from mgpo.core.loss import sft_loss
+from mgpo.core.policy import PolicyForward
+from mgpo.core.prompts import CROP_LEAD, FALLBACK_LEAD
+from mgpo.core.sft import sft_texts
+from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
 
 @pytest.fixture(scope="module")
 def env(tiny_dir, synth_dir):
-    from mgpo.model import load_model, load_processor
+    from mgpo.runtime.model import load_model, load_processor
 
     mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     return load_model(mcfg), load_processor(mcfg), list(load_samples(synth_dir / "train.jsonl"))
@@ -138,8 +138,8 @@ def test_k_turn_targets_zoom_until_full_resolution(tiny_dir, tmp_path, max_turns
     """mgpo_k SFT on the nested beacon: each box is drawn on the latest view, the second inside
     the first crop; zooming stops once the target is shown at full resolution (two zooms), or
     when the turns run out (K = 2: one zoom, then the forced answer)."""
-    from mgpo import beacon
-    from mgpo.model import load_processor
+    from mgpo.runtime.model import load_processor
+    from mgpo.tools import beacon
 
     layout = beacon.NESTED
     path = beacon.build_beacon(tmp_path, 2, 0, "test", layout=layout)

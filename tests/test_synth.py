@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from mgpo.synth import build_synth
+from mgpo.tools.synth import build_synth
 
 TINY_MIN, TINY_MAX = 64 * 28 * 28, 256 * 28 * 28  # the tiny config's pixel budget
 

@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import load_file
 
-from mgpo.tiny import SPECIAL_TOKENS, build_tiny_checkpoint
+from mgpo.tools.tiny import SPECIAL_TOKENS, build_tiny_checkpoint
 
 
 def _load(path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mgpo.checkpoint import latest_checkpoint, list_checkpoints
+from mgpo.runtime.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -64,9 +64,9 @@ def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path, tiny_dir,
     from train_worker import _checksums
 
     from mgpo.config import ModelConfig, RolloutConfig
-    from mgpo.data import load_samples
-    from mgpo.model import load_model, load_processor
-    from mgpo.rollout import rollout
+    from mgpo.core.rollout import rollout
+    from mgpo.data.samples import load_samples
+    from mgpo.runtime.model import load_model, load_processor
 
     (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "run", "train.max_steps=2",
                         flags=["--rewards", "random"])
@@ -152,7 +152,7 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_dir, synth_dir):
     # The merge command writes a full model that differs from the base only by the adapters.
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mgpo.merge import merge
+    from mgpo.tools.merge import merge
 
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(merge(ckpt, tmp_path / "merged", tiny_dir))
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir)
@@ -181,7 +181,7 @@ def test_two_rank_ddp_on_cpu(tmp_path, tiny_dir, synth_dir):
 
 def _step_figures(inputs: list[dict], cfg) -> tuple[dict, int]:
     """The loss terms' sums over every masked token of the given micro-batches (one token per row)."""
-    from mgpo.loss import policy_loss
+    from mgpo.core.loss import policy_loss
 
     flat = {k: torch.tensor([v for mb in inputs for v in mb[k]]) for k in ("logp", "old", "adv", "ref", "entropy")}
     K = len(flat["logp"])

@@ -3,9 +3,10 @@
 import pytest
 
 from mgpo.config import TrainConfig, load_config
-from mgpo.logger import rollout_metrics
-from mgpo.rollout import Trajectory
-from mgpo.trainer import _step_slices, check_sampling, plan_batches, train
+from mgpo.core.metrics import rollout_metrics
+from mgpo.core.setup import check_sampling, plan_batches
+from mgpo.core.trainer import _step_slices, train
+from mgpo.core.trajectory import Trajectory
 
 
 def test_plan_batches_paper_preset_on_8_ranks():

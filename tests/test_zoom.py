@@ -1,4 +1,4 @@
-"""The K-turn rollout (``mgpo_k``, issue 13) on the real tiny model: equivalence of the
+"""The K-turn rollout (``mgpo_k``) on the real tiny model: equivalence of the
 cache-continued and naive paths, the one loss mask, log-prob parity, the image-token cap."""
 
 import math
@@ -8,11 +8,11 @@ import torch
 from helpers import ScriptedModel
 
 from mgpo.config import RolloutConfig
-from mgpo.data import load_samples
-from mgpo.generation import suppressed_ids
-from mgpo.policy import PolicyForward, rollout_logprobs
-from mgpo.prompts import ZOOM_CAPPED, ZOOM_CROP_LEAD, ZOOM_FALLBACK_LEAD
-from mgpo.rollout import rollout
+from mgpo.core.generation import suppressed_ids
+from mgpo.core.policy import PolicyForward, rollout_logprobs
+from mgpo.core.prompts import ZOOM_CAPPED, ZOOM_CROP_LEAD, ZOOM_FALLBACK_LEAD
+from mgpo.core.rollout import rollout
+from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
@@ -20,7 +20,7 @@ MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 @pytest.fixture(scope="module")
 def env(tiny_dir, synth_dir):
     from mgpo.config import ModelConfig
-    from mgpo.model import load_model, load_processor
+    from mgpo.runtime.model import load_model, load_processor
 
     mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     return load_model(mcfg), load_processor(mcfg), list(load_samples(synth_dir / "train.jsonl"))
@@ -143,7 +143,7 @@ def test_image_token_cap_forces_the_answer(env):
 def test_teacher_forced_k_turn_conversation(env):
     """SFT in mgpo_k: the scripted box zooms, the scripted answer ends the conversation, and
     the mask covers exactly both assistant turns (the rollout's own assembly)."""
-    from mgpo.rollout import teacher_forced
+    from mgpo.core.forced import teacher_forced
 
     model, processor, samples = env
     texts = [(_box(20, 20, 200, 150), "\\boxed{B}")]

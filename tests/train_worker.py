@@ -1,4 +1,4 @@
-"""Run mgpo.trainer.train in its own process (plain, or under accelerate launch) and record
+"""Run mgpo.core.trainer.train in its own process (plain, or under accelerate launch) and record
 what the tests check: per-rank parameter checksums, which parameters changed.
 
     python tests/train_worker.py OUT.json --config configs/tiny_cpu.yaml [--rewards random]
@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import mgpo.trainer as trainer  # noqa: E402
-from mgpo import distributed as D  # noqa: E402
+import mgpo.core.setup as setup  # noqa: E402
+import mgpo.core.trainer as trainer  # noqa: E402
 from mgpo.config import load_config  # noqa: E402
+from mgpo.runtime import distributed as D  # noqa: E402
 
 
 def _checksums(model):
@@ -114,14 +115,14 @@ def main():
         trainer.policy_loss = _recording
 
     before = {}
-    real_load = trainer._load_policy
+    real_load = setup.load_policy
 
     def _load(*a, **kw):
         model = real_load(*a, **kw)
         before.update(_checksums(model))
         before["__trainable__"] = [n for n, p in model.named_parameters() if p.requires_grad]
         return model
-    trainer._load_policy = _load
+    setup.load_policy = _load
 
     result = trainer.train(cfg)
     after = _checksums(result.policy)

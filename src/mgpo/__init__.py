@@ -1,8 +1,12 @@
 """MGPO: multi-turn grounding-based policy optimization for Qwen2.5-VL, in plain PyTorch.
 
-The data flow, one module per stage:
+The data flow, one module per stage, all of it in ``core/`` (its docstring gives the
+reading order):
 
     data -> prompts -> rollout (generate, ground, crop) -> reward (+ advantage) -> loss -> update
+
+Around it: ``runtime/`` (model loading, processes, checkpoints, logging), ``data/``,
+``eval/``, and ``tools/`` (the tiny checkpoint, synthetic tasks, experiments, benchmarks).
 
 Shape letters used in tensor names: N trajectories (prompts x group_size), T tokens,
 B prompts, G group size, V vocabulary, H hidden size, K masked tokens, P image patches.
@@ -18,7 +22,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
-from .grounding import Box, parse_box, to_original_box  # noqa: E402  (after the environment above)
-from .reward import extract_answer, group_advantages  # noqa: E402
+from .core.grounding import Box, parse_box, to_original_box  # noqa: E402  (after the environment above)
+from .core.reward import extract_answer, group_advantages  # noqa: E402
 
 __all__ = ["Box", "extract_answer", "group_advantages", "parse_box", "to_original_box"]

@@ -10,20 +10,20 @@ The object that is printed and saved beside a run is the object the code reads.
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.grounding.RESAMPLE's keys (a test checks)
+from . import schema
+from .schema import ConfigError, build, fix_yaml_floats, flatten, merge_trees, parse_overrides, plain
 
+__all__ = ["Config", "ConfigError", "field_docs", "flatten", "load_config", "parse_overrides", "save_config"]
 
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema."""
+TEMPLATES = ("mgpo", "grpo", "direct", "mgpo_k")  # mgpo.core.prompts.TEMPLATES's keys (a test checks)
+FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")  # the data readers (mgpo.data.samples)
+CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.core.grounding.RESAMPLE's keys (a test checks)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "build/synth/train.jsonl"
-    """Training set: a file or folder in any format mgpo.data reads."""
+    """Training set: a file or folder in any format mgpo.data.samples reads."""
     train_format: str = "auto"
     """Format of `train`: auto, jsonl, vstar, mme_realworld or hrbench."""
     eval: str = "build/synth/test.jsonl"
@@ -198,7 +198,7 @@ class EvalConfig:
     adapter: str = ""
     """Optional LoRA adapter folder applied on top of model.path."""
     datasets: tuple[str, ...] = ()
-    """Datasets to evaluate (any format mgpo.data reads); empty = data.eval."""
+    """Datasets to evaluate (any format mgpo.data.samples reads); empty = data.eval."""
     samples: int = 1
     """k samples per question: 1 with temperature 0 is greedy; k > 1 gives Avg@k and pass@k."""
     temperature: float = 0.0
@@ -224,132 +224,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in the field's type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, name)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{name}: expected {tp}, got {value!r}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{name}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
-    raise ConfigError(f"{name}: unsupported field type {tp}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = prefix.rstrip(".") or "top level"
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {known}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["train.lr=1e-5", "rollout.group_size=4"]`` into a nested dict.
-
-    Values are parsed as YAML, so ``1e-5`` is a float, ``true`` a bool, ``[a, b]`` a list.
-
-    >>> parse_overrides(["train.lr=2e-6", "rollout.template=grpo"])
-    {'train': {'lr': 2e-06}, 'rollout': {'template': 'grpo'}}
-    """
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        value = _fix_yaml_floats(yaml.safe_load(raw)) if raw.strip() else ""
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _fix_yaml_floats(tree: Any) -> Any:
-    """YAML 1.1 reads ``1e-6`` as a string; turn such strings back into numbers."""
-    if isinstance(tree, dict):
-        return {k: _fix_yaml_floats(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_fix_yaml_floats(v) for v in tree]
-    if isinstance(tree, str) and _EXP_FLOAT.match(tree):
-        return float(tree)
-    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -362,16 +240,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        tree = _fix_yaml_floats(loaded)
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return validate(_build(Config, tree, ""))
+        tree = fix_yaml_floats(loaded)
+    tree = merge_trees(tree, parse_overrides(overrides or []))
+    return validate(build(Config, tree, ""))
 
 
 def _problems(cfg: Config) -> list[str]:
     """Every value outside its allowed range or set of choices, as 'field: what is allowed'."""
-    from .data import FORMATS
-    from .prompts import TEMPLATES
-
     m, d, r, t, e = cfg.model, cfg.data, cfg.rollout, cfg.train, cfg.eval
     at_least = {  # field: (value, smallest allowed)
         "rollout.group_size": (r.group_size, 2),  # one sample per group has no group-relative advantage
@@ -425,20 +300,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(cfg.to_yaml())
 
 
-def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
-    """Dotted field name -> its docstring, read from this module's source."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[prefix + node.target.id] = str(nxt.value.value)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
-    return docs
+def field_docs() -> dict[str, str]:
+    """Every config field's dotted name and its documentation (the docstring under it)."""
+    return schema.field_docs(Config)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from .config import RolloutConfig
+from ..config import RolloutConfig
 from .policy import rope_owner
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -48,14 +48,14 @@ def special_ids(processor) -> dict[str, int]:
 
 def suppressed_ids(processor) -> list[int]:
     """Vision special tokens: never sampled (a sampled ``<|image_pad|>`` breaks the next
-    forward, SPEC section 5), and so also masked out of the training distribution."""
+    forward: "Image features and image tokens do not match"), and so also masked out of the training distribution."""
     ids = special_ids(processor)
     return [ids[t] for t in VISION_TOKENS]
 
 
 # Every field that changes the distribution ``generate`` samples from, at its neutral value.
 # A field left None would be filled from the checkpoint's generation_config.json: Qwen2.5-VL
-# ships repetition_penalty 1.05, top_k 1, top_p 0.001 (SPEC section 7), which the training
+# ships repetition_penalty 1.05, top_k 1, top_p 0.001, which the training
 # log-probs do not model.
 _NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
                 eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
@@ -96,7 +96,7 @@ def check_not_inherited(gen_cfg: GenerationConfig, model) -> None:
                     if v is not None and ours.get(k) is None and k not in _HARMLESS)
     if leaked:
         raise ValueError(f"the checkpoint's generation_config.json would set {leaked} for generation; "
-                         "mgpo.generation.generation_config must spell them out")
+                         "mgpo.core.generation.generation_config must spell them out")
 
 
 def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,8 @@
 
 Qwen2.5-VL grounds in absolute pixels of the *resized* image it was shown, whose size is
 ``(grid_w * 14, grid_h * 14)`` from ``image_grid_thw``. The crop must come from the
-original file, so every box goes through ``to_original_box`` first (DeepEyes issue 141
-is what happens when it does not: crops shifted by ~12% on a 4032-px photo).
+original file, so every box goes through ``to_original_box`` first (taken as original
+pixels unmapped, a box lands ~12% off on a 4032-px photo, as one public implementation did).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def box_problem(box: Box | None, input_size: tuple[int, int], min_side: float = 
                 max_aspect: float = 100.0) -> str | None:
     """Why ``box`` is unusable on a ``(width, height)`` input, or None if it is valid.
 
-    The rules are the reference's (SPEC section 3): inside the input, not inverted,
+    The rules are the paper's reference code's: inside the input, not inverted,
     both sides longer than ``min_side``, long/short side ratio below ``max_aspect``.
     """
     if box is None:

@@ -1,4 +1,4 @@
-"""The policy loss, as pure functions of tensors (the log-probs come from ``mgpo.policy``).
+"""The policy loss, as pure functions of tensors (the log-probs come from ``mgpo.core.policy``).
 
 Shapes: N trajectories, T tokens. ``logp_NT[:, t]`` is the log-prob of token ``t`` given
 the tokens before it; positions outside ``mask_NT`` hold 0 and never matter.

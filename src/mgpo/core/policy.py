@@ -1,7 +1,7 @@
 """The policy's log-prob forward: the one place that turns a rollout into token log-probs.
 
 The trainer (policy, old and reference log-probs), the demo and the tests all go
-through ``PolicyForward`` and ``rollout_logprobs``; ``mgpo.loss`` only does math on
+through ``PolicyForward`` and ``rollout_logprobs``; ``mgpo.core.loss`` only does math on
 what comes out.
 
 Shapes: N trajectories, T tokens, K masked tokens, H hidden, V vocabulary.
@@ -59,7 +59,7 @@ def masked_token_logprobs(model, inputs: dict[str, torch.Tensor], loss_mask_NT: 
 
     - ``mm_token_type_ids`` is passed, so the model computes 3-D mRoPE positions from the
       image grids. Without it transformers 5.x silently falls back to 1-D positions and
-      the log-probs no longer match what was sampled (SPEC section 5).
+      the log-probs no longer match what was sampled.
     - The distribution is the one generation sampled from: logits divided by the
       temperature, vision tokens suppressed.
     - Only positions that predict a masked token go through ``lm_head``, ``chunk_tokens``

@@ -1,4 +1,4 @@
-"""The method's prompt templates (SPEC section 2), in one place.
+"""The method's prompt templates (the paper's preset, its exact strings), in one place.
 
 Two presets share one shape: a system prompt, a first user turn (image + text), and, for
 ``mgpo`` only, a second user turn that carries the crop (or the original again when the
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, everywhere in the project
+from ..data.records import LETTERS
 
 MGPO_SYSTEM = (
     "You are a helpful assistant. Given an image and one question. First, identify the "
@@ -47,7 +47,7 @@ GRPO_SUFFIX = (
 )
 DIRECT_SUFFIX = "Answer with the option's letter from the given choices directly."
 
-# ``mgpo_k`` (issue 13, beyond the paper): the model zooms as often as it needs, then answers.
+# ``mgpo_k`` (beyond the paper): the model zooms as often as it needs, then answers.
 # These strings are this project's own wording, NOT the paper's or the reference's; no
 # released checkpoint was trained on them.
 ZOOM_SYSTEM = (

@@ -88,11 +88,6 @@ def predicted_letter(t) -> str | None:
     return letter
 
 
-def accuracy_reward(final_text: str, answer: str, options=None) -> float:
-    """1.0 if the boxed letter equals ``answer``, else 0.0."""
-    return 1.0 if extract_answer(final_text, options) == answer else 0.0
-
-
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages: ``(r - group mean) / (group std + eps)``, groups laid out consecutively.
 

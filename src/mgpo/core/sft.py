@@ -1,11 +1,8 @@
 """Supervised fine-tuning targets, in the same templates the rollout uses.
 
-    python -m mgpo.sft --config configs/tiny_cpu.yaml [key=value ...]
-    accelerate launch -m mgpo.sft --config ...      # DDP / ZeRO-3, like train.py
-
 SFT runs through the trainer (``train.algorithm: sft``): same config, launches,
 checkpoints, logging. A record becomes the conversation the rollout would build had the
-model written the target text of each turn (``mgpo.rollout.teacher_forced``), so the loss
+model written the target text of each turn (``forced.teacher_forced``), so the loss
 mask is the rollout's own: the assistant tokens of every turn, nothing else.
 
 Targets per template:
@@ -57,7 +54,7 @@ def target_box(sample, original_size, size_in, region: Box | None = None) -> Box
 
 
 def grounding_block(box: Box, label: str) -> str:
-    """Qwen2.5-VL's native grounding output (SPEC section 3)."""
+    """Qwen2.5-VL's native grounding output: a fenced JSON list of ``{"bbox_2d", "label"}``."""
     item = {"bbox_2d": [int(v) for v in box.as_list()], "label": label or "target"}
     return "```json\n" + json.dumps([item]) + "\n```"
 
@@ -92,23 +89,3 @@ def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels:
     if t.turns == 1:
         return ((block + " " + answer).strip(),)
     return (block, answer)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from . import distributed as D
-    from .config import load_config
-    from .trainer import train
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny_cpu.yaml")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    result = train(load_config(args.config, [*args.overrides, "train.algorithm=sft"]))
-    print(f"SFT done: {result.steps} steps, checkpoints in {result.output_dir / 'checkpoints'}")
-    D.finish()
-
-
-if __name__ == "__main__":
-    main()

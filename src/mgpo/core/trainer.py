@@ -5,6 +5,8 @@
 
 One loop, stages marked: sample prompts -> rollout -> rewards -> group advantages ->
 old / reference log-probs -> optimizer steps over whole groups -> log -> checkpoint.
+The loop's callees follow it in the order it calls them; the run's set-up (model, data,
+optimizer, resume) is in ``setup.py``.
 """
 
 from __future__ import annotations
@@ -13,106 +15,26 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .checkpoint import load_training_state, save_checkpoint
-from .config import Config, TrainConfig
-from .data import BadImageError, drop_long_prompts, load_samples
-from .generation import suppressed_ids
-from .logger import RunLogger, rollout_metrics, setup_logging
+from ..config import Config
+from ..data.samples import BadImageError
+from ..runtime import distributed as D
+from ..runtime.checkpoint import save_checkpoint
+from .forced import chat_forced, teacher_forced
 from .loss import policy_loss, sft_loss
-from .model import load_model, load_processor
-from .policy import PolicyForward, rollout_logprobs
+from .metrics import rollout_metrics
+from .policy import rollout_logprobs
 from .reward import group_advantages, score
-from .rollout import Rollout, chat_forced, prompt_tokens, rollout, teacher_forced
-from .run_folder import start_run
+from .rollout import rollout
+from .setup import Run, check_sampling, setup_run
 from .sft import sft_texts
+from .trajectory import Rollout
 
 log = logging.getLogger("mgpo")
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Batch arithmetic, per rank, checked once at start-up."""
-
-    prompts_per_rank: int  # prompts each rank rolls out per rollout batch
-    steps_per_rollout: int  # optimizer steps fed by one rollout batch (per PPO epoch)
-    trajectories_per_step: int  # per rank
-    grad_accum: int  # micro-batches per optimizer step
-
-
-def plan_batches(t: TrainConfig, group_size: int, world: int) -> BatchPlan:
-    """Check that prompts, groups, ranks and micro-batches divide evenly; say what to change if not."""
-    P, S, M = t.prompts_per_rollout, t.prompts_per_step, t.micro_batch_size
-    problems = []
-    if P % S:
-        problems.append(f"train.prompts_per_rollout ({P}) must be a multiple of train.prompts_per_step ({S})")
-    if S % world:
-        problems.append(f"train.prompts_per_step ({S}) must be a multiple of the number of processes ({world}), "
-                        "so that every prompt's whole group stays on one rank")
-    per_step = (S // world) * group_size if S % world == 0 else 0
-    if per_step and per_step % M:
-        problems.append(f"each rank gets {S // world} prompts x group_size {group_size} = {per_step} trajectories "
-                        f"per step, not a multiple of train.micro_batch_size ({M})")
-    if problems:
-        raise ValueError("batch sizes do not fit together:\n  - " + "\n  - ".join(problems))
-    return BatchPlan(P // world, P // S, per_step, per_step // M)
-
-
-def _set_trainable(model, t: TrainConfig):
-    """Freeze the vision tower and/or add LoRA adapters; return the model to optimize."""
-    if t.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    if t.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        # A regex so only the language model gets adapters (the vision blocks reuse names).
-        targets = r".*language_model.*\.(" + "|".join(t.lora_target_modules) + r")"
-        model = get_peft_model(model, LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=targets))
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if t.lora_rank > 0:
-            model.enable_input_require_grads()
-    return model
-
-
-def _load_policy(cfg: Config, resume_from: Path | None, device):
-    t = cfg.train
-    if t.lora_rank > 0:
-        model = _set_trainable(load_model(cfg.model, device), t)
-        if resume_from is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(str(resume_from / "adapter" / "adapter_model.safetensors")))
-        return model
-    path = resume_from / "model" if resume_from is not None else None
-    return _set_trainable(load_model(cfg.model, device, path=path), t)
-
-
-def _micro_batches(index: list[int], size: int) -> list[list[int]]:
-    return [index[i: i + size] for i in range(0, len(index), size)]
-
-
-def _load_images(prompts, reserve):
-    """Decode each prompt's image; an unreadable one is replaced by ``reserve`` (counted), so
-    every rank keeps the same number of groups and the same number of micro-batches."""
-    images, kept, bad = [], [], []
-    for sample in prompts:
-        try:
-            images.append(sample.load_image())
-            kept.append(sample)
-        except BadImageError as e:
-            log.warning("skipping sample: %s", e)
-            bad.append((sample.id, str(e)))
-            kept.append(reserve)
-            images.append(reserve.load_image())
-    return kept, images, bad
 
 
 @dataclass
@@ -123,41 +45,19 @@ class TrainResult:
 
 
 @dataclass
-class _Run:
-    """What the loop works with, built once by ``_setup``."""
+class Experience:
+    """One rollout batch, ready for updates: the trajectories and how to score a micro-batch."""
 
-    cfg: Config
-    plan: BatchPlan
-    accelerator: object
-    wrapped: torch.nn.Module  # PolicyForward around the policy, prepared (DDP / DeepSpeed)
-    optimizer: object
-    scheduler: object  # stepped once per optimizer step, by us (not by accelerate)
-    trainable: list
-    reference: torch.nn.Module | None  # None: no KL, or LoRA (adapters off = the reference)
-    processor: object
-    data: object
-    reserve: object  # a sample whose image decodes: stands in for unreadable ones
-    logger: RunLogger
-    out: Path
-    total: int
-    folder: object = None  # the run folder's lock, held until the run object goes
-    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch": 0})
-    bad_steps: int = 0
-
-
-def check_sampling(cfg: Config) -> None:
-    """Training log-probs model the full temperature-scaled distribution: a truncated one
-    (top_p < 1, top_k > 0) would make every ratio and KL term wrong."""
-    r = cfg.rollout
-    if r.top_p < 1.0 or r.top_k > 0:
-        raise ValueError(f"rollout.top_p={r.top_p} / rollout.top_k={r.top_k}: training needs top_p=1 and top_k=0, "
-                         "because the training log-probs do not model a truncated distribution "
-                         "(evaluation may use them)")
+    batch: Rollout
+    group_size: int  # trajectories per prompt (1 for SFT)
+    micro_loss: object  # (logp_NT, entropy_NT, part, denom) -> (loss, stats) for trajectories ``part``
+    rewards: torch.Tensor | None
+    timings: dict
 
 
 def train(cfg: Config) -> TrainResult:
     check_sampling(cfg)
-    run = _setup(cfg)
+    run = setup_run(cfg)
     t = cfg.train
     while run.state["step"] < run.total:
         # ---- sample prompts: this rank's slice of the epoch's shuffled order
@@ -193,18 +93,34 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(run.out, run.accelerator.unwrap_model(run.wrapped).policy, run.state["step"])
 
 
-@dataclass
-class Experience:
-    """One rollout batch, ready for updates: the trajectories and how to score a micro-batch."""
+def _next_prompts(run: Run):
+    """This rank's prompts of the next rollout batch, with their decoded images."""
+    t = run.cfg.train
+    per_epoch = len(run.data) // t.prompts_per_rollout
+    if run.state["batch"] >= per_epoch:
+        run.state["epoch"], run.state["batch"] = run.state["epoch"] + 1, 0
+    order = torch.randperm(len(run.data), generator=torch.Generator().manual_seed(t.seed + run.state["epoch"]))
+    first = run.state["batch"] * t.prompts_per_rollout + D.rank() * run.plan.prompts_per_rank
+    return _load_images([run.data[int(i)] for i in order[first: first + run.plan.prompts_per_rank]], run.reserve)
 
-    batch: Rollout
-    group_size: int  # trajectories per prompt (1 for SFT)
-    micro_loss: object  # (logp_NT, entropy_NT, part, denom) -> (loss, stats) for trajectories ``part``
-    rewards: torch.Tensor | None
-    timings: dict
+
+def _load_images(prompts, reserve):
+    """Decode each prompt's image; an unreadable one is replaced by ``reserve`` (counted), so
+    every rank keeps the same number of groups and the same number of micro-batches."""
+    images, kept, bad = [], [], []
+    for sample in prompts:
+        try:
+            images.append(sample.load_image())
+            kept.append(sample)
+        except BadImageError as e:
+            log.warning("skipping sample: %s", e)
+            bad.append((sample.id, str(e)))
+            kept.append(reserve)
+            images.append(reserve.load_image())
+    return kept, images, bad
 
 
-def _rl_experience(run: _Run, prompts, images) -> Experience:
+def _rl_experience(run: Run, prompts, images) -> Experience:
     cfg = run.cfg
     # ---- rollout: no grad, eval mode, weights gathered once under ZeRO-3
     t0 = time.perf_counter()
@@ -231,7 +147,21 @@ def _rl_experience(run: _Run, prompts, images) -> Experience:
     return Experience(batch, cfg.rollout.group_size, micro_loss, rewards, timings)
 
 
-def _sft_experience(run: _Run, prompts, images) -> Experience:
+def _fixed_logprobs(run: Run, batch: Rollout):
+    """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
+    t, mb = run.cfg.train, run.cfg.train.micro_batch_size
+    old = rollout_logprobs(run.wrapped, batch, mb) if run.plan.steps_per_rollout > 1 or t.ppo_epochs > 1 else None
+    ref = None
+    if run.cfg.loss.kl_coef > 0:
+        if run.reference is not None:
+            ref = rollout_logprobs(run.reference, batch, mb)
+        else:  # LoRA: the base model, adapters off, is the frozen initial model
+            with run.accelerator.unwrap_model(run.wrapped).policy.disable_adapter():
+                ref = rollout_logprobs(run.wrapped, batch, mb)
+    return old, ref
+
+
+def _sft_experience(run: Run, prompts, images) -> Experience:
     """Supervised targets in the rollout's own format: the record's answer (and, in two
     turns, a box around its target), teacher-forced, loss on the assistant tokens only."""
     cfg = run.cfg
@@ -254,86 +184,6 @@ def _sft_experience(run: _Run, prompts, images) -> Experience:
     return Experience(batch, 1, micro_loss, None, {"time/rollout_s": time.perf_counter() - t0})
 
 
-def _setup(cfg: Config) -> _Run:
-    """Process group, policy, reference, optimizer, schedule, resume state, data, logger."""
-    t = cfg.train
-    world = D.launched_world_size()
-    plan = plan_batches(t, 1 if t.algorithm == "sft" else cfg.rollout.group_size, world)
-    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
-    setup_logging()
-    out = Path(t.output_dir)
-    folder = start_run(cfg)  # lock the folder; verify the checkpoint; refuse changed settings; save the config
-    resume_from = folder.resume_from
-    torch.manual_seed(t.seed + D.rank())  # each rank samples its own rollouts
-
-    # ---- model, reference, optimizer
-    processor = load_processor(cfg.model)
-    suppress = suppressed_ids(processor)
-    policy = _load_policy(cfg, resume_from, accelerator.device)
-    policy.train()
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    # Not passed to accelerate.prepare: its AcceleratedScheduler steps once per process per
-    # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
-    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, cfg.rollout.temperature, suppress), optimizer)
-    reference = None
-    # with LoRA the base model (adapters off) is the reference; SFT has none
-    if cfg.loss.kl_coef > 0 and t.lora_rank == 0 and t.algorithm == "rl":
-        reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
-                                  cfg.rollout.temperature, suppress)
-    state = {"step": 0, "epoch": 0, "batch": 0}
-    if resume_from is not None:
-        state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- data
-    data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
-                        max_samples=cfg.data.max_samples)
-    chat = any(s.messages for s in data)
-    if chat and t.algorithm != "sft":
-        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
-                         "set train.algorithm=sft, or give RL a question file")
-    if not chat:  # (a chat record's length is its own: not limited at load)
-        data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s,
-                                                               cfg.model.min_pixels, cfg.model.max_pixels),
-                                 cfg.data.max_prompt_tokens)
-    if len(data) < t.prompts_per_rollout:
-        raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
-                         f"train.prompts_per_rollout ({t.prompts_per_rollout})")
-    total = t.epochs * (len(data) // t.prompts_per_rollout) * plan.steps_per_rollout * t.ppo_epochs
-    total = min(total, t.max_steps) if t.max_steps else total
-    log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
-             "per step", t.algorithm, total, t.prompts_per_rollout, 1 if t.algorithm == "sft" else cfg.rollout.group_size,
-             world, plan.grad_accum, t.micro_batch_size)
-    return _Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
-                _decodable_reserve(data), RunLogger(out, total, resume_step=state["step"] if resume_from else None),
-                out, total, folder=folder, state={**state})
-
-
-def _decodable_reserve(data):
-    """The first sample whose image decodes (it replaces unreadable images in a batch)."""
-    for sample in data:
-        try:
-            sample.load_image()
-            return sample
-        except BadImageError as e:
-            log.warning("not usable as the reserve sample: %s", e)
-    raise BadImageError(f"no image of the training set decodes ({len(data)} records)")
-
-
-def _next_prompts(run: _Run):
-    """This rank's prompts of the next rollout batch, with their decoded images."""
-    t = run.cfg.train
-    per_epoch = len(run.data) // t.prompts_per_rollout
-    if run.state["batch"] >= per_epoch:
-        run.state["epoch"], run.state["batch"] = run.state["epoch"] + 1, 0
-    order = torch.randperm(len(run.data), generator=torch.Generator().manual_seed(t.seed + run.state["epoch"]))
-    first = run.state["batch"] * t.prompts_per_rollout + D.rank() * run.plan.prompts_per_rank
-    return _load_images([run.data[int(i)] for i in order[first: first + run.plan.prompts_per_rank]], run.reserve)
-
-
 def _step_slices(groups: int, group_size: int, steps_per_rollout: int, ppo_epochs: int):
     """Trajectory indices of each optimizer step: whole groups, every PPO epoch."""
     for _ in range(ppo_epochs):
@@ -342,21 +192,7 @@ def _step_slices(groups: int, group_size: int, steps_per_rollout: int, ppo_epoch
             yield list(range(lo * group_size, hi * group_size))
 
 
-def _fixed_logprobs(run: _Run, batch: Rollout):
-    """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
-    t, mb = run.cfg.train, run.cfg.train.micro_batch_size
-    old = rollout_logprobs(run.wrapped, batch, mb) if run.plan.steps_per_rollout > 1 or t.ppo_epochs > 1 else None
-    ref = None
-    if run.cfg.loss.kl_coef > 0:
-        if run.reference is not None:
-            ref = rollout_logprobs(run.reference, batch, mb)
-        else:  # LoRA: the base model, adapters off, is the frozen initial model
-            with run.accelerator.unwrap_model(run.wrapped).policy.disable_adapter():
-                ref = rollout_logprobs(run.wrapped, batch, mb)
-    return old, ref
-
-
-def optimizer_step(run: _Run, exp: Experience, index: list[int]) -> dict[str, float]:
+def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, float]:
     """One optimizer step over whole groups; returns the step's figures.
 
     The loss is a token mean over every masked token of the step, on all ranks: each
@@ -399,6 +235,16 @@ def optimizer_step(run: _Run, exp: Experience, index: list[int]) -> dict[str, fl
     return D.all_reduce_mean(totals) | {"grad_norm": grad_norm, "lr": lr}
 
 
+def _micro_batches(index: list[int], size: int) -> list[list[int]]:
+    return [index[i: i + size] for i in range(0, len(index), size)]
+
+
+def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+    """True when the loss is finite on every rank (one all-reduce)."""
+    bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=accelerator.device)
+    return accelerator.reduce(bad, reduction="sum").item() == 0 if D.world_size() > 1 else bad.item() == 0
+
+
 def _zero_loss(logp: torch.Tensor, accelerator) -> torch.Tensor:
     """An exact-zero loss through this micro-batch's own graph: every rank still runs the
     same backward collectives (DDP's reducer, ZeRO-3's reduce-scatter), and no weight moves.
@@ -429,7 +275,7 @@ def _no_update(optimizer):
             g["lr"] = lr
 
 
-def _count_bad_step(run: _Run, finite: bool) -> None:
+def _count_bad_step(run: Run, finite: bool) -> None:
     run.bad_steps = 0 if finite else run.bad_steps + 1
     if not finite:
         log.warning("step %d: non-finite loss, update skipped (%d in a row)", run.state["step"], run.bad_steps)
@@ -437,7 +283,7 @@ def _count_bad_step(run: _Run, finite: bool) -> None:
             raise RuntimeError(f"{run.bad_steps} consecutive non-finite losses; stopping (train.max_bad_steps)")
 
 
-def _log(run: _Run, exp: Experience, bad, steps: list[dict], images: dict) -> dict:
+def _log(run: Run, exp: Experience, bad, steps: list[dict], images: dict) -> dict:
     """Gather every rank's trajectories; log the rollout's and the last step's figures."""
     rewards = exp.rewards if exp.rewards is not None else score(exp.batch.trajectories)
     gathered = D.all_gather_objects((exp.batch.trajectories, rewards.tolist(), bad))
@@ -458,9 +304,3 @@ def _log(run: _Run, exp: Experience, bad, steps: list[dict], images: dict) -> di
         run.logger.scalars(metrics, step)
         run.logger.examples(exp.batch.trajectories, images, step)
     return metrics
-
-
-def _all_finite(loss: torch.Tensor, accelerator) -> bool:
-    """True when the loss is finite on every rank (one all-reduce)."""
-    bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=accelerator.device)
-    return accelerator.reduce(bad, reduction="sum").item() == 0 if D.world_size() > 1 else bad.item() == 0

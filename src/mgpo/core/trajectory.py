@@ -1,6 +1,6 @@
 """What a rollout hands over: per-trajectory records and the padded token batch.
 
-Split out of ``mgpo.rollout`` (which re-exports every name here) so the turn loops stay
+Split out of ``mgpo.core.rollout`` (which re-exports every name here) so the turn loops stay
 short; nothing in this module runs a model.
 """
 
@@ -76,7 +76,7 @@ class Trajectory:
 
     @property
     def final_text(self) -> str:
-        """The template's final assistant turn, the one the answer reward reads (SPEC 4)."""
+        """The template's final assistant turn, the one the answer reward reads."""
         if self.turn_log:
             return self.turn_log[-1].text
         return self.turn2_text if self.turns == 2 else self.turn1_text

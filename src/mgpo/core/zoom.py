@@ -21,6 +21,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .conversation import (
+    Context,
+    Conversation,
+    Piece,
+    Prompt,
+    close_at_box,
+    cut_after,
+    encode,
+    generate_turn1,
+    is_closed,
+    scripted,
+)
 from .generation import Continuation, Generated, continue_cache, generate_batch
 from .grounding import (
     Box,
@@ -35,17 +47,6 @@ from .grounding import (
 )
 from .prompts import zoom_turn_text
 from .reward import extract_answer
-from .rollout import (
-    _closed,
-    _Context,
-    _Conversation,
-    _cut_after,
-    _encode,
-    _generate_turn1,
-    _Piece,
-    _Prompt,
-    _scripted,
-)
 from .trajectory import Trajectory, TurnRecord
 
 
@@ -53,7 +54,7 @@ from .trajectory import Trajectory, TurnRecord
 class _State:
     """One trajectory between turns: the image it looks at and what it has cost so far."""
 
-    prompt: _Prompt
+    prompt: Prompt
     view: View  # the latest image shown, as a region of the original
     picture: object  # that image (PIL), to show it again on a fallback
     image: int  # its index in the rollout's image list
@@ -77,7 +78,7 @@ def _image_tokens(grid: torch.Tensor) -> int:
     return int(grid.prod()) // 4  # 2x2 patches merge into one token
 
 
-def zoom_turns(model, ctx: _Context, prompts: list[_Prompt], trajectories: list[Trajectory]) -> list[_Conversation]:
+def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Trajectory]) -> list[Conversation]:
     """Run up to ``ctx.cfg.max_turns`` turns; return each trajectory's conversation."""
     K, G = ctx.cfg.max_turns, ctx.cfg.group_size
     states, convs = [], []
@@ -85,9 +86,9 @@ def zoom_turns(model, ctx: _Context, prompts: list[_Prompt], trajectories: list[
         p = prompts[i // G]
         region = Box(0.0, 0.0, float(t.original_size[0]), float(t.original_size[1]))
         states.append(_State(p, View(region, t.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
-        convs.append(_Conversation([_Piece(p.enc.ids, False)], [p.image]))
+        convs.append(Conversation([Piece(p.enc.ids, False)], [p.image]))
     n = len(trajectories)
-    call = _Call(_generate_turn1(model, ctx, prompts), list(range(n)), [p.enc.ids for p in prompts for _ in range(G)],
+    call = _Call(generate_turn1(model, ctx, prompts), list(range(n)), [p.enc.ids for p in prompts for _ in range(G)],
                  [[p.image] for p in prompts for _ in range(G)])
     for turn in range(1, K + 1):
         for row, i in enumerate(call.trajs):
@@ -99,7 +100,7 @@ def zoom_turns(model, ctx: _Context, prompts: list[_Prompt], trajectories: list[
         blocks = {i: _next_block(ctx, trajectories[i], states[i], last=turn + 1 == K) for i in running}
         for i in running:
             ids, new = blocks[i]
-            convs[i].pieces.append(_Piece(ids, False))
+            convs[i].pieces.append(Piece(ids, False))
             convs[i].images += [] if new is None else [new]
         call = _next_call(model, ctx, prompts, call, running, convs, blocks, turn + 1)
     for t in trajectories:
@@ -107,7 +108,7 @@ def zoom_turns(model, ctx: _Context, prompts: list[_Prompt], trajectories: list[
     return convs
 
 
-def _read_turn(ctx: _Context, t: Trajectory, st: _State, conv: _Conversation, gen: Generated, row: int,
+def _read_turn(ctx: Context, t: Trajectory, st: _State, conv: Conversation, gen: Generated, row: int,
                last: bool) -> None:
     """Decide what one turn did (zoom, fall back, answer) and which of its tokens stay.
 
@@ -117,13 +118,13 @@ def _read_turn(ctx: _Context, t: Trajectory, st: _State, conv: _Conversation, ge
     zooms, an answer written before the box ends the conversation."""
     tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
     sampled, logp = gen.tokens[row], gen.logps[row]
-    closed = _closed(sampled, ctx.stops)
+    closed = is_closed(sampled, ctx.stops)
     body = sampled[:-1] if closed else sampled
     text = tok.decode(body, skip_special_tokens=False)
     found = None if last or st.forced else find_box(text)
     answered = extract_answer(text if found is None else text[:found[1]], t.options) is not None
     if last or st.forced or answered:
-        conv.pieces.append(_Piece(sampled, True, logp))
+        conv.pieces.append(Piece(sampled, True, logp))
         t.turn_log.append(TurnRecord(tok.decode(body, skip_special_tokens=False), len(sampled), not closed,
                                      "answer" if answered else "final"))
         st.done = True
@@ -135,23 +136,20 @@ def _read_turn(ctx: _Context, t: Trajectory, st: _State, conv: _Conversation, ge
         record.box_input = box.as_list()
         record.box_problem = box_problem(box, st.view.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
         record.valid = record.box_problem is None
-        keep = _cut_after(tok, body, text, end)
+        keep = cut_after(tok, body, text, end)
         if record.valid:
             record.action, record.nested = "zoom", st.depth > 0
             record.box_original = view_to_original(box, st.view).as_list()
     else:
         record.box_problem = "no box"
-    sampled_close = closed and keep == len(body) and int(sampled[-1]) == im_end
-    tokens = torch.cat([body[:keep], torch.tensor([im_end])])
-    if logp is not None:
-        logp = torch.cat([logp[:keep], logp[keep:keep + 1] if sampled_close else torch.tensor([float("nan")])])
+    tokens, logp = close_at_box(sampled, logp, keep, closed, im_end)
     record.text, record.tokens = tok.decode(body[:keep], skip_special_tokens=False), len(tokens)
-    conv.pieces.append(_Piece(tokens, True, logp))
+    conv.pieces.append(Piece(tokens, True, logp))
     conv.kept = keep
     t.turn_log.append(record)
 
 
-def _next_block(ctx: _Context, t: Trajectory, st: _State, last: bool):
+def _next_block(ctx: Context, t: Trajectory, st: _State, last: bool):
     """The next user block of a running trajectory and its new image's index (None: text only).
 
     A zoom shows the crop of the original, enlarged into the pixel budget; a fallback shows
@@ -164,7 +162,7 @@ def _next_block(ctx: _Context, t: Trajectory, st: _State, last: bool):
         box = Box(*record.box_original)
         picture = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
                                 ctx.cfg.crop_resample)
-    block = _encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, question, options,
+    block = encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, question, options,
                                                   "crop" if record.action == "zoom" else "fallback", last), [picture])
     cost = _image_tokens(block.image.grid)
     cap = ctx.cfg.max_image_tokens
@@ -183,7 +181,7 @@ def _next_block(ctx: _Context, t: Trajectory, st: _State, last: bool):
     return block.ids, st.image
 
 
-def _next_call(model, ctx: _Context, prompts, prev: _Call, running: list[int], convs, blocks, turn: int) -> _Call:
+def _next_call(model, ctx: Context, prompts, prev: _Call, running: list[int], convs, blocks, turn: int) -> _Call:
     """One generate over the running trajectories (or a dummy row, lock-step), continued from
     the previous call's cache when it is kept."""
     row_of = {i: r for r, i in enumerate(prev.trajs)}
@@ -195,12 +193,12 @@ def _next_call(model, ctx: _Context, prompts, prev: _Call, running: list[int], c
         rows.append(_continuation(ctx, row_of[i], convs[i].kept, inputs[-1], images[-1], blocks[i][1]))
     if not running:  # synced_gpus: join the call with the first row's input and a fallback block
         p = prompts[0]
-        fallback = _encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, p.sample.question,
+        fallback = encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, p.sample.question,
                                                          p.sample.options, "fallback", False), [p.original])
         trajs, inputs, images = [None], [torch.cat([prev.inputs[0], fallback.ids])], [prev.images[0] + [p.image]]
         rows.append(_continuation(ctx, 0, 0, inputs[0], images[0], p.image))
     if prompts[0].script is not None:
-        gen = _scripted(ctx, [prompts[i // ctx.cfg.group_size].script[turn - 1] for i in running])
+        gen = scripted(ctx, [prompts[i // ctx.cfg.group_size].script[turn - 1] for i in running])
         return _Call(gen, trajs, inputs, images)
     image_id = ctx.ids["<|image_pad|>"]
     generation = ctx.generation(ctx.cfg.max_new_tokens_turn2)
@@ -219,7 +217,7 @@ def _next_call(model, ctx: _Context, prompts, prev: _Call, running: list[int], c
     return _Call(gen, trajs, inputs, images)
 
 
-def _continuation(ctx: _Context, row: int, kept: int, ids, images: list[int], new: int | None) -> Continuation:
+def _continuation(ctx: Context, row: int, kept: int, ids, images: list[int], new: int | None) -> Continuation:
     grids = torch.cat([ctx.images[j].grid for j in images])
     if new is None:
         return Continuation(row, kept, ids, grids, None, None)

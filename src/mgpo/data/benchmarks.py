@@ -1,4 +1,5 @@
-"""The published benchmark layouts, read as they ship (facts: SPEC section 6).
+"""The published benchmark layouts, read as they ship (checked against each benchmark's own
+repository and dataset card).
 
 - **V***: ``test_questions.jsonl`` (191 questions) beside one folder per category; each line
   holds ``text`` (the question, then ``(A) ...`` option lines in the published order),
@@ -18,16 +19,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .data import LETTERS, Raw, _kind, jsonl_objects, resolve
 from .images import embedded_size
+from .records import LETTERS, Raw, jsonl_objects, kind_of, resolve
+from .tables import image_value, parquet_rows, tsv_rows
 
-SUPPLEMENTARY_VSTAR = ("GPT4V-hard", "OCR")  # ship with V* but are not among its 191 questions
 _OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape kept from a non-UTF-8 line
 
@@ -41,7 +41,7 @@ def split_vstar_text(text: object) -> tuple[str, list[str]]:
     ('What is the color of the cup?', ['red', 'blue'])
     """
     if not isinstance(text, str):
-        raise ValueError(f"text must be a text, got {_kind(text)}")
+        raise ValueError(f"text must be a text, got {kind_of(text)}")
     lines = text.split("\n")
     first = next((i for i, line in enumerate(lines) if _OPTION_LINE.match(line)), None)
     if first is None:
@@ -106,7 +106,7 @@ def vstar_records(path: Path, image_root: Path | None = None) -> Iterator[Raw]:
 
 
 def _vstar_parquet(path: Path) -> Iterator[Raw]:
-    for row, rec in _parquet_rows(path):
+    for row, rec in parquet_rows(path):
         raw = _vstar_raw(f"row {row}", rec, f"parquet:{row}:image:{path}", None)
         yield _with_embedded_size(raw, rec.get("image"))
 
@@ -135,12 +135,12 @@ def mme_records(path: Path, image_root: Path | None = None) -> Iterator[Raw]:
         yield Raw("file", {"id": path.name}, f"not a valid JSON file ({e})")
         return
     if not isinstance(rows, list):
-        yield Raw("file", {"id": path.name}, f"expected a JSON list of records, got {_kind(rows)}")
+        yield Raw("file", {"id": path.name}, f"expected a JSON list of records, got {kind_of(rows)}")
         return
     for i, row in enumerate(rows):
         where = f"record {i}"
         if not isinstance(row, dict):
-            yield Raw(where, problem=f"expected an object, got {_kind(row)}")
+            yield Raw(where, problem=f"expected an object, got {kind_of(row)}")
             continue
         choices = row.get("Answer choices", row.get("Answer Choices"))
         level = [row.get(k) for k in ("Task", "Subtask", "Category")]
@@ -157,106 +157,13 @@ def mme_records(path: Path, image_root: Path | None = None) -> Iterator[Raw]:
 
 # ----------------------------------------------------------------------------- HR-Bench
 
-def _allow_huge_fields() -> None:
-    # One base64 image is one field of several MB; csv's default cap is 128 KiB.
-    if csv.field_size_limit() < 2**31 - 1:
-        csv.field_size_limit(2**31 - 1)
-
-
-class _Lines:
-    """Text lines of a binary file, counting where the next one starts. ``csv`` pulls no
-    line beyond the record it returns, so the count marks the start of the next record."""
-
-    def __init__(self, f):
-        self.f, self.offset, self.lineno = f, f.tell(), 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        line = self.f.readline()
-        if not line:
-            raise StopIteration
-        self.offset += len(line)
-        self.lineno += 1
-        return line.decode("utf-8", errors="surrogateescape")
-
-
-def tsv_rows(path: Path) -> Iterator[tuple[int, int, list[str] | None, list[str] | str]]:
-    """(byte offset, line, header, row) for each data row; a row that does not parse is a str reason."""
-    _allow_huge_fields()
-    with open(path, "rb") as f:
-        lines = _Lines(f)
-        reader = csv.reader(lines, delimiter="\t")
-        header = next(reader, None)
-        if header:
-            header[0] = header[0].lstrip("\ufeff")  # a byte-order mark is not part of the first name
-        while True:
-            start, line = lines.offset, lines.lineno + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield start, line, header, f"not a TSV row ({e})"
-                continue
-            yield start, line, header, row
-
-
-def _tsv_cell(path: Path, offset: int, column: int) -> str:
-    _allow_huge_fields()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return next(csv.reader(_Lines(f), delimiter="\t"))[column]
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """Each row as a dict, one batch at a time (pyarrow reads one row group's columns)."""
-    import pyarrow.parquet as pq
-
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=16):
-        for rec in batch.to_pylist():
-            yield row, rec
-            row += 1
-
-
-def _parquet_cell(path: Path, row: int, column: str):
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    for group in range(pf.num_row_groups):
-        n = pf.metadata.row_group(group).num_rows
-        if row < n:
-            return pf.read_row_group(group, columns=[column]).column(0)[row].as_py()
-        row -= n
-    raise IndexError(f"row beyond the end of {path}")
-
-
-def read_embedded(ref: str) -> str | bytes:
-    """The stored image of a ``tsv:`` or ``parquet:`` reference: base64 text or raw bytes."""
-    kind, place, column, path = ref.split(":", 3)
-    if kind == "tsv":
-        return _tsv_cell(Path(path), int(place), int(column))
-    value = _parquet_cell(Path(path), int(place), column)
-    return _image_value(value)
-
-
-def _image_value(value) -> str | bytes:
-    """An image column's value: base64 text, raw bytes, or ``datasets``' {"bytes": ...} struct."""
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    if not isinstance(value, (str, bytes)):
-        raise ValueError(f"image must be base64 text or bytes, got {_kind(value)}")
-    return value
-
 
 def _with_embedded_size(raw: Raw, image) -> Raw:
     """Record the image's size from its head now, while the row is in memory (no second read)."""
     if raw.fields is None or raw.problem is not None:
         return raw
     try:
-        raw.fields["width"], raw.fields["height"] = embedded_size(_image_value(image), str(raw.fields.get("id")))
+        raw.fields["width"], raw.fields["height"] = embedded_size(image_value(image), str(raw.fields.get("id")))
     except ValueError as e:
         raw.fields["image_error"] = str(e).split(": ", 1)[-1]
     return raw
@@ -278,7 +185,7 @@ def _hrbench_raw(name: str, where: str, row: dict, image_ref: str) -> Raw:
 def hrbench_records(path: Path) -> Iterator[Raw]:
     name = "hrbench_8k" if "8k" in path.name.lower() else "hrbench_4k" if "4k" in path.name.lower() else path.stem
     if path.suffix == ".parquet":
-        for row, rec in _parquet_rows(path):
+        for row, rec in parquet_rows(path):
             raw = _hrbench_raw(name, f"row {row}", rec, f"parquet:{row}:image:{path}")
             yield _with_embedded_size(raw, rec.get("image"))
         return

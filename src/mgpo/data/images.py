@@ -3,7 +3,7 @@ reading its size from the header alone.
 
 A source is a file path, ``base64:<data>``, or a reference into a benchmark file
 (``tsv:<offset>:<column>:<path>``, ``parquet:<row>:<column>:<path>``, see
-``mgpo.benchmarks``) that is read back only when the image is used. Anything that cannot
+``mgpo.data.benchmarks``) that is read back only when the image is used. Anything that cannot
 be used raises `BadImageError` naming the record and the reason.
 """
 
@@ -14,6 +14,8 @@ import io
 from pathlib import Path
 
 from PIL import Image, ImageOps
+
+from .tables import read_embedded
 
 MAX_ASPECT = 200.0  # Qwen's smart_resize refuses a long/short ratio above this
 MIN_SIDE = 28  # one 28-px merge block: smaller sides are enlarged before the processor
@@ -29,8 +31,6 @@ def _embedded_bytes(source: str, sample_id: str) -> bytes:
     if source.startswith("base64:"):
         text = source[len("base64:"):]
     else:
-        from .benchmarks import read_embedded
-
         try:
             value = read_embedded(source)
         except (OSError, ValueError, IndexError) as e:
@@ -115,7 +115,7 @@ def _header_size(img: Image.Image, sample_id: str) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _image_size(source: str, sample_id: str) -> tuple[int, int]:
+def image_size(source: str, sample_id: str) -> tuple[int, int]:
     """Width and height from the header only (cheap), after EXIF rotation."""
     return _header_size(_open(source, sample_id), sample_id)
 

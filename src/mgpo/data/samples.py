@@ -2,7 +2,7 @@
 
 Formats (``load_samples(path, fmt="auto")``):
 
-- ``jsonl``: the project's own, written by ``mgpo.synth``: one JSON object per line with
+- ``jsonl``: the project's own, written by ``mgpo.tools.synth``: one JSON object per line with
   id, image (relative to the file), question, options, answer, category, target_boxes.
 - ``chat``: conversations for SFT (``train.algorithm: sft``), one per line:
   ``{"id": ..., "messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
@@ -11,25 +11,22 @@ Formats (``load_samples(path, fmt="auto")``):
   paths are relative to the file; roles: an optional first ``system``, then ``user`` and
   ``assistant`` in turn, ending with ``assistant``. Every assistant message is a target.
 - ``vstar``, ``mme_realworld``, ``hrbench``: the published benchmark layouts, read by
-  ``mgpo.benchmarks`` (V* from ``test_questions.jsonl``, MME-RealWorld(-Lite) from its JSON
+  ``mgpo.data.benchmarks`` (V* from ``test_questions.jsonl``, MME-RealWorld(-Lite) from its JSON
   list, HR-Bench from its TSV or parquet file, streamed).
 
-Every reader yields raw records; ``_validate`` checks each field's type and shape and turns
+Every reader yields raw records; ``validate`` checks each field's type and shape and turns
 a record into a `Sample`. A record that cannot be used (a line that is not JSON, a field of
 the wrong type, a missing or unreadable image, an answer that is not one of the options, a
 duplicate id) is skipped with its id and reason, logged with the file and line, and
 counted; one bad record never stops a load, and a file with no usable record gives an
-empty set whose skip list names every record. Images (``mgpo.images``) are decoded only
+empty set whose skip list names every record. Images (``mgpo.data.images``) are decoded only
 when used: an image embedded in a benchmark file is referenced by its place in the file and
 read back then.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,12 +34,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import MAX_ASPECT, MIN_SIDE, BadImageError, _image_size, load_image  # noqa: F401 - re-exported
-from .prompts import LETTERS
+from ..config import FORMATS
+from . import benchmarks
+from .benchmarks import is_vstar_listing, parquet_format
+from .images import MAX_ASPECT, BadImageError, image_size, load_image
+from .records import Raw, jsonl_objects, kind_of, resolve, validate, validate_chat
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")
 
 
 @dataclass(frozen=True)
@@ -77,132 +76,6 @@ class Sample:
 
 # ----------------------------------------------------------------------------- records
 
-def normalize_letter(value: object) -> str | None:
-    """'A', 'a', '(A)', 'A.' or 'A) text' -> 'A'; anything else -> None."""
-    m = re.match(r"^\s*[\(（]?([A-Za-z])\s*[\).:）]?(\s|$)", str(value))
-    return m.group(1).upper() if m else None
-
-
-def _kind(value: object) -> str:
-    """How a JSON value reads in a message: 'null', 'a string', 'a list', ..."""
-    if value is None:
-        return "null"
-    names = {bool: "true/false", str: "a string", int: "a number", float: "a number", list: "a list",
-             tuple: "a list", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _text(value: object, name: str, required: bool = True) -> str:
-    """A field that must be a text (a number is accepted and written as text)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if value is None and not required:
-        return ""
-    raise ValueError(f"{name} must be a text, got {_kind(value)}")
-
-
-def _boxes(value: object) -> tuple[tuple[float, float, float, float], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"target_boxes must be a list of [x1, y1, x2, y2], got {_kind(value)}")
-    out = []
-    for i, box in enumerate(value):
-        ok = (isinstance(box, (list, tuple)) and len(box) == 4
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
-        if not ok or box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"target_boxes[{i}] must be 4 finite numbers x1 <= x2, y1 <= y2, got {box!r:.80}")
-        out.append(tuple(float(v) for v in box))
-    return tuple(out)
-
-
-def _validate(rec: dict) -> dict:
-    """Check each field's type and shape; return the fields of a `Sample` or raise ValueError(reason)."""
-    question = _text(rec.get("question"), "question")
-    if not question.strip():
-        raise ValueError("empty question")
-    options = rec.get("options")
-    if not isinstance(options, (list, tuple)):
-        raise ValueError(f"options must be a list of texts, got {_kind(options)}")
-    options = tuple(_text(o, f"options[{i}]") for i, o in enumerate(options))
-    if len(options) < 2:
-        raise ValueError(f"needs at least two options, got {len(options)}")
-    if len(options) > len(LETTERS):
-        raise ValueError(f"{len(options)} options, more than the {len(LETTERS)} letters A-Z")
-    answer = rec.get("answer")
-    letter = normalize_letter(answer) if isinstance(answer, str) else None
-    if letter is None or LETTERS.index(letter) >= len(options):
-        raise ValueError(f"answer {answer!r} is not one of the {len(options)} options")
-    image = rec.get("image")
-    if not isinstance(image, str) or not image:
-        raise ValueError("no image" if not image else f"image must be a path, got {_kind(image)}")
-    return {"image": image, "question": question, "options": options, "answer": letter,
-            "category": _text(rec.get("category"), "category", required=False),
-            "target_boxes": _boxes(rec.get("target_boxes")),
-            "breakdown": tuple(str(x) for x in rec.get("breakdown", ())), "cycle": str(rec.get("cycle", ""))}
-
-
-ROLES = ("system", "user", "assistant")
-
-
-def _chat_part(part: object, where: str) -> tuple[str, str]:
-    if isinstance(part, str):
-        return ("text", part)
-    if not isinstance(part, dict):
-        raise ValueError(f"{where} must be a text or an object, got {_kind(part)}")
-    kind = part.get("type")
-    if kind == "text":
-        return ("text", _text(part.get("text"), f"{where}.text"))
-    if kind == "image":
-        image = part.get("image")
-        if not isinstance(image, str) or not image:
-            raise ValueError(f"{where}.image must be a path, got {_kind(image)}")
-        return ("image", image)
-    raise ValueError(f"{where}.type must be \"text\" or \"image\", got {kind!r:.40}")
-
-
-def _validate_chat(rec: dict) -> dict:
-    """A ``chat`` record's fields, checked: roles in order, every part a text or an image."""
-    raw = rec.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"messages must be a non-empty list, got {_kind(raw)}")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object, got {_kind(m)}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r:.40}")
-        parts = [content] if isinstance(content, str) else content
-        if not isinstance(parts, list) or not parts:
-            raise ValueError(f"messages[{i}].content must be a text or a non-empty list of parts")
-        parts = tuple(_chat_part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(parts))
-        if role == "assistant" and any(kind != "text" for kind, _ in parts):
-            raise ValueError(f"messages[{i}]: an assistant message holds text only (it is the target)")
-        messages.append((role, parts))
-    roles = [r for r, _ in messages]
-    body = roles[1:] if roles[0] == "system" else roles
-    if not body or body != ["user", "assistant"] * (len(body) // 2):
-        raise ValueError(f"roles must be an optional system, then user and assistant in turn, ending with "
-                         f"assistant; got {', '.join(roles)}")
-    images = [v for _, parts in messages for kind, v in parts if kind == "image"]
-    if not images:
-        raise ValueError("a chat record needs at least one image")
-    texts = [v for r, parts in messages if r == "user" for kind, v in parts if kind == "text"]
-    return {"image": images[0], "question": texts[0] if texts else "", "options": (), "answer": "", "messages": tuple(messages),
-            "category": _text(rec.get("category"), "category", required=False)}
-
-
-@dataclass(frozen=True)
-class Raw:
-    """One record as a reader found it: where it is in the file, its fields, or why it is unusable."""
-
-    where: str  # "line 12", "record 3", "row 7": for messages
-    fields: dict | None = None
-    problem: str | None = None
-
 
 @dataclass
 class SampleSet:
@@ -236,12 +109,12 @@ def _record_id(raw: Raw, derived: list[str]) -> str:
         derived.append(raw.where)
         return raw.where.replace(" ", "-")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise ValueError(f"id must be a text or a number, got {_kind(rid)}")
+        raise ValueError(f"id must be a text or a number, got {kind_of(rid)}")
     return str(rid)
 
 
 def _sample(raw: Raw, rid: str, name: str, check_images: bool) -> Sample:
-    fields = _validate_chat(raw.fields) if "messages" in raw.fields else _validate(raw.fields)
+    fields = validate_chat(raw.fields) if "messages" in raw.fields else validate(raw.fields)
     width, height = raw.fields.get("width", 0), raw.fields.get("height", 0)
     if raw.fields.get("image_error"):
         raise ValueError(raw.fields["image_error"])
@@ -249,12 +122,12 @@ def _sample(raw: Raw, rid: str, name: str, check_images: bool) -> Sample:
         for kind, image in parts:
             if kind == "image" and image != fields["image"]:
                 try:
-                    _image_size(image, rid)
+                    image_size(image, rid)
                 except BadImageError as e:
                     raise ValueError(str(e).split(": ", 1)[-1]) from e
     if check_images and not width:
         try:
-            width, height = _image_size(fields["image"], rid)
+            width, height = image_size(fields["image"], rid)
         except BadImageError as e:
             raise ValueError(str(e).split(": ", 1)[-1]) from e
     if width and max(width, height) / max(1, min(width, height)) >= MAX_ASPECT:
@@ -295,38 +168,6 @@ def _finish(name: str, source: Path, raws: Iterator[Raw], check_images: bool, ma
 
 # ----------------------------------------------------------------------------- the project's JSONL
 
-def jsonl_objects(path: Path) -> Iterator[Raw]:
-    """One `Raw` per non-blank line, read one line at a time; a broken line is one skipped record."""
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"line {lineno}"
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not data
-            except UnicodeDecodeError as e:
-                yield Raw(where, problem=f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
-                continue
-            try:
-                obj = json.loads(text)
-            except RecursionError:
-                yield Raw(where, problem="JSON nested too deeply")
-                continue
-            except ValueError as e:
-                yield Raw(where, problem=f"not JSON ({e})")
-                continue
-            if not isinstance(obj, dict):
-                yield Raw(where, problem=f"expected a JSON object, got {_kind(obj)}")
-                continue
-            yield Raw(where, obj)
-
-
-def resolve(path_text: object, base: Path) -> object:
-    """An image path relative to ``base`` (absolute paths and non-texts pass through)."""
-    if isinstance(path_text, str) and path_text and not Path(path_text).is_absolute():
-        return str(base / path_text)
-    return path_text
-
 
 def _chat_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
     """The ``chat`` format: image paths inside the messages resolved against the file's folder."""
@@ -354,7 +195,6 @@ def _first_has_messages(path: Path) -> bool:
 
 
 def detect_format(path: Path) -> str:
-    from .benchmarks import is_vstar_listing, parquet_format
 
     if path.is_dir():
         return "vstar"
@@ -376,7 +216,6 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
     ``image_root`` overrides where relative image paths are resolved (default: where the
     format's published layout puts them).
     """
-    from . import benchmarks
 
     path = Path(path)
     if not path.exists():

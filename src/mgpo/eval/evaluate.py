@@ -12,12 +12,11 @@ skips the batches already there, so a killed evaluation loses at most the batch 
 were made under (model files, mode, pixel budget, decoding, the questions themselves) is
 stored beside them in ``predictions/protocol.json``: a rerun under another protocol is
 refused, naming what differs, unless ``eval.overwrite=true`` discards the old predictions.
-The crop is computed by ``mgpo.rollout``, the same code the trainer uses.
+The crop is computed by ``mgpo.core.rollout``, the same code the trainer uses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,59 +25,29 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .config import Config, load_config, save_config
-from .data import BadImageError, SampleSet, load_samples
-from .grounding import Box
-from .model import check_model_dir, load_model, load_processor
-from .prompts import get_template
+from ..config import Config, load_config, save_config
+from ..core.forced import teacher_forced
+from ..core.grounding import Box
+from ..core.prompts import get_template
+from ..core.reward import predicted_letter
+from ..core.rollout import rollout
+from ..data.samples import BadImageError, SampleSet, load_samples
+from ..runtime import distributed as D
+from ..runtime.model import check_adapter_dir, check_model_dir, load_model, load_processor
+from .protocol import (
+    PROTOCOL_FILE,
+    ProtocolMismatchError,
+    check_protocol,
+    cut_torn_tail,
+    done_questions,
+    protocol,
+    read_predictions,
+    run_protocol,
+)
 from .report import compute_metrics, fingerprint, render_markdown
 from .report_html import render_html
-from .reward import predicted_letter
-from .rollout import rollout, teacher_forced
 
 log = logging.getLogger("mgpo")
-
-PROTOCOL_FILE = "protocol.json"
-
-
-class ProtocolMismatchError(RuntimeError):
-    """Stored predictions were made under another protocol than this run's."""
-
-
-def protocol(cfg: Config) -> dict:
-    """Everything that changes a number, stated with every result."""
-    e, r = cfg.eval, cfg.rollout
-    decoding = "greedy" if e.temperature == 0 else f"sampling T={e.temperature}, top_p={r.top_p}"
-    return {
-        "model": cfg.model.path, "adapter": e.adapter or "none", "mode": e.mode,
-        "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels, "decoding": decoding,
-        "samples_k": e.samples, "max_new_tokens": f"{r.max_new_tokens_turn1}/{r.max_new_tokens_turn2}",
-        "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
-        "answer_match": "exact option letter in the last \\boxed{}" + (
-            ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
-    } | ({"max_turns": e.max_turns, "max_image_tokens": r.max_image_tokens or "no cap",
-          "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
-         if get_template(e.mode).zoom_loop else {})
-
-
-def check_adapter_dir(path: str) -> Path:
-    """``eval.adapter`` must be a local LoRA folder: a hub-style id would otherwise be fetched."""
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"eval.adapter={path}: not a local LoRA adapter folder (no adapter_config.json "
-                                "there); adapters are read from local folders only, nothing is downloaded")
-    return folder
-
-
-def _load_policy(cfg: Config, device):
-    adapter = check_adapter_dir(cfg.eval.adapter) if cfg.eval.adapter else None  # before the slow model load
-    model = load_model(cfg.model, device)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
-    return model
 
 
 def _records(batch, samples_by_id, dataset: str, k: int) -> list[dict]:
@@ -107,54 +76,6 @@ def _turn_records(t) -> dict:
                        "crop_size": list(r.crop_size) if r.crop_size else None} for r in t.turn_log]}
 
 
-def _read_predictions(pred_dir: Path) -> list[dict]:
-    records = []
-    for f in sorted(pred_dir.glob("rank*.jsonl")):
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                log.warning("%s line %d is not a JSON record; ignored (its batch is redone)", f, n)
-    return records
-
-
-def _done(records: list[dict], k: int) -> set[tuple[str, str]]:
-    """Questions with all ``k`` samples recorded (or an error record): their batches are not redone."""
-    samples: dict[tuple[str, str], set] = {}
-    failed = set()
-    for r in records:
-        key = (r["dataset"], r["id"])
-        if "error" in r:
-            failed.add(key)
-        samples.setdefault(key, set()).add(r.get("sample", 0))
-    return failed | {key for key, s in samples.items() if len(s) >= k}
-
-
-def cut_torn_tail(path: Path) -> int:
-    """Remove a last line that has no newline (a kill mid-write) and return the bytes removed.
-
-    Appending after such a line would glue the next record onto it and lose that one too.
-    """
-    with open(path, "r+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            step = min(1 << 16, pos)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            if pos == end and chunk.endswith(b"\n"):
-                return 0
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                pos = pos - step + newline + 1
-                break
-            pos -= step
-        f.truncate(pos)
-        f.flush()
-        os.fsync(f.fileno())
-    return end - pos
-
-
 def dataset_names(paths) -> list[str]:
     """A short, unique name per dataset: the file stem (or folder name), with parent folders
     prepended only where two would collide ("a/test", "b/test").
@@ -178,67 +99,6 @@ def dataset_names(paths) -> list[str]:
         if not clashes:
             return names
         level = [min(i + 1, len(c) - 1) if n in clashes else i for c, i, n in zip(candidates, level, names)]
-
-
-def _folder_stamp(folder: str) -> str:
-    """Names, sizes and modification times of a model folder's files: changes when the weights
-    are replaced (a retrained model written to the same path), without reading gigabytes."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
-    text = "\n".join(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _questions_stamp(ds: SampleSet) -> dict:
-    """Count and hash of every question as the model sees it (id, image, text, options, answer)."""
-    digest = hashlib.sha256()
-    for s in ds:
-        digest.update(json.dumps([s.id, s.image, s.question, list(s.options), s.answer]).encode() + b"\n")
-    return {"count": len(ds), "sha256": digest.hexdigest()[:16]}
-
-
-def run_protocol(cfg: Config, datasets: dict[str, SampleSet]) -> dict:
-    """Everything stored predictions depend on: the reported protocol, the model's files, the questions."""
-    proto = protocol(cfg) | {
-        "model_files": _folder_stamp(cfg.model.path),
-        "adapter_files": _folder_stamp(cfg.eval.adapter) if cfg.eval.adapter else "none",
-        "questions": {name: _questions_stamp(ds) for name, ds in datasets.items()},
-    }
-    if cfg.eval.temperature > 0:  # sampled predictions depend on the per-batch seeds
-        proto["sampling_seeds"] = f"train.seed={cfg.train.seed}, eval.batch_size={cfg.eval.batch_size}"
-    return proto
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def check_protocol(pred_dir: Path, proto: dict, overwrite: bool) -> None:
-    """Keep stored predictions only when made under ``proto``; refuse (or, with ``overwrite``,
-    discard them) otherwise. Then store ``proto`` and its hash beside the predictions."""
-    stored_file, old = pred_dir / PROTOCOL_FILE, sorted(pred_dir.glob("rank*.jsonl"))
-    if stored_file.exists():
-        stored = json.loads(stored_file.read_text())["protocol"]
-        if stored == proto:
-            return
-        a, b = _flat(stored), _flat(proto)
-        differ = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    elif old:
-        differ = ["(no stored protocol: these predictions were made by an older version)"]
-    else:
-        differ = []
-    if differ and not overwrite:
-        raise ProtocolMismatchError(
-            f"{pred_dir} holds predictions made under another protocol:\n  - " + "\n  - ".join(differ)
-            + "\nset eval.overwrite=true to discard them and start fresh, or choose another eval.output_dir")
-    if differ:
-        log.warning("eval.overwrite: discarding the predictions in %s (%s)", pred_dir, "; ".join(differ))
-        for f in old:
-            f.unlink()
-    digest = hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()
-    stored_file.write_text(json.dumps({"protocol": proto, "sha256": digest}, indent=2) + "\n")
 
 
 def _prepare_output(cfg: Config, state, datasets: dict[str, SampleSet]) -> None:
@@ -292,12 +152,12 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     _prepare_output(cfg, state, datasets)
     state.wait_for_everyone()
     processor = processor or load_processor(cfg.model)
-    model = model or _load_policy(cfg, state.device)
+    model = model or load_model(cfg.model, state.device, adapter=cfg.eval.adapter or None)
     rcfg = replace(cfg.rollout, template=e.mode, group_size=e.samples, temperature=e.temperature or 1.0,
                    max_turns=e.max_turns if get_template(e.mode).zoom_loop else 2)
     greedy = e.temperature == 0
 
-    done = _done(_read_predictions(pred_dir), e.samples)
+    done = done_questions(read_predictions(pred_dir), e.samples)
     mine = open(pred_dir / f"rank{state.process_index}.jsonl", "a")  # noqa: SIM115
     try:
         from tqdm import tqdm
@@ -333,7 +193,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
 
 def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict:
     """Merge every rank's predictions and write predictions.jsonl, metrics.json, report.md, report.html."""
-    records = _read_predictions(out / "predictions")
+    records = read_predictions(out / "predictions")
     wanted = {(n, ds[i].id) for n, ds in datasets.items() for i in range(len(ds))}
     seen, good, errors = set(), [], {n: list(ds.skipped) for n, ds in datasets.items()}
     for r in records:
@@ -383,13 +243,13 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
     question. Writes ``crop_answerable.json`` beside the evaluation's report."""
     from tqdm import tqdm
 
-    from .sft import grounding_block
+    from ..core.sft import grounding_block
 
     out = Path(eval_dir)
     cfg = load_config(out / "config.yaml")
     check_model_dir(judge)
     judged = replace(cfg.model, path=judge)
-    firsts = {(r["dataset"], r["id"]): r for r in _read_predictions(out / "predictions")
+    firsts = {(r["dataset"], r["id"]): r for r in read_predictions(out / "predictions")
               if "error" not in r and r.get("sample", 0) == 0}
     if not firsts:
         raise FileNotFoundError(f"{out / 'predictions'}: no predictions to judge")
@@ -418,7 +278,7 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
 
 def newest_run_model(output_dir: str) -> str | None:
     """The model folder of the newest complete checkpoint under a training run, if any."""
-    from .checkpoint import latest_checkpoint
+    from ..runtime.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(output_dir)
     return str(ckpt / "model") if ckpt is not None and (ckpt / "model").is_dir() else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .grounding import area_share, target_fit
+from ..core.grounding import area_share, target_fit
 
 
 def fingerprint(ids) -> dict:
@@ -114,7 +114,7 @@ def compute_metrics(records: list[dict]) -> dict:
     return out
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
     return f"{v:.1f}" if isinstance(v, float) else str(v)
@@ -130,33 +130,33 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
         lines.append(f"| dataset {name} | {fp['count']} questions, ids sha1 {fp['sha1']} |")
     lines += ["", "## Accuracy (%)", "", "| dataset | overall | pass@k | categories |", "|---|---|---|---|"]
     for name, m in metrics.items():
-        cats = ", ".join(f"{c} {_fmt(v)}" for c, v in m["categories"].items())
-        lines.append(f"| {name} | {_fmt(m['accuracy'])} | {_fmt(m['pass_at_k'])} | {cats} |")
+        cats = ", ".join(f"{c} {fmt(v)}" for c, v in m["categories"].items())
+        lines.append(f"| {name} | {fmt(m['accuracy'])} | {fmt(m['pass_at_k'])} | {cats} |")
     for name, m in metrics.items():
         if "breakdown" in m:
             lines += ["", f"### {name}: official breakdown", "", "| level | accuracy | samples |", "|---|---|---|"]
-            lines += [f"| {k} | {_fmt(v['accuracy'])} | {v['samples']} |" for k, v in m["breakdown"].items()]
+            lines += [f"| {k} | {fmt(v['accuracy'])} | {v['samples']} |" for k, v in m["breakdown"].items()]
         if "per_cycle" in m:
             c = m["per_cycle"]
             lines += ["", f"### {name}: per cycle", "", "| cycle | accuracy |", "|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in c["cycles"].items()]
-            lines.append(f"| mean over cycles | {_fmt(c['mean_over_cycles'])} |")
+            lines += [f"| {k} | {fmt(v)} |" for k, v in c["cycles"].items()]
+            lines.append(f"| mean over cycles | {fmt(c['mean_over_cycles'])} |")
     lines += ["", "## Grounding", "", "| dataset | valid box % | mean IoU | crop holds target % | crop area share "
               "(p10/p50/p90) | no answer % |", "|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         g = m["grounding"]
         q = "/".join(f"{x:.3f}" for x in g["crop_area_share_quantiles"]) if g["crop_area_share_quantiles"] else "-"
         iou_text = f"{g['mean_iou']:.3f}" if g["mean_iou"] is not None else "-"
-        lines.append(f"| {name} | {_fmt(g['valid_box'])} | {iou_text} | {_fmt(g['crop_contains_target'])} | {q} | "
-                     f"{_fmt(m['no_answer'])} |")
+        lines.append(f"| {name} | {fmt(g['valid_box'])} | {iou_text} | {fmt(g['crop_contains_target'])} | {q} | "
+                     f"{fmt(m['no_answer'])} |")
     turned = {name: m["turns"] for name, m in metrics.items() if "turns" in m}
     if turned:
         lines += ["", "## Turns (K-turn mode)", "", "| dataset | turns used | crops | nested zoom % | answer at turn k % "
                   "| valid box at turn k % |", "|---|---|---|---|---|---|"]
         for name, t in turned.items():
-            at = ", ".join(f"{k}: {_fmt(v)}" for k, v in t["answer_at_turn"].items())
-            valid = ", ".join(f"{k}: {_fmt(v)}" for k, v in t["valid_box_at_turn"].items()) or "-"
-            lines.append(f"| {name} | {t['turns_used']:.2f} | {t['crops']:.2f} | {_fmt(t['nested_zoom'])} | {at} | "
+            at = ", ".join(f"{k}: {fmt(v)}" for k, v in t["answer_at_turn"].items())
+            valid = ", ".join(f"{k}: {fmt(v)}" for k, v in t["valid_box_at_turn"].items()) or "-"
+            lines.append(f"| {name} | {t['turns_used']:.2f} | {t['crops']:.2f} | {fmt(t['nested_zoom'])} | {at} | "
                          f"{valid} |")
     bad = [(d, i, why) for d, items in skipped.items() for i, why in items]
     lines += ["", f"## Skipped records ({len(bad)})", ""]
@@ -177,10 +177,10 @@ def compare(run_dirs: list[str | Path]) -> str:
     head = "| metric | " + " | ".join(n for n, _ in runs) + " |"
     lines = [head, "|" + "---|" * (len(runs) + 1)]
     for key, vals in rows.items():
-        cells = [_fmt(vals[0])]
+        cells = [fmt(vals[0])]
         for v in vals[1:]:
             delta = "" if v is None or vals[0] is None else f" ({v - vals[0]:+.1f})"
-            cells.append(_fmt(v) + delta)
+            cells.append(fmt(v) + delta)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     protocols = [m["protocol"] for _, m in runs]
     differs = sorted(k for k in protocols[0] if any(p.get(k) != protocols[0].get(k) for p in protocols[1:]))

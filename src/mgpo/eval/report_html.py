@@ -16,7 +16,7 @@ import io
 
 import numpy as np
 
-from .report import _fmt, grounding_values
+from .report import fmt, grounding_values
 
 STYLE = """
 body{font-family:sans-serif;margin:20px;color:#222} table{border-collapse:collapse;margin:6px 0 14px}
@@ -50,7 +50,7 @@ def _e(value) -> str:
 def _table(head: list[str], rows: list[list], numeric_from: int = 1) -> str:
     cells = "".join(f"<th>{_e(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(
-        f"<td class='num'>{_e(_fmt(v))}</td>" if i >= numeric_from else f"<td>{_e(v)}</td>"
+        f"<td class='num'>{_e(fmt(v))}</td>" if i >= numeric_from else f"<td>{_e(v)}</td>"
         for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
 
@@ -68,7 +68,7 @@ def svg_bars(items: list[tuple[str, float]], title: str, vmax: float = 100.0, un
         w = bar_w * max(0.0, min(v, vmax)) / vmax
         parts.append(f"<text x='4' y='{y + 12}' font-size='11'>{_e(str(label)[:34])}</text>"
                      f"<rect x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{row - 5}' fill='#4a7'/>"
-                     f"<text x='{label_w + w + 4:.1f}' y='{y + 12}' font-size='11'>{_e(_fmt(value))}{unit}</text>")
+                     f"<text x='{label_w + w + 4:.1f}' y='{y + 12}' font-size='11'>{_e(fmt(value))}{unit}</text>")
     return (f"<svg class='chart' role='img' width='{label_w + bar_w + 60}' height='{height}' "
             f"xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg>")
 
@@ -217,7 +217,7 @@ def _cases(records: list[dict], load_image, limit: int) -> str:
 def render_html(records: list[dict], load_image, limit: int, metrics: dict, protocol: dict,
                 skipped: dict[str, list], title: str = "MGPO evaluation") -> str:
     """The whole report: summary tables, charts, skipped records, then the filterable cases."""
-    head = " · ".join(f"{n}: {_fmt(m['accuracy'])}% of {m['questions']}" for n, m in metrics.items()) or \
+    head = " · ".join(f"{n}: {fmt(m['accuracy'])}% of {m['questions']}" for n, m in metrics.items()) or \
         "no usable records"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body><h1>{_e(title)}</h1>"

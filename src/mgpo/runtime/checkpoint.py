@@ -3,7 +3,7 @@
 Layout of ``<output_dir>/checkpoints/step-000050/``:
 
     model/            Hugging Face folder (safetensors + processor): from_pretrained loads it
-    adapter/          instead of model/ when training LoRA (see ``python -m mgpo.merge``)
+    adapter/          instead of model/ when training LoRA (see ``python -m mgpo.tools.merge``)
     optimizer.pt      optimizer and scheduler state (weights_only-safe), or
     deepspeed/        DeepSpeed's own sharded engine state under ZeRO
     rng/rank*.pt      every rank's RNG state
@@ -38,17 +38,13 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .model import save_processor
+from .model import CheckpointError, save_processor
 
 log = logging.getLogger("mgpo")
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted or does not fit this run; the message says which file or setting."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

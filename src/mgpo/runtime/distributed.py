@@ -108,7 +108,7 @@ def barrier() -> None:
 
 
 def finish() -> None:
-    """The last call of a launched script (train.py, eval.py, ``mgpo.sft``): in a distributed
+    """The last call of a launched script (train.py, eval.py, ``mgpo.core.sft``): in a distributed
     run every rank waits for the others, tears the process group down and leaves at once.
 
     Leaving at once (``os._exit(0)``, after flushing the logs and standard streams) skips the
@@ -168,8 +168,8 @@ def broadcast_object(obj, src: int = 0):
 def generation_weights(accelerator, model, gather: bool = True):
     """The model to call ``generate`` on, with ZeRO-3 weights gathered once for the rollout.
 
-    Without this, ZeRO-3 gathers every layer at every decode step (TRL issue 3858: hours
-    per step). Gathering needs the whole model to fit on one device; when it does not,
+    Without this, ZeRO-3 gathers every layer at every decode step (hours
+    per step, as TRL users measured). Gathering needs the whole model to fit on one device; when it does not,
     pass ``gather=False`` and generation runs with ``synced_gpus`` so ranks stay in step.
     """
     if zero_stage(accelerator) == 3 and gather:

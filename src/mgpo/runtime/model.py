@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -25,8 +25,9 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder whose files cannot be read; the message names the file."""
+class CheckpointError(RuntimeError):
+    """A model or checkpoint folder that cannot be read or trusted, or that does not fit this
+    run; the message names the file or the setting."""
 
 
 def check_model_dir(path: str | Path, weights: bool = False) -> Path:
@@ -117,10 +118,23 @@ def save_processor(processor, folder: str | Path) -> None:
         f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str | Path | None = None):
-    """The policy (or a reference copy) in eval mode, weights from safetensors."""
+def check_adapter_dir(path: str | Path) -> Path:
+    """A LoRA adapter must be a local folder: a hub-style id would otherwise be fetched."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a local LoRA adapter folder (no adapter_config.json there); "
+                                "adapters are read from local folders only, nothing is downloaded")
+    return folder
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str | Path | None = None,
+               adapter: str | Path | None = None):
+    """The policy (or a reference copy) in eval mode, weights from safetensors. With
+    ``adapter`` (a local LoRA folder) the adapter is merged into the weights: the one place
+    a LoRA checkpoint becomes a plain model (evaluation, ``mgpo.tools.merge``)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    adapter = check_adapter_dir(adapter) if adapter is not None else None  # before the slow load
     path = check_model_dir(path or cfg.path, weights=True)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path,
@@ -129,4 +143,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str |
         trust_remote_code=cfg.trust_remote_code,
         local_files_only=True,
     )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.to(device).eval()

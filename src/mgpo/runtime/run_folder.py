@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import yaml
 
+from ..config import Config, flatten, save_config
 from . import distributed as D
 from .checkpoint import (
     check_resume_settings,
@@ -34,7 +35,6 @@ from .checkpoint import (
     list_checkpoints,
     resolve_resume,
 )
-from .config import Config, save_config
 
 log = logging.getLogger("mgpo")
 
@@ -65,16 +65,6 @@ class RunFolderError(RuntimeError):
     """A run that must not start in this folder as configured; the message says why."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def _save(cfg: Config, path: Path) -> None:
     """Save the run's config with ``train.overwrite`` off: it is this invocation's order, and a
     saved config reused to continue the run (``--config <run>/config.yaml``) must not discard it."""
@@ -89,7 +79,7 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     >>> config_changes({"train": {"lr": 1e-6, "max_steps": 10}}, {"train": {"lr": 0.5, "max_steps": 20}})
     {'train.lr': (1e-06, 0.5)}
     """
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     return {k: (old[k], v) for k, v in new.items()
             if k in old and old[k] != v and k not in FREE_ON_RESUME and not k.startswith("eval.")}
 

@@ -9,8 +9,8 @@ run and as embedded in a diffusion pipeline's loader), which agree with each oth
 models built from this table have exactly the parameter counts reported for the loaded
 published checkpoints (3,754,622,976 and 8,292,166,656; ``tests/test_plan.py``).
 
-Nothing here downloads anything: ``mgpo.tiny --arch`` builds these widths at reduced
-depth with random weights, and ``mgpo.plan`` sizes the full-depth models on paper.
+Nothing here downloads anything: ``mgpo.tools.tiny --arch`` builds these widths at reduced
+depth with random weights, and ``mgpo.tools.plan`` sizes the full-depth models on paper.
 
     >>> ARCHS["qwen2.5-vl-7b"].head_dim, ARCHS["qwen2.5-vl-3b"].head_dim
     (128, 128)

@@ -1,8 +1,8 @@
 """The embedded base models: warm-started tiny Qwen2.5-VLs that the MGPO runs start from.
 
-    python -m mgpo.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
-    python -m mgpo.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
-    python -m mgpo.base build/nested --task nested   # two zooms needed (the K-turn experiment)
+    python -m mgpo.tools.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
+    python -m mgpo.tools.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
+    python -m mgpo.tools.base build/nested --task nested   # two zooms needed (the K-turn experiment)
 
 A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
 work with. This builds, deterministically from a seed:
@@ -18,18 +18,17 @@ work with. This builds, deterministically from a seed:
    40% + 60% / 3 = 60% right), leaving room for the answer reward to teach the rest.
 3. ``base.json``: where it starts (greedy test accuracy, valid-box share).
 
-What this shows is the first level of the learning issue (the trainer learns from the
-answer reward). The colour is visible at the model's resolution, so the crop does not
+What this shows is that the trainer learns from the answer reward. The colour is visible at the model's resolution, so the crop does not
 matter here: it is not the paper's emergent grounding (see docs/reproduction.md).
 
-``--task beacon`` builds the base for the grounding experiment instead (``mgpo.beacon``: the
+``--task beacon`` builds the base for the grounding experiment instead (``mgpo.tools.beacon``: the
 answer is legible only in a crop of the tinted panel). Its SFT data: every training image
 once per panel, the box on that panel and the answer the pattern inside it (so nothing
 says which panel to pick), plus "what colour is the coloured square?" exercises on other,
 pattern-free images with the box on the tinted panel, a generic grounding skill. Each SFT
 batch takes the MGPO or the one-turn GRPO template in turn, so that both methods start from
-this one model (``python -m mgpo.repro --task beacon`` compares them). The base never sees the pattern question with its target's box; whether MGPO makes the skill
-transfer to it is what ``python -m mgpo.repro --task beacon`` measures.
+this one model (``python -m mgpo.tools.repro --task beacon`` compares them). The base never sees the pattern question with its target's box; whether MGPO makes the skill
+transfer to it is what ``python -m mgpo.tools.repro --task beacon`` measures.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ SFT_STEPS = 300
 
 def colours_record(index: int, seed: int, split: str, image_dir: Path, label_noise: float = 0.0) -> dict:
     """Draw one image and return its JSONL record."""
-    from .prompts import LETTERS
+    from ..core.prompts import LETTERS
 
     rng = random.Random(f"colours-{seed}-{split}-{index}")
     img = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
@@ -88,12 +87,12 @@ def base_overrides(out: Path) -> list[str]:
 
 
 BEACON_SFT_STEPS = 1000
-# How a base is evaluated (and how `mgpo.repro` trains and evaluates each method from it):
+# How a base is evaluated (and how `mgpo.tools.repro` trains and evaluates each method from it):
 # method -> (template, turns)
 METHODS = {
     "mgpo": ("mgpo", 2),  # the paper's two turns: box, crop of the original, answer
     "grpo": ("grpo", 2),  # the paper's one-turn baseline: box and answer in one turn, no crop
-    "mgpo_k2": ("mgpo_k", 2),  # this project's K-turn template (issue 13), K = 2: one zoom at most
+    "mgpo_k2": ("mgpo_k", 2),  # this project's K-turn template, K = 2: one zoom at most
     "mgpo_k3": ("mgpo_k", 3),  # K = 3: up to two zooms, the second inside the first crop
 }
 
@@ -150,10 +149,10 @@ def build_data(data: Path, seed: int, task: str) -> None:
 def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, task: str = "colours",
                config: str = "configs/tiny_cpu.yaml"):
     """Data, SFT and the starting point; returns the model folder."""
-    from .config import load_config
-    from .evaluate import evaluate
+    from ..config import load_config
+    from ..core.trainer import train
+    from ..eval.evaluate import evaluate
     from .tiny import build_tiny_checkpoint
-    from .trainer import train
 
     out = Path(out)
     spec = TASKS[task]

@@ -12,9 +12,8 @@ not (its period divides the down-scale factor and its contrast fades in over the
 px of each panel, so no edge gives it away: the down-scaled images of the three answers
 differ by at most 2 of 255 levels, which is rounding). A crop of one panel is shown at its
 own resolution, where the stripes are plain. So the answer needs the crop, and the right
-crop needs only a colour read, not a spatial one: the kind of task the learning issue
-accepts for its level (b) (a random tiny Qwen2.5-VL cannot learn to say *where* something
-is, see docs/reproduction.md).
+crop needs only a colour read, not a spatial one (a random tiny Qwen2.5-VL cannot learn
+to say *where* something is, see docs/reproduction.md).
 
 The panels sit at input boxes [100, 28, 156, 84], [200, 28, 256, 84] and [300, 28, 356, 84]:
 the three box texts differ in two digits, both fixed by the first, so the choice of a panel
@@ -29,7 +28,7 @@ target is the panel's central 112 px) shows it at full resolution. The down-scal
 4 and 2 are even and the panels start on multiples of 4, so every filter pairs opposite
 pixels of the pattern and it cancels exactly (rounding aside).
 
-    python -m mgpo.beacon build/beacon --n 256 --seed 0 --split train
+    python -m mgpo.tools.beacon build/beacon --n 256 --seed 0 --split train
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .prompts import LETTERS
+from ..core.prompts import LETTERS
 
 
 @dataclass(frozen=True)

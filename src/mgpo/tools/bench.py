@@ -7,7 +7,7 @@
 3. Host memory over a pass of 1,000 samples with 4,000-px images through the host side
    of a rollout (decode, resize, crop, enlarge, processor): peak RSS after the first 100.
 4. The published Qwen2.5-VL-3B/7B widths at 2 layers: seconds and peak RSS per stage, and
-   the per-layer KV and activation bytes per token that ``mgpo.plan`` scales to full depth.
+   the per-layer KV and activation bytes per token that ``mgpo.tools.plan`` scales to full depth.
 
 These are measurements, not tests: nothing here asserts.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RolloutConfig
+from ..config import ModelConfig, RolloutConfig
 
 
 def _machine() -> str:
@@ -219,20 +219,20 @@ def bench_real_widths(workdir: Path, arch: str, train_step: bool) -> dict:
     8 new tokens per turn, micro-batch 2 with gradient checkpointing, AdamW."""
     from PIL import Image
 
-    from .config import ModelConfig
-    from .data import Sample
-    from .generation import suppressed_ids
-    from .model import load_model, load_processor
-    from .policy import PolicyForward
-    from .rollout import rollout
-    from .synth import _background
+    from ..config import ModelConfig
+    from ..core.generation import suppressed_ids
+    from ..core.policy import PolicyForward
+    from ..core.rollout import rollout
+    from ..data.samples import Sample
+    from ..runtime.model import load_model, load_processor
+    from .synth import background
     from .tiny import build_tiny_checkpoint
 
     lo, hi = 256 * 28 * 28, 1280 * 28 * 28
     stage = _Stages()
     with stage("build checkpoint (random init, save_pretrained)"):
         ckpt = build_tiny_checkpoint(workdir / arch, seed=0, arch=arch, layers=2, vision_depth=2)
-    _background(random.Random(0), (3200, 4000)).save(workdir / "big.jpg", quality=90)
+    background(random.Random(0), (3200, 4000)).save(workdir / "big.jpg", quality=90)
     Image.new("RGB", (1, 1))
     sample = Sample(id="big", image=str(workdir / "big.jpg"), question="What colour is the square?",
                     options=("red", "green", "blue", "white"), answer="A")
@@ -278,8 +278,8 @@ def real_width_section(results: dict) -> str:
     from .plan import MEASURED_ACT, kv_bytes_per_token
 
     lines = ["## 4. Real widths on CPU (Qwen2.5-VL-3B and -7B, 2 layers)", "",
-             f"Command: `python -m mgpo.bench --only real-widths` (part of `make bench`), {results['date']}; "
-             f"{results['machine']}. Every width from the published configs (`mgpo.archs`), 2 decoder layers and "
+             f"Command: `python -m mgpo.tools.bench --only real-widths` (part of `make bench`), {results['date']}; "
+             f"{results['machine']}. Every width from the published configs (`mgpo.tools.archs`), 2 decoder layers and "
              "2 vision blocks (one windowed, one full attention), random weights, fp32. One 3200 x 4000 image at "
              "max_pixels 1280*28*28 (1,280 image tokens), group size 2, 8 new tokens per turn; the random model "
              "writes no box, so both samples take the fallback (the original again). Peak RSS is the whole "
@@ -296,7 +296,7 @@ def real_width_section(results: dict) -> str:
                   "the 3B row shows the same code path."]
     lines += ["", "Per decoder layer and per token, bf16, SDPA, measured by `measure_layer_bytes` (the cache a "
               "forward returns, and the live heap after a training forward minus before, at 2 layers minus 1 layer, "
-              f"{results['layers'][next(iter(ARCHS))]['tokens']} tokens); the plan (`mgpo.plan`) uses these:", "",
+              f"{results['layers'][next(iter(ARCHS))]['tokens']} tokens); the plan (`mgpo.tools.plan`) uses these:", "",
               "| widths | KV cache B | formula B | activations B, no checkpointing | with checkpointing | "
               "no-grad layer peak (prefill) B | plan's figures |", "|---|---|---|---|---|---|---|"]
     for name, m in results["layers"].items():
@@ -326,9 +326,9 @@ def splice_section(path: Path, section: str) -> None:
 
 
 def bench_rollout(workdir: Path, reps: int = 3) -> dict:
-    from .data import Sample
-    from .model import load_model, load_processor
-    from .rollout import rollout
+    from ..core.rollout import rollout
+    from ..data.samples import Sample
+    from ..runtime.model import load_model, load_processor
     from .synth import make_sample
     from .tiny import build_tiny_checkpoint
 
@@ -391,9 +391,9 @@ def bench_turns(workdir: Path, turns=(2, 3, 4), prompts: int = 4, group_size: in
     Rollout's tensors on the host (distinct images once), and the key/value cache its final
     length needs. Every turn is forced to write a valid box, so every trajectory runs all K
     turns and each turn adds a new crop (the worst case for memory)."""
-    from .data import load_samples
-    from .model import load_model, load_processor
-    from .rollout import rollout
+    from ..core.rollout import rollout
+    from ..data.samples import load_samples
+    from ..runtime.model import load_model, load_processor
     from .synth import build_synth
     from .tiny import build_tiny_checkpoint
 
@@ -446,14 +446,14 @@ def bench_host_memory(workdir: Path, n: int = 1000) -> dict:
     """The host side of a rollout over n samples with 4,000-px images; RSS every 10 samples."""
     from PIL import Image
 
-    from .data import load_image
-    from .grounding import Box, crop_original, fit_to_budget, to_original_box
-    from .synth import _background
+    from ..core.grounding import Box, crop_original, fit_to_budget, to_original_box
+    from ..data.samples import load_image
+    from .synth import background
 
     rng = random.Random(0)
     paths = []
     for i in range(8):  # eight distinct 4000-px images, cycled
-        img = _background(rng, (4000, 3000) if i % 2 else (3000, 4000))
+        img = background(rng, (4000, 3000) if i % 2 else (3000, 4000))
         paths.append(workdir / f"big{i}.jpg")
         img.save(paths[-1], quality=90)
     from transformers import Qwen2VLImageProcessor
@@ -482,13 +482,13 @@ def bench_host_memory(workdir: Path, n: int = 1000) -> dict:
 
 def bench_train_step(workdir: Path) -> dict:
     """One full MGPO step (two turns, old/ref log-probs, update) on the embedded tiny model,
-    shaped like SPEC section 7's TRL measurement: 4 prompts x 4 samples x 16 tokens."""
+    shaped like the TRL GRPOTrainer measurement beside it: 4 prompts x 4 samples x 16 tokens."""
     import json
 
-    from .config import load_config
+    from ..config import load_config
+    from ..core.trainer import train
     from .synth import build_synth
     from .tiny import build_tiny_checkpoint
-    from .trainer import train
 
     ckpt = build_tiny_checkpoint(workdir / "step-tiny", seed=0)
     data = build_synth(workdir / "step-synth", n=16, seed=0)
@@ -515,11 +515,11 @@ def bench_trl_step(workdir: Path) -> dict | None:
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from .config import ModelConfig
-    from .data import load_samples
-    from .model import load_model, load_processor
-    from .prompts import get_template
-    from .reward import extract_answer
+    from ..config import ModelConfig
+    from ..core.prompts import get_template
+    from ..core.reward import extract_answer
+    from ..data.samples import load_samples
+    from ..runtime.model import load_model, load_processor
 
     ckpt, data = workdir / "step-tiny", workdir / "step-synth" / "train.jsonl"
     mcfg = ModelConfig(path=str(ckpt), min_pixels=50176, max_pixels=200704, dtype="float32")
@@ -565,7 +565,7 @@ def write_report(results: dict, path: Path) -> str:
     r, m, st = results["rollout"], results["memory"], results["step"]
     lines = [
         "# Benchmarks", "",
-        f"Machine: {results['machine']}.", f"Command: `make bench` (`python -m mgpo.bench`), {results['date']}.", "",
+        f"Machine: {results['machine']}.", f"Command: `make bench` (`python -m mgpo.tools.bench`), {results['date']}.", "",
         "## 1. Rollout phase: optimized vs naive", "",
         "Optimized = one prefill per prompt with the cache copied to the group (`rollout.shared_prefill`) and "
         "turn 2 continued from each sample's turn-1 cache (`rollout.continue_turn2`); naive = both off.", "",

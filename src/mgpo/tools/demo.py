@@ -1,7 +1,7 @@
 """Show one MGPO step on one question: both turns, the box, the crop, reward, advantage, loss.
 
-    python -m mgpo.demo --config configs/tiny_cpu.yaml
-    python -m mgpo.demo --config configs/tiny_demo.yaml --before build/base/base.json   # the demo's table
+    python -m mgpo.tools.demo --config configs/tiny_cpu.yaml
+    python -m mgpo.tools.demo --config configs/tiny_demo.yaml --before build/base/base.json   # the demo's table
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
-from .data import load_samples
-from .generation import suppressed_ids
-from .loss import policy_loss
-from .model import load_model, load_processor
-from .policy import PolicyForward
-from .reward import group_advantages, score
-from .rollout import rollout
+from ..config import load_config
+from ..core.generation import suppressed_ids
+from ..core.loss import policy_loss
+from ..core.policy import PolicyForward
+from ..core.reward import group_advantages, score
+from ..core.rollout import rollout
+from ..data.samples import load_samples
+from ..runtime.model import load_model, load_processor
 
 
 def show_one_rollout(cfg, sample_index: int = 0) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(before_after(args.before, cfg.train.output_dir, cfg.eval.output_dir))
         return
     if args.from_run:
-        from .evaluate import newest_run_model
+        from ..eval.evaluate import newest_run_model
 
         newest = newest_run_model(cfg.train.output_dir)
         if newest:

@@ -1,28 +1,32 @@
 """Merge a LoRA checkpoint into its base model and write a full Hugging Face folder.
 
-    python -m mgpo.merge runs/x/checkpoints/step-000100 merged/ --base /models/Qwen2.5-VL-7B-Instruct
+    python -m mgpo.tools.merge runs/x/checkpoints/step-000100 merged/ --base /models/Qwen2.5-VL-7B-Instruct
 
-The result loads with ``from_pretrained`` (and serving engines) like any Qwen2.5-VL.
+The result loads with ``from_pretrained`` (and serving engines) like any Qwen2.5-VL. The
+weights keep the base checkpoint's dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from ..config import ModelConfig
+from ..runtime.model import DTYPES, check_model_dir, load_model
 
 
 def merge(checkpoint: str | Path, out: str | Path, base: str | Path) -> Path:
-    from peft import PeftModel
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor
 
     checkpoint, out = Path(checkpoint), Path(out)
     adapter = checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else checkpoint
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no LoRA adapter in {checkpoint} (expected adapter/adapter_config.json)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, local_files_only=True)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    AutoProcessor.from_pretrained(adapter if (adapter / "processor_config.json").exists() else base).save_pretrained(out)
+    config = json.loads((check_model_dir(base) / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    model = load_model(ModelConfig(path=str(base), dtype=dtype if dtype in DTYPES else "float32"), adapter=adapter)
+    model.save_pretrained(out, safe_serialization=True)
+    processor_dir = adapter if (adapter / "processor_config.json").exists() else base
+    AutoProcessor.from_pretrained(processor_dir, local_files_only=True).save_pretrained(out)
     return out
 
 
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("out")
-    parser.add_argument("--base", required=True, help="the base model directory the adapter was trained on")
+    parser.add_argument("--base", required=True, help="the local base model folder the adapter was trained on")
     args = parser.parse_args(argv)
     print(f"merged model written to {merge(args.checkpoint, args.out, args.base)}")
 

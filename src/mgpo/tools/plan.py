@@ -1,7 +1,7 @@
 """Will it fit? Per-GPU memory and decode-time floor of a config, before launching.
 
-    python -m mgpo.plan --config configs/qwen2_5_vl_7b_mgpo.yaml --gpus 8 --gpu-memory 80
-    python -m mgpo.plan --config configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml --gpus 1 --gpu-memory 80
+    python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo.yaml --gpus 8 --gpu-memory 80
+    python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml --gpus 1 --gpu-memory 80
 
 One training step has three memory peaks, never at the same time:
 
@@ -14,7 +14,7 @@ One training step has three memory peaks, never at the same time:
 
 Every formula is in one function below, with where each input comes from (docs/gpu-plan.md
 states them once more, with the three documented set-ups). Bytes are exact counts for
-parameters (from the published configs in ``mgpo.archs``, counted on the meta device) and
+parameters (from the published configs in ``mgpo.tools.archs``, counted on the meta device) and
 for the KV cache; activations per layer and token were measured on CPU (``make bench``;
 ``tests/test_plan.py`` measures them again) and are scaled to the real depth here.
 """
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..config import Config, load_config
 from .archs import ARCHS, Arch
-from .config import Config, load_config
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -43,7 +43,7 @@ BANDWIDTH_TBS = {"h100": 3.35, "h200": 4.8}
 """HBM bandwidth of an H100 SXM and an H200 (NVIDIA's data sheets), TB/s."""
 
 # Activation bytes per token per decoder layer, bf16, SDPA attention, the trainer's forward
-# (``measure_layer_bytes`` in mgpo.bench: live heap after the forward, 2 layers minus 1, 512
+# (``measure_layer_bytes`` in mgpo.tools.bench: live heap after the forward, 2 layers minus 1, 512
 # tokens; ``make bench`` on 2026-11-24, AMD EPYC CPU, torch 2.14.1, transformers 5.23).
 # "act": everything autograd keeps for backward; "act_ckpt": with gradient checkpointing
 # (the layer's input, 2 x hidden bytes). Counting the tensors autograd saves gives about
@@ -164,7 +164,7 @@ def masked_logits_bytes(a: Arch, tokens: int, entropy: bool) -> int:
     them at a time and recomputed in backward, so at most one chunk's bf16 logits, their
     fp32 copy divided by the temperature, log_softmax and, with the entropy bonus, exp() and
     the product are alive at once."""
-    from .policy import HEAD_CHUNK
+    from ..core.policy import HEAD_CHUNK
 
     per = BF16 + FP32 + FP32 + (2 * FP32 if entropy else 0)
     return min(tokens, HEAD_CHUNK) * a.vocab_size * per
@@ -316,7 +316,7 @@ def startup_line(cfg: Config) -> str | None:
 
     if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
         return None
-    from .distributed import launched_world_size
+    from ..runtime.distributed import launched_world_size
 
     line = verdict(cfg, launched_world_size(), torch.cuda.get_device_properties(0).total_memory / GB)
     return ("WARNING: predicted out of memory: " if line.startswith("does not fit") else "memory plan: ") + line

@@ -1,7 +1,7 @@
 """The miniature reproduction: MGPO from the embedded base model, over seeds, measured.
 
-    python -m mgpo.repro --seeds 0 1 2 --steps 60        # `make repro`, writes docs/reproduction.md
-    python -m mgpo.repro --task beacon --seeds 0 1 --steps 150   # MGPO vs one-turn GRPO, grounding
+    python -m mgpo.tools.repro --seeds 0 1 2 --steps 60        # `make repro`, writes docs/reproduction.md
+    python -m mgpo.tools.repro --task beacon --seeds 0 1 --steps 150   # MGPO vs one-turn GRPO, grounding
 
 For each seed: ``train.py`` with ``configs/tiny_demo.yaml`` from ``build/base/model``
 (built first when missing), the greedy test accuracy of the checkpoints every
@@ -13,7 +13,7 @@ For each seed: ``train.py`` with ``configs/tiny_demo.yaml`` from ``build/base/mo
 MGPO and the paper's one-turn GRPO baseline (``--methods``) from the same base: the answer
 is legible only in a crop, so the curves to read are the IoU of the turn-1 box with the
 target, the valid-box share (the paper's Figure 7) and the test accuracy (see
-``mgpo.beacon``). It also measures the paper's Table 3: the share of test questions whose
+``mgpo.tools.beacon``). It also measures the paper's Table 3: the share of test questions whose
 turn-1 crop lets the base model answer right (``eval.py crops``).
 """
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or ("runs/repro" if args.task == "colours" else f"runs/repro-{args.task}"))
     config = args.config or default_config
     if not (base / "base.json").exists():
-        _run([sys.executable, "-m", "mgpo.base", str(base), "--task", args.task])
+        _run([sys.executable, "-m", "mgpo.tools.base", str(base), "--task", args.task])
     methods = args.methods or default_methods
     summary = json.loads((base / "base.json").read_text())
     # Table 3 (the paper's template only): the base answers from each method's turn-1 crops
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [collect(out / f"{m}-seed{s}", m, s) for m in methods for s in args.seeds]
     else:
         runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge) for m in methods for s in args.seeds]
-    command = (f"python -m mgpo.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
+    command = (f"python -m mgpo.tools.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
                f"--steps {args.steps} --eval-every {args.eval_every} --methods {' '.join(methods)}")
     path = write_report(summary, runs, Path(args.docs), command, args.task)
     print(f"wrote {path}")

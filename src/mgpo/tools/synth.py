@@ -13,7 +13,7 @@ Two categories, named as in V* Bench so one evaluation serves both:
 - ``relative_position``: "Is the red triangle on the left or right side of the blue
   circle?" (two options).
 
-    python -m mgpo.synth build/synth --n 64 --seed 0 --split train
+    python -m mgpo.tools.synth build/synth --n 64 --seed 0 --split train
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .prompts import LETTERS
+from ..core.prompts import LETTERS
 
 COLORS = {
     "red": (220, 30, 30),
@@ -73,7 +73,7 @@ def _free_box(rng: random.Random, size: tuple[int, int], side: int, taken: list,
     raise RuntimeError("could not place a shape; the image is too crowded")
 
 
-def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+def background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     """A grey gradient cluttered with large grey shapes (no colour, so targets stand out only up close)."""
     w, h = size
     base = rng.randint(110, 170)
@@ -102,7 +102,7 @@ def make_sample(index: int, seed: int, image_dir: Path, split: str) -> dict:
     long_side = rng.randint(1500, 4000)
     scale = long_side / max(aw, ah)
     size = (int(aw * scale), int(ah * scale))
-    img = _background(rng, size)
+    img = background(rng, size)
     draw = ImageDraw.Draw(img)
     area = size[0] * size[1]
     side_hi = min(56, int(math.sqrt(0.009 * area)))  # each target under 1% of the image

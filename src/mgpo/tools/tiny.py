@@ -13,11 +13,11 @@ all written with ``save_pretrained`` and then laid out like the published
 Qwen2.5-VL-7B-Instruct folder (``publish_layout``): the same file names, the legacy
 ``min_pixels`` / ``max_pixels`` keys in ``preprocessor_config.json`` and the sampling
 values of the shipped ``generation_config.json``. Those two files silently changed a
-real run's pixel budget and sampling distribution (SPEC section 7), so the tests must
+real run's pixel budget and sampling distribution, so the tests must
 read a folder that carries them.
 
-    python -m mgpo.tiny build/tiny-qwen2.5-vl
-    python -m mgpo.tiny build/qwen2.5-vl-3b-2l --arch qwen2.5-vl-3b --layers 2 --vision-depth 2
+    python -m mgpo.tools.tiny build/tiny-qwen2.5-vl
+    python -m mgpo.tools.tiny build/qwen2.5-vl-3b-2l --arch qwen2.5-vl-3b --layers 2 --vision-depth 2
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def publish_layout(folder: Path, tokenizer) -> None:
 
 
 def arch_config(arch: str, *, layers: int, vision_depth: int, tokenizer=None):
-    """A Qwen2_5_VLConfig with every width of a published model (``mgpo.archs``) and
+    """A Qwen2_5_VLConfig with every width of a published model (``mgpo.tools.archs``) and
     only the depths reduced; special-token ids are ``tokenizer``'s (else Qwen's own)."""
     from transformers import Qwen2_5_VLConfig
 
@@ -269,7 +269,7 @@ def build_tiny_checkpoint(
 
     The folder carries the published checkpoint's pixel keys (3,136 to 12,845,056 px):
     the pixel budget of a run is the config's ``model.min_pixels`` / ``max_pixels``,
-    which ``mgpo.model.load_processor`` makes win over the folder's.
+    which ``mgpo.runtime.model.load_processor`` makes win over the folder's.
     """
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=sorted(ARCHS), default=None,
-                        help="every width of this published model (mgpo.archs); only the depths are reduced")
+                        help="every width of this published model (mgpo.tools.archs); only the depths are reduced")
     parser.add_argument("--layers", type=int, default=2, help="language-model layers")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks (with --arch)")
     args = parser.parse_args(argv)

@@ -1,0 +1,194 @@
+"""The conversation kit every turn loop shares (the two-turn rollout, the K-turn loop,
+teacher forcing): the hand-over types, encoding a prompt with its image, generating
+turn 1, closing a turn right after its box, and assembling finished conversations into
+a `Rollout` with the one loss mask.
+
+A conversation is a list of pieces of token ids; a piece is either the model's own
+tokens (``trained``: loss mask 1) or text we inserted (prompts, user blocks with their
+images: loss mask 0). `assemble` is the only place that turns pieces into the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import RolloutConfig
+from ..data.samples import BadImageError, Sample, prompt_length_problem
+from .generation import Generated, generate_batch, generation_config
+from .prompts import Template, first_prompt_text
+from .trajectory import ImagePatches, Rollout
+
+
+@dataclass
+class Encoded:
+    ids: torch.Tensor  # [L]
+    image: ImagePatches
+
+
+@dataclass
+class Prompt:
+    sample: Sample
+    original: object  # the decoded original (PIL image)
+    enc: Encoded  # the turn-1 prompt
+    image: int  # index of its image in the rollout's image list
+    script: tuple[str, ...] | None = None  # teacher forcing: the assistant text of each turn
+
+
+@dataclass
+class Piece:
+    tokens: torch.Tensor  # [L]
+    trained: bool  # the model produced these tokens (loss mask 1)
+    logp: torch.Tensor | None = None  # [L] generation-time log-probs, when recorded
+
+
+@dataclass
+class Conversation:
+    """One trajectory's tokens, piece by piece, and its images."""
+
+    pieces: list[Piece]
+    images: list[int]
+    kept: int = 0  # turn-1 tokens kept (the turn-2 cache continues after them)
+
+
+@dataclass
+class Context:
+    """Everything a rollout's turns share."""
+
+    processor: object
+    template: Template
+    cfg: RolloutConfig
+    ids: dict[str, int]
+    greedy: bool
+    record_logprobs: bool
+    min_pixels: int
+    max_pixels: int
+    synced_gpus: bool
+    images: list[ImagePatches] = field(default_factory=list)
+
+    @property
+    def stops(self) -> set[int]:
+        return {self.ids["<|im_end|>"], self.ids["<|endoftext|>"]}
+
+    def add_image(self, image: ImagePatches) -> int:
+        self.images.append(image)
+        return len(self.images) - 1
+
+    def generation(self, max_new_tokens: int):
+        return generation_config(self.cfg, max_new_tokens, self.ids, self.greedy, self.record_logprobs)
+
+
+def encode(processor, text: str, images: list) -> Encoded:
+    """Tokenize one text with its image; the processor expands the image placeholder."""
+    out = processor(text=[text], images=images, return_tensors="pt")
+    return Encoded(out["input_ids"][0], ImagePatches(out["pixel_values"], out["image_grid_thw"]))
+
+
+def is_closed(tokens: torch.Tensor, stops: set[int]) -> bool:
+    """Did this turn end with a stop token (rather than at the token limit)?"""
+    return len(tokens) > 0 and int(tokens[-1]) in stops
+
+
+def cut_after(tokenizer, tokens: torch.Tensor, text: str, end: int) -> int:
+    """Fewest leading tokens whose decoded text covers ``text[:end]`` (binary search)."""
+    target = text[:end]
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(tokens[:mid], skip_special_tokens=False).startswith(target):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def scripted(ctx: Context, texts: list[str]) -> Generated:
+    """What ``generate`` would return had the model written ``texts`` and stopped."""
+    tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
+    tokens = [torch.tensor(tok.encode(t, add_special_tokens=False) + [im_end]) for t in texts]
+    return Generated(tokens, [None] * len(texts), cache=None, width=0, steps=max(len(t) for t in tokens))
+
+
+def encode_prompts(ctx: Context, samples: list[Sample], images: list | None, texts=None,
+                    max_prompt_tokens: int = 0):
+    """Decode each image once and encode each turn-1 prompt once; unreadable ones are skipped."""
+    prompts, skipped = [], []
+    for k, sample in enumerate(samples):
+        try:
+            original = images[k] if images is not None else sample.load_image()
+        except BadImageError as e:
+            skipped.append((sample.id, str(e)))
+            continue
+        text = first_prompt_text(ctx.processor, ctx.template, sample.question, sample.options)
+        enc = encode(ctx.processor, text, [original])
+        if too_long := prompt_length_problem(len(enc.ids), max_prompt_tokens):
+            skipped.append((sample.id, too_long))
+            continue
+        prompts.append(Prompt(sample, original, enc, ctx.add_image(enc.image), texts[k] if texts else None))
+    if not prompts:
+        raise BadImageError("every prompt of the batch was skipped: " + "; ".join(r for _, r in skipped))
+    return prompts, skipped
+
+
+def generate_turn1(model, ctx: Context, prompts: list[Prompt]) -> Generated:
+    """Turn 1: one batched generate (each prompt prefilled once, or once per sample); rows
+    are trajectories, group by group."""
+    group_size = ctx.cfg.group_size
+    if prompts[0].script is not None:
+        return scripted(ctx, [p.script[0] for p in prompts])
+    shared = ctx.cfg.shared_prefill and group_size > 1
+    rows = 1 if shared else group_size  # input rows per prompt (shared: the cache is copied instead)
+    return generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],
+                          [p.enc.image.pixel_values for p in prompts for _ in range(rows)],
+                          [p.enc.image.grid for p in prompts for _ in range(rows)],
+                          ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"],
+                          ctx.synced_gpus, group_size=group_size if shared else 1)
+
+
+def assemble(ctx: Context, conversations: list[Conversation], trajectories, skipped) -> Rollout:
+    """Right-pad the finished conversations and build the one loss mask."""
+    lengths = [sum(len(p.tokens) for p in c.pieces) for c in conversations]
+    n, width = len(conversations), max(lengths)
+    pad_id, image_token = ctx.ids["<|endoftext|>"], ctx.ids["<|image_pad|>"]
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.float32)
+    sample_logp = torch.full((n, width), float("nan")) if ctx.record_logprobs else None
+    for i, conv in enumerate(conversations):
+        pos = 0
+        for piece in conv.pieces:
+            span = slice(pos, pos + len(piece.tokens))
+            input_ids[i, span] = piece.tokens
+            if piece.trained:
+                loss_mask[i, span] = 1.0
+                if sample_logp is not None and piece.logp is not None:
+                    sample_logp[i, span] = piece.logp
+            pos += len(piece.tokens)
+        attention_mask[i, :pos] = 1
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+        mm_token_type_ids=(input_ids == image_token).long() * attention_mask,
+        images=ctx.images,
+        image_index=[c.images for c in conversations],
+        trajectories=trajectories,
+        skipped=skipped,
+        sample_logp=sample_logp,
+    )
+
+
+def close_at_box(sampled: torch.Tensor, logp: torch.Tensor | None, keep: int, closed: bool,
+                 im_end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A turn cut after its first ``keep`` tokens (right after the box block) and closed with
+    ``<|im_end|>``: the sampled one when the model stopped right there (its log-prob kept),
+    otherwise one we add (trained too, as the reference does; no log-prob was recorded for it).
+
+    ``sampled`` is the turn as generated, ``closed`` whether it ended with a stop token."""
+    body = sampled[:-1] if closed else sampled
+    sampled_close = closed and keep == len(body) and int(sampled[-1]) == im_end
+    tokens = torch.cat([body[:keep], torch.tensor([im_end])])
+    if logp is not None:
+        logp = torch.cat([logp[:keep], logp[keep:keep + 1] if sampled_close else torch.tensor([float("nan")])])
+    return tokens, logp

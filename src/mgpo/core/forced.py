@@ -1,0 +1,97 @@
+"""Conversations the model did not sample: supervised targets in the rollout's own format.
+
+``teacher_forced`` builds the conversation the rollout would have built had the model
+written the given text in each assistant turn (SFT, the crop-answerability judge);
+``chat_forced`` encodes a user's own chat messages piece by piece. Both end in the same
+`assemble` as a rollout, so SFT's loss mask is the rollout's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..config import RolloutConfig
+from ..data.images import load_image
+from ..data.samples import BadImageError, Sample
+from .conversation import Context, Conversation, Piece, assemble, encode_prompts
+from .generation import special_ids
+from .grounding import input_size_from_grid
+from .prompts import chat_pieces, get_template
+from .rollout import rollout_groups
+from .trajectory import ImagePatches, Rollout, Trajectory
+
+
+@torch.no_grad()
+def teacher_forced(processor, samples: list[Sample], texts: list[tuple[str, ...]], cfg: RolloutConfig, *,
+                   min_pixels: int, max_pixels: int, images: list | None = None, model=None) -> Rollout:
+    """The conversations the rollout would build had the model written ``texts[i]`` (one
+    string per assistant turn) for ``samples[i]``: SFT's batches, with the rollout's own
+    box parsing, crop, token concatenation and loss mask. One trajectory per sample.
+
+    With ``model``, ``texts`` may script turn 1 only: ``model`` then writes turn 2 greedily
+    (the crop-answerability measure: given this box, does the model answer?)."""
+    template = get_template(cfg.template)
+    if not template.zoom_loop:  # (mgpo_k scripts end where their answer is)
+        if any(len(t) != len(texts[0]) for t in texts) or not 0 < len(texts[0]) <= template.turns:
+            raise ValueError(f"teacher_forced: every sample needs the same number of scripted turns, 1 to "
+                             f"{template.turns} for the {cfg.template!r} template")
+        if len(texts[0]) < template.turns and model is None:
+            raise ValueError("teacher_forced: the texts script turn 1 only, and no model is given to write turn 2")
+    ctx = Context(processor, template, replace(cfg, group_size=1, continue_turn2=False), special_ids(processor),
+                   greedy=True, record_logprobs=False, min_pixels=min_pixels, max_pixels=max_pixels,
+                   synced_gpus=False)
+    prompts, skipped = encode_prompts(ctx, samples, images, texts)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    try:
+        trajectories, conversations = rollout_groups(model, ctx, prompts, first_group=0)
+    finally:
+        if was_training:
+            model.train()
+    return assemble(ctx, conversations, trajectories, skipped)
+
+
+def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels: int,
+                images: list | None = None) -> Rollout:
+    """SFT on ``chat`` records (``Sample.messages``): each conversation encoded piece by piece
+    as a rollout is, the text between assistant messages (system, user blocks, their images)
+    untrained, each assistant message and its closing ``<|im_end|>`` trained; the same
+    `assemble` builds the loss mask. ``images[i]``, when given, is sample i's first image
+    decoded; a sample with an unreadable image is skipped and listed."""
+    ctx = Context(processor, get_template("mgpo"), RolloutConfig(group_size=1), special_ids(processor),
+                   greedy=True, record_logprobs=False, min_pixels=min_pixels, max_pixels=max_pixels,
+                   synced_gpus=False)
+    tok, im_end = processor.tokenizer, ctx.ids["<|im_end|>"]
+    trajectories, conversations, skipped = [], [], []
+    for k, sample in enumerate(samples):
+        paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
+        try:
+            loaded = [images[k] if images is not None else sample.load_image()]
+            loaded += [load_image(path, sample.id) for path in paths[1:]]
+        except BadImageError as e:
+            skipped.append((sample.id, str(e)))
+            continue
+        pieces, shown, targets = [], [], []
+        for text, target in chat_pieces(processor, sample.messages):
+            if target:
+                pieces.append(Piece(torch.tensor(tok.encode(text, add_special_tokens=False) + [im_end]), True))
+                targets.append(text)
+                continue
+            block = loaded[len(shown): len(shown) + text.count("<|vision_start|>")]
+            out = processor(text=[text], images=block or None, return_tensors="pt")
+            if block:  # one ImagePatches per image: the processor returns them concatenated
+                grids = out["image_grid_thw"]
+                for pixels, grid in zip(out["pixel_values"].split(grids.prod(-1).tolist()), grids.split(1)):
+                    shown.append(ctx.add_image(ImagePatches(pixels, grid)))
+            pieces.append(Piece(out["input_ids"][0], False))
+        t = Trajectory(sample.id, len(conversations), "", (), loaded[0].size,
+                       input_size_from_grid(ctx.images[shown[0]].grid[0]), turns=len(targets))
+        t.turn1_text, t.turn2_text = targets[0], targets[-1] if len(targets) > 1 else ""
+        trajectories.append(t)
+        conversations.append(Conversation(pieces, shown))
+    if not conversations:
+        raise BadImageError("every conversation of the batch was skipped: " + "; ".join(r for _, r in skipped))
+    return assemble(ctx, conversations, trajectories, skipped)

@@ -1,0 +1,191 @@
+"""Run set-up: everything the training loop works with, built once before it starts.
+
+Batch arithmetic checked against the number of processes, the process group, the policy
+(frozen parts, LoRA adapters, resumed weights), the frozen reference for the KL term, the
+optimizer and its schedule, the resumed training state, the data and the logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config, TrainConfig
+from ..data.samples import BadImageError, drop_long_prompts, load_samples
+from ..runtime import distributed as D
+from ..runtime.checkpoint import load_training_state
+from ..runtime.logger import RunLogger, setup_logging
+from ..runtime.model import load_model, load_processor
+from ..runtime.run_folder import start_run
+from .generation import suppressed_ids
+from .policy import PolicyForward
+from .rollout import prompt_tokens
+
+log = logging.getLogger("mgpo")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic, per rank, checked once at start-up."""
+
+    prompts_per_rank: int  # prompts each rank rolls out per rollout batch
+    steps_per_rollout: int  # optimizer steps fed by one rollout batch (per PPO epoch)
+    trajectories_per_step: int  # per rank
+    grad_accum: int  # micro-batches per optimizer step
+
+
+def plan_batches(t: TrainConfig, group_size: int, world: int) -> BatchPlan:
+    """Check that prompts, groups, ranks and micro-batches divide evenly; say what to change if not."""
+    P, S, M = t.prompts_per_rollout, t.prompts_per_step, t.micro_batch_size
+    problems = []
+    if P % S:
+        problems.append(f"train.prompts_per_rollout ({P}) must be a multiple of train.prompts_per_step ({S})")
+    if S % world:
+        problems.append(f"train.prompts_per_step ({S}) must be a multiple of the number of processes ({world}), "
+                        "so that every prompt's whole group stays on one rank")
+    per_step = (S // world) * group_size if S % world == 0 else 0
+    if per_step and per_step % M:
+        problems.append(f"each rank gets {S // world} prompts x group_size {group_size} = {per_step} trajectories "
+                        f"per step, not a multiple of train.micro_batch_size ({M})")
+    if problems:
+        raise ValueError("batch sizes do not fit together:\n  - " + "\n  - ".join(problems))
+    return BatchPlan(P // world, P // S, per_step, per_step // M)
+
+
+def check_sampling(cfg: Config) -> None:
+    """Training log-probs model the full temperature-scaled distribution: a truncated one
+    (top_p < 1, top_k > 0) would make every ratio and KL term wrong."""
+    r = cfg.rollout
+    if r.top_p < 1.0 or r.top_k > 0:
+        raise ValueError(f"rollout.top_p={r.top_p} / rollout.top_k={r.top_k}: training needs top_p=1 and top_k=0, "
+                         "because the training log-probs do not model a truncated distribution "
+                         "(evaluation may use them)")
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by ``setup_run``."""
+
+    cfg: Config
+    plan: BatchPlan
+    accelerator: object
+    wrapped: torch.nn.Module  # PolicyForward around the policy, prepared (DDP / DeepSpeed)
+    optimizer: object
+    scheduler: object  # stepped once per optimizer step, by us (not by accelerate)
+    trainable: list
+    reference: torch.nn.Module | None  # None: no KL, or LoRA (adapters off = the reference)
+    processor: object
+    data: object
+    reserve: object  # a sample whose image decodes: stands in for unreadable ones
+    logger: RunLogger
+    out: Path
+    total: int
+    folder: object = None  # the run folder's lock, held until the run object goes
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch": 0})
+    bad_steps: int = 0
+
+
+def setup_run(cfg: Config) -> Run:
+    """Process group, policy, reference, optimizer, schedule, resume state, data, logger."""
+    t = cfg.train
+    world = D.launched_world_size()
+    plan = plan_batches(t, 1 if t.algorithm == "sft" else cfg.rollout.group_size, world)
+    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
+    setup_logging()
+    out = Path(t.output_dir)
+    folder = start_run(cfg)  # lock the folder; verify the checkpoint; refuse changed settings; save the config
+    resume_from = folder.resume_from
+    torch.manual_seed(t.seed + D.rank())  # each rank samples its own rollouts
+
+    # ---- model, reference, optimizer
+    processor = load_processor(cfg.model)
+    suppress = suppressed_ids(processor)
+    policy = load_policy(cfg, resume_from, accelerator.device)
+    policy.train()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    # Not passed to accelerate.prepare: its AcceleratedScheduler steps once per process per
+    # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, cfg.rollout.temperature, suppress), optimizer)
+    reference = None
+    # with LoRA the base model (adapters off) is the reference; SFT has none
+    if cfg.loss.kl_coef > 0 and t.lora_rank == 0 and t.algorithm == "rl":
+        reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
+                                  cfg.rollout.temperature, suppress)
+    state = {"step": 0, "epoch": 0, "batch": 0}
+    if resume_from is not None:
+        state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+
+    # ---- data
+    data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
+                        max_samples=cfg.data.max_samples)
+    chat = any(s.messages for s in data)
+    if chat and t.algorithm != "sft":
+        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
+                         "set train.algorithm=sft, or give RL a question file")
+    if not chat:  # (a chat record's length is its own: not limited at load)
+        data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s,
+                                                               cfg.model.min_pixels, cfg.model.max_pixels),
+                                 cfg.data.max_prompt_tokens)
+    if len(data) < t.prompts_per_rollout:
+        raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
+                         f"train.prompts_per_rollout ({t.prompts_per_rollout})")
+    total = t.epochs * (len(data) // t.prompts_per_rollout) * plan.steps_per_rollout * t.ppo_epochs
+    total = min(total, t.max_steps) if t.max_steps else total
+    log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
+             "per step", t.algorithm, total, t.prompts_per_rollout, 1 if t.algorithm == "sft" else cfg.rollout.group_size,
+             world, plan.grad_accum, t.micro_batch_size)
+    return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
+                _decodable_reserve(data), RunLogger(out, total, resume_step=state["step"] if resume_from else None),
+                out, total, folder=folder, state={**state})
+
+
+def _set_trainable(model, t: TrainConfig):
+    """Freeze the vision tower and/or add LoRA adapters; return the model to optimize."""
+    if t.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if t.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        # A regex so only the language model gets adapters (the vision blocks reuse names).
+        targets = r".*language_model.*\.(" + "|".join(t.lora_target_modules) + r")"
+        model = get_peft_model(model, LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=targets))
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.lora_rank > 0:
+            model.enable_input_require_grads()
+    return model
+
+
+def load_policy(cfg: Config, resume_from: Path | None, device):
+    """The policy to train: the configured model (or a checkpoint's weights), with frozen parts
+    and LoRA adapters set; a LoRA checkpoint's adapters are loaded onto the base model."""
+    t = cfg.train
+    if t.lora_rank > 0:
+        model = _set_trainable(load_model(cfg.model, device), t)
+        if resume_from is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(resume_from / "adapter" / "adapter_model.safetensors")))
+        return model
+    path = resume_from / "model" if resume_from is not None else None
+    return _set_trainable(load_model(cfg.model, device, path=path), t)
+
+
+def _decodable_reserve(data):
+    """The first sample whose image decodes (it replaces unreadable images in a batch)."""
+    for sample in data:
+        try:
+            sample.load_image()
+            return sample
+        except BadImageError as e:
+            log.warning("not usable as the reserve sample: %s", e)
+    raise BadImageError(f"no image of the training set decodes ({len(data)} records)")

@@ -1,0 +1,146 @@
+"""What an evaluation's numbers depend on, and the prediction files that hold them.
+
+``protocol`` is what a report states with every result (model, mode, pixel budget,
+decoding, token limits, box rule, answer matching); ``run_protocol`` adds what stored
+predictions depend on (the model's files, the questions). Predictions are kept only
+while they were made under the same protocol (``check_protocol``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..config import Config, flatten
+from ..core.prompts import get_template
+from ..data.samples import SampleSet
+
+log = logging.getLogger("mgpo")
+
+
+PROTOCOL_FILE = "protocol.json"
+
+
+class ProtocolMismatchError(RuntimeError):
+    """Stored predictions were made under another protocol than this run's."""
+
+
+def protocol(cfg: Config) -> dict:
+    """Everything that changes a number, stated with every result."""
+    e, r = cfg.eval, cfg.rollout
+    decoding = "greedy" if e.temperature == 0 else f"sampling T={e.temperature}, top_p={r.top_p}"
+    return {
+        "model": cfg.model.path, "adapter": e.adapter or "none", "mode": e.mode,
+        "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels, "decoding": decoding,
+        "samples_k": e.samples, "max_new_tokens": f"{r.max_new_tokens_turn1}/{r.max_new_tokens_turn2}",
+        "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
+        "answer_match": "exact option letter in the last \\boxed{}" + (
+            ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
+    } | ({"max_turns": e.max_turns, "max_image_tokens": r.max_image_tokens or "no cap",
+          "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
+         if get_template(e.mode).zoom_loop else {})
+
+
+def read_predictions(pred_dir: Path) -> list[dict]:
+    records = []
+    for f in sorted(pred_dir.glob("rank*.jsonl")):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                log.warning("%s line %d is not a JSON record; ignored (its batch is redone)", f, n)
+    return records
+
+
+def done_questions(records: list[dict], k: int) -> set[tuple[str, str]]:
+    """Questions with all ``k`` samples recorded (or an error record): their batches are not redone."""
+    samples: dict[tuple[str, str], set] = {}
+    failed = set()
+    for r in records:
+        key = (r["dataset"], r["id"])
+        if "error" in r:
+            failed.add(key)
+        samples.setdefault(key, set()).add(r.get("sample", 0))
+    return failed | {key for key, s in samples.items() if len(s) >= k}
+
+
+def cut_torn_tail(path: Path) -> int:
+    """Remove a last line that has no newline (a kill mid-write) and return the bytes removed.
+
+    Appending after such a line would glue the next record onto it and lose that one too.
+    """
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(1 << 16, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                pos = pos - step + newline + 1
+                break
+            pos -= step
+        f.truncate(pos)
+        f.flush()
+        os.fsync(f.fileno())
+    return end - pos
+
+
+def _folder_stamp(folder: str) -> str:
+    """Names, sizes and modification times of a model folder's files: changes when the weights
+    are replaced (a retrained model written to the same path), without reading gigabytes."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    text = "\n".join(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _questions_stamp(ds: SampleSet) -> dict:
+    """Count and hash of every question as the model sees it (id, image, text, options, answer)."""
+    digest = hashlib.sha256()
+    for s in ds:
+        digest.update(json.dumps([s.id, s.image, s.question, list(s.options), s.answer]).encode() + b"\n")
+    return {"count": len(ds), "sha256": digest.hexdigest()[:16]}
+
+
+def run_protocol(cfg: Config, datasets: dict[str, SampleSet]) -> dict:
+    """Everything stored predictions depend on: the reported protocol, the model's files, the questions."""
+    proto = protocol(cfg) | {
+        "model_files": _folder_stamp(cfg.model.path),
+        "adapter_files": _folder_stamp(cfg.eval.adapter) if cfg.eval.adapter else "none",
+        "questions": {name: _questions_stamp(ds) for name, ds in datasets.items()},
+    }
+    if cfg.eval.temperature > 0:  # sampled predictions depend on the per-batch seeds
+        proto["sampling_seeds"] = f"train.seed={cfg.train.seed}, eval.batch_size={cfg.eval.batch_size}"
+    return proto
+
+
+def check_protocol(pred_dir: Path, proto: dict, overwrite: bool) -> None:
+    """Keep stored predictions only when made under ``proto``; refuse (or, with ``overwrite``,
+    discard them) otherwise. Then store ``proto`` and its hash beside the predictions."""
+    stored_file, old = pred_dir / PROTOCOL_FILE, sorted(pred_dir.glob("rank*.jsonl"))
+    if stored_file.exists():
+        stored = json.loads(stored_file.read_text())["protocol"]
+        if stored == proto:
+            return
+        a, b = flatten(stored), flatten(proto)
+        differ = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    elif old:
+        differ = ["(no stored protocol: these predictions were made by an older version)"]
+    else:
+        differ = []
+    if differ and not overwrite:
+        raise ProtocolMismatchError(
+            f"{pred_dir} holds predictions made under another protocol:\n  - " + "\n  - ".join(differ)
+            + "\nset eval.overwrite=true to discard them and start fresh, or choose another eval.output_dir")
+    if differ:
+        log.warning("eval.overwrite: discarding the predictions in %s (%s)", pred_dir, "; ".join(differ))
+        for f in old:
+            f.unlink()
+    digest = hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()
+    stored_file.write_text(json.dumps({"protocol": proto, "sha256": digest}, indent=2) + "\n")
