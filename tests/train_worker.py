@@ -49,6 +49,8 @@ def main():
                     help="mgpo_k: rank 0's trajectories all answer at turn 1, rank 1's zoom at every turn")
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
     ap.add_argument("--negate-advantages", action="store_true", help="a broken trainer: advantages negated")
+    ap.add_argument("--shift-mask", action="store_true",
+                    help="a broken trainer: the loss mask one token late (trains each turn's next token, not its own)")
     ap.add_argument("--record-loss-inputs", action="store_true",
                     help="record every micro-batch's masked loss inputs (to recompute the step's figures)")
     ap.add_argument("overrides", nargs="*")
@@ -76,6 +78,15 @@ def main():
     if args.negate_advantages:
         real_advantages = trainer.group_advantages
         trainer.group_advantages = lambda *a, **kw: -real_advantages(*a, **kw)
+
+    if args.shift_mask:
+        mask_rollout = trainer.rollout
+
+        def _shifted(*a, **kw):
+            batch = mask_rollout(*a, **kw)
+            batch.loss_mask = torch.roll(batch.loss_mask, 1, dims=1) * batch.attention_mask
+            return batch
+        trainer.rollout = _shifted
 
     generate_calls = []  # per rollout, this rank's generate calls
     if args.zoom == "split":

@@ -51,7 +51,7 @@ SFT_STEPS = 300
 
 def colours_record(index: int, seed: int, split: str, image_dir: Path, label_noise: float = 0.0) -> dict:
     """Draw one image and return its JSONL record."""
-    from ..core.prompts import LETTERS
+    from ..data.records import LETTERS
 
     rng = random.Random(f"colours-{seed}-{split}-{index}")
     img = Image.new("RGB", (SIZE, SIZE), (128, 128, 128))
@@ -87,6 +87,8 @@ def base_overrides(out: Path) -> list[str]:
 
 
 BEACON_SFT_STEPS = 1000
+DEMO_SFT_STEPS = 300
+DEMO_SFT_LR = 1e-3
 # How a base is evaluated (and how `mgpo.tools.repro` trains and evaluates each method from it):
 # method -> (template, turns)
 METHODS = {
@@ -109,16 +111,23 @@ class Task:
     overrides: tuple[str, ...]  # on configs/tiny_cpu.yaml, for the SFT and the evaluations
     sft_steps: int
     methods: tuple[str, ...]  # the SFT teaches each one's conversation; the base is evaluated in each
+    layout: str = ""  # the beacon layout its images are drawn in ("": the colours task)
+    lr: float = 1e-3  # SFT learning rate
+    test_images: int = 64  # held-out questions the base (and the runs from it) are evaluated on
 
 
 TASKS = {
     "colours": Task((), SFT_STEPS, ("mgpo",)),
     # the pixel budget of configs/tiny_beacon.yaml; both templates, so MGPO and the one-turn
     # GRPO baseline start from the same model
-    "beacon": Task(("model.min_pixels=50176", "model.max_pixels=50176"), BEACON_SFT_STEPS, ("mgpo", "grpo")),
+    "beacon": Task(("model.min_pixels=50176", "model.max_pixels=50176"), BEACON_SFT_STEPS, ("mgpo", "grpo"),
+                   layout="beacon"),
+    # `make demo`'s base: the beacon task in the MGPO template only, a short SFT at a higher rate
+    "demo": Task(("model.min_pixels=50176", "model.max_pixels=50176"), DEMO_SFT_STEPS, ("mgpo",), layout="beacon",
+                 lr=DEMO_SFT_LR, test_images=32),
     # configs/tiny_nested.yaml: K = 2 and K = 3 conversations in turn, from one model
     "nested": Task(("model.min_pixels=12544", "model.max_pixels=12544", "rollout.max_new_tokens_turn2=40"),
-                   BEACON_SFT_STEPS, ("mgpo_k2", "mgpo_k3")),
+                   BEACON_SFT_STEPS, ("mgpo_k2", "mgpo_k3"), layout="nested"),
 }
 
 
@@ -132,14 +141,14 @@ def sft_overrides(task: Task) -> list[str]:
     return out
 
 
-def build_data(data: Path, seed: int, task: str) -> None:
-    if task in ("beacon", "nested"):
+def build_data(data: Path, seed: int, task: Task) -> None:
+    if task.layout:
         from .beacon import LAYOUTS, build_beacon
 
-        layout = LAYOUTS[task]
+        layout = LAYOUTS[task.layout]
         build_beacon(data, 256, seed, "sft", every_panel=True, locate=384, layout=layout)
         build_beacon(data, 256, seed, "train", layout=layout)
-        build_beacon(data, 64, seed + 1, "test", layout=layout)
+        build_beacon(data, task.test_images, seed + 1, "test", layout=layout)
         return
     build_colours(data, 256, seed, "train")
     build_colours(data, 256, seed, "sft", LABEL_NOISE)
@@ -159,13 +168,13 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     sft_steps = sft_steps or spec.sft_steps
     start = time.time()
     data = out / "data"
-    build_data(data, seed, task)
+    build_data(data, seed, spec)
     init = build_tiny_checkpoint(out / "init", seed=seed)
     cfg = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
                                "train.algorithm=sft", f"train.output_dir={out / 'sft'}", "train.resume=none",
                                "train.overwrite=true", f"train.seed={seed}", "train.epochs=1000",
                                f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
-                               "train.prompts_per_step=16", "train.micro_batch_size=8", "train.lr=1e-3",
+                               "train.prompts_per_step=16", "train.micro_batch_size=8", f"train.lr={spec.lr}",
                                *sft_overrides(spec),
                                f"train.save_every={sft_steps}", "train.log_every=50", "loss.kl_coef=0"])
     result = train(cfg)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.prompts import LETTERS
+from ..data.records import LETTERS
 
 
 @dataclass(frozen=True)

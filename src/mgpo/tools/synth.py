@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..core.prompts import LETTERS
+from ..data.records import LETTERS
 
 COLORS = {
     "red": (220, 30, 30),
