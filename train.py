@@ -24,8 +24,9 @@ if __name__ == "__main__":
     if args.print_config:
         print(cfg.to_yaml(), end="")
     else:
-        if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.tools.plan)
-            print(line)
+        if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.tools.plan; refuses if not)
+            if D.is_main():
+                print(line)
         result = train(cfg)
         print(f"done: {result.steps} steps; logs, metrics and checkpoints are in {result.output_dir}")
         D.finish()

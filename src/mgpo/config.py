@@ -186,6 +186,9 @@ class TrainConfig:
     """Log scalars every N optimizer steps."""
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses."""
+    ignore_plan: bool = False
+    """On GPUs, train.py refuses a launch that ``python -m mgpo.tools.plan`` predicts will run out of
+    memory, naming what to change; true: print the prediction as a warning and launch anyway."""
 
 
 @dataclass(frozen=True)
