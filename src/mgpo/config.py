@@ -208,8 +208,9 @@ class EvalConfig:
     """0 = greedy decoding; otherwise sampling at this temperature (top_p from rollout.top_p)."""
     batch_size: int = 8
     """Questions per generate batch."""
-    output_dir: str = "runs/eval"
-    """Where predictions.jsonl, metrics.json, report.md and report.html go."""
+    output_dir: str = ""
+    """Where predictions.jsonl, metrics.json, report.md and report.html go ("" = a folder named after
+    the model and the datasets: runs/eval/<model>/<datasets>, so evaluations never share one)."""
     report_examples: int = 24
     """Cases shown in report.html."""
     overwrite: bool = False

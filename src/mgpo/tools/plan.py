@@ -381,7 +381,10 @@ def _deepspeed_says(cfg: Config, world: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import config_fields_help
+
+    parser = argparse.ArgumentParser(description=__doc__, epilog=config_fields_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="ranks in total")
     parser.add_argument("--gpu-memory", type=float, required=True, help="GB per GPU")
@@ -398,4 +401,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run_main
+
+    run_main(main)
