@@ -1,6 +1,10 @@
 """Run logging: TensorBoard, a metrics.jsonl to plot without it, a progress bar.
 
-Only the main process writes. The rollout figures a step logs are computed from the
+``metrics.jsonl`` holds one row per logged optimizer step (every ``train.log_every`` steps):
+that step's ``train/*`` figures (loss, KL, entropy, clip fraction, gradient norm, rate) and
+the figures of the rollout batch it trained on (``reward/*``, ``grounding/*``, ``length/*``,
+``time/*``), repeated on each step of that batch, so every row reads alone. Only the main
+process writes. The rollout figures a step logs are computed from the
 trajectories in ``mgpo.core.metrics``, so every logged figure has one definition.
 """
 
