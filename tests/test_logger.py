@@ -75,3 +75,59 @@ def test_turn_metrics_of_k_turn_rollouts():
     assert "turns/valid_box_share_turn3" not in m
     two = Trajectory("x", 0, "A", ("a", "b"), (10, 10), (10, 10))
     assert not any(k.startswith("turns/") for k in rollout_metrics([two, two], [0, 1], group_size=2))
+
+
+def _examples_case():
+    """Two prompts' originals (2000 x 1000): a red square at x 1000-1400, y 400-800 in the first."""
+    import numpy as np
+    from PIL import Image
+
+    from mgpo.core.trajectory import Trajectory
+
+    pixels = np.full((1000, 2000, 3), 128, dtype=np.uint8)
+    pixels[400:800, 1000:1400] = (255, 0, 0)
+    images = {"a": Image.fromarray(pixels), "b": Image.fromarray(np.zeros((600, 900, 3), dtype=np.uint8))}
+
+    def traj(sid, group, box=None, targets=()):
+        return Trajectory(sid, group, "A", ("x", "y"), images[sid].size, (448, 224), box_original=box,
+                          valid=box is not None, target_boxes=targets)
+    return images, traj
+
+
+class _Recorder:
+    def __init__(self):
+        self.images, self.texts = {}, {}
+
+    def add_image(self, tag, array, step, dataformats):
+        self.images[tag] = array
+
+    def add_text(self, tag, text, step):
+        self.texts[tag] = text
+
+
+def test_examples_leave_the_shared_original_alone_and_crop_it_at_full_size(tmp_path):
+    """Two samples of one prompt, the first without a valid box: the second's crop is still cut
+    from the full-size original (it used to be cut from the first example's 512-px thumbnail)."""
+    images, traj = _examples_case()
+    logger = RunLogger(tmp_path, total_steps=1, enabled=True)
+    logger.writer.close()
+    logger.writer = recorder = _Recorder()
+    logger.examples([traj("a", 0), traj("a", 0, box=[1000, 400, 1400, 800])], images, step=1)
+    assert images["a"].size == (2000, 1000)
+    crop = recorder.images["rollout1/crop"]
+    assert crop.shape[:2] == (400, 400) and (crop.reshape(-1, 3) == (255, 0, 0)).all()
+
+
+def test_examples_come_from_different_prompts_and_draw_the_target(tmp_path):
+    images, traj = _examples_case()
+    logger = RunLogger(tmp_path, total_steps=1, enabled=True)
+    logger.writer.close()
+    logger.writer = recorder = _Recorder()
+    batch = [traj("a", 0, targets=((1000.0, 400.0, 1400.0, 800.0),)), traj("a", 0), traj("b", 1), traj("b", 1)]
+    logger.examples(batch, images, step=1)
+    assert "**a**" in recorder.texts["rollout0/text"] and "**b**" in recorder.texts["rollout1/text"]
+    shown = recorder.images["rollout0/original_with_box"]  # 512 x 256: the target's outline in green
+    assert shown.shape[:2] == (256, 512)
+    green = (shown[..., 1] > 150) & (shown[..., 0] < 100)
+    ys, xs = green.nonzero()
+    assert green.any() and 250 <= xs.min() <= 258 and 354 <= xs.max() <= 360 and 100 <= ys.min() <= 104

@@ -62,6 +62,17 @@ def drop_rows_after(path: Path, step: int) -> int:
     return dropped
 
 
+def pick_examples(trajectories, k: int) -> list:
+    """Up to ``k`` trajectories, the first of each prompt (group) first, so the examples show
+    different prompts where the batch has several; then further samples in order."""
+    firsts = {}
+    for t in trajectories:
+        firsts.setdefault(t.group, t)
+    chosen = list(firsts.values())[:k]
+    rest = [t for t in trajectories if all(t is not c for c in chosen)]
+    return chosen + rest[: k - len(chosen)]
+
+
 class RunLogger:
     def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool | None = None,
                  resume_step: int | None = None):
@@ -106,13 +117,19 @@ class RunLogger:
             log.info(key)
 
     def examples(self, trajectories, images: dict, step: int, k: int = 2) -> None:
-        """A few rollouts: the original with its box drawn, the crop, and the texts."""
+        """A few rollouts, from different prompts where the batch has several: the original with
+        the policy's box (red) and the record's target boxes (green) drawn, the crop, the texts.
+        ``images`` (the batch's originals, shared with the rollout) are never modified."""
         if not self.enabled:
             return
-        for i, t in enumerate(trajectories[:k]):
+        for i, t in enumerate(pick_examples(trajectories, k)):
             original = images.get(t.sample_id)
             if original is not None:
-                shown = draw_box(original, t.box_original) if t.box_original else original
+                shown = original.copy()  # thumbnail() resizes in place
+                for target in t.target_boxes:
+                    shown = draw_box(shown, list(target), color=(0, 200, 0))
+                if t.box_original:
+                    shown = draw_box(shown, t.box_original)
                 shown.thumbnail((512, 512))
                 self.writer.add_image(f"rollout{i}/original_with_box", np.asarray(shown), step, dataformats="HWC")
                 if t.box_original:
@@ -120,7 +137,8 @@ class RunLogger:
                     crop.thumbnail((512, 512))
                     self.writer.add_image(f"rollout{i}/crop", np.asarray(crop), step, dataformats="HWC")
             self.writer.add_text(f"rollout{i}/text",
-                                 f"**{t.sample_id}** answer {t.answer}, valid box {t.valid} {t.box_input}\n\n"
+                                 f"**{t.sample_id}** answer {t.answer}, valid box {t.valid} {t.box_input}, "
+                                 f"target {[list(b) for b in t.target_boxes] or '-'}\n\n"
                                  + "\n\n".join(f"turn {j + 1}: `{x}`" for j, x in enumerate(t.texts)), step)
 
     def close(self) -> None:
