@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mgpo.runtime.logger import RunLogger
 
 
@@ -131,3 +133,75 @@ def test_examples_come_from_different_prompts_and_draw_the_target(tmp_path):
     green = (shown[..., 1] > 150) & (shown[..., 0] < 100)
     ys, xs = green.nonzero()
     assert green.any() and 250 <= xs.min() <= 258 and 354 <= xs.max() <= 360 and 100 <= ys.min() <= 104
+
+
+# ---- train.report_to
+
+def test_report_to_is_checked_at_load():
+    import pytest
+
+    from mgpo.config import ConfigError, load_config
+
+    assert load_config(None).train.report_to == "tensorboard"
+    with pytest.raises(ConfigError, match="train.report_to must be one of .*'wandb'.*got 'tensorbord'"):
+        load_config(None, ["train.report_to=tensorbord"])
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_not_dropped():
+    import importlib.util
+
+    import pytest
+
+    from mgpo.config import ConfigError
+    from mgpo.runtime.logger import external_trackers
+
+    assert external_trackers("tensorboard") == external_trackers("none") == []
+    if importlib.util.find_spec("wandb") is not None:
+        assert external_trackers("wandb") == external_trackers("all") == ["wandb"]
+    else:  # accelerate itself would drop it with a debug message and log nowhere
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            external_trackers("wandb")
+
+
+def test_rows_go_to_accelerates_trackers_and_tensorboard_only_when_asked(tmp_path):
+    class FakeAccelerator:
+        def __init__(self):
+            self.rows, self.ended = [], False
+
+        def log(self, values, step):
+            self.rows.append((step, values))
+
+        def end_training(self):
+            self.ended = True
+
+    acc = FakeAccelerator()
+    logger = RunLogger(tmp_path, total_steps=2, enabled=True, tensorboard=False, accelerator=acc)
+    logger.scalars({"train/loss": 0.5}, 1)
+    logger.close()
+    assert acc.rows == [(1, {"train/loss": 0.5})] and acc.ended
+    assert not (tmp_path / "tensorboard").exists() and _rows(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "train/loss": 0.5}]
+
+
+@pytest.mark.parametrize("report_to", ["none", "tensorboard"])
+def test_report_to_tensorboard_or_none_never_imports_wandb(tmp_path, report_to):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from mgpo.runtime.distributed import make_accelerator
+from mgpo.runtime.logger import RunLogger, external_trackers, start_trackers
+names = external_trackers({report_to!r})
+acc = make_accelerator(1, 1, 1.0, log_with=names)
+start_trackers(acc, names, "mgpo", "run", {{}})
+logger = RunLogger({str(tmp_path)!r}, 1, enabled=True, tensorboard={report_to == "tensorboard"},
+                   accelerator=acc if names else None)
+logger.scalars({{"train/loss": 1.0}}, 1)
+logger.close()
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("wandb", "comet_ml", "mlflow", "aim", "clearml")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "tensorboard").exists() == (report_to == "tensorboard")
