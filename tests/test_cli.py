@@ -145,3 +145,16 @@ def test_console_table_has_every_column():
     head, v, w = table.splitlines()
     assert head.split() == ["dataset", "questions", "accuracy", "%", "valid", "box", "%", "mean", "IoU", "skipped"]
     assert v.split() == ["v", "3", "66.7", "100.0", "-", "1"] and w.split() == ["w", "0", "-", "-", "-", "4"]
+
+
+@pytest.mark.slow
+def test_a_protocol_mismatch_is_one_line_naming_the_fix(tmp_path, tiny_dir, synth_dir):
+    args = ["eval.py", "--config", "configs/tiny_cpu.yaml", f"model.path={tiny_dir}",
+            f"data.eval={synth_dir / 'train.jsonl'}", f"eval.output_dir={tmp_path / 'e'}", "data.max_samples=1",
+            "rollout.max_new_tokens_turn1=4", "rollout.max_new_tokens_turn2=4"]
+    first = _run(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _run(*args, "model.max_pixels=150528")
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith("error: ProtocolMismatchError") and "eval.overwrite=true" in line
