@@ -101,9 +101,13 @@ train: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)
 
 # `make eval` evaluates the newest demo checkpoint (else the tiny model) on the synthetic
-# test set; `make eval MODEL=/models/ckpt DATA=/data/vstar_bench` evaluates real ones.
-eval: $(STAMP) tiny synth
-	$(PY) eval.py --config $(CONFIG) $(if $(MODEL),model.path=$(MODEL)) $(if $(DATA),eval.datasets=[$(DATA)]) $(ARGS)
+# test set; `make eval MODEL=/models/ckpt DATA=/data/vstar_bench` evaluates a real one under the
+# paper's protocol (EVAL_PRESET) unless CONFIG= is given. A MODEL under build/ or runs/tiny_* is
+# one of the project's own tiny models and keeps CONFIG's default.
+EVAL_PRESET := configs/eval_qwen2_5_vl_7b.yaml
+EVAL_CONFIG := $(if $(and $(MODEL),$(filter file,$(origin CONFIG)),$(filter-out build/% ./build/% runs/tiny_% ./runs/tiny_%,$(MODEL))),$(EVAL_PRESET),$(CONFIG))
+eval: $(STAMP) $(if $(filter $(EVAL_PRESET),$(EVAL_CONFIG)),,tiny synth)
+	$(PY) eval.py --config $(EVAL_CONFIG) $(if $(MODEL),model.path=$(MODEL)) $(if $(DATA),eval.datasets=[$(DATA)]) $(ARGS)
 
 # TRL is installed here only, as the peer to measure against; the trainer never imports it.
 bench: $(STAMP)

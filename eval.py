@@ -1,51 +1,93 @@
 """Evaluate a Qwen2.5-VL checkpoint with a pinned protocol, or compare evaluation runs.
 
     python eval.py --config configs/tiny_cpu.yaml                 # newest demo checkpoint (or the tiny model)
-    python eval.py --config CFG model.path=/models/ckpt eval.datasets=[/data/vstar_bench] eval.mode=direct
-    python eval.py compare runs/eval_base runs/eval_mgpo           # side by side, differences per row
-    python eval.py crops runs/eval_mgpo --judge build/beacon/model  # Table 3: answerable from its crops?
+    python eval.py --config configs/eval_qwen2_5_vl_7b.yaml model.path=/models/ckpt eval.datasets=[/data/vstar_bench]
+    python eval.py compare runs/eval/base/vstar_bench runs/eval/mgpo/vstar_bench   # side by side
+    python eval.py crops runs/eval/mgpo/vstar_bench --judge /models/base           # Table 3: answerable from its crops?
+
+Each evaluation writes to runs/eval/<model>/<datasets> unless eval.output_dir is set, and ends
+by printing its accuracy table. `python eval.py compare --help`, `python eval.py crops --help`.
 """
 
 import argparse
 import sys
 
-from mgpo.config import load_config
-from mgpo.eval.evaluate import crop_answerable, evaluate, newest_run_model
-from mgpo.eval.report import compare
-from mgpo.runtime import distributed as D
+from mgpo.cli import EXIT_USER_ERROR, config_fields_help, run_main
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "compare":
-        print(compare(sys.argv[2:]), end="")
-        sys.exit(0)
-    if len(sys.argv) > 1 and sys.argv[1] == "crops":
-        crops = argparse.ArgumentParser(description="The paper's Table 3: the share of an evaluation's questions "
-                                        "whose turn-1 crop lets the judge model (the base) answer right.")
-        crops.add_argument("eval_dir")
-        crops.add_argument("--judge", required=True, help="model folder that answers from the crops (the base)")
-        crops.add_argument("--batch-size", type=int, default=16)
-        a = crops.parse_args(sys.argv[2:])
-        r = crop_answerable(a.eval_dir, a.judge, a.batch_size)
-        print(f"{r['answerable']} of {r['questions']} questions answerable from their turn-1 crop "
-              f"({r['share']:.1f}%; {r['valid_boxes']} valid boxes); written to {a.eval_dir}/crop_answerable.json")
-        sys.exit(0)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny_cpu.yaml")
-    parser.add_argument("--print-config", action="store_true")
+
+def _parser(prog: str, description: str, **kw) -> argparse.ArgumentParser:
+    """An argument parser whose refusals are one line (exit status 2, as argparse's own)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kw)
+
+    def error(message):
+        print(f"error: {prog}: {message} (see {prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    parser.error = error
+    return parser
+
+
+def compare_main(argv: list[str]) -> None:
+    parser = _parser("eval.py compare", "Side-by-side accuracy and grounding of evaluation folders (differences "
+                     "against the first); columns are named by run, rows by dataset and category.")
+    parser.add_argument("runs", nargs="+", help="evaluation folders (each holding metrics.json)")
+    args = parser.parse_args(argv)
+    from mgpo.eval.report import compare
+
+    print(compare(args.runs), end="")
+
+
+def crops_main(argv: list[str]) -> None:
+    parser = _parser("eval.py crops", "The paper's Table 3: the share of an evaluation's questions whose turn-1 "
+                     "crop lets the judge model (the base) answer right.")
+    parser.add_argument("eval_dir")
+    parser.add_argument("--judge", required=True, help="model folder that answers from the crops (the base)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    a = parser.parse_args(argv)
+    from mgpo.eval.evaluate import crop_answerable
+
+    r = crop_answerable(a.eval_dir, a.judge, a.batch_size)
+    print(f"{r['answerable']} of {r['questions']} questions answerable from their turn-1 crop "
+          f"({r['share']:.1f}%; {r['valid_boxes']} valid boxes); written to {a.eval_dir}/crop_answerable.json")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        return compare_main(sys.argv[2:])
+    if sys.argv[1:2] == ["crops"]:
+        return crops_main(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, epilog=config_fields_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML preset")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
+    from mgpo.config import load_config
+
     overrides = list(args.overrides)
-    if not any(o.startswith("model.path=") for o in overrides):
-        # The embedded default: evaluate what `make demo` trained, when it exists.
-        newest = newest_run_model(load_config(args.config, overrides).train.output_dir)
-        if newest:
-            overrides.append(f"model.path={newest}")
     cfg = load_config(args.config, overrides)
+    if cfg.model.path.startswith("build/") and not any(o.startswith("model.path=") for o in overrides):
+        # The embedded default: evaluate what `make demo` trained, when it exists.
+        from mgpo.eval.evaluate import newest_run_model
+
+        if newest := newest_run_model(cfg.train.output_dir):
+            cfg = load_config(args.config, [*overrides, f"model.path={newest}"])
+    from mgpo.eval.evaluate import with_output_dir
+
+    cfg = with_output_dir(cfg)
     if args.print_config:
         print(cfg.to_yaml(), end="")
-        sys.exit(0)
-    print(f"evaluating {cfg.model.path} ({cfg.eval.mode} mode)")
+        return
+    from mgpo.eval.evaluate import evaluate
+    from mgpo.eval.report import console_table
+    from mgpo.runtime import distributed as D
+
+    print(f"evaluating {cfg.model.path} ({cfg.eval.mode} mode) into {cfg.eval.output_dir}")
     result = evaluate(cfg)
     if result:
+        print(console_table(result))
         print(f"report: {cfg.eval.output_dir}/report.md (and report.html, metrics.json, predictions.jsonl)")
     D.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -46,6 +46,7 @@ def test_train_and_eval_make_no_connection(tmp_path, tiny_dir, synth_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert attempts == "", f"evaluation tried to reach the network:\n{attempts[:3000]}"
     assert (tmp_path / "eval" / "metrics.json").exists()
+    assert "accuracy %" in proc.stdout and "\ntrain " in proc.stdout, proc.stdout[-2000:]  # the console table
 
 
 @pytest.mark.parametrize("setting", ["eval.adapter", "model.path"])

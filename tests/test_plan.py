@@ -1,5 +1,9 @@
 """The GPU memory plan: DeepSpeed's estimator, a CPU measurement, and what to change."""
 
+import argparse
+import re
+from pathlib import Path
+
 import pytest
 
 from mgpo.config import load_config
@@ -16,6 +20,7 @@ from mgpo.tools.plan import (
 
 PAPER = "configs/qwen2_5_vl_7b_mgpo.yaml"
 LORA = "configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml"
+ONE_CALL = ["rollout.generation_batch_size=0"]  # every prompt of a rank in one generate call
 
 
 @pytest.mark.parametrize("world", [4, 8])
@@ -53,7 +58,7 @@ def test_kv_and_activation_figures_match_a_cpu_measurement():
 
 
 def test_the_papers_run_at_its_token_limits_does_not_fit_and_says_what_to_change():
-    cfg = load_config(PAPER)
+    cfg = load_config(PAPER, ONE_CALL)
     pl = plan(cfg, 8, 80)
     assert not pl.fits
     assert pl.verdict.startswith("does not fit") and "rollout: at most" in pl.verdict
@@ -61,7 +66,7 @@ def test_the_papers_run_at_its_token_limits_does_not_fit_and_says_what_to_change
     assert "rollout.max_new_tokens_turn1/2" in pl.verdict
 
 
-SHORT = ["rollout.max_new_tokens_turn1=1024", "rollout.max_new_tokens_turn2=1024"]
+SHORT = ["rollout.max_new_tokens_turn1=1024", "rollout.max_new_tokens_turn2=1024", *ONE_CALL]
 
 
 def test_following_the_advice_fits_and_one_group_more_does_not():
@@ -101,26 +106,84 @@ def test_lora_preset_has_no_reference_copy_and_no_gathered_copy():
     assert pl.phases["optimizer step"] < 25  # bf16 base (16.6 GB) + adapters
 
 
-def test_startup_line_only_on_gpus_and_warns_when_it_will_not_fit(monkeypatch):
+def test_startup_line_only_on_gpus_refuses_what_will_not_fit(monkeypatch):
     import types
 
     import torch
 
+    from mgpo.config import ConfigError
     from mgpo.tools.plan import startup_line
 
-    cfg = load_config(PAPER)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert startup_line(cfg) is None
+    assert startup_line(load_config(PAPER, ONE_CALL)) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80e9))
     monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("RANK", "0")
-    assert startup_line(cfg).startswith("WARNING: predicted out of memory: does not fit")
-    monkeypatch.setenv("RANK", "3")
-    assert startup_line(cfg) is None
+    for rank in ("0", "3"):  # every rank refuses, so none is left waiting for the others
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(ConfigError, match="rollout.generation_batch_size.*train.ignore_plan=true"):
+            startup_line(load_config(PAPER, ONE_CALL))
+    assert startup_line(load_config(PAPER)).startswith("memory plan: fits")
+    line = startup_line(load_config(PAPER, [*ONE_CALL, "train.ignore_plan=true"]))
+    assert line.startswith("WARNING: predicted out of memory") and "does not fit" in line
+
+
+def test_check_verdict_refuses_a_plan_that_does_not_fit_unless_told():
+    from mgpo.config import ConfigError
+    from mgpo.tools.plan import check_verdict
+
+    over = plan(load_config(PAPER, ONE_CALL), 8, 80)
+    with pytest.raises(ConfigError) as refused:
+        check_verdict(over.verdict, ignore_plan=False)
+    message = str(refused.value)
+    assert "\n" not in message and "set rollout.generation_batch_size" in message and "at most 4" in message
+    assert check_verdict(over.verdict, ignore_plan=True).startswith("WARNING")
+    assert check_verdict(plan(load_config(PAPER), 8, 80).verdict, ignore_plan=False).startswith("memory plan: fits")
+    assert check_verdict("memory plan unavailable: no config.json", False).startswith("memory plan: ")
 
 
 def test_a_model_the_plan_cannot_size_gets_a_line_not_an_error(tiny_dir):
     cfg = load_config("configs/tiny_cpu.yaml", [f"model.path={tiny_dir}"])
     line = verdict(cfg, 1, 80)
     assert line.startswith("memory plan unavailable") and "hidden_size 64" in line
+
+
+# ---- the shipped presets fit the hardware they name
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PLAN_LINE = re.compile(r"^# plan: (.+)$", re.MULTILINE)
+
+
+def _hardware(path: Path) -> list[str] | None:
+    """The ``mgpo.tools.plan`` arguments a preset names in its ``# plan: --gpus N --gpu-memory GB`` line."""
+    found = PLAN_LINE.search(path.read_text())
+    return found.group(1).split() if found else None
+
+
+def _gpu_presets() -> list[Path]:
+    return sorted(p for p in CONFIGS.glob("*.yaml") if _hardware(p))
+
+
+def test_every_training_preset_for_a_real_model_names_its_hardware():
+    """A preset that trains a published checkpoint (not one of the project's own models under build/)
+    names the GPUs it is sized for, so the next test can check it."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        if not cfg.model.path.startswith("build/") and not path.name.startswith("eval_"):
+            assert _hardware(path), f"{path.name}: no '# plan: --gpus N --gpu-memory GB' line"
+    assert len(_gpu_presets()) >= 3
+
+
+@pytest.mark.parametrize("path", _gpu_presets(), ids=lambda p: p.name)
+def test_every_gpu_preset_fits_the_hardware_it_names(path):
+    args = argparse.ArgumentParser()
+    args.add_argument("--gpus", type=int, required=True)
+    args.add_argument("--gpu-memory", type=float, required=True)
+    hw = args.parse_args(_hardware(path))
+    pl = plan(load_config(path), hw.gpus, hw.gpu_memory)
+    assert pl.fits, f"{path.name}: {pl.verdict}"
+    # The header states the plan's own figures: each phase's peak and the decode-time floor.
+    text = path.read_text()
+    for phase, gb in pl.phases.items():
+        assert f"{phase} {gb:.1f} GB" in text, f"{path.name}: header lacks '{phase} {gb:.1f} GB'"
+    assert f"decode-time floor {pl.decode_floor_s:.0f} s" in text, path.name

@@ -36,3 +36,18 @@ def test_resume_does_not_repeat_logged_steps(tmp_path, tiny_dir, synth_dir):
     run_worker(tmp_path, tiny_dir, synth_dir, out, "train.max_steps=3", *common)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["reward/mean"] != -1.0
+
+
+def test_every_optimizer_step_gets_its_own_row(tmp_path, tiny_dir, synth_dir):
+    """Two optimizer steps per rollout batch (prompts_per_rollout = 2 x prompts_per_step): both
+    steps' train/* figures are written, the rollout's figures repeated on each; log_every counts steps."""
+    common = ("train.prompts_per_rollout=4", "train.prompts_per_step=2", "train.micro_batch_size=4",
+              "train.max_steps=4")
+    run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "every", *common, "train.log_every=1")
+    rows = [json.loads(x) for x in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("train/loss" in r and "train/grad_norm" in r and "reward/mean" in r for r in rows)
+    assert rows[0]["reward/mean"] == rows[1]["reward/mean"]  # one rollout batch, two steps
+    run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "odd", *common, "train.log_every=3")
+    rows = [json.loads(x) for x in (tmp_path / "odd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 4]  # step 3 is the first of a batch; 4 is the last step

@@ -22,7 +22,18 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 
-from .core.grounding import Box, parse_box, to_original_box  # noqa: E402  (after the environment above)
-from .core.reward import extract_answer, group_advantages  # noqa: E402
-
 __all__ = ["Box", "extract_answer", "group_advantages", "parse_box", "to_original_box"]
+
+
+def __getattr__(name: str):
+    """The re-exports above, imported on first use: they import torch, and ``import mgpo.config``
+    (what ``--help`` needs) must not."""
+    if name in ("Box", "parse_box", "to_original_box"):
+        from .core import grounding
+
+        return getattr(grounding, name)
+    if name in ("extract_answer", "group_advantages"):
+        from .core import reward
+
+        return getattr(reward, name)
+    raise AttributeError(f"module 'mgpo' has no attribute {name!r}")

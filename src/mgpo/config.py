@@ -23,6 +23,7 @@ __all__ = ["Config", "ConfigError", "field_docs", "flatten", "load_config", "par
 
 TEMPLATES = ("mgpo", "grpo", "direct", "mgpo_k")  # mgpo.core.prompts.TEMPLATES's keys (a test checks)
 FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")  # the data readers (mgpo.data.samples)
+REPORT_TO = ("tensorboard", "wandb", "all", "none")  # train.report_to's choices (mgpo.runtime.logger)
 CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.core.grounding.RESAMPLE's keys (a test checks)
 
 
@@ -186,6 +187,13 @@ class TrainConfig:
     """Log scalars every N optimizer steps."""
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses."""
+    report_to: str = "tensorboard"
+    """Where scalars go besides metrics.jsonl (always written): "tensorboard" (runs/<name>/tensorboard),
+    "wandb" (Weights & Biases through accelerate's tracker; it contacts its server unless WANDB_MODE=offline),
+    "all" (both) or "none". The wandb package is imported only when asked for."""
+    ignore_plan: bool = False
+    """On GPUs, train.py refuses a launch that ``python -m mgpo.tools.plan`` predicts will run out of
+    memory, naming what to change; true: print the prediction as a warning and launch anyway."""
 
 
 @dataclass(frozen=True)
@@ -205,8 +213,9 @@ class EvalConfig:
     """0 = greedy decoding; otherwise sampling at this temperature (top_p from rollout.top_p)."""
     batch_size: int = 8
     """Questions per generate batch."""
-    output_dir: str = "runs/eval"
-    """Where predictions.jsonl, metrics.json, report.md and report.html go."""
+    output_dir: str = ""
+    """Where predictions.jsonl, metrics.json, report.md and report.html go ("" = a folder named after
+    the model and the datasets: runs/eval/<model>/<datasets>, so evaluations never share one)."""
     report_examples: int = 24
     """Cases shown in report.html."""
     overwrite: bool = False
@@ -279,6 +288,7 @@ def _problems(cfg: Config) -> list[str]:
         "rollout.crop_resample": (r.crop_resample, list(CROP_FILTERS)),
         "model.dtype": (m.dtype, ["auto", "bfloat16", "float16", "float32"]),
         "data.train_format": (d.train_format, ["auto", *FORMATS]), "data.eval_format": (d.eval_format, ["auto", *FORMATS]),
+        "train.report_to": (t.report_to, list(REPORT_TO)),
     }
     problems += [f"{k} must be one of {allowed}, got {v!r}" for k, (v, allowed) in choices.items() if v not in allowed]
     problems += [f"train.sft_templates entries must be among {sorted(TEMPLATES)}, got {v!r}"

@@ -17,7 +17,7 @@ from ..config import Config, TrainConfig
 from ..data.samples import BadImageError, drop_long_prompts, load_samples
 from ..runtime import distributed as D
 from ..runtime.checkpoint import load_training_state
-from ..runtime.logger import RunLogger, setup_logging
+from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
 from ..runtime.model import load_model, load_processor
 from ..runtime.run_folder import start_run
 from .generation import suppressed_ids
@@ -93,7 +93,8 @@ def setup_run(cfg: Config) -> Run:
     t = cfg.train
     world = D.launched_world_size()
     plan = plan_batches(t, 1 if t.algorithm == "sft" else cfg.rollout.group_size, world)
-    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip)
+    trackers = external_trackers(t.report_to)  # refused here, before any model loads, when missing
+    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip, log_with=trackers)
     setup_logging()
     out = Path(t.output_dir)
     folder = start_run(cfg)  # lock the folder; verify the checkpoint; refuse changed settings; save the config
@@ -141,9 +142,11 @@ def setup_run(cfg: Config) -> Run:
     log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
              "per step", t.algorithm, total, t.prompts_per_rollout, 1 if t.algorithm == "sft" else cfg.rollout.group_size,
              world, plan.grad_accum, t.micro_batch_size)
+    start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())
+    logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
+                       tensorboard=t.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
     return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
-                _decodable_reserve(data), RunLogger(out, total, resume_step=state["step"] if resume_from else None),
-                out, total, folder=folder, state={**state})
+               _decodable_reserve(data), logger, out, total, folder=folder, state={**state})
 
 
 def _set_trainable(model, t: TrainConfig):

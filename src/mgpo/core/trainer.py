@@ -284,23 +284,29 @@ def _count_bad_step(run: Run, finite: bool) -> None:
 
 
 def _log(run: Run, exp: Experience, bad, steps: list[dict], images: dict) -> dict:
-    """Gather every rank's trajectories; log the rollout's and the last step's figures."""
+    """Gather every rank's trajectories and log one row per optimizer step of this rollout batch:
+    the step's own ``train/*`` figures, with the rollout batch's figures (reward, grounding,
+    lengths, timings) repeated on each of its steps, so every row reads alone. ``train.log_every``
+    counts optimizer steps. Returns the last step's row."""
     rewards = exp.rewards if exp.rewards is not None else score(exp.batch.trajectories)
     gathered = D.all_gather_objects((exp.batch.trajectories, rewards.tolist(), bad))
     trajs = [tr for g in gathered for tr in g[0]]
-    metrics = rollout_metrics(trajs, [r for g in gathered for r in g[1]], exp.group_size)
+    batch = rollout_metrics(trajs, [r for g in gathered for r in g[1]], exp.group_size)
     if exp.rewards is None:  # SFT: teacher-forced texts, their "reward" says nothing
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("reward/")}
-    metrics.update({f"train/{k}": v for k, v in (steps[-1] if steps else {}).items()})
+        batch = {k: v for k, v in batch.items() if not k.startswith("reward/")}
     gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
-    metrics.update({
+    batch.update({
         **exp.timings,
         "data/skipped_images": float(sum(len(g[2]) for g in gathered)),
         "time/step_s": sum(exp.timings.values()) / max(1, len(steps)),
         "throughput/generated_tokens_per_s": gen_tokens / max(exp.timings["time/rollout_s"], 1e-9),
     })
-    step = run.state["step"]
-    if step % run.cfg.train.log_every == 0 or step >= run.total:
-        run.logger.scalars(metrics, step)
-        run.logger.examples(exp.batch.trajectories, images, step)
-    return metrics
+    first, row, logged = run.state["step"] - len(steps) + 1, batch, None
+    for step, figures in enumerate(steps, start=first):
+        row = batch | {f"train/{k}": v for k, v in figures.items()}
+        if step % run.cfg.train.log_every == 0 or step >= run.total:
+            run.logger.scalars(row, step)
+            logged = step
+    if logged is not None:
+        run.logger.examples(exp.batch.trajectories, images, logged)
+    return row

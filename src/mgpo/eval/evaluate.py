@@ -101,6 +101,44 @@ def dataset_names(paths) -> list[str]:
         level = [min(i + 1, len(c) - 1) if n in clashes else i for c, i, n in zip(candidates, level, names)]
 
 
+def model_label(path: str) -> str:
+    """A short name for a model folder: its own name, or for a training checkpoint the run and
+    the checkpoint (a trailing ``model`` folder is skipped).
+
+    >>> model_label("/models/Qwen2.5-VL-7B-Instruct")
+    'Qwen2.5-VL-7B-Instruct'
+    >>> model_label("runs/qwen2_5_vl_7b_mgpo/checkpoints/step-000600/model")
+    'qwen2_5_vl_7b_mgpo-step-000600'
+    >>> model_label("runs/lora/checkpoint-600/")
+    'lora-checkpoint-600'
+    """
+    parts = [p for p in Path(path).parts if p not in ("/", "\\", ".")]
+    if len(parts) > 1 and parts[-1] == "model":
+        parts = parts[:-1]
+    name = parts[-1] if parts else "model"
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return f"{parts[-3]}-{name}"
+    if len(parts) >= 2 and name.startswith(("checkpoint-", "step-")):
+        return f"{parts[-2]}-{name}"
+    return name
+
+
+def with_output_dir(cfg: Config) -> Config:
+    """``cfg`` with ``eval.output_dir`` filled when it is empty: runs/eval/<model>/<datasets>
+    (the adapter's name added to the model's), computed once, before anything is written.
+
+    >>> from mgpo.config import load_config
+    >>> with_output_dir(load_config(None, ["model.path=/m/Qwen2.5-VL-7B-Instruct",
+    ...     "eval.datasets=[/d/vstar_bench,/d/MME-RealWorld-Lite.json]"])).eval.output_dir
+    'runs/eval/Qwen2.5-VL-7B-Instruct/vstar_bench+MME-RealWorld-Lite'
+    """
+    if cfg.eval.output_dir:
+        return cfg
+    model = model_label(cfg.model.path) + (f"+{model_label(cfg.eval.adapter)}" if cfg.eval.adapter else "")
+    data = "+".join(n.replace("/", "_") for n in dataset_names(cfg.eval.datasets or (cfg.data.eval,)))
+    return replace(cfg, eval=replace(cfg.eval, output_dir=str(Path("runs/eval") / model / data)))
+
+
 def _prepare_output(cfg: Config, state, datasets: dict[str, SampleSet]) -> None:
     """Main process: check the stored protocol, cut torn lines, save the config; every process
     gets the outcome (a refusal stops them all)."""
@@ -135,6 +173,7 @@ def eval_sets(cfg: Config) -> dict[str, SampleSet]:
 
 def evaluate(cfg: Config, model=None, processor=None) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.eval.datasets``; write the report; return metrics.json's content."""
+    cfg = with_output_dir(cfg)
     e = cfg.eval
     if e.samples > 1 and e.temperature == 0:
         raise ValueError("eval.samples > 1 needs eval.temperature > 0 (greedy samples would be identical)")

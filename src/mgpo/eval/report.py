@@ -164,23 +164,83 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
     return "\n".join(lines) + "\n"
 
 
+def console_table(result: dict) -> str:
+    """The accuracy table ``eval.py`` prints when it ends: one row per dataset (accuracy and the
+    valid-box share in %, mean IoU with the targets where the dataset has them, records skipped).
+
+    >>> print(console_table({"results": {"vstar": {"questions": 191, "accuracy": 76.44, "grounding":
+    ...     {"valid_box": 95.3, "mean_iou": 0.4123}}}, "skipped": {"vstar": 0}}))
+    dataset  questions  accuracy %  valid box %  mean IoU  skipped
+    vstar          191        76.4         95.3     0.412        0
+    """
+    head = ("dataset", "questions", "accuracy %", "valid box %", "mean IoU", "skipped")
+    rows = []
+    for name, m in result["results"].items():
+        iou_ = m["grounding"]["mean_iou"]
+        rows.append((name, str(m["questions"]), fmt(m["accuracy"]), fmt(m["grounding"]["valid_box"]),
+                     "-" if iou_ is None else f"{iou_:.3f}", str(result.get("skipped", {}).get(name, 0))))
+    for name, n in result.get("skipped", {}).items():  # a dataset whose every record was skipped
+        if name not in result["results"]:
+            rows.append((name, "0", "-", "-", "-", str(n)))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def run_names(run_dirs: list[str | Path]) -> list[str]:
+    """Column names for ``compare``: each folder's path cut to the fewest trailing parts that tell
+    the runs apart, a folder named ``eval`` standing for the run that holds it.
+
+    >>> run_names(["runs/base/eval", "runs/mgpo/eval"])
+    ['base', 'mgpo']
+    >>> run_names(["runs/eval/base/vstar_bench", "runs/eval/mgpo-step-000600/vstar_bench"])
+    ['base/vstar_bench', 'mgpo-step-000600/vstar_bench']
+    """
+    paths = []
+    for d in run_dirs:
+        parts = list(Path(d).resolve().parts[1:]) or [str(d)]
+        if len(parts) > 1 and parts[-1] == "eval":
+            parts = parts[:-1]
+        paths.append(parts)
+    longest = max(len(p) for p in paths)
+    for depth in range(1, longest + 1):
+        names = ["/".join(p[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(d) for d in run_dirs]
+
+
+def _read_metrics(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished evaluation folder (eval.py writes "
+                                "metrics.json there when it ends)")
+    return json.loads(path.read_text())
+
+
 def compare(run_dirs: list[str | Path]) -> str:
     """Side-by-side accuracy and grounding of several evaluation runs (differences vs the first)."""
-    runs = [(Path(d).name or str(d), json.loads((Path(d) / "metrics.json").read_text())) for d in run_dirs]
+    runs = list(zip(run_names(run_dirs), [_read_metrics(d) for d in run_dirs]))
     rows: dict[str, list] = defaultdict(lambda: [None] * len(runs))
     for j, (_, m) in enumerate(runs):
         for name, dm in m["results"].items():
             rows[f"{name} overall"][j] = dm["accuracy"]
             for c, v in dm["categories"].items():
                 rows[f"{name} {c}"][j] = v
-            rows[f"{name} valid box %"][j] = dm["grounding"]["valid_box"]
+            g = dm["grounding"]
+            rows[f"{name} valid box %"][j] = g["valid_box"]
+            rows[f"{name} mean IoU"][j] = g["mean_iou"]
+            rows[f"{name} crop holds target %"][j] = g["crop_contains_target"]
     head = "| metric | " + " | ".join(n for n, _ in runs) + " |"
     lines = [head, "|" + "---|" * (len(runs) + 1)]
     for key, vals in rows.items():
-        cells = [fmt(vals[0])]
+        show = (lambda v: "-" if v is None else f"{v:.3f}") if key.endswith("IoU") else fmt
+        digits = 3 if key.endswith("IoU") else 1
+        cells = [show(vals[0])]
         for v in vals[1:]:
-            delta = "" if v is None or vals[0] is None else f" ({v - vals[0]:+.1f})"
-            cells.append(fmt(v) + delta)
+            delta = "" if v is None or vals[0] is None else f" ({v - vals[0]:+.{digits}f})"
+            cells.append(show(v) + delta)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     protocols = [m["protocol"] for _, m in runs]
     differs = sorted(k for k in protocols[0] if any(p.get(k) != protocols[0].get(k) for p in protocols[1:]))

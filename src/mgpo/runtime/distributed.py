@@ -43,11 +43,14 @@ def _check_world(state) -> None:
             "(DDP) or DS_ACCELERATOR=cpu (DeepSpeed)")
 
 
-def make_accelerator(grad_accum_steps: int, micro_batch_size: int, gradient_clipping: float):
-    """An Accelerator for the current launch (plain, DDP or DeepSpeed), gloo on CPU."""
+def make_accelerator(grad_accum_steps: int, micro_batch_size: int, gradient_clipping: float,
+                     log_with: list[str] | None = None):
+    """An Accelerator for the current launch (plain, DDP or DeepSpeed), gloo on CPU; ``log_with``:
+    accelerate's trackers to log to (none by default)."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum_steps, kwargs_handlers=[_process_group_kwargs()])
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum_steps, kwargs_handlers=[_process_group_kwargs()],
+                              log_with=log_with or None)
     _check_world(accelerator.state)
     if is_deepspeed(accelerator):
         ds = accelerator.state.deepspeed_plugin.deepspeed_config

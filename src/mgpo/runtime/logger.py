@@ -1,11 +1,17 @@
 """Run logging: TensorBoard, a metrics.jsonl to plot without it, a progress bar.
 
-Only the main process writes. The rollout figures a step logs are computed from the
+``metrics.jsonl`` holds one row per logged optimizer step (every ``train.log_every`` steps):
+that step's ``train/*`` figures (loss, KL, entropy, clip fraction, gradient norm, rate) and
+the figures of the rollout batch it trained on (``reward/*``, ``grounding/*``, ``length/*``,
+``time/*``), repeated on each step of that batch, so every row reads alone. Only the main
+process writes. ``train.report_to`` picks where else the rows go: TensorBoard (written here) and
+Weights & Biases (through accelerate's tracker, imported only when asked for). The rollout figures a step logs are computed from the
 trajectories in ``mgpo.core.metrics``, so every logged figure has one definition.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -15,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageDraw
 
+from ..config import ConfigError
 from . import distributed as D
 
 log = logging.getLogger("mgpo")
@@ -58,26 +65,59 @@ def drop_rows_after(path: Path, step: int) -> int:
     return dropped
 
 
+def external_trackers(report_to: str) -> list[str]:
+    """accelerate's trackers for ``train.report_to`` (TensorBoard is written by RunLogger itself).
+
+    >>> external_trackers("tensorboard"), external_trackers("none")
+    ([], [])
+    """
+    names = ["wandb"] if report_to in ("wandb", "all") else []
+    for name in names:  # accelerate silently drops a tracker whose package is missing
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to={report_to} needs the {name} package: pip install {name} "
+                              "(or train.report_to=tensorboard)")
+    return names
+
+
+def start_trackers(accelerator, names: list[str], project: str, run_name: str, config: dict) -> None:
+    """Start accelerate's trackers (every process calls it; only the main one logs)."""
+    if names:
+        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {"name": run_name}})
+
+
+def pick_examples(trajectories, k: int) -> list:
+    """Up to ``k`` trajectories, the first of each prompt (group) first, so the examples show
+    different prompts where the batch has several; then further samples in order."""
+    firsts = {}
+    for t in trajectories:
+        firsts.setdefault(t.group, t)
+    chosen = list(firsts.values())[:k]
+    rest = [t for t in trajectories if all(t is not c for c in chosen)]
+    return chosen + rest[: k - len(chosen)]
+
+
 class RunLogger:
     def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, tensorboard: bool = True, accelerator=None):
         """``resume_step``: the step of the checkpoint a run resumes from (None: a new run, step 0);
         rows logged after it by an interrupted run are dropped (metrics.jsonl) or hidden
         (TensorBoard's purge_step). A new run thus starts clean after one killed before its
-        first checkpoint."""
+        first checkpoint. ``accelerator``: one whose trackers (``start_trackers``) get every row too."""
         self.enabled = D.is_main() if enabled is None else enabled
         self.dir = Path(output_dir)
         self.writer = None
         self.bar = None
+        self.accelerator = accelerator
         self.start = time.time()
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         start = resume_step or 0
         if dropped := drop_rows_after(self.dir / "metrics.jsonl", start):
             log.info("metrics.jsonl: dropped %d row(s) logged after step %d by an interrupted run", dropped, start)
-        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start + 1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start + 1)
         self.jsonl = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -87,8 +127,11 @@ class RunLogger:
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+        if self.accelerator is not None:
+            self.accelerator.log(metrics, step=step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         key = (f"step {step}: reward {metrics.get('reward/mean', 0):.3f}  valid-box "
@@ -102,13 +145,19 @@ class RunLogger:
             log.info(key)
 
     def examples(self, trajectories, images: dict, step: int, k: int = 2) -> None:
-        """A few rollouts: the original with its box drawn, the crop, and the texts."""
-        if not self.enabled:
+        """A few rollouts, from different prompts where the batch has several: the original with
+        the policy's box (red) and the record's target boxes (green) drawn, the crop, the texts.
+        ``images`` (the batch's originals, shared with the rollout) are never modified."""
+        if not self.enabled or self.writer is None:
             return
-        for i, t in enumerate(trajectories[:k]):
+        for i, t in enumerate(pick_examples(trajectories, k)):
             original = images.get(t.sample_id)
             if original is not None:
-                shown = draw_box(original, t.box_original) if t.box_original else original
+                shown = original.copy()  # thumbnail() resizes in place
+                for target in t.target_boxes:
+                    shown = draw_box(shown, list(target), color=(0, 200, 0))
+                if t.box_original:
+                    shown = draw_box(shown, t.box_original)
                 shown.thumbnail((512, 512))
                 self.writer.add_image(f"rollout{i}/original_with_box", np.asarray(shown), step, dataformats="HWC")
                 if t.box_original:
@@ -116,7 +165,8 @@ class RunLogger:
                     crop.thumbnail((512, 512))
                     self.writer.add_image(f"rollout{i}/crop", np.asarray(crop), step, dataformats="HWC")
             self.writer.add_text(f"rollout{i}/text",
-                                 f"**{t.sample_id}** answer {t.answer}, valid box {t.valid} {t.box_input}\n\n"
+                                 f"**{t.sample_id}** answer {t.answer}, valid box {t.valid} {t.box_input}, "
+                                 f"target {[list(b) for b in t.target_boxes] or '-'}\n\n"
                                  + "\n\n".join(f"turn {j + 1}: `{x}`" for j, x in enumerate(t.texts)), step)
 
     def close(self) -> None:
@@ -124,5 +174,8 @@ class RunLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
         self.jsonl.close()

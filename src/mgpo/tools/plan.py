@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
 from .archs import ARCHS, Arch
 
 GB = 1e9
@@ -308,18 +308,31 @@ def verdict(cfg: Config, world: int, gpu_memory_gb: float) -> str:
 
 
 def startup_line(cfg: Config) -> str | None:
-    """The verdict for this launch, on the main process of a GPU run (None elsewhere); a
-    predicted out-of-memory is flagged as a warning."""
-    import os
-
+    """The verdict for this launch on a GPU run (None on CPU), the same on every rank, so that
+    a refusal stops them all; see ``check_verdict``."""
     import torch
 
-    if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+    if not torch.cuda.is_available():
         return None
     from ..runtime.distributed import launched_world_size
 
     line = verdict(cfg, launched_world_size(), torch.cuda.get_device_properties(0).total_memory / GB)
-    return ("WARNING: predicted out of memory: " if line.startswith("does not fit") else "memory plan: ") + line
+    return check_verdict(line, cfg.train.ignore_plan)
+
+
+def check_verdict(line: str, ignore_plan: bool) -> str:
+    """The start-up line to print for a plan's verdict; a predicted out-of-memory is refused
+    (ConfigError, naming the change) unless ``train.ignore_plan`` is set, then it is a warning.
+
+    >>> check_verdict("fits: 51.7 GB peak (rollout) of 72 GB usable on 80 GB x 8", False)
+    'memory plan: fits: 51.7 GB peak (rollout) of 72 GB usable on 80 GB x 8'
+    """
+    if not line.startswith("does not fit"):
+        return "memory plan: " + line
+    if ignore_plan:
+        return "WARNING: predicted out of memory (train.ignore_plan=true): " + line
+    raise ConfigError(f"predicted out of memory by mgpo.tools.plan: {line}; or pass train.ignore_plan=true "
+                      "to launch anyway")
 
 
 def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, text_tokens: int) -> str:
@@ -368,7 +381,10 @@ def _deepspeed_says(cfg: Config, world: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import config_fields_help
+
+    parser = argparse.ArgumentParser(description=__doc__, epilog=config_fields_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="ranks in total")
     parser.add_argument("--gpu-memory", type=float, required=True, help="GB per GPU")
@@ -385,4 +401,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run_main
+
+    run_main(main)
