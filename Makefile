@@ -93,8 +93,7 @@ test-fast: $(STAMP)
 demo: $(STAMP) beacon
 	$(PY) train.py --config $(DEMO_CONFIG) $(ARGS)
 	$(PY) eval.py --config $(DEMO_CONFIG) eval.overwrite=true
-	$(PY) -m mgpo.tools.demo --config $(DEMO_CONFIG) --from-run
-	$(PY) -m mgpo.tools.demo --config $(DEMO_CONFIG) --before $(BEACON)/base.json
+	$(PY) -m mgpo.tools.demo --config $(DEMO_CONFIG) --from-run --before $(BEACON)/base.json
 	@echo "demo done: TensorBoard logs and checkpoints in runs/tiny_beacon, report in runs/tiny_beacon/eval/report.html"
 
 train: $(STAMP) tiny synth

@@ -49,8 +49,8 @@ def main():
                     help="mgpo_k: rank 0's trajectories all answer at turn 1, rank 1's zoom at every turn")
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
     ap.add_argument("--negate-advantages", action="store_true", help="a broken trainer: advantages negated")
-    ap.add_argument("--shift-mask", action="store_true",
-                    help="a broken trainer: the loss mask one token late (trains each turn's next token, not its own)")
+    ap.add_argument("--shuffle-advantages", action="store_true",
+                    help="a broken trainer: each trajectory gets another's advantage (credit misassigned)")
     ap.add_argument("--record-loss-inputs", action="store_true",
                     help="record every micro-batch's masked loss inputs (to recompute the step's figures)")
     ap.add_argument("overrides", nargs="*")
@@ -79,14 +79,14 @@ def main():
         real_advantages = trainer.group_advantages
         trainer.group_advantages = lambda *a, **kw: -real_advantages(*a, **kw)
 
-    if args.shift_mask:
-        mask_rollout = trainer.rollout
+    if args.shuffle_advantages:
+        true_advantages = trainer.group_advantages
+        shuffle = torch.Generator().manual_seed(cfg.train.seed)
 
-        def _shifted(*a, **kw):
-            batch = mask_rollout(*a, **kw)
-            batch.loss_mask = torch.roll(batch.loss_mask, 1, dims=1) * batch.attention_mask
-            return batch
-        trainer.rollout = _shifted
+        def _shuffled(*a, **kw):
+            adv = true_advantages(*a, **kw)
+            return adv[torch.randperm(len(adv), generator=shuffle)]
+        trainer.group_advantages = _shuffled
 
     generate_calls = []  # per rollout, this rank's generate calls
     if args.zoom == "split":

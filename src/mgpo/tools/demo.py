@@ -77,9 +77,14 @@ def before_after(base_json: str | Path, run_dir: str | Path, eval_dir: str | Pat
         f"{last['grounding/valid_box_share']:.2f} |",
     ]
     if "mean_iou" in base and "grounding/iou" in last:  # records with a target: did the box find it?
+        holds = test["grounding"].get("crop_contains_target")
         lines[4:4] = [f"| test IoU of the turn-1 box with the target | {base['mean_iou']:.2f} | "
                       f"{test['grounding']['mean_iou']:.2f} |"]
+        if "holds" in base and holds is not None:
+            lines[5:5] = [f"| test turn-1 box holds the target % | {base['holds']:.1f} | {holds:.1f} |"]
         lines.append(f"| training IoU with the target | {first['grounding/iou']:.2f} | {last['grounding/iou']:.2f} |")
+        lines.append(f"| training share of boxes holding the target | {first['grounding/box_holds_target']:.2f} | "
+                     f"{last['grounding/box_holds_target']:.2f} |")
     return "\n".join(lines)
 
 
@@ -91,17 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if args.before:
-        print(before_after(args.before, cfg.train.output_dir, cfg.eval.output_dir))
-        return
     if args.from_run:
         from ..eval.evaluate import newest_run_model
 
         newest = newest_run_model(cfg.train.output_dir)
         if newest:
             cfg = load_config(args.config, [*args.overrides, f"model.path={newest}"])
-    print(f"one MGPO rollout of {cfg.model.path}:")
-    show_one_rollout(cfg)
+    if args.from_run or not args.before:
+        print(f"one MGPO rollout of {cfg.model.path}:")
+        show_one_rollout(cfg)
+    if args.before:
+        print(before_after(args.before, cfg.train.output_dir, cfg.eval.output_dir))
 
 
 if __name__ == "__main__":
