@@ -1,0 +1,122 @@
+"""Hostile inputs: every case is built by the test (no committed files), one parametrized
+case per way in, so that the next pass starts from them.
+
+Each case says what must happen: a clear message naming the file, record, field or folder,
+nothing lost, no code run from a checkpoint, no silent misread.
+"""
+
+import json
+
+import pytest
+from PIL import Image
+
+from mgpo.data.records import normalize_letter
+from mgpo.data.samples import load_samples
+
+
+def _png(path, size=(64, 48), color=(200, 20, 20)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _rec(i, image, **kw):
+    return {"id": f"r{i}", "image": image, "question": "What colour?", "options": ["red", "blue"], "answer": "A",
+            **kw}
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ----------------------------------------------------------------------------- records
+
+@pytest.mark.parametrize("change, reason", [
+    ({"width": "big", "height": 48}, "width must be a whole number of pixels, got a string"),
+    ({"width": 64, "height": [1]}, "height must be a whole number of pixels, got a list"),
+    ({"width": -3, "height": 48}, "width must be a whole number of pixels"),
+    ({"width": 1.5, "height": 48}, "width must be a whole number of pixels"),
+    ({"width": float("nan"), "height": 48}, "width must be a whole number of pixels"),
+    ({"width": True, "height": 48}, "width must be a whole number of pixels"),
+    ({"width": 64}, "width and height go together"),
+    ({"options": ["", ""]}, "options[0] is empty"),
+    ({"options": ["red", "  "]}, "options[1] is empty"),
+    ({"options": ["red", "red"]}, "options[1] 'red' repeats an earlier option"),
+    ({"options": ["red", "blue", " red "]}, "options[2] ' red ' repeats an earlier option"),
+    ({"answer": "a red square"}, "answer 'a red square' is not one of the 2 options"),
+    ({"answer": "red"}, "answer 'red' is not one of the 2 options"),
+    ({"answer": "B is right"}, "answer 'B is right' is not one of the 2 options"),
+])
+def test_bad_record_fields_are_skipped_with_their_reason(tmp_path, change, reason):
+    good = _png(tmp_path / "g.png")
+    ds = load_samples(_jsonl(tmp_path / "d.jsonl", [_rec(0, str(good)), _rec(1, str(good), **change)]))
+    assert [s.id for s in ds] == ["r0"]
+    assert len(ds.skipped) == 1 and ds.skipped[0][0] == "r1" and reason in ds.skipped[0][1], ds.skipped
+
+
+def test_a_stated_image_size_is_used(tmp_path):
+    good = _png(tmp_path / "g.png")
+    ds = load_samples(_jsonl(tmp_path / "d.jsonl", [_rec(0, str(good), width=640, height=480.0)]))
+    assert (ds[0].width, ds[0].height) == (640, 480)
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("A", "A"), ("b", "B"), ("(c)", "C"), ("( D )", "D"), ("（B）", "B"), ("A.", "A"), ("A)", "A"), ("A:", "A"),
+    ("B. red", "B"), ("D) x", "D"), (" C ", "C"),
+    ("a red square", None), ("A red", None), ("red", None), ("", None), ("AB", None), ("(A", None),
+])
+def test_only_letter_forms_are_answers(text, letter):
+    assert normalize_letter(text) == letter
+
+
+@pytest.mark.parametrize("kind", ["question record in a chat file", "chat record in a question file"])
+def test_a_mixed_file_reads_images_beside_the_file_not_the_working_directory(tmp_path, monkeypatch, kind):
+    data, cwd = tmp_path / "data", tmp_path / "cwd"
+    data.mkdir(), cwd.mkdir()
+    _png(data / "x.png", (64, 48))
+    _png(cwd / "x.png", (99, 77))  # a same-named file where the process runs: must not be read
+    monkeypatch.chdir(cwd)
+    chat = {"id": "c", "messages": [{"role": "user", "content": [{"type": "image", "image": "x.png"}, "Q?"]},
+                                    {"role": "assistant", "content": "A"}]}
+    question = _rec(0, "x.png")
+    records = [chat, question] if kind.startswith("question") else [question, chat]
+    ds = load_samples(_jsonl(data / "d.jsonl", records))
+    assert len(ds) == 2, ds.skipped
+    for s in ds:
+        assert s.image == str(data / "x.png") and (s.width, s.height) == (64, 48)
+        assert all(v == str(data / "x.png") for _, parts in s.messages for k, v in parts if k == "image")
+
+
+HR_HEADER = "index\tquestion\tanswer\tcategory\tA\tB\tC\tD\tcycle_category\timage"
+
+
+def _b64_png():
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (1, 2, 3)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_tsv_cell_that_opens_a_quote_swallows_no_row(tmp_path):
+    rows = [f'{i}\t{chr(34) + "Sign" if i == 1 else "Q?"}\tA\tsingle\ta\tb\tc\td\tcycle1\t{_b64_png()}'
+            for i in range(12)]
+    (tmp_path / "hr_bench_4k.tsv").write_text(HR_HEADER + "\n" + "\n".join(rows) + "\n")
+    ds = load_samples(tmp_path / "hr_bench_4k.tsv")
+    assert len(ds) == 12 and not ds.skipped, ds.skipped
+    assert ds[1].question == '"Sign' and ds[5].load_image().size == (80, 60)
+
+
+@pytest.mark.parametrize("content", [
+    json.dumps([{"index": 1, "question": "Q?", "answer": "A"}]),
+    json.dumps([{"index": 1, "question": "Q?", "answer": "A"}], indent=1),
+    "just some text\nand more\n",
+])
+def test_a_file_named_tsv_that_is_not_one_says_so(tmp_path, content):
+    (tmp_path / "hr_bench_4k.tsv").write_text(content)
+    ds = load_samples(tmp_path / "hr_bench_4k.tsv")
+    assert len(ds) == 0 and len(ds.skipped) == 1, ds.skipped
+    assert ds.skipped[0][0] == "hr_bench_4k.tsv" and "not an HR-Bench TSV" in ds.skipped[0][1]
+    if content.startswith("["):
+        assert "reads as JSON" in ds.skipped[0][1]
