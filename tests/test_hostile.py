@@ -6,12 +6,16 @@ nothing lost, no code run from a checkpoint, no silent misread.
 """
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mgpo.data.records import normalize_letter
 from mgpo.data.samples import load_samples
+from mgpo.runtime.checkpoint import check_pickles, resolve_resume, write_manifest
+from mgpo.runtime.model import CheckpointError
 
 
 def _png(path, size=(64, 48), color=(200, 20, 20)):
@@ -120,3 +124,59 @@ def test_a_file_named_tsv_that_is_not_one_says_so(tmp_path, content):
     assert ds.skipped[0][0] == "hr_bench_4k.tsv" and "not an HR-Bench TSV" in ds.skipped[0][1]
     if content.startswith("["):
         assert "reads as JSON" in ds.skipped[0][1]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class _Payload:
+    """Unpickling this runs ``Path.touch(marker)``: what a crafted checkpoint file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _ckpt_dir(out, step):
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def _deepspeed_like_checkpoint(out, step, model_states):
+    """A checkpoint laid out as a ZeRO run writes it, with a manifest that matches its files."""
+    folder = _ckpt_dir(out, step)
+    (folder / "deepspeed" / "state").mkdir(parents=True)
+    (folder / "rng").mkdir()
+    torch.save(model_states, folder / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"scheduler": {"last_epoch": step}}, folder / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, folder / "rng" / "rank0.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    write_manifest(folder, {})
+    return folder
+
+
+def test_a_crafted_pickle_in_a_deepspeed_checkpoint_is_refused_unrun(tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    good = _deepspeed_like_checkpoint(tmp_path / "run", 1, {"module": {"w": torch.ones(2)}})
+    bad = _deepspeed_like_checkpoint(tmp_path / "run", 2, {"module": {"w": torch.ones(2)}, "x": _Payload(marker)})
+    crafted = bad / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_00_model_states.pt is refused"):
+        resolve_resume(str(bad), tmp_path / "run")  # the manifest matches: only the pickle check stops it
+    with pytest.raises(CheckpointError, match="unpickling it calls"):
+        check_pickles(bad / "deepspeed")
+    assert resolve_resume("auto", tmp_path / "run") == good  # auto falls back to the one that passes
+    assert not marker.exists() and crafted.exists()
+
+
+def test_deepspeed_classes_in_a_real_zero_checkpoint_are_allowed(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    folder = _deepspeed_like_checkpoint(tmp_path / "run", 1, {"module": {"w": torch.ones(2)}})
+    torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "ds_version": "0.19",
+                "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(2)}}}},
+               folder / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    write_manifest(folder, {})
+    check_pickles(folder)
+    assert resolve_resume(str(folder), tmp_path / "run") == folder

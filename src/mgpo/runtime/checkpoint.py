@@ -15,11 +15,14 @@ manifest is written, and the folder is renamed when whole, so a process killed m
 leaves the previous checkpoint untouched and loadable; folders without COMPLETE, and
 folders not named ``step-<digits>``, are ignored on resume.
 
-Nothing in a checkpoint is deserialized before the manifest is verified: DeepSpeed's
-engine files are unpickled by DeepSpeed without the weights-only guard, so a file changed or
-added after the save (a crafted ``mp_rank_00_model_states.pt``) would otherwise run code.
-A checkpoint that fails verification is refused, naming the file; ``resume=auto`` then
-falls back to the newest one that passes.
+Nothing in a checkpoint is deserialized before the manifest is verified, and no pickle is
+read without torch's weights-only unpickler. DeepSpeed unpickles its engine files itself,
+without that guard, and a manifest proves only that the files are the ones it lists (anyone
+handing over a checkpoint can write a matching one); so before DeepSpeed reads anything,
+every ``*.pt`` file is first opened with the weights-only unpickler, allowing only the few
+DeepSpeed classes its files hold (``DEEPSPEED_GLOBALS``), and a file that needs anything
+else is refused by name. A checkpoint that fails verification is refused, naming the file;
+``resume=auto`` then falls back to the newest one that passes.
 """
 
 from __future__ import annotations
@@ -171,7 +174,45 @@ def verify_checkpoint(folder: str | Path) -> dict:
         if _sha256(folder / rel) != digest:
             raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
                                   "(truncated, damaged or replaced)")
+    check_pickles(folder)
     return manifest
+
+
+# What DeepSpeed pickles into its ZeRO checkpoint files beside tensors and plain containers
+# (torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-3 checkpoints, fp32 and bf16):
+# an enum and the loss scaler, data-only classes rebuilt without running code of the file's.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def _deepspeed_classes() -> list:
+    try:
+        from deepspeed.runtime.fp16 import loss_scaler
+        from deepspeed.runtime.zero import config as zero_config
+    except ImportError:  # no DeepSpeed: no file may name its classes
+        return []
+    return [zero_config.ZeroStageEnum, loss_scaler.LossScaler, loss_scaler.DynamicLossScaler]
+
+
+def check_pickles(folder: Path) -> None:
+    """Open every ``*.pt`` under ``folder`` with the weights-only unpickler (tensors memory-mapped,
+    not read) and raise CheckpointError naming the first file that needs anything beyond
+    tensors, plain containers and ``DEEPSPEED_GLOBALS``: such a file could run code when
+    DeepSpeed unpickles it without the guard."""
+    allowed = _deepspeed_classes()
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except Exception as e:  # UnpicklingError, or a file that is no torch.save zip at all
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            reason = f"unpickling it calls {found.group(1)}" if found else f"{type(e).__name__}: {str(e)[:200]}"
+            raise CheckpointError(f"{path} is refused: {reason}, which torch's weights-only unpickler does not "
+                                  f"allow (a checkpoint holds tensors, plain containers and "
+                                  f"{', '.join(DEEPSPEED_GLOBALS)} only); it could run code when loaded") from None
 
 
 def layout_settings(policy, lora: bool) -> dict:
@@ -280,6 +321,7 @@ def load_training_state(accelerator, wrapped, optimizer, scheduler, ckpt: Path) 
     ``ckpt`` comes from ``resolve_resume``, which verified it against its manifest.
     """
     if D.is_deepspeed(accelerator):
+        check_pickles(ckpt / "deepspeed")  # DeepSpeed unpickles without the weights-only guard
         wrapped.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False)
         scheduler.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True)["scheduler"])
     else:
