@@ -247,3 +247,67 @@ def test_every_config_field_has_a_range_or_a_set_of_choices():
             if name not in config.RANGES and name not in config.CHOICES:
                 unchecked.append(name)
     assert not unchecked, f"fields without a range or a set of choices: {unchecked}"
+
+
+# ----------------------------------------------------------------------------- lengths
+
+def _chat_file(folder, long_chars):
+    _png(folder / "a.png", (300, 200))
+    _png(folder / "b.png", (120, 160))
+    user = {"role": "user", "content": [{"type": "image", "image": "a.png"}, "What colour?"]}
+    rows = [{"id": "ok", "messages": [user, {"role": "assistant", "content": "Red."},
+                                      {"role": "user", "content": [{"type": "image", "image": "b.png"}, "And?"]},
+                                      {"role": "assistant", "content": "Blue."}]},
+            {"id": "long", "messages": [user, {"role": "assistant", "content": "word " * (long_chars // 5)}]}]
+    return _jsonl(folder / "chat.jsonl", rows)
+
+
+def test_a_chat_record_over_the_token_limit_is_skipped_at_load(tmp_path, tiny_dir):
+    from mgpo.config import load_config
+    from mgpo.core.setup import load_training_data
+    from mgpo.runtime.model import load_processor
+
+    path = _chat_file(tmp_path, 200_000)
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={path}", "train.algorithm=sft"])
+    data = load_training_data(cfg, load_processor(cfg.model))
+    assert [s.id for s in data] == ["ok"]
+    assert data.skipped[0][0] == "long" and "over data.max_prompt_tokens (8192)" in data.skipped[0][1]
+    assert data.skipped[0][1].startswith("conversation has")
+
+
+def test_a_chat_record_is_counted_as_chat_forced_encodes_it(tmp_path, tiny_dir):
+    from mgpo.config import ModelConfig
+    from mgpo.core.forced import chat_forced, chat_tokens
+    from mgpo.runtime.model import load_processor
+
+    low, high = 16 * 28 * 28, 64 * 28 * 28
+    processor = load_processor(ModelConfig(path=str(tiny_dir), min_pixels=low, max_pixels=high))
+    sample = load_samples(_chat_file(tmp_path, 100))[0]
+    encoded = chat_forced(processor, [sample], min_pixels=low, max_pixels=high)
+    assert chat_tokens(processor, sample, min_pixels=low, max_pixels=high) == encoded.input_ids.shape[1]
+
+
+def test_a_large_k_is_capped_by_default(tiny_dir, synth_dir):
+    """rollout.max_image_tokens=0 with max_turns=6: a model that zooms every turn stops being
+    shown crops once the next would pass four full-budget images' worth of tokens."""
+    from helpers import ScriptedModel
+
+    from mgpo.config import ModelConfig, RolloutConfig
+    from mgpo.core.rollout import rollout
+    from mgpo.core.zoom import image_token_cap
+    from mgpo.runtime.model import load_model, load_processor
+
+    budget = 64 * 28 * 28  # every image (original, crops) resized to about 64 tokens
+    mcfg = ModelConfig(path=str(tiny_dir), min_pixels=budget, max_pixels=budget, dtype="float32")
+    model, processor = load_model(mcfg), load_processor(mcfg)
+    cfg = RolloutConfig(template="mgpo_k", max_turns=6, group_size=2, max_new_tokens_turn1=40,
+                        max_new_tokens_turn2=40)
+    assert image_token_cap(cfg, budget) == 4 * 64
+    zoom = '```json\n[{"bbox_2d": [10, 10, 150, 120]}]\n```'
+    scripted = ScriptedModel(model, processor.tokenizer, [zoom] * 6)
+    r = rollout(scripted, processor, list(load_samples(synth_dir / "train.jsonl"))[:1], cfg, min_pixels=budget,
+                max_pixels=budget, greedy=True)
+    for i, t in enumerate(r.trajectories):
+        assert [rec.action for rec in t.turn_log[:-1]] == ["zoom"] * (len(t.turn_log) - 1)
+        assert t.turn_log[-2].capped and len(t.turn_log) < 6  # the model kept zooming; the cap ended it
+        assert sum(int(r.images[k].grid.prod()) // 4 for k in r.image_index[i]) <= 4 * 64

@@ -59,7 +59,8 @@ class DataConfig:
     max_samples: int = 0
     """Use only the first N records of each set (0 = all)."""
     max_prompt_tokens: int = 8192
-    """A prompt (text and image tokens) longer than this is skipped and counted (reference: 8192; 0 = no limit)."""
+    """A prompt (text and image tokens) longer than this is skipped and counted (reference: 8192; 0 = no limit);
+    for a chat record (SFT), its whole conversation."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,9 @@ class RolloutConfig:
     """Reward subtracted per crop shown, for shorter searches ("mgpo_k"; 0 = off)."""
     max_image_tokens: int = 0
     """"mgpo_k": cap on a trajectory's image tokens (all its images); a turn whose next image would
-    pass it gets the text-only forced-answer turn instead. 0 = no cap. Host and device memory of
-    a trajectory grow with its images."""
+    pass it gets the text-only forced-answer turn instead. 0 = min(max_turns, 4) images at the full
+    pixel budget (max_pixels / 784 tokens each): K <= 4 is never capped, a larger K shows at most
+    four images' worth. Host and device memory of a trajectory grow with its images."""
     shared_prefill: bool = True
     """Encode each image and prefill each prompt once per group, then sample the group from a
     copied cache (False: the naive path, every sample re-encodes and re-reads its prompt)."""

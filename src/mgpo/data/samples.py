@@ -234,14 +234,14 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
 
 
 def drop_long_prompts(data: SampleSet, count_tokens, limit: int) -> SampleSet:
-    """Move every sample whose prompt is over ``limit`` tokens (``count_tokens(sample)``) to the
+    """Move every sample whose prompt (a chat record: its conversation) is over ``limit`` tokens (``count_tokens(sample)``) to the
     skip list. Training filters once at load: a prompt dropped mid-batch would leave one rank
     with fewer groups than the others."""
     if not limit:
         return data
     kept = []
     for s in data:
-        if problem := prompt_length_problem(count_tokens(s), limit):
+        if problem := prompt_length_problem(count_tokens(s), limit, "conversation" if s.messages else "prompt"):
             data.skipped.append((s.id, problem))
             log.warning("skipping %s, record %s: %s", data.source, s.id, problem)
         else:
@@ -249,13 +249,14 @@ def drop_long_prompts(data: SampleSet, count_tokens, limit: int) -> SampleSet:
     return SampleSet(data.name, kept, data.skipped, data.source)
 
 
-def prompt_length_problem(n_tokens: int, limit: int) -> str | None:
-    """Why a prompt of ``n_tokens`` (text and image tokens) is refused, or None.
+def prompt_length_problem(n_tokens: int, limit: int, what: str = "prompt") -> str | None:
+    """Why a prompt (or a chat record's whole ``conversation``) of ``n_tokens`` (text and image
+    tokens) is refused, or None.
 
     ``limit`` is ``data.max_prompt_tokens`` (0 = no limit); checked once the prompt is
     tokenized, so a 50,000-character question is skipped and counted instead of
     reaching the model.
     """
     if limit and n_tokens > limit:
-        return f"prompt has {n_tokens} tokens, over data.max_prompt_tokens ({limit})"
+        return f"{what} has {n_tokens} tokens, over data.max_prompt_tokens ({limit})"
     return None

@@ -12,10 +12,12 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, flatten
 from ..core.prompts import get_template
+from ..core.zoom import image_token_cap
 from ..data.samples import SampleSet
 
 log = logging.getLogger("mgpo")
@@ -39,7 +41,8 @@ def protocol(cfg: Config) -> dict:
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
         "answer_match": "exact option letter in the last \\boxed{}" + (
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
-    } | ({"max_turns": e.max_turns, "max_image_tokens": r.max_image_tokens or "no cap",
+    } | ({"max_turns": e.max_turns,
+          "max_image_tokens": image_token_cap(replace(r, max_turns=e.max_turns), cfg.model.max_pixels),
           "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
          if get_template(e.mode).zoom_loop else {})
 
