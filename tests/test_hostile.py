@@ -6,6 +6,7 @@ nothing lost, no code run from a checkpoint, no silent misread.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,72 @@ def test_a_large_k_is_capped_by_default(tiny_dir, synth_dir):
         assert [rec.action for rec in t.turn_log[:-1]] == ["zoom"] * (len(t.turn_log) - 1)
         assert t.turn_log[-2].capped and len(t.turn_log) < 6  # the model kept zooming; the cap ended it
         assert sum(int(r.images[k].grid.prod()) // 4 for k in r.image_index[i]) <= 4 * 64
+
+
+# ----------------------------------------------------------------------------- evaluation protocol
+
+@pytest.mark.parametrize("change, key", [
+    ("model.dtype=bfloat16", "dtype"),
+    ("model.attn_implementation=eager", "attention"),
+    ("data.max_prompt_tokens=100", "max_prompt_tokens"),
+    ("rollout.top_k=5", "decoding"),
+    ("rollout.top_p=0.5", "decoding"),
+    ("rollout.max_image_tokens=100", "max_image_tokens"),
+])
+def test_every_field_that_changes_a_prediction_is_in_the_protocol(change, key):
+    from mgpo.config import load_config
+    from mgpo.eval.protocol import protocol
+
+    base = ["eval.temperature=1.0", "eval.mode=mgpo_k", "eval.max_turns=3"]  # (sampling: top_k / top_p count)
+    a, b = protocol(load_config(None, base)), protocol(load_config(None, [*base, change]))
+    assert a[key] != b[key] and {k for k in a if a[k] != b[k]} == {key}
+
+
+def _model_copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_in_place(path):
+    """Change bytes in the middle of a file, keeping its size and modification time."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_weights_replaced_in_place_are_a_new_model(tiny_dir, tmp_path):
+    from mgpo.config import load_config
+    from mgpo.eval.protocol import run_protocol
+
+    model = _model_copy(tiny_dir, tmp_path / "model")
+    cfg = load_config(None, [f"model.path={model}"])
+    before = run_protocol(cfg, {})["model_files"]
+    _rewrite_in_place(model / "model-00001-of-00002.safetensors")
+    assert run_protocol(cfg, {})["model_files"] != before
+
+
+def test_a_checkpoint_model_is_identified_by_its_manifest_and_verified(tiny_dir, tmp_path, caplog):
+    from mgpo.eval.evaluate import newest_run_model
+    from mgpo.eval.protocol import weights_identity
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        _model_copy(tiny_dir, _ckpt_dir(run, step) / "model")
+        write_manifest(_ckpt_dir(run, step), {})
+    plain = weights_identity(_model_copy(tiny_dir, tmp_path / "plain"))
+    assert weights_identity(_ckpt_dir(run, 2) / "model") == plain  # the same files, however found
+    assert newest_run_model(str(run)) == str(_ckpt_dir(run, 2) / "model")
+    _rewrite_in_place(_ckpt_dir(run, 2) / "model" / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors does not match its SHA-256"):
+        weights_identity(_ckpt_dir(run, 2) / "model")
+    with caplog.at_level("WARNING"):
+        assert newest_run_model(str(run)) == str(_ckpt_dir(run, 1) / "model")
+    assert "not evaluating" in caplog.text and "model-00002-of-00002.safetensors" in caplog.text
+    _rewrite_in_place(_ckpt_dir(run, 1) / "model" / "config.json")
+    with pytest.raises(CheckpointError, match="no checkpoint of .* passes its manifest"):
+        newest_run_model(str(run))

@@ -33,7 +33,7 @@ from ..core.reward import predicted_letter
 from ..core.rollout import rollout
 from ..data.samples import BadImageError, SampleSet, load_samples
 from ..runtime import distributed as D
-from ..runtime.model import check_adapter_dir, check_model_dir, load_model, load_processor
+from ..runtime.model import CheckpointError, check_adapter_dir, check_model_dir, load_model, load_processor
 from .protocol import (
     PROTOCOL_FILE,
     ProtocolMismatchError,
@@ -43,6 +43,7 @@ from .protocol import (
     protocol,
     read_predictions,
     run_protocol,
+    weights_identity,
 )
 from .report import compute_metrics, fingerprint, render_markdown
 from .report_html import render_html
@@ -277,9 +278,22 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
 
 
 def newest_run_model(output_dir: str) -> str | None:
-    """The model folder of the newest complete checkpoint under a training run, if any."""
-    from ..runtime.checkpoint import latest_checkpoint
+    """The model folder of the newest complete checkpoint under a training run whose model files
+    pass the checkpoint's manifest, as a resume checks them; a damaged newer one is skipped with
+    a warning naming the file, and when none passes this refuses rather than evaluate it."""
+    from ..runtime.checkpoint import list_checkpoints
 
-    ckpt = latest_checkpoint(output_dir)
-    return str(ckpt / "model") if ckpt is not None and (ckpt / "model").is_dir() else None
+    problems = []
+    for ckpt in reversed([c for c in list_checkpoints(output_dir) if (c / "model").is_dir()]):
+        try:
+            weights_identity(ckpt / "model")
+        except CheckpointError as e:
+            log.warning("not evaluating %s: %s; trying the previous checkpoint", ckpt, e)
+            problems.append(str(e))
+            continue
+        return str(ckpt / "model")
+    if problems:
+        raise CheckpointError(f"no checkpoint of {output_dir} passes its manifest:\n  - " + "\n  - ".join(problems)
+                              + "\npass model.path= to evaluate another model")
+    return None
 

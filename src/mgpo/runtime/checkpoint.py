@@ -105,7 +105,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 # ----------------------------------------------------------------------------- manifest
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -133,7 +133,7 @@ def write_manifest(folder: Path, settings: dict) -> None:
     training settings the checkpoint's layout depends on. Called once, after all ranks wrote."""
     files = {}
     for rel in _files(folder):
-        files[rel] = _sha256(folder / rel)
+        files[rel] = sha256_file(folder / rel)
         _fsync(folder / rel)
     for sub in sorted({p for p in folder.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
         _fsync(sub)
@@ -159,22 +159,26 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_checkpoint(folder: str | Path) -> dict:
-    """Check every file against the manifest; raise CheckpointError naming the first file that
-    is missing, changed or not listed. Returns the manifest."""
+def verify_checkpoint(folder: str | Path, under: str = "") -> dict:
+    """Check every file against the manifest (``under``: only the files of that sub-folder, e.g.
+    ``model`` for an evaluation); raise CheckpointError naming the first file that is missing,
+    changed or not listed. Returns the manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    listed, present = manifest["files"], set(_files(folder))
+    prefix = f"{under.strip('/')}/" if under else ""
+    listed = {rel: digest for rel, digest in manifest["files"].items() if rel.startswith(prefix)}
+    present = {rel for rel in _files(folder) if rel.startswith(prefix)}
     extra = sorted(present - set(listed))
     if extra:
         raise CheckpointError(f"{folder / extra[0]} is not in the checkpoint's manifest (added after the save?)")
     for rel, digest in sorted(listed.items()):
         if rel not in present:
             raise CheckpointError(f"{folder / rel} is missing (listed in the checkpoint's manifest)")
-        if _sha256(folder / rel) != digest:
+        if sha256_file(folder / rel) != digest:
             raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
                                   "(truncated, damaged or replaced)")
-    check_pickles(folder)
+    if not under:
+        check_pickles(folder)
     return manifest
 
 
