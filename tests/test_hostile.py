@@ -140,7 +140,7 @@ class _Payload:
 
 
 def _ckpt_dir(out, step):
-    return out / "checkpoints" / f"step-{step:06d}"
+    return out / f"checkpoint-{step}"
 
 
 def _deepspeed_like_checkpoint(out, step, model_states):
@@ -381,3 +381,89 @@ def test_a_checkpoint_model_is_identified_by_its_manifest_and_verified(tiny_dir,
     _rewrite_in_place(_ckpt_dir(run, 1) / "model" / "config.json")
     with pytest.raises(CheckpointError, match="no checkpoint of .* passes its manifest"):
         newest_run_model(str(run))
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def _start(out, *overrides):
+    from mgpo.config import load_config
+    from mgpo.runtime.run_folder import start_run
+
+    run = start_run(load_config(None, [f"train.output_dir={out}", *overrides]))
+    run.lock.close()
+    return run
+
+
+def test_checkpoint_folders_without_complete_are_not_started_over(tmp_path):
+    for step in (2, 4):
+        _deepspeed_like_checkpoint(tmp_path, step, {"module": {}})
+        (_ckpt_dir(tmp_path, step) / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="without a COMPLETE marker \\(checkpoint-2, checkpoint-4\\)"):
+        _start(tmp_path)  # resume=auto
+    assert _ckpt_dir(tmp_path, 4).is_dir() and not (tmp_path / "config.yaml").exists()
+
+
+def test_an_unmarked_newer_folder_is_named_when_an_older_checkpoint_resumes(tmp_path, caplog):
+    good = _deepspeed_like_checkpoint(tmp_path, 2, {"module": {}})
+    _ckpt_dir(tmp_path, 4).mkdir()
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("auto", tmp_path) == good
+    assert "ignoring checkpoint-4" in caplog.text and "no COMPLETE marker" in caplog.text
+
+
+def test_swapped_step_folders_are_refused(tmp_path):
+    for step in (2, 4):
+        _deepspeed_like_checkpoint(tmp_path, step, {"module": {}})
+    _ckpt_dir(tmp_path, 2).rename(tmp_path / "swap")
+    _ckpt_dir(tmp_path, 4).rename(_ckpt_dir(tmp_path, 2))
+    (tmp_path / "swap").rename(_ckpt_dir(tmp_path, 4))
+    with pytest.raises(CheckpointError) as refused:
+        resolve_resume("auto", tmp_path)
+    assert "holds step 2, not the step its folder is named for (4)" in str(refused.value)
+    assert "holds step 4, not the step its folder is named for (2)" in str(refused.value)
+    with pytest.raises(CheckpointError, match="renamed or swapped"):
+        resolve_resume(str(_ckpt_dir(tmp_path, 4)), tmp_path)
+
+
+def test_overwrite_with_resume_auto_over_checkpoints_is_refused(tmp_path):
+    from mgpo.runtime.run_folder import RunFolderError
+
+    _deepspeed_like_checkpoint(tmp_path, 2, {"module": {}})
+    with pytest.raises(RunFolderError, match="train.overwrite=true with train.resume=auto.*train.resume=none"):
+        _start(tmp_path, "train.overwrite=true")
+    assert _ckpt_dir(tmp_path, 2).is_dir()
+    assert _start(tmp_path / "fresh", "train.overwrite=true").resume_from is None  # nothing to discard: fine
+
+
+def test_a_lock_that_is_a_folder_says_so(tmp_path):
+    from mgpo.runtime.run_folder import RunFolderError
+
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(RunFolderError, match="cannot use .*\\.lock as the run folder's lock \\(Is a directory\\)"):
+        _start(tmp_path)
+
+
+def test_a_rank_without_rng_state_in_the_checkpoint_is_named(tmp_path, monkeypatch, caplog):
+    """A 1-process checkpoint resumed on 2 ranks: rank 1 finds no RNG state and says so."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mgpo.runtime import distributed as D
+    from mgpo.runtime.checkpoint import load_training_state
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    folder = _ckpt_dir(tmp_path, 3)
+    (folder / "rng").mkdir(parents=True)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, folder / "rng" / "rank0.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "epoch": 0, "batch": 3, "log_history": []}))
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    with caplog.at_level("WARNING"):
+        state = load_training_state(accelerator, None, optimizer, scheduler, folder)
+    assert state == {"step": 3, "epoch": 0, "batch": 3}
+    assert "rank 1" in caplog.text and "no RNG state for this rank" in caplog.text and "resumed on 2" in caplog.text

@@ -180,8 +180,9 @@ class TrainConfig:
     """"auto" (newest checkpoint in output_dir that verifies), "none", or a checkpoint path."""
     overwrite: bool = False
     """A new run (resume "none") in a folder that holds an earlier run's checkpoints is refused;
-    true: discard that run's checkpoints, metrics.jsonl and TensorBoard logs first. Saved as
-    false in the run's config.yaml, so that file reused to continue the run cannot discard it."""
+    true: discard that run's checkpoints, metrics.jsonl and TensorBoard logs first (with resume
+    "auto" over checkpoints it is refused: say resume "none" to discard). Saved as false in the
+    run's config.yaml, so that file reused to continue the run cannot discard it."""
     allow_config_change: bool = False
     """Resume even though training-relevant settings differ from the run's saved config (the new
     config is saved as config.resume-<step>.yaml; config.yaml is kept). Off: such a resume is refused."""

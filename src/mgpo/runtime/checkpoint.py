@@ -1,19 +1,22 @@
 """Checkpoints that resume exactly and load with ``from_pretrained``.
 
-Layout of ``<output_dir>/checkpoints/step-000050/``:
+Layout of ``<output_dir>/checkpoint-50/`` (the name Hugging Face's ``get_last_checkpoint``
+looks for):
 
     model/            Hugging Face folder (safetensors + processor): from_pretrained loads it
     adapter/          instead of model/ when training LoRA (see ``python -m mgpo.tools.merge``)
     optimizer.pt      optimizer and scheduler state (weights_only-safe), or
     deepspeed/        DeepSpeed's own sharded engine state under ZeRO
     rng/rank*.pt      every rank's RNG state
-    trainer_state.json  step, epoch, data position
+    trainer_state.json  step, epoch, data position, and the log history (metrics rows so far)
     COMPLETE          written last: JSON with the SHA-256 of every other file (the manifest)
 
-A checkpoint is written into ``step-XXXXXX.tmp``, every file and folder is fsynced, the
+A checkpoint is written into ``checkpoint-50.tmp``, every file and folder is fsynced, the
 manifest is written, and the folder is renamed when whole, so a process killed mid-write
-leaves the previous checkpoint untouched and loadable; folders without COMPLETE, and
-folders not named ``step-<digits>``, are ignored on resume.
+leaves the previous checkpoint untouched and loadable, and only whole checkpoints carry
+the name other tools look for. A ``checkpoint-<N>`` folder without COMPLETE was not written
+whole by this trainer (damaged, or another tool's): it is never resumed, and ``resume=auto``
+refuses to start over on top of one.
 
 Nothing in a checkpoint is deserialized before the manifest is verified, and no pickle is
 read without torch's weights-only unpickler. DeepSpeed unpickles its engine files itself,
@@ -41,30 +44,35 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .logger import METRICS, metric_rows
 from .model import CheckpointError, save_processor
 
 log = logging.getLogger("mgpo")
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
 
 
 def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``step-<digits>`` with a COMPLETE marker), oldest first, not yet verified."""
-    root = checkpoint_root(output_dir)
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-<digits>`` folder, complete or not, oldest first."""
+    root = Path(output_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and (p / MARKER).exists()]
-    return sorted(done, key=checkpoint_step)
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=checkpoint_step)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-<digits>`` with a COMPLETE marker), oldest first, not yet verified."""
+    return [p for p in step_folders(output_dir) if (p / MARKER).exists()]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -72,11 +80,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _names(folders: list[Path]) -> str:
+    return ", ".join(p.name for p in folders[:6]) + (f" and {len(folders) - 6} more" if len(folders) > 6 else "")
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """``auto`` -> newest checkpoint that verifies (or None), ``none`` -> None, else that path, verified.
 
     With ``auto``, a damaged newest checkpoint is skipped with a warning naming the file;
-    when checkpoints exist but none verifies, this refuses rather than start over silently.
+    when checkpoints exist but none verifies, or only folders without COMPLETE do, this
+    refuses rather than start over silently.
     """
     if resume == "none":
         return None
@@ -86,6 +99,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {MARKER} file)")
         verify_checkpoint(path)
         return path
+    unmarked = [p for p in step_folders(output_dir) if not (p / MARKER).exists()]
     problems = []
     for ckpt in reversed(list_checkpoints(output_dir)):
         try:
@@ -96,10 +110,17 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             continue
         if problems:
             log.warning("resuming from %s, the newest checkpoint that verifies", ckpt)
+        if unmarked:
+            log.warning("ignoring %s in %s: no %s marker (not written whole by this trainer)", _names(unmarked),
+                        output_dir, MARKER)
         return ckpt
     if problems:
-        raise CheckpointError(f"no checkpoint under {checkpoint_root(output_dir)} verifies:\n  - "
+        raise CheckpointError(f"no checkpoint under {output_dir} verifies:\n  - "
                               + "\n  - ".join(problems) + "\nmove them away, or start a new train.output_dir")
+    if unmarked:
+        raise CheckpointError(f"{output_dir} holds checkpoint folders without a {MARKER} marker ({_names(unmarked)}): "
+                              "not written whole by this trainer, so not resumed, and a new run is not started on "
+                              "top of them; move them away, or choose another train.output_dir")
     return None
 
 
@@ -178,8 +199,23 @@ def verify_checkpoint(folder: str | Path, under: str = "") -> dict:
             raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
                                   "(truncated, damaged or replaced)")
     if not under:
+        _check_step(folder)
         check_pickles(folder)
     return manifest
+
+
+def _check_step(folder: Path) -> None:
+    """A ``checkpoint-<N>`` folder must hold step N (folders renamed or swapped resume the wrong step)."""
+    state_file = folder / "trainer_state.json"
+    if not _STEP_DIR.match(folder.name) or not state_file.is_file():
+        return
+    try:
+        step = json.loads(state_file.read_text()).get("step")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{state_file} is not a readable trainer state ({e})") from e
+    if step != checkpoint_step(folder):
+        raise CheckpointError(f"{state_file} holds step {step!r}, not the step its folder is named for "
+                              f"({checkpoint_step(folder)}): checkpoint folders renamed or swapped")
 
 
 # What DeepSpeed pickles into its ZeRO checkpoint files beside tensors and plain containers
@@ -277,9 +313,9 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
                     trainer_state: dict, keep_last: int, lora: bool) -> Path:
     """Write a whole checkpoint atomically (every rank calls this)."""
-    root = checkpoint_root(output_dir)
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
+    root = Path(output_dir)
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")  # not a name get_last_checkpoint or a resume takes
     if D.is_main():
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a run killed while writing
@@ -307,7 +343,10 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
     D.barrier()
 
     if D.is_main():
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        # global_step and log_history as Hugging Face's Trainer names them, for its tooling
+        history = metric_rows(root / METRICS, upto=step)
+        state = {**trainer_state, "global_step": step, "log_history": history}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         write_manifest(tmp, layout_settings(policy, lora))
         if final.exists():
             shutil.rmtree(final)
@@ -335,4 +374,10 @@ def load_training_state(accelerator, wrapped, optimizer, scheduler, ckpt: Path) 
     rng_file = ckpt / "rng" / f"rank{D.rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    else:
+        saved = len(list((ckpt / "rng").glob("rank*.pt")))
+        log.warning("rank %d: %s has no RNG state for this rank (written by %d process(es), resumed on %d); its "
+                    "sampling continues from the seed, so this resume is not the run's exact continuation",
+                    D.rank(), ckpt / "rng", saved, D.world_size())
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return {k: state[k] for k in ("step", "epoch", "batch")}

@@ -1,6 +1,6 @@
 """Merge a LoRA checkpoint into its base model and write a full Hugging Face folder.
 
-    python -m mgpo.tools.merge runs/x/checkpoints/step-000100 merged/ --base /models/Qwen2.5-VL-7B-Instruct
+    python -m mgpo.tools.merge runs/x/checkpoint-100 merged/ --base /models/Qwen2.5-VL-7B-Instruct
 
 The result loads with ``from_pretrained`` (and serving engines) like any Qwen2.5-VL. The
 weights keep the base checkpoint's dtype.
