@@ -11,12 +11,15 @@ import sys
 
 from mgpo.config import load_config
 from mgpo.eval.evaluate import crop_answerable, evaluate, newest_run_model
-from mgpo.eval.report import compare
+from mgpo.eval.report import CompareError, compare
 from mgpo.runtime import distributed as D
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "compare":
-        print(compare(sys.argv[2:]), end="")
+        try:
+            print(compare(sys.argv[2:]), end="")
+        except CompareError as e:  # a folder that is not a finished evaluation: one line, no traceback
+            sys.exit(f"eval.py compare: {e}")
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "crops":
         crops = argparse.ArgumentParser(description="The paper's Table 3: the share of an evaluation's questions "

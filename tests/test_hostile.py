@@ -467,3 +467,125 @@ def test_a_rank_without_rng_state_in_the_checkpoint_is_named(tmp_path, monkeypat
         state = load_training_state(accelerator, None, optimizer, scheduler, folder)
     assert state == {"step": 3, "epoch": 0, "batch": 3}
     assert "rank 1" in caplog.text and "no RNG state for this rank" in caplog.text and "resumed on 2" in caplog.text
+
+
+# ----------------------------------------------------------------------------- faults
+
+_SAVE_UNDER_A_SIZE_LIMIT = r"""
+import resource, signal, sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import save_file
+
+from mgpo.runtime.checkpoint import save_checkpoint
+
+out, big = Path(sys.argv[1]), sys.argv[2]
+
+
+class Policy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(8))
+
+    def save_pretrained(self, folder, state_dict, safe_serialization):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
+
+
+policy = Policy()
+wrapped = SimpleNamespace(policy=policy)
+weights = {"policy.w": policy.w.detach()}
+accelerator = SimpleNamespace(distributed_type=DistributedType.NO, get_state_dict=lambda w: weights,
+                              unwrap_model=lambda w: w)
+processor = SimpleNamespace(save_pretrained=lambda folder: None,
+                            image_processor=SimpleNamespace(size={"shortest_edge": 1, "longest_edge": 2}))
+optimizer = torch.optim.AdamW(policy.parameters())
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+save = lambda step: save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out, step,
+                                    {"step": step, "epoch": 0, "batch": step}, keep_last=2, lora=False)
+save(1)
+# what step 2 writes grows past a 64 KiB file-size limit: the weights, or the optimizer state
+if big == "weights":
+    weights = {"policy.w": torch.zeros(100_000)}
+else:
+    optimizer.state[policy.w] = {"exp_avg": torch.zeros(100_000), "exp_avg_sq": torch.zeros(100_000),
+                                 "step": torch.tensor(1.0)}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of the process dying
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+save(2)
+"""
+
+
+@pytest.mark.parametrize("big", ["weights", "optimizer"])
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, big):
+    import subprocess
+    import sys
+
+    from mgpo.runtime.checkpoint import list_checkpoints, verify_checkpoint
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _SAVE_UNDER_A_SIZE_LIMIT, str(out), big], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("mgpo.runtime.model.CheckpointError: no space left on device "
+                                                    f"while writing {out / 'checkpoint-2.tmp'}"), proc.stderr[-2000:]
+    assert f"the previous checkpoint ({out / 'checkpoint-1'}) is untouched" in last
+    assert list_checkpoints(out) == [out / "checkpoint-1"] and not (out / "checkpoint-2.tmp").exists()
+    verify_checkpoint(out / "checkpoint-1")
+
+
+@pytest.mark.parametrize("base", ["Qwen/Qwen2.5-VL-7B-Instruct", "missing-folder"])
+def test_merge_requires_a_local_base_folder(tmp_path, capsys, base):
+    from mgpo.tools.merge import main
+
+    adapter = tmp_path / "checkpoint-1" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "checkpoint-1"), str(tmp_path / "merged"), "--base", base])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1
+    assert f"no Qwen2.5-VL checkpoint at {base}: not a local folder" in err and "nothing is downloaded" in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_requires_a_lora_checkpoint(tmp_path, capsys):
+    from mgpo.tools.merge import main
+
+    (tmp_path / "checkpoint-1" / "model").mkdir(parents=True)  # a full-weights checkpoint: nothing to merge
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "checkpoint-1"), str(tmp_path / "merged"), "--base", str(tmp_path)])
+    assert stopped.value.code == 2 and "not a local LoRA adapter folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda d: None, "no such folder"),
+    (lambda d: d.mkdir(), "no metrics.json"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text("{not json")), "not a readable JSON file"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text(json.dumps({"protocol": {}}))), "holds no results"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text(json.dumps({"protocol": {}, "results": {"x": {}}}))),
+     "holds no results"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text("[]")), "holds no results"),
+])
+def test_compare_on_a_folder_that_is_no_evaluation_says_why(tmp_path, make, reason):
+    from mgpo.eval.report import CompareError, compare
+
+    make(tmp_path / "run")
+    with pytest.raises(CompareError, match=reason) as refused:
+        compare([tmp_path / "run"])
+    assert str(tmp_path / "run") in str(refused.value)
+
+
+def test_eval_py_compare_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "eval.py"), "compare", str(tmp_path / "gone")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"eval.py compare: {tmp_path / 'gone'}: no such folder "
+                                                "(pass the eval.output_dir of an evaluation)"]

@@ -30,6 +30,7 @@ else is refused by name. A checkpoint that fails verification is refused, naming
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -310,9 +311,33 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- save / load
 
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How a full disk surfaces through torch's zip writer and safetensors' Rust writer
+_FULL_DISK_TEXT = ("unexpected pos", "file write failed", "No space left", "StorageFull", "File too large",
+                   "QuotaExceeded", "FileTooLarge")
+
+
 def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
                     trainer_state: dict, keep_last: int, lora: bool) -> Path:
-    """Write a whole checkpoint atomically (every rank calls this)."""
+    """Write a whole checkpoint atomically (every rank calls this). A write that fails for want of
+    space (or a file-size limit) is reported as such, naming the folder; the half-written folder
+    is removed and the previous checkpoint, never touched, stays the one a resume takes."""
+    try:
+        return _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir, step,
+                                 trainer_state, keep_last, lora)
+    except Exception as e:
+        if not ((isinstance(e, OSError) and e.errno in _FULL_DISK) or any(t in str(e) for t in _FULL_DISK_TEXT)):
+            raise
+        tmp = checkpoint_dir(output_dir, step).with_name(f"checkpoint-{step}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        raise CheckpointError(f"no space left on device while writing {tmp} ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1][:160]}); the previous checkpoint "
+                              f"({previous or 'none'}) is untouched: free space, then resume") from e
+
+
+def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
+                      trainer_state: dict, keep_last: int, lora: bool) -> Path:
     root = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")  # not a name get_last_checkpoint or a resume takes
