@@ -234,9 +234,9 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
 
 
 def drop_long_prompts(data: SampleSet, count_tokens, limit: int) -> SampleSet:
-    """Move every sample whose prompt (a chat record: its conversation) is over ``limit`` tokens (``count_tokens(sample)``) to the
-    skip list. Training filters once at load: a prompt dropped mid-batch would leave one rank
-    with fewer groups than the others."""
+    """Move every sample whose prompt (a chat record: its whole conversation) is over ``limit``
+    tokens (``count_tokens(sample)``) to the skip list. Training filters once at load: a prompt
+    dropped mid-batch would leave one rank with fewer groups than the others."""
     if not limit:
         return data
     kept = []
