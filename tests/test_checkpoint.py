@@ -87,22 +87,21 @@ def test_changed_missing_or_added_file_is_refused_naming_it(run_copy, damage, na
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(run_copy, tiny_dir, synth_dir):
-    weights = run_copy / "checkpoints" / "step-000002" / "model" / "model.safetensors"
+    weights = run_copy / "checkpoint-2" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     rc, text = _train(tiny_dir, synth_dir, run_copy, "train.max_steps=3")
     assert rc == 0, text[-4000:]
-    assert "not resuming from" in text and "step-000002/model/model.safetensors" in text
-    assert f"resumed from {run_copy / 'checkpoints' / 'step-000001'}" in text
+    assert "not resuming from" in text and "checkpoint-2/model/model.safetensors" in text
+    assert f"resumed from {run_copy / 'checkpoint-1'}" in text
     record = json.loads((run_copy.parent / "record-run.json.rank0").read_text())
     assert record["steps"] == 3
 
 
 def test_stray_folders_are_not_checkpoints(tmp_path):
-    root = tmp_path / "checkpoints"
-    for name in ("step-000003", "step-latest", "step-000004.tmp", "step-1-copy", "notes"):
-        (root / name).mkdir(parents=True)
-        (root / name / "COMPLETE").write_text("{}\n")
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
+    for name in ("checkpoint-3", "checkpoint-latest", "checkpoint-4.tmp", "checkpoint-1-copy", "notes", "step-000005"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "COMPLETE").write_text("{}\n")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
 
 
 @pytest.mark.parametrize("override, setting", [
@@ -112,7 +111,7 @@ def test_stray_folders_are_not_checkpoints(tmp_path):
 def test_lora_or_freeze_vision_mismatch_names_the_setting(run_copy, tiny_dir, synth_dir, override, setting):
     rc, text = _train(tiny_dir, synth_dir, run_copy, "train.max_steps=3", override)
     assert rc != 0
-    assert setting in text and "step-000002" in text, text[-3000:]
+    assert setting in text and "checkpoint-2" in text, text[-3000:]
 
 
 def test_resume_with_changed_settings_is_refused_naming_each(run_copy, tiny_dir, synth_dir):
@@ -148,12 +147,24 @@ def test_second_run_in_one_folder_is_refused(tmp_path, tiny_dir, synth_dir):
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not (out / "checkpoints" / "step-000001.tmp").exists():  # the first run is mid-way
+        while not (out / "checkpoint-1.tmp").exists():  # the first run is mid-way
             assert first.poll() is None and time.time() < deadline, "the first run ended early"
             time.sleep(0.1)
         rc, text = _train(tiny_dir, synth_dir, out, "train.max_steps=1")
         assert rc != 0 and "another training run is using" in text, text[-3000:]
-        assert (out / "checkpoints" / "step-000001.tmp").exists(), "the second run must not touch the first's files"
+        assert (out / "checkpoint-1.tmp").exists(), "the second run must not touch the first's files"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+
+
+def test_hugging_face_tooling_finds_the_newest_checkpoint(trained):
+    """transformers' get_last_checkpoint finds our folders; trainer_state.json carries the log history."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(trained)) == str(trained / "checkpoint-2")
+    state = json.loads((trained / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and [row["step"] for row in state["log_history"]] == [1, 2]
+    assert "reward/mean" in state["log_history"][-1]
+    first = json.loads((trained / "checkpoint-1" / "trainer_state.json").read_text())
+    assert [row["step"] for row in first["log_history"]] == [1]

@@ -74,7 +74,7 @@ def test_a_bug_keeps_its_traceback():
 
 def test_the_eval_preset_is_the_papers_protocol():
     """The README's GPU evaluation, copied as written, runs under the paper's protocol."""
-    proc = _run("eval.py", "--config", EVAL_PRESET, "model.path=runs/qwen2_5_vl_7b_mgpo/checkpoints/step-000600/model",
+    proc = _run("eval.py", "--config", EVAL_PRESET, "model.path=runs/qwen2_5_vl_7b_mgpo/checkpoint-600/model",
                 "eval.datasets=[/data/vstar_bench]", "--print-config")
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
@@ -82,7 +82,7 @@ def test_the_eval_preset_is_the_papers_protocol():
     assert cfg["model"]["dtype"] == "bfloat16"
     assert (cfg["eval"]["temperature"], cfg["eval"]["samples"], cfg["eval"]["mode"]) == (0.0, 1, "mgpo")
     assert cfg["rollout"]["max_new_tokens_turn1"] == cfg["rollout"]["max_new_tokens_turn2"] == 8192
-    assert cfg["eval"]["output_dir"] == "runs/eval/qwen2_5_vl_7b_mgpo-step-000600/vstar_bench"
+    assert cfg["eval"]["output_dir"] == "runs/eval/qwen2_5_vl_7b_mgpo-checkpoint-600/vstar_bench"
     readme = (ROOT / "README.md").read_text()
     assert f"--config {EVAL_PRESET}" in readme or "make eval MODEL=" in readme
 
@@ -92,7 +92,7 @@ def test_each_evaluation_gets_its_own_folder_unless_told():
     from mgpo.eval.evaluate import with_output_dir
 
     a = with_output_dir(load_config(EVAL_PRESET, ["model.path=/m/Qwen2.5-VL-7B-Instruct", "eval.datasets=[/d/v]"]))
-    b = with_output_dir(load_config(EVAL_PRESET, ["model.path=runs/x/checkpoints/step-000010/model",
+    b = with_output_dir(load_config(EVAL_PRESET, ["model.path=runs/x/checkpoint-10/model",
                                                   "eval.datasets=[/d/v]"]))
     c = with_output_dir(load_config(EVAL_PRESET, ["model.path=/m/Qwen2.5-VL-7B-Instruct", "eval.datasets=[/d/w]"]))
     assert len({a.eval.output_dir, b.eval.output_dir, c.eval.output_dir}) == 3

@@ -157,11 +157,11 @@ def test_hrbench_tsv_with_base64(tmp_path):
 
 def test_hrbench_keeps_option_texts_that_look_missing(tmp_path):
     lines = [HR_HEADER, f"1\tWhich?\tD\tcross\tNone\tNA\tnull\tn/a\tcycle2\t{_b64_png()}",
-             f"2\tWhich?\tB\tsingle\tNaN\t\t#N/A\tnan\tcycle3\t{_b64_png()}"]
+             f"2\tWhich?\tB\tsingle\tNaN\tNULL\t#N/A\tnan\tcycle3\t{_b64_png()}"]
     (tmp_path / "hr_bench_8k.tsv").write_text("\n".join(lines) + "\n")
     a, b = load_samples(tmp_path / "hr_bench_8k.tsv")
     assert a.options == ("None", "NA", "null", "n/a") and a.answer == "D"
-    assert b.options == ("NaN", "", "#N/A", "nan") and b.answer == "B"
+    assert b.options == ("NaN", "NULL", "#N/A", "nan") and b.answer == "B"
 
 
 def test_hrbench_images_stay_in_the_file_until_used(tmp_path):

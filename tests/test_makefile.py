@@ -77,9 +77,9 @@ def test_up_to_date_venv_runs_the_target(clone):
 @pytest.mark.parametrize("args, config", [
     ((), "configs/tiny_cpu.yaml"),  # the embedded default
     (("MODEL=/models/Qwen2.5-VL-7B-Instruct", "DATA=/data/vstar_bench"), "configs/eval_qwen2_5_vl_7b.yaml"),
-    (("MODEL=runs/qwen2_5_vl_7b_mgpo/checkpoints/step-000600/model",), "configs/eval_qwen2_5_vl_7b.yaml"),
+    (("MODEL=runs/qwen2_5_vl_7b_mgpo/checkpoint-600/model",), "configs/eval_qwen2_5_vl_7b.yaml"),
     (("MODEL=build/tiny-qwen2.5-vl",), "configs/tiny_cpu.yaml"),  # the project's own tiny models
-    (("MODEL=runs/tiny_beacon/checkpoints/step-000150/model",), "configs/tiny_cpu.yaml"),
+    (("MODEL=runs/tiny_beacon/checkpoint-150/model",), "configs/tiny_cpu.yaml"),
     (("MODEL=/models/ckpt", "CONFIG=configs/mine.yaml"), "configs/mine.yaml"),  # CONFIG= always wins
 ])
 def test_make_eval_uses_the_papers_protocol_for_a_real_checkpoint(clone, args, config):

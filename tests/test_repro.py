@@ -56,10 +56,10 @@ def test_collect_reads_a_run_folder_back(tmp_path):
     from mgpo.tools.repro import collect
 
     run = tmp_path / "grpo-seed1"
-    (run / "checkpoints" / "step-000100").mkdir(parents=True)
+    (run / "checkpoint-100").mkdir(parents=True)
     (run / "config.yaml").write_text("{}")
     os.utime(run / "config.yaml", (1000, 1000))
-    os.utime(run / "checkpoints" / "step-000100", (1000 + 90, 1000 + 90))
+    os.utime(run / "checkpoint-100", (1000 + 90, 1000 + 90))
     rows = [{"step": 5, "reward/mean": 0.25, "grounding/valid_box_share": 1.0, "grounding/iou": 0.3,
              "grounding/box_holds_target": 0.5},
             {"step": 10, "reward/mean": 0.5, "grounding/valid_box_share": 0.5}]

@@ -10,7 +10,7 @@ from mgpo.runtime.run_folder import RunFolderError, start_run
 
 def _earlier_run(out):
     for step in (100, 150):
-        ckpt = out / "checkpoints" / f"step-{step:06d}"
+        ckpt = out / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)
         (ckpt / MARKER).write_text("{}")
     (out / "metrics.jsonl").write_text('{"step": 150, "reward/mean": 0.5}\n')
@@ -28,7 +28,7 @@ def test_new_run_over_an_earlier_run_is_refused_naming_the_way_out(tmp_path):
     _earlier_run(tmp_path)
     with pytest.raises(RunFolderError, match="train.overwrite=true") as refused:
         _start(tmp_path)
-    assert "step-000100 .. step-000150" in str(refused.value)
+    assert "checkpoint-100 .. checkpoint-150" in str(refused.value)
     assert len(list_checkpoints(tmp_path)) == 2 and (tmp_path / "metrics.jsonl").exists()
 
 

@@ -92,7 +92,7 @@ def test_resume_is_exact(tmp_path, tiny_dir, synth_dir):
     a = load_file(str(latest_checkpoint(tmp_path / "a") / "model" / "model.safetensors"))
     b = load_file(str(latest_checkpoint(tmp_path / "b") / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-000002", "step-000004"]
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_sigkill_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_dir, synth_dir):
@@ -104,7 +104,7 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_dir, sy
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            if (out / "checkpoints" / "step-000004.tmp").exists() and latest_checkpoint(out) is not None:
+            if (out / "checkpoint-4.tmp").exists() and latest_checkpoint(out) is not None:
                 break
             assert proc.poll() is None, "training ended before the second checkpoint"
             time.sleep(0.05)
@@ -116,13 +116,13 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_dir, sy
         if proc.poll() is None:
             proc.kill()
     ckpt = latest_checkpoint(out)
-    assert ckpt.name == "step-000002"
+    assert ckpt.name == "checkpoint-2"
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt / "model")
     # resume=auto continues from it (and ignores the half-written folder).
     (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, out, "train.max_steps=4", "train.save_every=2")
-    assert rec["steps"] == 4 and latest_checkpoint(out).name == "step-000004"
+    assert rec["steps"] == 4 and latest_checkpoint(out).name == "checkpoint-4"
 
 
 def test_nonfinite_losses_skip_updates_then_stop(tmp_path, tiny_dir, synth_dir):

@@ -10,6 +10,7 @@ The object that is printed and saved beside a run is the object the code reads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class DataConfig:
     max_samples: int = 0
     """Use only the first N records of each set (0 = all)."""
     max_prompt_tokens: int = 8192
-    """A prompt (text and image tokens) longer than this is skipped and counted (reference: 8192; 0 = no limit)."""
+    """A prompt (text and image tokens) longer than this is skipped and counted (reference: 8192; 0 = no limit);
+    for a chat record (SFT), its whole conversation."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,9 @@ class RolloutConfig:
     """Reward subtracted per crop shown, for shorter searches ("mgpo_k"; 0 = off)."""
     max_image_tokens: int = 0
     """"mgpo_k": cap on a trajectory's image tokens (all its images); a turn whose next image would
-    pass it gets the text-only forced-answer turn instead. 0 = no cap. Host and device memory of
-    a trajectory grow with its images."""
+    pass it gets the text-only forced-answer turn instead. 0 = min(max_turns, 4) images at the full
+    pixel budget (max_pixels / 784 tokens each): K <= 4 is never capped, a larger K shows at most
+    four images' worth. Host and device memory of a trajectory grow with its images."""
     shared_prefill: bool = True
     """Encode each image and prefill each prompt once per group, then sample the group from a
     copied cache (False: the naive path, every sample re-encodes and re-reads its prompt)."""
@@ -178,8 +181,9 @@ class TrainConfig:
     """"auto" (newest checkpoint in output_dir that verifies), "none", or a checkpoint path."""
     overwrite: bool = False
     """A new run (resume "none") in a folder that holds an earlier run's checkpoints is refused;
-    true: discard that run's checkpoints, metrics.jsonl and TensorBoard logs first. Saved as
-    false in the run's config.yaml, so that file reused to continue the run cannot discard it."""
+    true: discard that run's checkpoints, metrics.jsonl and TensorBoard logs first (with resume
+    "auto" over checkpoints it is refused: say resume "none" to discard). Saved as false in the
+    run's config.yaml, so that file reused to continue the run cannot discard it."""
     allow_config_change: bool = False
     """Resume even though training-relevant settings differ from the run's saved config (the new
     config is saved as config.resume-<step>.yaml; config.yaml is kept). Off: such a resume is refused."""
@@ -254,43 +258,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(build(Config, tree, ""))
 
 
+def _range(low: float, high: float = math.inf, *, above: bool = False, below: bool = False) -> tuple:
+    """A rule for a number: finite, from ``low`` to ``high`` (``above``/``below``: that end excluded)."""
+    text = (f"in {'(' if above else '['}{low}, {high}{')' if below else ']'}" if high < math.inf
+            else f"{'>' if above else '>='} {low}")
+    return (lambda v: math.isfinite(v) and (v > low if above else v >= low) and (v < high if below else v <= high),
+            text)
+
+
+BLOCK = 28 * 28  # one 28x28 merge block: the smallest image the vision tower takes
+COUNT, SOME, POSITIVE, SHARE = _range(0), _range(1), _range(0, above=True), _range(0, 1, below=True)
+RANGES = {  # every numeric field: (accepts the value, what is allowed)
+    "model.min_pixels": _range(BLOCK), "model.max_pixels": _range(BLOCK),
+    "data.max_samples": COUNT, "data.max_prompt_tokens": COUNT,
+    "rollout.max_turns": _range(2), "rollout.group_size": _range(2),  # one sample has no group-relative advantage
+    "rollout.temperature": POSITIVE, "rollout.top_p": _range(0, 1, above=True), "rollout.top_k": COUNT,
+    "rollout.max_new_tokens_turn1": SOME, "rollout.max_new_tokens_turn2": SOME, "rollout.min_box_side": COUNT,
+    "rollout.max_box_aspect": _range(1, above=True), "rollout.format_reward": (math.isfinite, "a finite number"),
+    "rollout.turn_cost": COUNT, "rollout.max_image_tokens": COUNT, "rollout.generation_batch_size": COUNT,
+    "loss.clip_eps": POSITIVE, "loss.kl_coef": COUNT, "loss.kl_clamp": POSITIVE,
+    "loss.entropy_coef": COUNT, "loss.adv_eps": POSITIVE,
+    "train.seed": COUNT, "train.epochs": SOME, "train.max_steps": COUNT, "train.prompts_per_rollout": SOME,
+    "train.prompts_per_step": SOME, "train.micro_batch_size": SOME, "train.ppo_epochs": SOME, "train.lr": POSITIVE,
+    "train.warmup_steps": COUNT, "train.weight_decay": COUNT, "train.betas[0]": SHARE, "train.betas[1]": SHARE,
+    "train.grad_clip": POSITIVE, "train.lora_rank": COUNT, "train.save_every": SOME, "train.keep_last": COUNT,
+    "train.log_every": SOME, "train.max_bad_steps": SOME,
+    "eval.max_turns": _range(2), "eval.samples": SOME, "eval.temperature": COUNT, "eval.batch_size": SOME,
+    "eval.report_examples": COUNT,
+}
+CHOICES = {  # every field with a fixed set of values
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "data.train_format": ("auto", *FORMATS), "data.eval_format": ("auto", *FORMATS),
+    "rollout.template": tuple(sorted(TEMPLATES)), "rollout.crop_resample": CROP_FILTERS,
+    "train.algorithm": ("rl", "sft"), "train.report_to": REPORT_TO, "eval.mode": tuple(sorted(TEMPLATES)),
+}
+NOT_EMPTY = ("model.path", "data.train", "train.output_dir", "train.resume")  # (eval.output_dir "": derived)
+
+
 def _problems(cfg: Config) -> list[str]:
     """Every value outside its allowed range or set of choices, as 'field: what is allowed'."""
-    m, d, r, t, e = cfg.model, cfg.data, cfg.rollout, cfg.train, cfg.eval
-    at_least = {  # field: (value, smallest allowed)
-        "rollout.group_size": (r.group_size, 2),  # one sample per group has no group-relative advantage
-        "train.micro_batch_size": (t.micro_batch_size, 1), "train.prompts_per_step": (t.prompts_per_step, 1),
-        "train.prompts_per_rollout": (t.prompts_per_rollout, 1), "train.save_every": (t.save_every, 1),
-        "train.log_every": (t.log_every, 1), "train.epochs": (t.epochs, 1), "train.ppo_epochs": (t.ppo_epochs, 1),
-        "train.warmup_steps": (t.warmup_steps, 0), "train.max_steps": (t.max_steps, 0),
-        "eval.batch_size": (e.batch_size, 1), "eval.samples": (e.samples, 1), "eval.temperature": (e.temperature, 0),
-        "data.max_samples": (d.max_samples, 0), "data.max_prompt_tokens": (d.max_prompt_tokens, 0),
-        "model.min_pixels": (m.min_pixels, 1), "rollout.max_new_tokens_turn1": (r.max_new_tokens_turn1, 1),
-        "rollout.max_new_tokens_turn2": (r.max_new_tokens_turn2, 1), "rollout.top_k": (r.top_k, 0),
-        "rollout.generation_batch_size": (r.generation_batch_size, 0), "train.keep_last": (t.keep_last, 0),
-        "loss.kl_coef": (cfg.loss.kl_coef, 0), "loss.entropy_coef": (cfg.loss.entropy_coef, 0),
-        "rollout.max_turns": (r.max_turns, 2), "eval.max_turns": (e.max_turns, 2),
-        "rollout.turn_cost": (r.turn_cost, 0), "rollout.max_image_tokens": (r.max_image_tokens, 0),
-    }
-    problems = [f"{k} must be >= {low}, got {v}" for k, (v, low) in at_least.items() if v < low]
-    above_zero = {"train.lr": t.lr, "rollout.temperature": r.temperature, "train.grad_clip": t.grad_clip,
-                  "loss.clip_eps": cfg.loss.clip_eps}
-    problems += [f"{k} must be > 0, got {v}" for k, v in above_zero.items() if not v > 0]
-    if not 0 < r.top_p <= 1:
-        problems.append(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    m, r, t, e = cfg.model, cfg.rollout, cfg.train, cfg.eval
+    values = {**flatten(cfg.to_dict()), "train.betas[0]": t.betas[0], "train.betas[1]": t.betas[1]}
+    problems = [f"{k} must be {text}, got {values[k]}" + ("" if math.isfinite(values[k]) else " (not a finite number)")
+                for k, (ok, text) in RANGES.items() if not ok(values[k])]
+    problems += [f"{k} must be one of {list(allowed)}, got {values[k]!r}"
+                 for k, allowed in CHOICES.items() if values[k] not in allowed]
+    problems += [f"{k} must not be empty" for k in NOT_EMPTY if not values[k].strip()]
     for key, template, turns in (("rollout", r.template, r.max_turns), ("eval", e.mode, e.max_turns)):
         if template == "mgpo" and turns != 2:
             problems.append(f"{key}.max_turns must be 2 with the paper's mgpo template, got {turns} (use mgpo_k)")
     if m.max_pixels < m.min_pixels:
         problems.append(f"model.max_pixels ({m.max_pixels}) must be >= model.min_pixels ({m.min_pixels})")
-    choices = {
-        "rollout.template": (r.template, sorted(TEMPLATES)), "eval.mode": (e.mode, sorted(TEMPLATES)),
-        "rollout.crop_resample": (r.crop_resample, list(CROP_FILTERS)),
-        "model.dtype": (m.dtype, ["auto", "bfloat16", "float16", "float32"]),
-        "data.train_format": (d.train_format, ["auto", *FORMATS]), "data.eval_format": (d.eval_format, ["auto", *FORMATS]),
-        "train.report_to": (t.report_to, list(REPORT_TO)),
-    }
-    problems += [f"{k} must be one of {allowed}, got {v!r}" for k, (v, allowed) in choices.items() if v not in allowed]
+    if t.lora_rank > 0 and not t.lora_alpha > 0:
+        problems.append(f"train.lora_alpha must be > 0 with LoRA (train.lora_rank={t.lora_rank}), got {t.lora_alpha}")
+    if t.lora_rank > 0 and not t.lora_target_modules:
+        problems.append("train.lora_target_modules must name at least one module with LoRA")
     problems += [f"train.sft_templates entries must be among {sorted(TEMPLATES)}, got {v!r}"
                  for v in t.sft_templates if v not in TEMPLATES]
     problems += [f"train.sft_max_turns entries must be at least 2, got {v!r}" for v in t.sft_max_turns if v < 2]

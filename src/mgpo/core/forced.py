@@ -13,11 +13,11 @@ from dataclasses import replace
 import torch
 
 from ..config import RolloutConfig
-from ..data.images import load_image
+from ..data.images import MIN_SIDE, image_size, load_image
 from ..data.samples import BadImageError, Sample
 from .conversation import Context, Conversation, Piece, assemble, encode_prompts
 from .generation import special_ids
-from .grounding import input_size_from_grid
+from .grounding import FACTOR, input_size_from_grid, smart_resize
 from .prompts import chat_pieces, get_template
 from .rollout import rollout_groups
 from .trajectory import ImagePatches, Rollout, Trajectory
@@ -95,3 +95,19 @@ def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels
     if not conversations:
         raise BadImageError("every conversation of the batch was skipped: " + "; ".join(r for _, r in skipped))
     return assemble(ctx, conversations, trajectories, skipped)
+
+
+def chat_tokens(processor, sample: Sample, *, min_pixels: int, max_pixels: int) -> int:
+    """Length of a ``chat`` record's whole conversation as `chat_forced` encodes it, without
+    decoding an image: the text's tokens with each image placeholder expanded to the tokens
+    of the header size resized by Qwen's rule. Lets training drop over-long records at load."""
+    pieces = chat_pieces(processor, sample.messages)
+    n_text = sum(len(processor.tokenizer.encode(text, add_special_tokens=False)) + int(target)  # (+ <|im_end|>)
+                 for text, target in pieces)
+    paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
+    sizes = [(sample.width, sample.height)] + [image_size(path, sample.id) for path in paths[1:]]
+    n_image = 0
+    for w, h in sizes:
+        rh, rw = smart_resize(max(h, MIN_SIDE), max(w, MIN_SIDE), FACTOR, min_pixels, max_pixels)
+        n_image += (rh // FACTOR) * (rw // FACTOR) - 1  # (the placeholder token is in n_text)
+    return n_text + n_image

@@ -20,6 +20,7 @@ from ..runtime.checkpoint import load_training_state
 from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
 from ..runtime.model import load_model, load_processor
 from ..runtime.run_folder import start_run
+from .forced import chat_tokens
 from .generation import suppressed_ids
 from .policy import PolicyForward
 from .rollout import prompt_tokens
@@ -124,16 +125,7 @@ def setup_run(cfg: Config) -> Run:
         log.info("resumed from %s at step %d", resume_from, state["step"])
 
     # ---- data
-    data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
-                        max_samples=cfg.data.max_samples)
-    chat = any(s.messages for s in data)
-    if chat and t.algorithm != "sft":
-        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
-                         "set train.algorithm=sft, or give RL a question file")
-    if not chat:  # (a chat record's length is its own: not limited at load)
-        data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s,
-                                                               cfg.model.min_pixels, cfg.model.max_pixels),
-                                 cfg.data.max_prompt_tokens)
+    data = load_training_data(cfg, processor)
     if len(data) < t.prompts_per_rollout:
         raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
                          f"train.prompts_per_rollout ({t.prompts_per_rollout})")
@@ -147,6 +139,24 @@ def setup_run(cfg: Config) -> Run:
                        tensorboard=t.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
     return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
                _decodable_reserve(data), logger, out, total, folder=folder, state={**state})
+
+
+def load_training_data(cfg: Config, processor):
+    """The training set, every record over ``data.max_prompt_tokens`` skipped and counted: a
+    question record by its turn-1 prompt, a chat record (SFT) by its whole conversation."""
+    m = cfg.model
+    data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
+                        max_samples=cfg.data.max_samples)
+    if any(s.messages for s in data) and cfg.train.algorithm != "sft":
+        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
+                         "set train.algorithm=sft, or give RL a question file")
+
+    def count(s):
+        if s.messages:
+            return chat_tokens(processor, s, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+        return prompt_tokens(processor, cfg.rollout.template, s, m.min_pixels, m.max_pixels)
+
+    return drop_long_prompts(data, count, cfg.data.max_prompt_tokens)
 
 
 def _set_trainable(model, t: TrainConfig):

@@ -5,7 +5,7 @@ Every assistant turn either writes a box, which crops that region from the ORIGI
 zoom reaches full resolution) and shows it in a new user turn; or writes ``\\boxed{}``,
 which ends the conversation. A turn with neither, or with an unusable box, gets the
 fallback text and the previous image again. Turn ``rollout.max_turns`` is a forced answer;
-so is a turn whose next image would pass ``rollout.max_image_tokens``.
+so is a turn whose next image would pass the image-token cap (``image_token_cap``).
 
 Batched: each turn is one ``generate`` over the trajectories still running. Turn k+1
 continues from turn k's cache (``continue_cache`` with the running rows only) or re-reads
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import RolloutConfig
 from .conversation import (
     Context,
     Conversation,
@@ -35,6 +36,7 @@ from .conversation import (
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch
 from .grounding import (
+    FACTOR,
     Box,
     View,
     box_problem,
@@ -48,6 +50,20 @@ from .grounding import (
 from .prompts import zoom_turn_text
 from .reward import extract_answer
 from .trajectory import Trajectory, TurnRecord
+
+DEFAULT_CAP_IMAGES = 4  # rollout.max_image_tokens = 0: at most this many full-budget images' tokens
+
+
+def image_token_cap(cfg: RolloutConfig, max_pixels: int) -> int:
+    """A trajectory's image-token cap: ``rollout.max_image_tokens``, or when 0 the tokens of
+    min(max_turns, 4) images at the full pixel budget (one token per 28x28 block). K <= 4 is
+    then never capped (K turns show at most K images); a larger K stops showing crops after
+    four images' worth, so its memory cannot grow with K.
+
+    >>> image_token_cap(RolloutConfig(max_turns=50), 1280 * 28 * 28), image_token_cap(RolloutConfig(max_turns=3), 784)
+    (5120, 3)
+    """
+    return cfg.max_image_tokens or min(cfg.max_turns, DEFAULT_CAP_IMAGES) * (max_pixels // (FACTOR * FACTOR))
 
 
 @dataclass
@@ -165,8 +181,7 @@ def _next_block(ctx: Context, t: Trajectory, st: _State, last: bool):
     block = encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, question, options,
                                                   "crop" if record.action == "zoom" else "fallback", last), [picture])
     cost = _image_tokens(block.image.grid)
-    cap = ctx.cfg.max_image_tokens
-    if cap and st.image_tokens + cost > cap:
+    if st.image_tokens + cost > image_token_cap(ctx.cfg, ctx.max_pixels):
         record.capped, st.forced = record.action == "zoom", True
         text = zoom_turn_text(ctx.processor, ctx.template, question, options, "capped", True)
         return ctx.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0], None

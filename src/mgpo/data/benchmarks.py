@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .images import embedded_size
 from .records import LETTERS, Raw, jsonl_objects, kind_of, resolve
-from .tables import image_value, parquet_rows, tsv_rows
+from .tables import image_value, parquet_rows, tsv_header, tsv_rows
 
 _OPTION_LINE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape kept from a non-UTF-8 line
@@ -182,6 +182,16 @@ def _hrbench_raw(name: str, where: str, row: dict, image_ref: str) -> Raw:
                        "cycle": text("cycle_category")})
 
 
+_HRBENCH_COLUMNS = {"index", "question", "answer", "A", "B", "image"}
+
+
+def _not_hrbench(header: list[str]) -> str:
+    first = "\t".join(header)
+    looks = " (it reads as JSON: name the file .json/.jsonl or set the format)" if first.lstrip()[:1] in "[{" else ""
+    return (f"not an HR-Bench TSV: the first line {first[:60]!r} is not a tab-separated header with the columns "
+            f"{', '.join(sorted(_HRBENCH_COLUMNS))}{looks}")
+
+
 def hrbench_records(path: Path) -> Iterator[Raw]:
     name = "hrbench_8k" if "8k" in path.name.lower() else "hrbench_4k" if "4k" in path.name.lower() else path.stem
     if path.suffix == ".parquet":
@@ -189,12 +199,14 @@ def hrbench_records(path: Path) -> Iterator[Raw]:
             raw = _hrbench_raw(name, f"row {row}", rec, f"parquet:{row}:image:{path}")
             yield _with_embedded_size(raw, rec.get("image"))
         return
+    header = tsv_header(path)
+    if header is not None and not _HRBENCH_COLUMNS <= set(header):
+        yield Raw("line 1", {"id": path.name}, _not_hrbench(header))
+        return
     for offset, line, header, row in tsv_rows(path):
         where = f"line {line}"
         if isinstance(row, str):
             yield Raw(where, problem=row)
-        elif header is None or "image" not in header:
-            yield Raw(where, problem="the header has no image column")
         elif len(row) != len(header):
             yield Raw(where, problem=f"{len(row)} fields, the header has {len(header)}")
         elif any(_NOT_UTF8.search(c) for i, c in enumerate(row) if header[i] != "image"):

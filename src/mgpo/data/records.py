@@ -19,9 +19,13 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, everywhere in the proj
 
 
 def normalize_letter(value: object) -> str | None:
-    """'A', 'a', '(A)', 'A.' or 'A) text' -> 'A'; anything else -> None."""
-    m = re.match(r"^\s*[\(（]?([A-Za-z])\s*[\).:）]?(\s|$)", str(value))
-    return m.group(1).upper() if m else None
+    """'A', 'a', '(A)', 'A.', 'A:' or 'A) text' -> 'A'; anything else -> None.
+
+    A letter followed by text needs a closing mark between them: "a red square" is a
+    sentence, not option A.
+    """
+    m = re.match(r"^\s*(?:[\(（]\s*([A-Za-z])\s*[\)）]|([A-Za-z])\s*[\).:）]|([A-Za-z])\s*$)", str(value))
+    return next(g for g in m.groups() if g).upper() if m else None
 
 
 def kind_of(value: object) -> str:
@@ -68,6 +72,11 @@ def validate(rec: dict) -> dict:
     if not isinstance(options, (list, tuple)):
         raise ValueError(f"options must be a list of texts, got {kind_of(options)}")
     options = tuple(_text(o, f"options[{i}]") for i, o in enumerate(options))
+    for i, o in enumerate(options):
+        if not o.strip():
+            raise ValueError(f"options[{i}] is empty")
+        if o.strip() in (p.strip() for p in options[:i]):
+            raise ValueError(f"options[{i}] {o!r:.40} repeats an earlier option (the answer would be ambiguous)")
     if len(options) < 2:
         raise ValueError(f"needs at least two options, got {len(options)}")
     if len(options) > len(LETTERS):
@@ -79,7 +88,7 @@ def validate(rec: dict) -> dict:
     image = rec.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError("no image" if not image else f"image must be a path, got {kind_of(image)}")
-    return {"image": image, "question": question, "options": options, "answer": letter,
+    return {"image": image, "question": question, "options": options, "answer": letter, **image_size_fields(rec),
             "category": _text(rec.get("category"), "category", required=False),
             "target_boxes": _boxes(rec.get("target_boxes")),
             "breakdown": tuple(str(x) for x in rec.get("breakdown", ())), "cycle": str(rec.get("cycle", ""))}
@@ -133,7 +142,19 @@ def validate_chat(rec: dict) -> dict:
         raise ValueError("a chat record needs at least one image")
     texts = [v for r, parts in messages if r == "user" for kind, v in parts if kind == "text"]
     return {"image": images[0], "question": texts[0] if texts else "", "options": (), "answer": "", "messages": tuple(messages),
-            "category": _text(rec.get("category"), "category", required=False)}
+            "category": _text(rec.get("category"), "category", required=False), **image_size_fields(rec)}
+
+
+def image_size_fields(rec: dict) -> dict:
+    """``width`` and ``height`` of the (first) image when the record states them: both or
+    neither, whole numbers of pixels (0 or absent = read from the image's header)."""
+    size = {k: rec.get(k) or 0 for k in ("width", "height")}
+    for k, v in size.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v != int(v):
+            raise ValueError(f"{k} must be a whole number of pixels, got {kind_of(v)} {v!r:.40}")
+    if (size["width"] == 0) != (size["height"] == 0):
+        raise ValueError(f"width and height go together, got width {size['width']!r} and height {size['height']!r}")
+    return {k: int(v) for k, v in size.items()}
 
 
 @dataclass(frozen=True)

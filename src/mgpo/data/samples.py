@@ -115,7 +115,7 @@ def _record_id(raw: Raw, derived: list[str]) -> str:
 
 def _sample(raw: Raw, rid: str, name: str, check_images: bool) -> Sample:
     fields = validate_chat(raw.fields) if "messages" in raw.fields else validate(raw.fields)
-    width, height = raw.fields.get("width", 0), raw.fields.get("height", 0)
+    width, height = fields.pop("width"), fields.pop("height")
     if raw.fields.get("image_error"):
         raise ValueError(raw.fields["image_error"])
     for _, parts in fields.get("messages", ()) if check_images else ():  # a chat's other images
@@ -169,21 +169,20 @@ def _finish(name: str, source: Path, raws: Iterator[Raw], check_images: bool, ma
 # ----------------------------------------------------------------------------- the project's JSONL
 
 
-def _chat_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
-    """The ``chat`` format: image paths inside the messages resolved against the file's folder."""
+def _jsonl_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
+    """The ``jsonl`` and ``chat`` formats: every image path (a question record's ``image``, a
+    chat record's image parts) resolved against the file's folder, whichever kind of record
+    a file mixes in, so that no relative path is read against the working directory."""
+    base = image_root or path.parent
     for raw in jsonl_objects(path):
-        for m in (raw.fields or {}).get("messages") or []:
+        if raw.fields is not None and "image" in raw.fields:
+            raw.fields["image"] = resolve(raw.fields["image"], base)
+        messages = (raw.fields or {}).get("messages")
+        for m in messages if isinstance(messages, list) else []:
             content = m.get("content") if isinstance(m, dict) else None
             for part in content if isinstance(content, list) else []:
                 if isinstance(part, dict) and part.get("type") == "image":
-                    part["image"] = resolve(part.get("image"), image_root or path.parent)
-        yield raw
-
-
-def _jsonl_records(path: Path, image_root: Path | None) -> Iterator[Raw]:
-    for raw in jsonl_objects(path):
-        if raw.fields is not None:
-            raw.fields["image"] = resolve(raw.fields.get("image"), image_root or path.parent)
+                    part["image"] = resolve(part.get("image"), base)
         yield raw
 
 
@@ -224,7 +223,7 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
     root = Path(image_root) if image_root else None
     readers = {
         "jsonl": lambda: _jsonl_records(path, root),
-        "chat": lambda: _chat_records(path, root),
+        "chat": lambda: _jsonl_records(path, root),
         "vstar": lambda: benchmarks.vstar_records(path, root),
         "mme_realworld": lambda: benchmarks.mme_records(path, root),
         "hrbench": lambda: benchmarks.hrbench_records(path),
@@ -235,14 +234,14 @@ def load_samples(path: str | Path, fmt: str = "auto", *, image_root: str | Path 
 
 
 def drop_long_prompts(data: SampleSet, count_tokens, limit: int) -> SampleSet:
-    """Move every sample whose prompt is over ``limit`` tokens (``count_tokens(sample)``) to the
-    skip list. Training filters once at load: a prompt dropped mid-batch would leave one rank
-    with fewer groups than the others."""
+    """Move every sample whose prompt (a chat record: its whole conversation) is over ``limit``
+    tokens (``count_tokens(sample)``) to the skip list. Training filters once at load: a prompt
+    dropped mid-batch would leave one rank with fewer groups than the others."""
     if not limit:
         return data
     kept = []
     for s in data:
-        if problem := prompt_length_problem(count_tokens(s), limit):
+        if problem := prompt_length_problem(count_tokens(s), limit, "conversation" if s.messages else "prompt"):
             data.skipped.append((s.id, problem))
             log.warning("skipping %s, record %s: %s", data.source, s.id, problem)
         else:
@@ -250,13 +249,14 @@ def drop_long_prompts(data: SampleSet, count_tokens, limit: int) -> SampleSet:
     return SampleSet(data.name, kept, data.skipped, data.source)
 
 
-def prompt_length_problem(n_tokens: int, limit: int) -> str | None:
-    """Why a prompt of ``n_tokens`` (text and image tokens) is refused, or None.
+def prompt_length_problem(n_tokens: int, limit: int, what: str = "prompt") -> str | None:
+    """Why a prompt (or a chat record's whole ``conversation``) of ``n_tokens`` (text and image
+    tokens) is refused, or None.
 
     ``limit`` is ``data.max_prompt_tokens`` (0 = no limit); checked once the prompt is
     tokenized, so a 50,000-character question is skipped and counted instead of
     reaching the model.
     """
     if limit and n_tokens > limit:
-        return f"prompt has {n_tokens} tokens, over data.max_prompt_tokens ({limit})"
+        return f"{what} has {n_tokens} tokens, over data.max_prompt_tokens ({limit})"
     return None

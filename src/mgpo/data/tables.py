@@ -40,12 +40,28 @@ class Lines:
         return line.decode("utf-8", errors="surrogateescape")
 
 
+def _tsv(lines) -> Iterator[list[str]]:
+    """TSV without quote processing: the published files quote nothing, and a cell that opens a
+    quote must not swallow the rows after it."""
+    return csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
+def tsv_header(path: Path) -> list[str] | None:
+    """The first row's cells (None for an empty file), read without the rest of the file."""
+    _allow_huge_fields()
+    with open(path, "rb") as f:
+        header = next(_tsv(Lines(f)), None)
+    if header:
+        header[0] = header[0].lstrip("\ufeff")  # a byte-order mark is not part of the first name
+    return header
+
+
 def tsv_rows(path: Path) -> Iterator[tuple[int, int, list[str] | None, list[str] | str]]:
     """(byte offset, line, header, row) for each data row; a row that does not parse is a str reason."""
     _allow_huge_fields()
     with open(path, "rb") as f:
         lines = Lines(f)
-        reader = csv.reader(lines, delimiter="\t")
+        reader = _tsv(lines)
         header = next(reader, None)
         if header:
             header[0] = header[0].lstrip("\ufeff")  # a byte-order mark is not part of the first name
@@ -65,7 +81,7 @@ def tsv_cell(path: Path, offset: int, column: int) -> str:
     _allow_huge_fields()
     with open(path, "rb") as f:
         f.seek(offset)
-        return next(csv.reader(Lines(f), delimiter="\t"))[column]
+        return next(_tsv(Lines(f)))[column]
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:

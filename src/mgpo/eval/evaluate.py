@@ -33,7 +33,7 @@ from ..core.reward import predicted_letter
 from ..core.rollout import rollout
 from ..data.samples import BadImageError, SampleSet, load_samples
 from ..runtime import distributed as D
-from ..runtime.model import check_adapter_dir, check_model_dir, load_model, load_processor
+from ..runtime.model import CheckpointError, check_adapter_dir, check_model_dir, load_model, load_processor
 from .protocol import (
     PROTOCOL_FILE,
     ProtocolMismatchError,
@@ -43,6 +43,7 @@ from .protocol import (
     protocol,
     read_predictions,
     run_protocol,
+    weights_identity,
 )
 from .report import compute_metrics, fingerprint, render_markdown
 from .report_html import render_html
@@ -107,8 +108,8 @@ def model_label(path: str) -> str:
 
     >>> model_label("/models/Qwen2.5-VL-7B-Instruct")
     'Qwen2.5-VL-7B-Instruct'
-    >>> model_label("runs/qwen2_5_vl_7b_mgpo/checkpoints/step-000600/model")
-    'qwen2_5_vl_7b_mgpo-step-000600'
+    >>> model_label("runs/qwen2_5_vl_7b_mgpo/checkpoint-600/model")
+    'qwen2_5_vl_7b_mgpo-checkpoint-600'
     >>> model_label("runs/lora/checkpoint-600/")
     'lora-checkpoint-600'
     """
@@ -116,9 +117,7 @@ def model_label(path: str) -> str:
     if len(parts) > 1 and parts[-1] == "model":
         parts = parts[:-1]
     name = parts[-1] if parts else "model"
-    if len(parts) >= 3 and parts[-2] == "checkpoints":
-        return f"{parts[-3]}-{name}"
-    if len(parts) >= 2 and name.startswith(("checkpoint-", "step-")):
+    if len(parts) >= 2 and name.startswith("checkpoint-"):
         return f"{parts[-2]}-{name}"
     return name
 
@@ -316,9 +315,22 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
 
 
 def newest_run_model(output_dir: str) -> str | None:
-    """The model folder of the newest complete checkpoint under a training run, if any."""
-    from ..runtime.checkpoint import latest_checkpoint
+    """The model folder of the newest complete checkpoint under a training run whose model files
+    pass the checkpoint's manifest, as a resume checks them; a damaged newer one is skipped with
+    a warning naming the file, and when none passes this refuses rather than evaluate it."""
+    from ..runtime.checkpoint import list_checkpoints
 
-    ckpt = latest_checkpoint(output_dir)
-    return str(ckpt / "model") if ckpt is not None and (ckpt / "model").is_dir() else None
+    problems = []
+    for ckpt in reversed([c for c in list_checkpoints(output_dir) if (c / "model").is_dir()]):
+        try:
+            weights_identity(ckpt / "model")
+        except CheckpointError as e:
+            log.warning("not evaluating %s: %s; trying the previous checkpoint", ckpt, e)
+            problems.append(str(e))
+            continue
+        return str(ckpt / "model")
+    if problems:
+        raise CheckpointError(f"no checkpoint of {output_dir} passes its manifest:\n  - " + "\n  - ".join(problems)
+                              + "\npass model.path= to evaluate another model")
+    return None
 

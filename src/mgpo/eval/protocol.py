@@ -12,11 +12,17 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ..config import Config, flatten
 from ..core.prompts import get_template
+from ..core.zoom import image_token_cap
 from ..data.samples import SampleSet
+from ..runtime.checkpoint import MARKER, sha256_file, verify_checkpoint
+from ..runtime.model import resolve_dtype
 
 log = logging.getLogger("mgpo")
 
@@ -29,17 +35,23 @@ class ProtocolMismatchError(RuntimeError):
 
 
 def protocol(cfg: Config) -> dict:
-    """Everything that changes a number, stated with every result."""
-    e, r = cfg.eval, cfg.rollout
-    decoding = "greedy" if e.temperature == 0 else f"sampling T={e.temperature}, top_p={r.top_p}"
+    """Everything that changes a number, stated with every result. (Not in it: what gives the
+    same tokens by construction, rollout.shared_prefill and continue_turn2, and top_p / top_k
+    under greedy decoding, which ignores them.)"""
+    e, r, m = cfg.eval, cfg.rollout, cfg.model
+    decoding = "greedy" if e.temperature == 0 else f"sampling T={e.temperature}, top_p={r.top_p}, top_k={r.top_k}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
-        "model": cfg.model.path, "adapter": e.adapter or "none", "mode": e.mode,
-        "min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels, "decoding": decoding,
+        "model": m.path, "adapter": e.adapter or "none", "mode": e.mode,
+        "dtype": str(resolve_dtype(m.dtype, device)).removeprefix("torch."), "attention": m.attn_implementation,
+        "min_pixels": m.min_pixels, "max_pixels": m.max_pixels, "decoding": decoding,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens or "no limit",
         "samples_k": e.samples, "max_new_tokens": f"{r.max_new_tokens_turn1}/{r.max_new_tokens_turn2}",
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
         "answer_match": "exact option letter in the last \\boxed{}" + (
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
-    } | ({"max_turns": e.max_turns, "max_image_tokens": r.max_image_tokens or "no cap",
+    } | ({"max_turns": e.max_turns,
+          "max_image_tokens": image_token_cap(replace(r, max_turns=e.max_turns), cfg.model.max_pixels),
           "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
          if get_template(e.mode).zoom_loop else {})
 
@@ -92,12 +104,34 @@ def cut_torn_tail(path: Path) -> int:
     return end - pos
 
 
-def _folder_stamp(folder: str) -> str:
-    """Names, sizes and modification times of a model folder's files: changes when the weights
-    are replaced (a retrained model written to the same path), without reading gigabytes."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
-    text = "\n".join(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+_IDENTITIES: dict[tuple, str] = {}  # (folder, its files' names, sizes and times) -> content identity
+
+
+def weights_identity(folder: str | Path) -> str:
+    """The model (or adapter) folder by content: a hash of every file's name and SHA-256, so
+    weights replaced in place with the same sizes and times are a new model.
+
+    A checkpoint's ``model/`` or ``adapter/`` is first verified against the checkpoint's
+    manifest (CheckpointError names a changed file) and identified by the manifest's hashes;
+    any other folder is hashed whole. Reading every byte costs about 25 s for a 7B model in
+    bf16 at 0.65 GB/s, once per process (remembered while no file is written to),
+    against an evaluation's hours; headers and sizes alone would miss weights rewritten in
+    place at the same size.
+    """
+    path = Path(folder)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [p.stat() for p in files]  # ctime: changed by every write, and not settable (mtime is)
+    key = (str(path.resolve()), tuple((p.relative_to(path).as_posix(), s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+                                      for p, s in zip(files, stats)))
+    if key not in _IDENTITIES:
+        if (path.parent / MARKER).is_file():
+            listed = verify_checkpoint(path.parent, under=path.name)["files"]
+            digests = {rel.split("/", 1)[1]: h for rel, h in listed.items() if rel.startswith(f"{path.name}/")}
+        else:
+            digests = {p.relative_to(path).as_posix(): sha256_file(p) for p in files}
+        text = json.dumps(digests, sort_keys=True)
+        _IDENTITIES[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _IDENTITIES[key]
 
 
 def _questions_stamp(ds: SampleSet) -> dict:
@@ -111,8 +145,8 @@ def _questions_stamp(ds: SampleSet) -> dict:
 def run_protocol(cfg: Config, datasets: dict[str, SampleSet]) -> dict:
     """Everything stored predictions depend on: the reported protocol, the model's files, the questions."""
     proto = protocol(cfg) | {
-        "model_files": _folder_stamp(cfg.model.path),
-        "adapter_files": _folder_stamp(cfg.eval.adapter) if cfg.eval.adapter else "none",
+        "model_files": weights_identity(cfg.model.path),
+        "adapter_files": weights_identity(cfg.eval.adapter) if cfg.eval.adapter else "none",
         "questions": {name: _questions_stamp(ds) for name, ds in datasets.items()},
     }
     if cfg.eval.temperature > 0:  # sampled predictions depend on the per-batch seeds

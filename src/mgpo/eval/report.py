@@ -194,8 +194,8 @@ def run_names(run_dirs: list[str | Path]) -> list[str]:
 
     >>> run_names(["runs/base/eval", "runs/mgpo/eval"])
     ['base', 'mgpo']
-    >>> run_names(["runs/eval/base/vstar_bench", "runs/eval/mgpo-step-000600/vstar_bench"])
-    ['base/vstar_bench', 'mgpo-step-000600/vstar_bench']
+    >>> run_names(["runs/eval/base/vstar_bench", "runs/eval/mgpo-checkpoint-600/vstar_bench"])
+    ['base/vstar_bench', 'mgpo-checkpoint-600/vstar_bench']
     """
     paths = []
     for d in run_dirs:
@@ -211,17 +211,35 @@ def run_names(run_dirs: list[str | Path]) -> list[str]:
     return [str(d) for d in run_dirs]
 
 
-def _read_metrics(run_dir: str | Path) -> dict:
+class CompareError(ValueError):
+    """An argument of ``compare`` that is not a finished evaluation; the message says which and why."""
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """An evaluation folder's ``metrics.json``, checked for what ``compare`` reads."""
     path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished evaluation folder (eval.py writes "
-                                "metrics.json there when it ends)")
-    return json.loads(path.read_text())
+    if not Path(run_dir).is_dir():
+        raise CompareError(f"{run_dir}: no such folder (pass the eval.output_dir of an evaluation)")
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CompareError(f"{run_dir}: no metrics.json (not a finished evaluation's eval.output_dir)") from None
+    except (OSError, ValueError) as e:
+        raise CompareError(f"{path}: not a readable JSON file ({e})") from None
+    results = metrics.get("results") if isinstance(metrics, dict) else None
+    fields = ("accuracy", "categories", "grounding")
+    if not isinstance(results, dict) or not results or not isinstance(metrics.get("protocol"), dict) or not all(
+            isinstance(r, dict) and all(k in r for k in fields) for r in results.values()):
+        raise CompareError(f"{path}: holds no results (an evaluation writes results per dataset with "
+                           f"{', '.join(fields)}, and its protocol)")
+    return metrics
 
 
 def compare(run_dirs: list[str | Path]) -> str:
     """Side-by-side accuracy and grounding of several evaluation runs (differences vs the first)."""
-    runs = list(zip(run_names(run_dirs), [_read_metrics(d) for d in run_dirs]))
+    if not run_dirs:
+        raise CompareError("give the evaluation folders to compare (eval.output_dir of each)")
+    runs = list(zip(run_names(run_dirs), [read_metrics(d) for d in run_dirs]))
     rows: dict[str, list] = defaultdict(lambda: [None] * len(runs))
     for j, (_, m) in enumerate(runs):
         for name, dm in m["results"].items():

@@ -1,29 +1,36 @@
 """Checkpoints that resume exactly and load with ``from_pretrained``.
 
-Layout of ``<output_dir>/checkpoints/step-000050/``:
+Layout of ``<output_dir>/checkpoint-50/`` (the name Hugging Face's ``get_last_checkpoint``
+looks for):
 
     model/            Hugging Face folder (safetensors + processor): from_pretrained loads it
     adapter/          instead of model/ when training LoRA (see ``python -m mgpo.tools.merge``)
     optimizer.pt      optimizer and scheduler state (weights_only-safe), or
     deepspeed/        DeepSpeed's own sharded engine state under ZeRO
     rng/rank*.pt      every rank's RNG state
-    trainer_state.json  step, epoch, data position
+    trainer_state.json  step, epoch, data position, and the log history (metrics rows so far)
     COMPLETE          written last: JSON with the SHA-256 of every other file (the manifest)
 
-A checkpoint is written into ``step-XXXXXX.tmp``, every file and folder is fsynced, the
+A checkpoint is written into ``checkpoint-50.tmp``, every file and folder is fsynced, the
 manifest is written, and the folder is renamed when whole, so a process killed mid-write
-leaves the previous checkpoint untouched and loadable; folders without COMPLETE, and
-folders not named ``step-<digits>``, are ignored on resume.
+leaves the previous checkpoint untouched and loadable, and only whole checkpoints carry
+the name other tools look for. A ``checkpoint-<N>`` folder without COMPLETE was not written
+whole by this trainer (damaged, or another tool's): it is never resumed, and ``resume=auto``
+refuses to start over on top of one.
 
-Nothing in a checkpoint is deserialized before the manifest is verified: DeepSpeed's
-engine files are unpickled by DeepSpeed without the weights-only guard, so a file changed or
-added after the save (a crafted ``mp_rank_00_model_states.pt``) would otherwise run code.
-A checkpoint that fails verification is refused, naming the file; ``resume=auto`` then
-falls back to the newest one that passes.
+Nothing in a checkpoint is deserialized before the manifest is verified, and no pickle is
+read without torch's weights-only unpickler. DeepSpeed unpickles its engine files itself,
+without that guard, and a manifest proves only that the files are the ones it lists (anyone
+handing over a checkpoint can write a matching one); so before DeepSpeed reads anything,
+every ``*.pt`` file is first opened with the weights-only unpickler, allowing only the few
+DeepSpeed classes its files hold (``DEEPSPEED_GLOBALS``), and a file that needs anything
+else is refused by name. A checkpoint that fails verification is refused, naming the file;
+``resume=auto`` then falls back to the newest one that passes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,30 +45,35 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .logger import METRICS, metric_rows
 from .model import CheckpointError, save_processor
 
 log = logging.getLogger("mgpo")
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
 
 
 def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``step-<digits>`` with a COMPLETE marker), oldest first, not yet verified."""
-    root = checkpoint_root(output_dir)
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-<digits>`` folder, complete or not, oldest first."""
+    root = Path(output_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and (p / MARKER).exists()]
-    return sorted(done, key=checkpoint_step)
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=checkpoint_step)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-<digits>`` with a COMPLETE marker), oldest first, not yet verified."""
+    return [p for p in step_folders(output_dir) if (p / MARKER).exists()]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -69,11 +81,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _names(folders: list[Path]) -> str:
+    return ", ".join(p.name for p in folders[:6]) + (f" and {len(folders) - 6} more" if len(folders) > 6 else "")
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """``auto`` -> newest checkpoint that verifies (or None), ``none`` -> None, else that path, verified.
 
     With ``auto``, a damaged newest checkpoint is skipped with a warning naming the file;
-    when checkpoints exist but none verifies, this refuses rather than start over silently.
+    when checkpoints exist but none verifies, or only folders without COMPLETE do, this
+    refuses rather than start over silently.
     """
     if resume == "none":
         return None
@@ -83,6 +100,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {MARKER} file)")
         verify_checkpoint(path)
         return path
+    unmarked = [p for p in step_folders(output_dir) if not (p / MARKER).exists()]
     problems = []
     for ckpt in reversed(list_checkpoints(output_dir)):
         try:
@@ -93,16 +111,23 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             continue
         if problems:
             log.warning("resuming from %s, the newest checkpoint that verifies", ckpt)
+        if unmarked:
+            log.warning("ignoring %s in %s: no %s marker (not written whole by this trainer)", _names(unmarked),
+                        output_dir, MARKER)
         return ckpt
     if problems:
-        raise CheckpointError(f"no checkpoint under {checkpoint_root(output_dir)} verifies:\n  - "
+        raise CheckpointError(f"no checkpoint under {output_dir} verifies:\n  - "
                               + "\n  - ".join(problems) + "\nmove them away, or start a new train.output_dir")
+    if unmarked:
+        raise CheckpointError(f"{output_dir} holds checkpoint folders without a {MARKER} marker ({_names(unmarked)}): "
+                              "not written whole by this trainer, so not resumed, and a new run is not started on "
+                              "top of them; move them away, or choose another train.output_dir")
     return None
 
 
 # ----------------------------------------------------------------------------- manifest
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -130,7 +155,7 @@ def write_manifest(folder: Path, settings: dict) -> None:
     training settings the checkpoint's layout depends on. Called once, after all ranks wrote."""
     files = {}
     for rel in _files(folder):
-        files[rel] = _sha256(folder / rel)
+        files[rel] = sha256_file(folder / rel)
         _fsync(folder / rel)
     for sub in sorted({p for p in folder.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
         _fsync(sub)
@@ -156,22 +181,79 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_checkpoint(folder: str | Path) -> dict:
-    """Check every file against the manifest; raise CheckpointError naming the first file that
-    is missing, changed or not listed. Returns the manifest."""
+def verify_checkpoint(folder: str | Path, under: str = "") -> dict:
+    """Check every file against the manifest (``under``: only the files of that sub-folder, e.g.
+    ``model`` for an evaluation); raise CheckpointError naming the first file that is missing,
+    changed or not listed. Returns the manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    listed, present = manifest["files"], set(_files(folder))
+    prefix = f"{under.strip('/')}/" if under else ""
+    listed = {rel: digest for rel, digest in manifest["files"].items() if rel.startswith(prefix)}
+    present = {rel for rel in _files(folder) if rel.startswith(prefix)}
     extra = sorted(present - set(listed))
     if extra:
         raise CheckpointError(f"{folder / extra[0]} is not in the checkpoint's manifest (added after the save?)")
     for rel, digest in sorted(listed.items()):
         if rel not in present:
             raise CheckpointError(f"{folder / rel} is missing (listed in the checkpoint's manifest)")
-        if _sha256(folder / rel) != digest:
+        if sha256_file(folder / rel) != digest:
             raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
                                   "(truncated, damaged or replaced)")
+    if not under:
+        _check_step(folder)
+        check_pickles(folder)
     return manifest
+
+
+def _check_step(folder: Path) -> None:
+    """A ``checkpoint-<N>`` folder must hold step N (folders renamed or swapped resume the wrong step)."""
+    state_file = folder / "trainer_state.json"
+    if not _STEP_DIR.match(folder.name) or not state_file.is_file():
+        return
+    try:
+        step = json.loads(state_file.read_text()).get("step")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{state_file} is not a readable trainer state ({e})") from e
+    if step != checkpoint_step(folder):
+        raise CheckpointError(f"{state_file} holds step {step!r}, not the step its folder is named for "
+                              f"({checkpoint_step(folder)}): checkpoint folders renamed or swapped")
+
+
+# What DeepSpeed pickles into its ZeRO checkpoint files beside tensors and plain containers
+# (torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-3 checkpoints, fp32 and bf16):
+# an enum and the loss scaler, data-only classes rebuilt without running code of the file's.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def _deepspeed_classes() -> list:
+    try:
+        from deepspeed.runtime.fp16 import loss_scaler
+        from deepspeed.runtime.zero import config as zero_config
+    except ImportError:  # no DeepSpeed: no file may name its classes
+        return []
+    return [zero_config.ZeroStageEnum, loss_scaler.LossScaler, loss_scaler.DynamicLossScaler]
+
+
+def check_pickles(folder: Path) -> None:
+    """Open every ``*.pt`` under ``folder`` with the weights-only unpickler (tensors memory-mapped,
+    not read) and raise CheckpointError naming the first file that needs anything beyond
+    tensors, plain containers and ``DEEPSPEED_GLOBALS``: such a file could run code when
+    DeepSpeed unpickles it without the guard."""
+    allowed = _deepspeed_classes()
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except Exception as e:  # UnpicklingError, or a file that is no torch.save zip at all
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            reason = f"unpickling it calls {found.group(1)}" if found else f"{type(e).__name__}: {str(e)[:200]}"
+            raise CheckpointError(f"{path} is refused: {reason}, which torch's weights-only unpickler does not "
+                                  f"allow (a checkpoint holds tensors, plain containers and "
+                                  f"{', '.join(DEEPSPEED_GLOBALS)} only); it could run code when loaded") from None
 
 
 def layout_settings(policy, lora: bool) -> dict:
@@ -229,12 +311,36 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- save / load
 
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How a full disk surfaces through torch's zip writer and safetensors' Rust writer
+_FULL_DISK_TEXT = ("unexpected pos", "file write failed", "No space left", "StorageFull", "File too large",
+                   "QuotaExceeded", "FileTooLarge")
+
+
 def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
                     trainer_state: dict, keep_last: int, lora: bool) -> Path:
-    """Write a whole checkpoint atomically (every rank calls this)."""
-    root = checkpoint_root(output_dir)
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
+    """Write a whole checkpoint atomically (every rank calls this). A write that fails for want of
+    space (or a file-size limit) is reported as such, naming the folder; the half-written folder
+    is removed and the previous checkpoint, never touched, stays the one a resume takes."""
+    try:
+        return _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir, step,
+                                 trainer_state, keep_last, lora)
+    except Exception as e:
+        if not ((isinstance(e, OSError) and e.errno in _FULL_DISK) or any(t in str(e) for t in _FULL_DISK_TEXT)):
+            raise
+        tmp = checkpoint_dir(output_dir, step).with_name(f"checkpoint-{step}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        raise CheckpointError(f"no space left on device while writing {tmp} ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1][:160]}); the previous checkpoint "
+                              f"({previous or 'none'}) is untouched: free space, then resume") from e
+
+
+def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
+                      trainer_state: dict, keep_last: int, lora: bool) -> Path:
+    root = Path(output_dir)
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")  # not a name get_last_checkpoint or a resume takes
     if D.is_main():
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a run killed while writing
@@ -262,7 +368,10 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
     D.barrier()
 
     if D.is_main():
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        # global_step and log_history as Hugging Face's Trainer names them, for its tooling
+        history = metric_rows(root / METRICS, upto=step)
+        state = {**trainer_state, "global_step": step, "log_history": history}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         write_manifest(tmp, layout_settings(policy, lora))
         if final.exists():
             shutil.rmtree(final)
@@ -280,6 +389,7 @@ def load_training_state(accelerator, wrapped, optimizer, scheduler, ckpt: Path) 
     ``ckpt`` comes from ``resolve_resume``, which verified it against its manifest.
     """
     if D.is_deepspeed(accelerator):
+        check_pickles(ckpt / "deepspeed")  # DeepSpeed unpickles without the weights-only guard
         wrapped.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False)
         scheduler.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True)["scheduler"])
     else:
@@ -289,4 +399,10 @@ def load_training_state(accelerator, wrapped, optimizer, scheduler, ckpt: Path) 
     rng_file = ckpt / "rng" / f"rank{D.rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    else:
+        saved = len(list((ckpt / "rng").glob("rank*.pt")))
+        log.warning("rank %d: %s has no RNG state for this rank (written by %d process(es), resumed on %d); its "
+                    "sampling continues from the seed, so this resume is not the run's exact continuation",
+                    D.rank(), ckpt / "rng", saved, D.world_size())
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return {k: state[k] for k in ("step", "epoch", "batch")}

@@ -39,6 +39,23 @@ def draw_box(image, box, color=(255, 0, 0), width: int = 6):
     return img
 
 
+METRICS = "metrics.jsonl"  # in the run folder: one JSON object per logged row, with its "step"
+
+
+def metric_rows(path: Path, upto: int) -> list[dict]:
+    """The rows of ``metrics.jsonl`` logged up to step ``upto`` (a line cut by a kill is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= upto:
+                rows.append(row)
+    return rows
+
+
 def drop_rows_after(path: Path, step: int) -> int:
     """Keep the rows of ``metrics.jsonl`` up to ``step``; return how many were dropped.
 
@@ -112,13 +129,13 @@ class RunLogger:
         if not self.enabled:
             return
         start = resume_step or 0
-        if dropped := drop_rows_after(self.dir / "metrics.jsonl", start):
+        if dropped := drop_rows_after(self.dir / METRICS, start):
             log.info("metrics.jsonl: dropped %d row(s) logged after step %d by an interrupted run", dropped, start)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start + 1)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.jsonl = open(self.dir / METRICS, "a")  # noqa: SIM115 - closed in close()
         if sys.stderr.isatty():
             from tqdm import tqdm
 

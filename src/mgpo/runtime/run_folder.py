@@ -8,6 +8,8 @@
    (``resume=none``) in a folder that holds an earlier run's checkpoints is refused, unless
    ``train.overwrite=true`` discards them (otherwise the two runs' checkpoints and metrics
    would mix, and pruning could delete the new run's checkpoints before the old ones);
+   ``train.overwrite=true`` with ``resume=auto`` over checkpoints is refused (continue or
+   discard: the config must say which);
 3. compare this run's config with the one saved beside the checkpoint: a resume whose
    training-relevant settings differ is refused, naming each field, unless
    ``train.allow_config_change=true``; then the new config is written as
@@ -30,11 +32,11 @@ from ..config import Config, flatten, save_config
 from . import distributed as D
 from .checkpoint import (
     check_resume_settings,
-    checkpoint_root,
     checkpoint_step,
-    list_checkpoints,
     resolve_resume,
+    step_folders,
 )
+from .logger import METRICS
 
 log = logging.getLogger("mgpo")
 
@@ -87,7 +89,12 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
 def lock_run_folder(out: Path) -> IO:
     """Take the folder's lock for the life of this process (the open file holds it)."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK, "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        handle = open(out / LOCK, "a+")  # noqa: SIM115 (held open on purpose)
+    except OSError as e:  # a folder, or a file this user may not write
+        raise RunFolderError(f"cannot use {out / LOCK} as the run folder's lock ({e.strerror}): it must be a "
+                             "writable file (this trainer creates it); remove it, or choose another "
+                             "train.output_dir") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -106,7 +113,7 @@ def lock_run_folder(out: Path) -> IO:
 def saved_config(out: Path, ckpt: Path) -> Path | None:
     """The config the resumed checkpoint was trained under: the newest ``config.resume-*.yaml``
     or ``config.yaml`` of this run folder, else of the checkpoint's own run folder."""
-    for folder in (out, ckpt.parent.parent):
+    for folder in (out, ckpt.parent):
         resumed = sorted(folder.glob("config.resume-*.yaml"))
         if resumed:
             return resumed[-1]
@@ -143,7 +150,7 @@ def _check_config(cfg: Config, out: Path, ckpt: Path) -> None:
 def _clear_earlier_run(out: Path, overwrite: bool) -> None:
     """A new run's folder: refuse one that holds an earlier run's checkpoints, or (``overwrite``)
     discard that run's checkpoints, metrics and TensorBoard logs."""
-    earlier = list_checkpoints(out)
+    earlier = step_folders(out)  # (with or without COMPLETE)
     if not earlier:
         return
     if not overwrite:
@@ -152,15 +159,21 @@ def _clear_earlier_run(out: Path, overwrite: bool) -> None:
                              "train.resume=auto to continue it, or choose another train.output_dir")
     log.warning("train.overwrite: discarding the earlier run in %s (%d checkpoints, its metrics and TensorBoard logs)",
                 out, len(earlier))
-    shutil.rmtree(checkpoint_root(out))
+    for folder in [*earlier, *out.glob("checkpoint-*.tmp")]:
+        shutil.rmtree(folder)
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
-    for stale in [out / "metrics.jsonl", *out.glob("config.resume-*.yaml")]:
+    for stale in [out / METRICS, *out.glob("config.resume-*.yaml")]:
         stale.unlink(missing_ok=True)
 
 
 def _prepare(cfg: Config, out: Path) -> Path | None:
     """Main rank only: which checkpoint to resume (verified and checked), the config saved."""
     t = cfg.train
+    if t.overwrite and t.resume == "auto" and (earlier := step_folders(out)):
+        raise RunFolderError(f"train.overwrite=true with train.resume=auto, and {out} holds checkpoints "
+                             f"({earlier[0].name} .. {earlier[-1].name}): which one wins is not guessed; set "
+                             "train.resume=none "
+                             "to discard the earlier run and start over, or drop train.overwrite to continue it")
     ckpt = resolve_resume(t.resume, out)
     if ckpt is None:  # a new run
         _clear_earlier_run(out, t.overwrite)

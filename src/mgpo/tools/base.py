@@ -181,7 +181,7 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
-    shutil.copytree(result.output_dir / "checkpoints" / f"step-{sft_steps:06d}" / "model", model)
+    shutil.copytree(result.output_dir / f"checkpoint-{sft_steps}" / "model", model)
     modes = {}
     for mode in spec.methods:
         ev = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={model}",

@@ -1,6 +1,6 @@
 """Merge a LoRA checkpoint into its base model and write a full Hugging Face folder.
 
-    python -m mgpo.tools.merge runs/x/checkpoints/step-000100 merged/ --base /models/Qwen2.5-VL-7B-Instruct
+    python -m mgpo.tools.merge runs/x/checkpoint-100 merged/ --base /models/Qwen2.5-VL-7B-Instruct
 
 The result loads with ``from_pretrained`` (and serving engines) like any Qwen2.5-VL. The
 weights keep the base checkpoint's dtype.
@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..runtime.model import DTYPES, check_model_dir, load_model
+from ..runtime.model import DTYPES, CheckpointError, check_adapter_dir, check_model_dir, load_model
 
 
 def merge(checkpoint: str | Path, out: str | Path, base: str | Path) -> Path:
     from transformers import AutoProcessor
 
     checkpoint, out = Path(checkpoint), Path(out)
-    adapter = checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else checkpoint
-    config = json.loads((check_model_dir(base) / "config.json").read_text(encoding="utf-8"))
+    adapter = check_adapter_dir(checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else checkpoint)
+    config = json.loads((check_model_dir(base) / "config.json").read_text(encoding="utf-8"))  # local only
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     model = load_model(ModelConfig(path=str(base), dtype=dtype if dtype in DTYPES else "float32"), adapter=adapter)
     model.save_pretrained(out, safe_serialization=True)
@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--base", required=True, help="the local base model folder the adapter was trained on")
     args = parser.parse_args(argv)
-    print(f"merged model written to {merge(args.checkpoint, args.out, args.base)}")
+    try:
+        out = merge(args.checkpoint, args.out, args.base)
+    except (FileNotFoundError, CheckpointError) as e:  # a folder that is not there or not usable: one line
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(f"merged model written to {out}")
 
 
 if __name__ == "__main__":

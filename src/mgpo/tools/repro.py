@@ -58,7 +58,7 @@ def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, conf
           f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100", "train.resume=none",
           "train.overwrite=true"])
     for step in range(eval_every, steps + 1, eval_every):
-        ckpt = run / "checkpoints" / f"step-{step:06d}" / "model"
+        ckpt = run / f"checkpoint-{step}" / "model"
         _run([sys.executable, "eval.py", "--config", config, *common, f"model.path={ckpt}",
               f"eval.output_dir={run / f'eval-{step}'}", "eval.overwrite=true"])
     if judge:
@@ -79,7 +79,7 @@ def collect(run: Path, method: str, seed: int) -> dict:
         valid[step] = result["grounding"]["valid_box"]
         holds[step] = result["grounding"].get("crop_contains_target") or 0.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = max((run / "checkpoints").glob("step-*"))
+    last = max(run.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     found = {"method": method, "seed": seed, "accuracy": accuracy, "iou": iou, "valid": valid, "holds": holds,
              "minutes": (last.stat().st_mtime - (run / "config.yaml").stat().st_mtime) / 60,
              "reward": [(r["step"], r["reward/mean"]) for r in rows],

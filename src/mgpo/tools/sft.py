@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     result = train(load_config(args.config, [*args.overrides, "train.algorithm=sft"]))
-    print(f"SFT done: {result.steps} steps, checkpoints in {result.output_dir / 'checkpoints'}")
+    print(f"SFT done: {result.steps} steps, checkpoints in {result.output_dir} (checkpoint-<step>)")
     D.finish()
 
 
