@@ -586,6 +586,6 @@ def test_eval_py_compare_refuses_in_one_line(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "eval.py"), "compare", str(tmp_path / "gone")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"eval.py compare: {tmp_path / 'gone'}: no such folder "
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: CompareError: {tmp_path / 'gone'}: no such folder "
                                                 "(pass the eval.output_dir of an evaluation)"]
