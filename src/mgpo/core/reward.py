@@ -92,7 +92,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     """GRPO advantages: ``(r - group mean) / (group std + eps)``, groups laid out consecutively.
 
     The std is the unbiased one, as in the reference. A group whose rewards are all
-    equal has zero advantage and so contributes no policy gradient.
+    equal has zero advantage and so contributes no policy gradient. That zero is set
+    exactly, not left to the arithmetic: with a reward that is not a binary fraction
+    (0.9 = 1 - a turn cost) the mean of equal values can round one ulp off them, and
+    that ulp over a std of ~1e-8 plus eps would push the whole group by ~0.05. The
+    statistics are computed in float64 for the same reason.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), 4)
     tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
@@ -101,10 +105,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
         raise ValueError(f"group_size must be at least 2 for group-relative advantages, got {group_size}")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    rewards_BG = rewards.float().view(-1, group_size)
+    rewards_BG = rewards.double().view(-1, group_size)
     mean_B1 = rewards_BG.mean(dim=1, keepdim=True)
     std_B1 = rewards_BG.std(dim=1, keepdim=True, unbiased=True)
-    return ((rewards_BG - mean_B1) / (std_B1 + eps)).view(-1)
+    advantages_BG = (rewards_BG - mean_B1) / (std_B1 + eps)
+    all_equal_B1 = rewards_BG.amax(dim=1, keepdim=True) == rewards_BG.amin(dim=1, keepdim=True)
+    return advantages_BG.masked_fill(all_equal_B1, 0.0).float().view(-1)
 
 
 def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
