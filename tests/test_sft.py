@@ -158,3 +158,26 @@ def test_k_turn_targets_zoom_until_full_resolution(tiny_dir, tmp_path, max_turns
         if zooms == 2:  # the second crop is the target itself, shown at its own size
             assert t.turn_log[1].box_original == list(map(float, s.target_boxes[0]))
             assert t.turn_log[1].crop_size == (layout.detail, layout.detail)
+
+
+def test_sft_loss_is_at_temperature_one(tmp_path, tiny_dir, synth_dir, env):
+    """SFT fits the model's own distribution (T = 1, the plain cross-entropy), whatever the
+    rollout's sampling temperature: the log-probs its loss sees are log_softmax of the raw logits."""
+    import torch.nn.functional as F
+
+    from mgpo.config import load_config
+    from mgpo.core.setup import setup_run
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.algorithm=sft", "rollout.temperature=0.5",
+                             "train.prompts_per_rollout=2", "train.prompts_per_step=2", "train.micro_batch_size=1",
+                             f"model.min_pixels={MIN_PX}", f"model.max_pixels={MAX_PX}", "model.dtype=float32"])
+    run = setup_run(cfg)
+    r, _ = _batch(run.processor, env[2][:2])
+    with torch.no_grad():
+        logp_NT, _ = run.wrapped(loss_mask=r.loss_mask, **r.model_inputs())
+        logits_NTV = run.wrapped.policy(**r.model_inputs(), use_cache=False).logits.float()
+    want_NT = F.log_softmax(logits_NTV[:, :-1], -1).gather(-1, r.input_ids[:, 1:, None]).squeeze(-1)
+    mask_NT = r.loss_mask[:, 1:].bool()
+    assert mask_NT.sum() > 0
+    torch.testing.assert_close(logp_NT[:, 1:][mask_NT], want_NT[mask_NT], atol=2e-5, rtol=0)

@@ -111,7 +111,10 @@ def setup_run(cfg: Config) -> Run:
     # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
-    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, cfg.rollout.temperature, suppress), optimizer)
+    # RL's log-probs model the distribution generation sampled from (temperature, vision tokens
+    # suppressed); SFT's loss is the plain cross-entropy of the labels, at T = 1 over the whole vocabulary.
+    temperature, masked = (1.0, ()) if t.algorithm == "sft" else (cfg.rollout.temperature, suppress)
+    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, temperature, masked), optimizer)
     reference = None
     # with LoRA the base model (adapters off) is the reference; SFT has none
     if cfg.loss.kl_coef > 0 and t.lora_rank == 0 and t.algorithm == "rl":
