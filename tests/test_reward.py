@@ -15,6 +15,26 @@ def test_extract_answer(text, letter):
     assert extract_answer(text) == letter
 
 
+@pytest.mark.parametrize("text, letter", [
+    ("\\boxed{Option B}", "B"), ("\\boxed{option (C)}", "C"), ("\\boxed{Answer: D}", "D"),
+    ("\\boxed{Choice A. red}", "A"), ("\\boxed{\\text{Option E}}", "E"),
+    ("\\boxed{Option}", None), ("\\boxed{Options B or C}", None), ("\\boxed{Option B or C}", None),
+])
+def test_extract_answer_after_a_label_word(text, letter):
+    assert extract_answer(text) == letter
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("B", "B"), ("(B)", "B"), ("B. red", "B"), ("B) red", "B"), ("B: the red one", "B"),
+    ("B or C", None), ("B/C", None), ("B, C", None), ("(B) or (C)", None), ("B and C", None), ("B & C", None),
+    ("B. or C.", None), ("a red one", None), ("Because", None),
+])
+def test_bare_letter_naming_two_options_is_no_answer(text, letter):
+    from mgpo.core.reward import bare_letter
+
+    assert bare_letter(text) == letter
+
+
 def test_extract_answer_by_option_text():
     assert extract_answer("\\boxed{ Right }", ["left", "right"]) == "B"
 

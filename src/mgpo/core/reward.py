@@ -13,9 +13,11 @@ import torch
 
 _BOXED = "\\boxed{"
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-# A letter alone, in parentheses, or followed by ". ) :" ("C", "(C) red", "C. red", "C: red");
-# a letter followed by a space and a word ("a red") is text, not a letter.
-_LETTER = re.compile(r"^(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))")
+# A letter alone, in parentheses, or followed by ". ) :" ("C", "(C) red", "C. red", "C: red"),
+# optionally after a label word ("Option C", "Answer: C"); a letter followed by a space and a
+# word ("a red", "B or C") is text, not a letter.
+_LETTER = re.compile(r"^(?:(?i:option|answer|choice)\s*(?::\s*|\s+))?"
+                     r"(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -39,6 +41,8 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
 
     >>> [extract_answer(t) for t in ["\\\\boxed{C}", "\\\\boxed{(C)}", "\\\\boxed{C. red}", "\\\\boxed{\\\\text{C}}"]]
     ['C', 'C', 'C', 'C']
+    >>> extract_answer("\\\\boxed{Option B}"), extract_answer("\\\\boxed{B or C}")
+    ('B', None)
     >>> extract_answer("first \\\\boxed{A}, finally \\\\boxed{B}")
     'B'
     >>> extract_answer("\\\\boxed{red}", options=["blue", "red"])
@@ -66,17 +70,20 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
 
 
 _BARE = re.compile(r"^\s*\(?([A-Z])\)?(?:[.:)]|\s|$)")
+# Two letters joined ("B or C", "(B) and (C)", "B/C"): naming two options is no answer.
+_TWO = re.compile(r"^\s*\(?[A-Z]\)?[.:)]?\s*(?:(?i:or|and)\b|[&/,])\s*\(?[A-Z]\)?(?:[.:)]|\s|$)")
 
 
 def bare_letter(text: str) -> str | None:
     """A reply that is just an option letter ("B", "(B)", "B.", "B. red"), as the direct
     prompt asks for. Upper-case only, so an article ("a red ...") is never read as A.
 
-    >>> [bare_letter(t) for t in ["B", " (B)", "B. red", "a red one", "Because"]]
-    ['B', 'B', 'B', None, None]
+    >>> [bare_letter(t) for t in ["B", " (B)", "B. red", "a red one", "Because", "B or C"]]
+    ['B', 'B', 'B', None, None, None]
     """
-    m = _BARE.match(text if isinstance(text, str) else "")
-    return m.group(1) if m else None
+    text = text if isinstance(text, str) else ""
+    m = _BARE.match(text)
+    return m.group(1) if m and not _TWO.match(text) else None
 
 
 def predicted_letter(t) -> str | None:
