@@ -190,3 +190,10 @@ def test_the_first_fenced_bbox_2d_item_wins():
     second = FENCED_CAT.replace("10, 20, 110, 220", "30, 40, 130, 240")
     assert parse_box(FENCED_CAT + " or " + second) == Box(10.0, 20.0, 110.0, 220.0)
     assert parse_box('{"bbox_2d": [5, 5, 60, 60]} then ' + FENCED_CAT) == Box(10.0, 20.0, 110.0, 220.0)
+
+
+def test_fit_to_budget_takes_a_sliver_beyond_qwens_ratio():
+    """A crop of a 1-px-wide original can come out longer than 200:1 after rounding; Qwen's
+    resize would refuse it, so its short side is widened to the limit first."""
+    out = fit_to_budget(Image.new("RGB", (1, 201)), 64 * 28 * 28, 256 * 28 * 28)
+    assert out.width % 28 == 0 and out.height % 28 == 0 and out.height > out.width

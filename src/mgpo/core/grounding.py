@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 PATCH = 14  # ViT patch side in pixels
 FACTOR = 28  # patch side x spatial merge: resized sides are multiples of this
+MAX_ASPECT = 200  # smart_resize refuses a long/short side ratio above this
 
 RESAMPLE = {
     "nearest": Image.NEAREST,
@@ -250,7 +251,10 @@ def fit_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resample
     Uses Qwen's own ``smart_resize`` rule, so the processor leaves the result as it is;
     small crops are enlarged, which is the point of the method.
     """
-    h, w = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # a sliver of a sliver-shaped original: Qwen's rule refuses it
+        w, h = max(w, math.ceil(h / MAX_ASPECT)), max(h, math.ceil(w / MAX_ASPECT))
+    h, w = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
     if (w, h) == image.size:
         return image
     return image.resize((w, h), RESAMPLE[resample])
