@@ -24,6 +24,7 @@ __all__ = ["Config", "ConfigError", "field_docs", "flatten", "load_config", "par
 TEMPLATES = ("mgpo", "grpo", "direct", "mgpo_k")  # mgpo.core.prompts.TEMPLATES's keys (a test checks)
 FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")  # the data readers (mgpo.data.samples)
 CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.core.grounding.RESAMPLE's keys (a test checks)
+LOSS_NORMALIZATIONS = ("token", "sequence")  # mgpo.core.loss.loss_weights's rules
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,11 @@ class LossConfig:
     """Weight of the entropy bonus (subtracted from the loss)."""
     adv_eps: float = 1e-6
     """Added to the group std before dividing."""
+    normalization: str = "token"
+    """How token losses are averaged within an optimizer step. "token": one mean over every
+    masked token of the step, across micro-batches and ranks (DAPO's token-level loss, TRL's
+    "dapo"). "sequence": each trajectory's token mean, then the mean over the step's
+    trajectories (GRPO's per-sequence mean). SFT's loss follows the same rule."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,7 @@ def _problems(cfg: Config) -> list[str]:
         "rollout.crop_resample": (r.crop_resample, list(CROP_FILTERS)),
         "model.dtype": (m.dtype, ["auto", "bfloat16", "float16", "float32"]),
         "data.train_format": (d.train_format, ["auto", *FORMATS]), "data.eval_format": (d.eval_format, ["auto", *FORMATS]),
+        "loss.normalization": (cfg.loss.normalization, list(LOSS_NORMALIZATIONS)),
     }
     problems += [f"{k} must be one of {allowed}, got {v!r}" for k, (v, allowed) in choices.items() if v not in allowed]
     problems += [f"train.sft_templates entries must be among {sorted(TEMPLATES)}, got {v!r}"

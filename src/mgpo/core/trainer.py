@@ -25,7 +25,7 @@ from ..data.samples import BadImageError
 from ..runtime import distributed as D
 from ..runtime.checkpoint import save_checkpoint
 from .forced import chat_forced, teacher_forced
-from .loss import policy_loss, sft_loss
+from .loss import loss_weights, policy_loss, sft_loss
 from .metrics import rollout_metrics
 from .policy import rollout_logprobs
 from .reward import group_advantages, score
@@ -142,8 +142,9 @@ def _rl_experience(run: Run, prompts, images) -> Experience:
         width, dev = logp.shape[1], logp.device
         old = old_logp[part, :width].to(dev) if old_logp is not None else logp.detach()  # one step: ratio 1
         ref = ref_logp[part, :width].to(dev) if ref_logp is not None else None
-        return policy_loss(logp, old, adv[part].to(dev), batch.loss_mask[part, :width].to(dev), cfg.loss,
-                           ref_logp_NT=ref, entropy_NT=entropy, denom=denom)
+        weights = loss_weights(batch.loss_mask[part], cfg.loss.normalization)[:, :width].to(dev)
+        return policy_loss(logp, old, adv[part].to(dev), weights, cfg.loss, ref_logp_NT=ref, entropy_NT=entropy,
+                           denom=denom)
     return Experience(batch, cfg.rollout.group_size, micro_loss, rewards, timings)
 
 
@@ -180,7 +181,8 @@ def _sft_experience(run: Run, prompts, images) -> Experience:
                                max_pixels=cfg.model.max_pixels, images=images)
 
     def micro_loss(logp, entropy, part, denom):
-        return sft_loss(logp, batch.loss_mask[part, : logp.shape[1]].to(logp.device), denom)
+        weights = loss_weights(batch.loss_mask[part], cfg.loss.normalization)[:, : logp.shape[1]]
+        return sft_loss(logp, weights.to(logp.device), denom)
     return Experience(batch, 1, micro_loss, None, {"time/rollout_s": time.perf_counter() - t0})
 
 
@@ -195,13 +197,18 @@ def _step_slices(groups: int, group_size: int, steps_per_rollout: int, ppo_epoch
 def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, float]:
     """One optimizer step over whole groups; returns the step's figures.
 
-    The loss is a token mean over every masked token of the step, on all ranks: each
-    micro-batch contributes (its sum) / (the step's token count / ranks), so after DDP
-    averages the ranks' gradients the step's gradient is that of the global token mean,
-    and each logged figure is the sum of the micro-batches' shares, averaged over ranks.
+    The loss is one mean over the whole step, on all ranks: with the default
+    ``loss.normalization: token``, the mean over every masked token of every micro-batch on
+    every rank (DAPO's token-level loss, TRL's "dapo"), not GRPO's per-sequence mean nor a
+    mean per micro-batch; with ``sequence``, the mean over the step's trajectories of each
+    one's token mean. Each micro-batch contributes (its weighted sum) / (the step's sum of
+    weights / ranks), so after DDP averages the ranks' gradients the step's gradient is that
+    of the global mean, and each logged figure is the sum of the micro-batches' shares,
+    averaged over ranks. The KL term's gradient is that of KL(ref || policy) (see ``loss``).
     """
     cfg, acc, wrapped = run.cfg, run.accelerator, run.wrapped
-    denom = D.all_reduce_sum(exp.batch.loss_mask[index].sum()) / D.world_size()
+    weights = loss_weights(exp.batch.loss_mask[index], cfg.loss.normalization)
+    denom = D.all_reduce_sum(weights.sum()) / D.world_size()
     micro = _micro_batches(index, cfg.train.micro_batch_size)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     totals, finite, grad_norm = {}, True, float("nan")
