@@ -224,10 +224,18 @@ def _zero3_env(tmp_path):
 
 
 def test_two_rank_zero3_on_cpu(tmp_path, tiny_dir, synth_dir):
+    """Ranks agree, and the warm-up's rate reaches the optimizer DeepSpeed steps once per
+    optimizer step (not once per rank, not stuck at its first value)."""
     records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "z3", "train.max_steps=2",
+                         "train.warmup_steps=4", "train.lr=1e-4",
                          launcher="configs/accelerate/cpu_zero3_2proc.yaml", flags=["--rewards", "random"],
                          env=_zero3_env(tmp_path))
     _ranks_agree(records)
+    for r in records:
+        first, second = r["lrs"]
+        assert first == [pytest.approx(2.5e-5)] * len(first) and second == [pytest.approx(5e-5)] * len(second)
+    metrics = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["train/lr"] == pytest.approx(5e-5), "step 2 of a 4-step warm-up"
     ckpt = latest_checkpoint(tmp_path / "z3")
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model" / "model.safetensors").exists()
 

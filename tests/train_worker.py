@@ -114,6 +114,14 @@ def main():
                                     denom=denom)
         trainer.policy_loss = _recording
 
+    lrs = []  # per optimizer step, the rate in the optimizer's param groups when the step starts
+    real_step = trainer.optimizer_step
+
+    def _step(run, *a, **kw):
+        lrs.append([g["lr"] for g in run.optimizer.param_groups])
+        return real_step(run, *a, **kw)
+    trainer.optimizer_step = _step
+
     before = {}
     real_load = setup.load_policy
 
@@ -134,6 +142,7 @@ def main():
         "changed": [n for n in after if after[n] != before[n]],
         "loss_inputs": loss_inputs,
         "generate_calls": generate_calls,
+        "lrs": lrs,
     }
     Path(f"{args.out}.rank{D.rank()}").write_text(json.dumps(record))
     D.finish()
