@@ -129,6 +129,7 @@ def test_nonfinite_losses_skip_updates_then_stop(tmp_path, tiny_dir, synth_dir):
     (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "skip", "train.max_steps=2",
                         "train.max_bad_steps=10", flags=["--nan-loss"])
     assert rec["steps"] == 2 and rec["changed"] == [], "a non-finite loss must not move any weight"
+    assert rec["adam"] == {"steps": [], "moments": 0.0}, "nor advance AdamW"
     out = tmp_path / "nan"
     cmd = [sys.executable, str(WORKER), str(tmp_path / "r.json"), "--nan-loss",
            *_common(tiny_dir, synth_dir, out, "train.max_steps=6", "train.max_bad_steps=3")]
@@ -249,6 +250,9 @@ def test_zero3_nonfinite_step_moves_no_weight(tmp_path, tiny_dir, synth_dir):
                          env=_zero3_env(tmp_path))
     assert [r["steps"] for r in records] == [1, 1]
     assert all(r["changed"] == [] for r in records), "a non-finite step must not move any weight"
+    # ... nor advance AdamW (step count, moments), as the plain path skips it: before, the
+    # engine stepped at lr 0 and the two launch modes diverged after a NaN
+    assert all(r["adam"] == {"steps": [], "moments": 0.0} for r in records), [r["adam"] for r in records]
 
 
 def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, tiny_dir, synth_dir):

@@ -11,7 +11,6 @@ optimizer, resume) is in ``setup.py``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -220,14 +219,12 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
                                     **mb.model_inputs(acc.device))
             loss, stats = exp.micro_loss(logp, entropy, part, denom.to(logp.device))
             finite = finite and _all_finite(loss, acc)
-            if not finite:
-                loss = _zero_loss(logp, acc)
             last = k == len(micro) - 1
+            if not finite:
+                loss = _skip_loss(logp) if last and D.is_deepspeed(acc) else _zero_loss(logp)
             # accelerate (or DeepSpeed) divides each micro-batch loss by grad_accum; ours already
             # is this micro-batch's share of the step's token mean, so undo that division.
-            skip_inside = last and not finite and D.is_deepspeed(acc)
-            with _no_update(run.optimizer) if skip_inside else contextlib.nullcontext():
-                acc.backward(loss * run.plan.grad_accum)
+            acc.backward(loss * run.plan.grad_accum)
             if last:
                 if acc.sync_gradients:
                     grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.train.grad_clip))
@@ -252,34 +249,21 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     return accelerator.reduce(bad, reduction="sum").item() == 0 if D.world_size() > 1 else bad.item() == 0
 
 
-def _zero_loss(logp: torch.Tensor, accelerator) -> torch.Tensor:
+def _zero_loss(logp: torch.Tensor) -> torch.Tensor:
     """An exact-zero loss through this micro-batch's own graph: every rank still runs the
     same backward collectives (DDP's reducer, ZeRO-3's reduce-scatter), and no weight moves.
-
-    When the log-probs themselves are not finite, the forward went wrong inside the
-    network and even a zero loss back-propagates NaN. The plain path drops those gradients
-    (it skips the optimizer step); DeepSpeed steps inside ``backward`` and cannot, so we stop.
-    """
-    if D.is_deepspeed(accelerator) and not _all_finite(logp.detach().sum(), accelerator):
-        raise RuntimeError("non-finite log-probs under DeepSpeed: its engine steps inside backward and cannot "
-                           "skip this step, so training stops here rather than drift (resume from the last "
-                           "checkpoint with a lower train.lr, or check the data)")
+    (When the log-probs themselves are not finite, even a zero loss back-propagates NaN: the
+    step is skipped all the same.)"""
     return (torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
 
 
-@contextlib.contextmanager
-def _no_update(optimizer):
-    """Under DeepSpeed the engine steps inside ``backward``, so a non-finite step cannot be
-    skipped: a learning rate of 0 for that one step makes it move no weight (AdamW's update
-    and its weight decay both scale with the rate). The schedule's rates come back after."""
-    saved = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    try:
-        yield
-    finally:
-        for g, lr in zip(optimizer.param_groups, saved):
-            g["lr"] = lr
+def _skip_loss(logp: torch.Tensor) -> torch.Tensor:
+    """The last micro-batch's loss of a non-finite step under DeepSpeed, whose engine steps
+    inside ``backward`` and so cannot be skipped from outside: a loss whose gradient is NaN
+    wherever it reaches. The engine's own check then finds a non-finite gradient norm
+    (all-reduced, so every rank agrees), skips the optimizer step as it does an fp16 overflow,
+    and clears the gradients: no weight, AdamW step count or moment moves, as on the plain path."""
+    return _zero_loss(logp) * float("nan")
 
 
 def _count_bad_step(run: Run, finite: bool) -> None:
