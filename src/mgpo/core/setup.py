@@ -20,6 +20,7 @@ from ..runtime.checkpoint import load_training_state
 from ..runtime.logger import RunLogger, setup_logging
 from ..runtime.model import load_model, load_processor
 from ..runtime.run_folder import start_run
+from .forced import chat_images
 from .generation import suppressed_ids
 from .policy import PolicyForward
 from .rollout import prompt_tokens
@@ -184,10 +185,11 @@ def load_policy(cfg: Config, resume_from: Path | None, device):
 
 
 def _decodable_reserve(data):
-    """The first sample whose image decodes (it replaces unreadable images in a batch)."""
+    """The first sample whose images decode (it replaces a record with an unreadable image in a
+    batch; a chat record's every image is checked)."""
     for sample in data:
         try:
-            sample.load_image()
+            chat_images(sample) if sample.messages else sample.load_image()
             return sample
         except BadImageError as e:
             log.warning("not usable as the reserve sample: %s", e)

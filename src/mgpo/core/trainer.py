@@ -65,6 +65,7 @@ def train(cfg: Config) -> TrainResult:
         # ---- experience: rollout, rewards, advantages, old/reference log-probs (RL), or the
         #      target conversations (SFT)
         exp = _sft_experience(run, prompts, images) if t.algorithm == "sft" else _rl_experience(run, prompts, images)
+        bad = bad + exp.batch.skipped  # replaced while encoding (a chat record's later image)
 
         # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
@@ -168,7 +169,7 @@ def _sft_experience(run: Run, prompts, images) -> Experience:
     t0 = time.perf_counter()
     if prompts[0].messages:  # chat records: their own assistant messages are the targets
         batch = chat_forced(run.processor, prompts, min_pixels=cfg.model.min_pixels,
-                            max_pixels=cfg.model.max_pixels, images=images)
+                            max_pixels=cfg.model.max_pixels, images=images, reserve=run.reserve)
     else:
         templates = cfg.train.sft_templates or (cfg.rollout.template,)
         turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
