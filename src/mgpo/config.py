@@ -137,11 +137,17 @@ class TrainConfig:
     """Passes over the training set."""
     algorithm: str = "rl"
     """"rl": MGPO, or the one-turn GRPO baseline, by rollout.template. "sft": supervised
-    fine-tuning on the records' answers (and, in two turns, a box around the target) in the
-    same template: the paper's SFT row and the warm start of the embedded base model."""
+    fine-tuning on the records' answers (and, where the record has a target box, a box around
+    it) in the template of train.sft_templates: the paper's SFT row (grpo, records without
+    boxes) and the warm start of the embedded base model."""
     sft_templates: tuple[str, ...] = ()
     """SFT only: templates taken in turn, one per rollout batch (e.g. [mgpo, grpo], so one base
-    model follows both the two-turn and the one-turn prompts). Empty: rollout.template."""
+    model follows both the two-turn and the one-turn prompts). Empty: rollout.template. What
+    each teaches: grpo, one turn, the box (if the record has one) and \\boxed{LETTER}; on
+    records without boxes the answer alone, the paper's SFT baseline. direct: the bare letter.
+    mgpo: turn 1 a box around the record's target, turn 2 the answer from the crop; it needs
+    target boxes (without, turn 1 would be empty and teach never to ground: refused). mgpo_k:
+    zooms towards the target, then the answer."""
     sft_max_turns: tuple[int, ...] = ()
     """SFT in mgpo_k only: the rollout.max_turns of each rollout batch, taken in turn (e.g. [2, 3],
     so one base model knows both the K = 2 and the K = 3 conversation). Empty: rollout.max_turns."""

@@ -24,6 +24,7 @@ from .forced import chat_images
 from .generation import suppressed_ids
 from .policy import PolicyForward
 from .rollout import prompt_tokens
+from .sft import check_sft_targets
 
 log = logging.getLogger("mgpo")
 
@@ -112,8 +113,7 @@ def setup_run(cfg: Config) -> Run:
     # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
-    # RL's log-probs model the distribution generation sampled from (temperature, vision tokens
-    # suppressed); SFT's loss is the plain cross-entropy of the labels, at T = 1 over the whole vocabulary.
+    # RL models what generation sampled from; SFT's loss is the plain cross-entropy (T = 1, whole vocabulary)
     temperature, masked = (1.0, ()) if t.algorithm == "sft" else (cfg.rollout.temperature, suppress)
     wrapped, optimizer = accelerator.prepare(PolicyForward(policy, temperature, masked), optimizer)
     reference = None
@@ -133,6 +133,8 @@ def setup_run(cfg: Config) -> Run:
     if chat and t.algorithm != "sft":
         raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
                          "set train.algorithm=sft, or give RL a question file")
+    if t.algorithm == "sft" and not chat:
+        check_sft_targets(data, t.sft_templates or (cfg.rollout.template,), cfg.data.train)
     if not chat:  # (a chat record's length is its own: not limited at load)
         data = drop_long_prompts(data, lambda s: prompt_tokens(processor, cfg.rollout.template, s,
                                                                cfg.model.min_pixels, cfg.model.max_pixels),
