@@ -106,3 +106,41 @@ def test_evaluation_refuses_chat_files(tiny_dir, chat_file, tmp_path):
                                                 f"eval.output_dir={tmp_path / 'eval'}"])
     with pytest.raises(ValueError, match="chat conversations"):
         evaluate(cfg)
+
+
+@pytest.fixture(scope="module")
+def corrupt_second_image(chat_file):
+    """A chat file whose second record's second image has a readable header but cannot be decoded."""
+    folder = chat_file.parent
+    noise = torch.randint(0, 256, (160, 120, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(folder / "c.jpg", quality=95)
+    raw = (folder / "c.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(raw[: len(raw) // 2])  # the header survives, the pixel data does not
+    two = json.loads(json.dumps(GOOD[1]).replace("b.png", "cut.jpg"))
+    (folder / "corrupt.jsonl").write_text(json.dumps(GOOD[0]) + "\n" + json.dumps({**two, "id": "cut"}) + "\n")
+    return folder / "corrupt.jsonl"
+
+
+def test_a_record_whose_later_image_fails_is_replaced_by_the_reserve(tiny_dir, corrupt_second_image):
+    """Every rank keeps its number of trajectories (and so of micro-batches): the record is
+    replaced by the reserve and listed as skipped, as a record whose first image fails is."""
+    from mgpo.runtime.model import load_processor
+
+    processor = load_processor(ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX))
+    one, cut = load_samples(corrupt_second_image)
+    r = chat_forced(processor, [one, cut], min_pixels=MIN_PX, max_pixels=MAX_PX, reserve=one)
+    assert len(r) == 2 and [t.sample_id for t in r.trajectories] == ["one", "one"]
+    assert [sid for sid, _ in r.skipped] == ["cut"] and "cut.jpg" in r.skipped[0][1]
+
+
+def test_sft_run_counts_the_replaced_chat_record(tmp_path, tiny_dir, corrupt_second_image):
+    from mgpo.config import load_config
+    from mgpo.core.trainer import train
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={corrupt_second_image}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.algorithm=sft", "train.max_steps=1",
+                             "train.prompts_per_rollout=2", "train.prompts_per_step=2", "train.micro_batch_size=1",
+                             f"model.min_pixels={MIN_PX}", f"model.max_pixels={MAX_PX}", "model.dtype=float32"])
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["rollout/trajectories"] == 2 and metrics["data/skipped_images"] == 1

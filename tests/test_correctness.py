@@ -198,6 +198,31 @@ def test_chunked_head_equals_unchunked(env):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_lm_head_sees_at_most_one_chunk_of_rows(env):
+    """The memory fix itself: lm_head (and so the K x V log-softmax) never runs on more than
+    ``chunk_tokens`` masked positions at once, in forward or in backward's recomputation;
+    the trainer's forward uses HEAD_CHUNK."""
+    import inspect
+
+    from mgpo.core.policy import HEAD_CHUNK
+
+    model, processor, samples, _ = env
+    torch.manual_seed(0)
+    r = _run(model, processor, samples[:2], group_size=2, max_new_tokens_turn1=12, max_new_tokens_turn2=8)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        logp, _ = masked_token_logprobs(model, r.model_inputs(), r.loss_mask, with_entropy=True, chunk_tokens=5)
+        logp.sum().backward()
+    finally:
+        hook.remove()
+        model.zero_grad()
+    masked = int(r.loss_mask[:, 1:].sum())
+    assert masked > 10 and rows and max(rows) <= 5, rows
+    assert sum(rows) == 2 * masked  # every masked position once in forward, once recomputed in backward
+    assert inspect.signature(masked_token_logprobs).parameters["chunk_tokens"].default == HEAD_CHUNK
+
+
 def test_one_turn_valid_box_is_mapped_for_the_grounding_figures(env):
     """A valid box in the one-turn template makes no crop; the report's IoU read its (unset)
     original-image box and ``eval.mode=grpo`` crashed on the first valid box."""

@@ -269,27 +269,54 @@ def test_k_turn_mode_reports_every_turn_and_crop(tiny_dir, synth_dir, tmp_path, 
 
 
 def test_crop_answerable_counts_questions_boxes_and_right_answers(tiny_dir, synth_dir, tmp_path, loaded, monkeypatch):
-    """Table 3's bookkeeping: every question counts, only a valid turn-1 box gives the judge a
-    crop, and a right answer from that crop is what counts (here a judge that always says A)."""
+    """Table 3: the judge answers from the crop alone, in one turn (the crop, the question and
+    its options; greedy), never seeing the original. Bookkeeping: every question counts, only a
+    valid turn-1 box gives the judge a crop, a right answer from it is what counts (here a judge
+    that always says A)."""
     from helpers import ScriptedModel
 
     from mgpo.config import save_config
+    from mgpo.core.grounding import Box, crop_original, fit_to_budget
+    from mgpo.core.prompts import CROP_LEAD, DIRECT_SUFFIX, MGPO_SYSTEM, TURN1_SUFFIX
+    from mgpo.data.samples import load_samples
+
+    class Recording(ScriptedModel):
+        def generate(self, **kwargs):
+            seen.append({k: kwargs[k] for k in ("input_ids", "image_grid_thw")})
+            return super().generate(**kwargs)
 
     model, processor = loaded
     out = tmp_path / "eval"
     (out / "predictions").mkdir(parents=True)
-    save_config(_cfg(tiny_dir, out, data=synth_dir / "train.jsonl"), out / "config.yaml")
+    cfg = _cfg(tiny_dir, out, data=synth_dir / "train.jsonl")
+    save_config(cfg, out / "config.yaml")
     truth = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
-    rows = [{"id": r["id"], "dataset": "train", "sample": 0, "valid": k < 6, "box_input": [0, 0, 84, 84]}
-            for k, r in enumerate(truth[:10])]
+    box = [10.0, 20.0, 410.0, 320.0]  # original pixels
+    rows = [{"id": r["id"], "dataset": "train", "sample": 0, "valid": k < 6, "box_input": [0, 0, 84, 84],
+             "box_original": box if k < 6 else None} for k, r in enumerate(truth[:10])]
     rows += [{"id": truth[0]["id"], "dataset": "train", "sample": 1, "valid": False, "box_input": None},
              {"id": truth[10]["id"], "dataset": "train", "error": "unreadable"}]
     (out / "predictions" / "rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    judge = ScriptedModel(model, processor.tokenizer, ["\\boxed{A}"] * 4)
+    seen = []
+    judge = Recording(model, processor.tokenizer, ["B<|im_end|>", "A<|im_end|>"])  # the first batch's judge says B, the second's A
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: judge)
     result = ev.crop_answerable(out, str(tiny_dir), batch_size=4)
-    want = sum(r["answer"] == "A" for r in truth[:6])
-    assert judge.calls == 2  # 6 boxed questions in batches of 4: turn 2 only, turn 1 is the box
+    want = sum(r["answer"] == "B" for r in truth[:4]) + sum(r["answer"] == "A" for r in truth[4:6])
+    assert judge.calls == 2  # 6 boxed questions in batches of 4, one turn each
     assert (result["questions"], result["valid_boxes"], result["answerable"]) == (10, 6, want)
     assert result["share"] == pytest.approx(100 * want / 10)
     assert json.loads((out / ev.CROPS_FILE).read_text())["answerable"] == want
+    # What the judge saw: one image per question, the crop under the box at the budget's size,
+    # and the one-turn answer prompt with the options, nothing of the two-turn conversation.
+    samples = list(load_samples(synth_dir / "train.jsonl"))
+    tok, vision_start = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    for call, chunk in zip(seen, (samples[:4], samples[4:6])):
+        assert call["image_grid_thw"].shape[0] == len(chunk) == call["input_ids"].shape[0]
+        for row, grid, s in zip(call["input_ids"], call["image_grid_thw"], chunk):
+            crop = fit_to_budget(crop_original(s.load_image(), Box(*box)), cfg.model.min_pixels, cfg.model.max_pixels,
+                                 cfg.rollout.crop_resample)
+            assert (int(grid[2]) * 14, int(grid[1]) * 14) == crop.size and crop.size != s.load_image().size
+            assert int((row == vision_start).sum()) == 1
+            text = tok.decode(row, skip_special_tokens=False)
+            assert s.question.strip() in text and DIRECT_SUFFIX in text and f"(B) {s.options[1]}" in text
+            assert CROP_LEAD not in text and TURN1_SUFFIX not in text and MGPO_SYSTEM not in text

@@ -166,3 +166,34 @@ def test_nested_view_maps_back_to_original_pixels():
     assert second == Box(1500, 1125, 2000, 1500)
     # a box of the crop's whole shown image is the crop's region, exactly
     assert view_to_original(Box(0, 0, 560, 420), View(first, (560, 420))) == first
+
+
+FENCED_CAT = '```json\n[{"bbox_2d": [10, 20, 110, 220], "label": "cat"}]\n```'
+
+
+@pytest.mark.parametrize("text", [
+    "The area [1, 2, 3, 4] is too small. " + FENCED_CAT,  # a bare list before the fenced block
+    "see ```\n[1, 2, 3, 4]\n``` then " + FENCED_CAT,  # an unlabelled fence of bare numbers first
+    "I pick [1, 2, 3, 4] as a guess.\n" + FENCED_CAT[:-4],  # the model stopped before closing the fence
+    '```json\n[[1, 2, 3, 4], {"bbox_2d": [10, 20, 110, 220], "label": "cat"}]\n```',  # the bbox_2d item wins
+    '{"box": [1, 2, 3, 4]} and ' + FENCED_CAT,
+])
+def test_the_grounding_block_wins_over_earlier_numbers(text):
+    """Qwen's native output (a bbox_2d item, fenced) is the box, whatever list of four numbers
+    came before it; the turn is cut right after that block."""
+    box, end = find_box(text)
+    assert box == Box(10.0, 20.0, 110.0, 220.0)
+    assert text[:end].rstrip("`\n").endswith('"cat"}]')
+
+
+def test_the_first_fenced_bbox_2d_item_wins():
+    second = FENCED_CAT.replace("10, 20, 110, 220", "30, 40, 130, 240")
+    assert parse_box(FENCED_CAT + " or " + second) == Box(10.0, 20.0, 110.0, 220.0)
+    assert parse_box('{"bbox_2d": [5, 5, 60, 60]} then ' + FENCED_CAT) == Box(10.0, 20.0, 110.0, 220.0)
+
+
+def test_fit_to_budget_takes_a_sliver_beyond_qwens_ratio():
+    """A crop of a 1-px-wide original can come out longer than 200:1 after rounding; Qwen's
+    resize would refuse it, so its short side is widened to the limit first."""
+    out = fit_to_budget(Image.new("RGB", (1, 201)), 64 * 28 * 28, 256 * 28 * 28)
+    assert out.width % 28 == 0 and out.height % 28 == 0 and out.height > out.width

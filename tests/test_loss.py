@@ -68,3 +68,56 @@ def test_gradient_is_zero_at_masked_positions():
     g = logits.grad.abs().sum(-1)
     assert torch.all(g[mask == 0] == 0), "masked positions must get exactly zero gradient"
     assert torch.all(g[mask == 1] > 0)
+
+
+def _two_micro_batches(normalization):
+    """A step of two trajectories split over two micro-batches: trajectory 0 has one masked
+    token (NLL 2), trajectory 1 three (NLL 1, 2, 6); the step's denominator is the sum of the
+    weights over the whole step, as optimizer_step computes it."""
+    from mgpo.core.loss import loss_weights, sft_loss
+
+    nll_NT = torch.tensor([[2.0, 9.0, 9.0, 9.0], [1.0, 2.0, 6.0, 9.0]])
+    mask_NT = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    weights_NT = loss_weights(mask_NT, normalization)
+    denom = weights_NT.sum()
+    return sum(sft_loss(-nll_NT[[i]], weights_NT[[i]], denom)[0].item() for i in range(2))
+
+
+def test_token_normalization_is_one_mean_over_the_steps_tokens():
+    assert _two_micro_batches("token") == pytest.approx((2 + 1 + 2 + 6) / 4)  # 2.75
+
+
+def test_sequence_normalization_is_the_mean_of_each_trajectorys_mean():
+    assert _two_micro_batches("sequence") == pytest.approx((2 / 1 + (1 + 2 + 6) / 3) / 2)  # 2.5
+
+
+def test_loss_weights_hand_computed():
+    from mgpo.core.loss import loss_weights
+
+    mask_NT = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(loss_weights(mask_NT, "token"), mask_NT)
+    assert torch.equal(loss_weights(mask_NT, "sequence"), torch.tensor(
+        [[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]]))  # an empty row stays empty
+    assert LossConfig().normalization == "token"  # the default: the token mean over the step
+
+
+def test_sequence_normalization_weights_the_policy_terms_alike():
+    """pg loss, clip fraction, KL and entropy all use the same weights."""
+    from mgpo.core.loss import loss_weights
+
+    mask_NT = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    w_NT = loss_weights(mask_NT, "sequence")
+    ent_NT = torch.tensor([[1.0, 0.0], [3.0, 5.0]])
+    logp_NT = torch.zeros(2, 2)
+    _, stats = policy_loss(logp_NT, logp_NT, torch.tensor([1.0, -1.0]), w_NT, LossConfig(kl_coef=0.0),
+                           entropy_NT=ent_NT, denom=w_NT.sum())
+    assert stats["entropy"] == pytest.approx((1 + 4) / 2)
+    assert stats["pg_loss"] == pytest.approx((-1 + 1) / 2)
+
+
+def test_normalization_choices_are_checked_at_load():
+    from mgpo.config import ConfigError, load_config
+
+    assert load_config(None, ["loss.normalization=sequence"]).loss.normalization == "sequence"
+    with pytest.raises(ConfigError, match="loss.normalization must be one of"):
+        load_config(None, ["loss.normalization=sample"])

@@ -158,3 +158,63 @@ def test_k_turn_targets_zoom_until_full_resolution(tiny_dir, tmp_path, max_turns
         if zooms == 2:  # the second crop is the target itself, shown at its own size
             assert t.turn_log[1].box_original == list(map(float, s.target_boxes[0]))
             assert t.turn_log[1].crop_size == (layout.detail, layout.detail)
+
+
+def test_sft_loss_is_at_temperature_one(tmp_path, tiny_dir, synth_dir, env):
+    """SFT fits the model's own distribution (T = 1, the plain cross-entropy), whatever the
+    rollout's sampling temperature: the log-probs its loss sees are log_softmax of the raw logits."""
+    import torch.nn.functional as F
+
+    from mgpo.config import load_config
+    from mgpo.core.setup import setup_run
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.algorithm=sft", "rollout.temperature=0.5",
+                             "train.prompts_per_rollout=2", "train.prompts_per_step=2", "train.micro_batch_size=1",
+                             f"model.min_pixels={MIN_PX}", f"model.max_pixels={MAX_PX}", "model.dtype=float32"])
+    run = setup_run(cfg)
+    r, _ = _batch(run.processor, env[2][:2])
+    with torch.no_grad():
+        logp_NT, _ = run.wrapped(loss_mask=r.loss_mask, **r.model_inputs())
+        logits_NTV = run.wrapped.policy(**r.model_inputs(), use_cache=False).logits.float()
+    want_NT = F.log_softmax(logits_NTV[:, :-1], -1).gather(-1, r.input_ids[:, 1:, None]).squeeze(-1)
+    mask_NT = r.loss_mask[:, 1:].bool()
+    assert mask_NT.sum() > 0
+    torch.testing.assert_close(logp_NT[:, 1:][mask_NT], want_NT[mask_NT], atol=2e-5, rtol=0)
+
+
+def test_mgpo_sft_without_target_boxes_is_refused(env, caplog):
+    """SFT in the two-turn mgpo template on records without a target box would train an empty
+    turn 1 (the model learns never to ground): refused when no record has a box, warned when
+    some lack one; the paper's SFT baseline (one turn, the answer only) is the grpo template."""
+    from mgpo.core.sft import check_sft_targets
+
+    samples = env[2][:4]
+    no_box = [dataclasses.replace(s, target_boxes=()) for s in samples]
+    with pytest.raises(ValueError, match=r"no record has a target box.*empty turn 1.*sft_templates=\[grpo\]"):
+        check_sft_targets(no_box, ("mgpo",), "d.jsonl")
+    with pytest.raises(ValueError, match="empty turn 1"):
+        check_sft_targets(no_box, ("mgpo", "grpo"), "d.jsonl")
+    check_sft_targets(no_box, ("grpo",), "d.jsonl")  # one turn, the answer only: the paper's SFT row
+    check_sft_targets(no_box, ("direct",), "d.jsonl")
+    check_sft_targets(samples, ("mgpo",), "d.jsonl")
+    with caplog.at_level("WARNING", logger="mgpo"):
+        check_sft_targets(samples[:3] + no_box[3:], ("mgpo",), "d.jsonl")
+    assert "1 of 4 records have no target box" in caplog.text
+    # what the grpo template teaches on a record without a box: the answer alone
+    assert sft_texts(no_box[0], "grpo", (600, 400), MIN_PX, MAX_PX) == (f"\\boxed{{{samples[0].answer}}}",)
+
+
+def test_sft_run_refuses_mgpo_template_without_boxes(tmp_path, tiny_dir, synth_dir):
+    from mgpo.config import load_config
+    from mgpo.core.setup import setup_run
+
+    recs = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    data = tmp_path / "no_boxes.jsonl"
+    data.write_text("".join(json.dumps({**r, "image": str(synth_dir / r["image"]), "target_boxes": []}) + "\n"
+                            for r in recs))
+    common = [f"model.path={tiny_dir}", f"data.train={data}", "train.algorithm=sft", "train.prompts_per_rollout=2",
+              "train.prompts_per_step=2", "train.micro_batch_size=1"]
+    with pytest.raises(ValueError, match="no record has a target box"):
+        setup_run(load_config(None, [*common, f"train.output_dir={tmp_path / 'a'}"]))
+    assert setup_run(load_config(None, [*common, f"train.output_dir={tmp_path / 'b'}", "train.sft_templates=[grpo]"]))

@@ -129,6 +129,7 @@ def test_nonfinite_losses_skip_updates_then_stop(tmp_path, tiny_dir, synth_dir):
     (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "skip", "train.max_steps=2",
                         "train.max_bad_steps=10", flags=["--nan-loss"])
     assert rec["steps"] == 2 and rec["changed"] == [], "a non-finite loss must not move any weight"
+    assert rec["adam"] == {"steps": [], "moments": 0.0}, "nor advance AdamW"
     out = tmp_path / "nan"
     cmd = [sys.executable, str(WORKER), str(tmp_path / "r.json"), "--nan-loss",
            *_common(tiny_dir, synth_dir, out, "train.max_steps=6", "train.max_bad_steps=3")]
@@ -224,10 +225,18 @@ def _zero3_env(tmp_path):
 
 
 def test_two_rank_zero3_on_cpu(tmp_path, tiny_dir, synth_dir):
+    """Ranks agree, and the warm-up's rate reaches the optimizer DeepSpeed steps once per
+    optimizer step (not once per rank, not stuck at its first value)."""
     records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "z3", "train.max_steps=2",
+                         "train.warmup_steps=4", "train.lr=1e-4",
                          launcher="configs/accelerate/cpu_zero3_2proc.yaml", flags=["--rewards", "random"],
                          env=_zero3_env(tmp_path))
     _ranks_agree(records)
+    for r in records:
+        first, second = r["lrs"]
+        assert first == [pytest.approx(2.5e-5)] * len(first) and second == [pytest.approx(5e-5)] * len(second)
+    metrics = [json.loads(line) for line in (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["train/lr"] == pytest.approx(5e-5), "step 2 of a 4-step warm-up"
     ckpt = latest_checkpoint(tmp_path / "z3")
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model" / "model.safetensors").exists()
 
@@ -241,6 +250,9 @@ def test_zero3_nonfinite_step_moves_no_weight(tmp_path, tiny_dir, synth_dir):
                          env=_zero3_env(tmp_path))
     assert [r["steps"] for r in records] == [1, 1]
     assert all(r["changed"] == [] for r in records), "a non-finite step must not move any weight"
+    # ... nor advance AdamW (step count, moments), as the plain path skips it: before, the
+    # engine stepped at lr 0 and the two launch modes diverged after a NaN
+    assert all(r["adam"] == {"steps": [], "moments": 0.0} for r in records), [r["adam"] for r in records]
 
 
 def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, tiny_dir, synth_dir):

@@ -1,6 +1,9 @@
 """The trainer's pure pieces: batch arithmetic, step slices, sampling checks, logged figures."""
 
+import json
+
 import pytest
+import torch
 
 from mgpo.config import TrainConfig, load_config
 from mgpo.core.metrics import rollout_metrics
@@ -91,3 +94,55 @@ def test_target_metrics_hand_computed():
     assert m["grounding/iou"] == pytest.approx((1.0 + 0.0 + 0.25) / 3)
     assert m["grounding/box_holds_target"] == pytest.approx(2 / 3)
     assert "grounding/iou" not in rollout_metrics([no_target, no_target], [0, 0], group_size=2)
+
+
+def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="token"):
+    """The figures of one SFT optimizer step over the same 4 records, in micro-batches of the given size."""
+    from mgpo.core.setup import setup_run
+    from mgpo.core.trainer import _next_prompts, _sft_experience, optimizer_step
+
+    out = tmp_path / f"run-{micro_batch_size}-{normalization}"
+    data = tmp_path / "train.jsonl"
+    if not data.exists():  # the synthetic records with one short label, so the targets differ in length
+        recs = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+        for r in recs:
+            r["image"], r["category"] = str(synth_dir / r["image"]), r["category"] if r is not recs[0] else "hue"
+        data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={data}",
+                             f"train.output_dir={out}", "train.algorithm=sft", "train.prompts_per_rollout=4",
+                             "train.prompts_per_step=4", f"train.micro_batch_size={micro_batch_size}",
+                             f"loss.normalization={normalization}", "model.dtype=float32"])
+    run = setup_run(cfg)
+    assert run.plan.grad_accum == 4 // micro_batch_size
+    prompts, images, _ = _next_prompts(run)
+    exp = _sft_experience(run, prompts, images)
+    with torch.no_grad():  # the step's NLL per trajectory, by hand, before the step moves the weights
+        r = exp.batch
+        logp_NT, _ = run.wrapped(loss_mask=r.loss_mask, **r.model_inputs())
+        nll_N, tokens_N = -(logp_NT * r.loss_mask).sum(1).double(), r.loss_mask.sum(1).double()
+    hand = {"token": (nll_N.sum() / tokens_N.sum()).item(), "sequence": (nll_N / tokens_N).mean().item()}
+    return optimizer_step(run, exp, list(range(4))), hand
+
+
+def test_step_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, tiny_dir, synth_dir):
+    """The same 4 trajectories in 1, 2 or 4 micro-batches give the same loss and the same
+    gradient (its norm before clipping): the step's loss is one mean over the whole step.
+    Without the ``* grad_accum`` rescale in optimizer_step the gradient shrank by the
+    number of micro-batches."""
+    token = {m: _one_step(tmp_path, tiny_dir, synth_dir, m)[0] for m in (1, 2, 4)}
+    for m in (1, 2):
+        assert token[m]["loss"] == pytest.approx(token[4]["loss"], rel=1e-5)
+        assert token[m]["grad_norm"] == pytest.approx(token[4]["grad_norm"], rel=1e-4)
+
+
+
+def test_sequence_normalization_over_the_whole_step(tmp_path, tiny_dir, synth_dir):
+    """loss.normalization=sequence: the step's loss is the mean over its trajectories of each
+    one's token mean, whatever the micro-batch split; token (the default) is the token mean."""
+    (seq1, hand), (seq4, _) = (_one_step(tmp_path, tiny_dir, synth_dir, m, "sequence") for m in (1, 4))
+    token1, _ = _one_step(tmp_path, tiny_dir, synth_dir, 1)
+    assert abs(hand["sequence"] - hand["token"]) > 1e-5 * hand["token"], "the lengths must differ for this test"
+    assert seq1["loss"] == pytest.approx(hand["sequence"], rel=1e-6)
+    assert seq4["loss"] == pytest.approx(hand["sequence"], rel=1e-6)
+    assert seq1["grad_norm"] == pytest.approx(seq4["grad_norm"], rel=1e-4)
+    assert token1["loss"] == pytest.approx(hand["token"], rel=1e-6)

@@ -39,6 +39,15 @@ def _checksums(model):
     return out
 
 
+def _adam_state(optimizer):
+    """The step counts and moment norms of the torch AdamW inside accelerate's / DeepSpeed's wrappers."""
+    while not isinstance(optimizer, torch.optim.AdamW):
+        optimizer = optimizer.optimizer
+    states = [s for s in optimizer.state.values() if s]
+    return {"steps": sorted({float(s["step"]) for s in states}),
+            "moments": sum(float(s["exp_avg"].norm()) + float(s["exp_avg_sq"].norm()) for s in states)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -125,6 +134,16 @@ def main():
                                     denom=denom)
         trainer.policy_loss = _recording
 
+    lrs = []  # per optimizer step, the rate in the optimizer's param groups when the step starts
+    runs = []
+    real_step = trainer.optimizer_step
+
+    def _step(run, *a, **kw):
+        lrs.append([g["lr"] for g in run.optimizer.param_groups])
+        runs[:] = [run]
+        return real_step(run, *a, **kw)
+    trainer.optimizer_step = _step
+
     before = {}
     real_load = setup.load_policy
 
@@ -145,6 +164,8 @@ def main():
         "changed": [n for n in after if after[n] != before[n]],
         "loss_inputs": loss_inputs,
         "generate_calls": generate_calls,
+        "lrs": lrs,
+        "adam": _adam_state(runs[0].optimizer) if runs else None,
     }
     Path(f"{args.out}.rank{D.rank()}").write_text(json.dumps(record))
     D.finish()

@@ -26,6 +26,7 @@ TEMPLATES = ("mgpo", "grpo", "direct", "mgpo_k")  # mgpo.core.prompts.TEMPLATES'
 FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")  # the data readers (mgpo.data.samples)
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # train.report_to's choices (mgpo.runtime.logger)
 CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.core.grounding.RESAMPLE's keys (a test checks)
+LOSS_NORMALIZATIONS = ("token", "sequence")  # mgpo.core.loss.loss_weights's rules
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class LossConfig:
     """Weight of the entropy bonus (subtracted from the loss)."""
     adv_eps: float = 1e-6
     """Added to the group std before dividing."""
+    normalization: str = "token"
+    """How token losses are averaged within an optimizer step. "token": one mean over every
+    masked token of the step, across micro-batches and ranks (DAPO's token-level loss, TRL's
+    "dapo"). "sequence": each trajectory's token mean, then the mean over the step's
+    trajectories (GRPO's per-sequence mean). SFT's loss follows the same rule."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +141,17 @@ class TrainConfig:
     """Passes over the training set."""
     algorithm: str = "rl"
     """"rl": MGPO, or the one-turn GRPO baseline, by rollout.template. "sft": supervised
-    fine-tuning on the records' answers (and, in two turns, a box around the target) in the
-    same template: the paper's SFT row and the warm start of the embedded base model."""
+    fine-tuning on the records' answers (and, where the record has a target box, a box around
+    it) in the template of train.sft_templates: the paper's SFT row (grpo, records without
+    boxes) and the warm start of the embedded base model."""
     sft_templates: tuple[str, ...] = ()
     """SFT only: templates taken in turn, one per rollout batch (e.g. [mgpo, grpo], so one base
-    model follows both the two-turn and the one-turn prompts). Empty: rollout.template."""
+    model follows both the two-turn and the one-turn prompts). Empty: rollout.template. What
+    each teaches: grpo, one turn, the box (if the record has one) and \\boxed{LETTER}; on
+    records without boxes the answer alone, the paper's SFT baseline. direct: the bare letter.
+    mgpo: turn 1 a box around the record's target, turn 2 the answer from the crop; it needs
+    target boxes (without, turn 1 would be empty and teach never to ground: refused). mgpo_k:
+    zooms towards the target, then the answer."""
     sft_max_turns: tuple[int, ...] = ()
     """SFT in mgpo_k only: the rollout.max_turns of each rollout batch, taken in turn (e.g. [2, 3],
     so one base model knows both the K = 2 and the K = 3 conversation). Empty: rollout.max_turns."""
@@ -292,6 +304,7 @@ CHOICES = {  # every field with a fixed set of values
     "data.train_format": ("auto", *FORMATS), "data.eval_format": ("auto", *FORMATS),
     "rollout.template": tuple(sorted(TEMPLATES)), "rollout.crop_resample": CROP_FILTERS,
     "train.algorithm": ("rl", "sft"), "train.report_to": REPORT_TO, "eval.mode": tuple(sorted(TEMPLATES)),
+    "loss.normalization": LOSS_NORMALIZATIONS,
 }
 NOT_EMPTY = ("model.path", "data.train", "train.output_dir", "train.resume")  # (eval.output_dir "": derived)
 

@@ -54,26 +54,35 @@ def teacher_forced(processor, samples: list[Sample], texts: list[tuple[str, ...]
     return assemble(ctx, conversations, trajectories, skipped)
 
 
+def chat_images(sample: Sample, first=None) -> list:
+    """Every image of a chat record, decoded, in order (``first``: its first, already decoded).
+    Raises ``BadImageError`` naming the record and the file."""
+    paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
+    return [first if first is not None else sample.load_image()] + [load_image(p, sample.id) for p in paths[1:]]
+
+
 def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels: int,
-                images: list | None = None) -> Rollout:
+                images: list | None = None, reserve: Sample | None = None) -> Rollout:
     """SFT on ``chat`` records (``Sample.messages``): each conversation encoded piece by piece
     as a rollout is, the text between assistant messages (system, user blocks, their images)
     untrained, each assistant message and its closing ``<|im_end|>`` trained; the same
     `assemble` builds the loss mask. ``images[i]``, when given, is sample i's first image
-    decoded; a sample with an unreadable image is skipped and listed."""
+    decoded. A sample with an unreadable image is listed as skipped and replaced by
+    ``reserve`` (a record whose images decode), so the batch keeps its size; without a
+    reserve it is left out."""
     ctx = Context(processor, get_template("mgpo"), RolloutConfig(group_size=1), special_ids(processor),
                    greedy=True, record_logprobs=False, min_pixels=min_pixels, max_pixels=max_pixels,
                    synced_gpus=False)
     tok, im_end = processor.tokenizer, ctx.ids["<|im_end|>"]
     trajectories, conversations, skipped = [], [], []
     for k, sample in enumerate(samples):
-        paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
         try:
-            loaded = [images[k] if images is not None else sample.load_image()]
-            loaded += [load_image(path, sample.id) for path in paths[1:]]
+            loaded = chat_images(sample, images[k] if images is not None else None)
         except BadImageError as e:
             skipped.append((sample.id, str(e)))
-            continue
+            if reserve is None:
+                continue
+            sample, loaded = reserve, chat_images(reserve)
         pieces, shown, targets = [], [], []
         for text, target in chat_pieces(processor, sample.messages):
             if target:

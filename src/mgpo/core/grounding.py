@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 PATCH = 14  # ViT patch side in pixels
 FACTOR = 28  # patch side x spatial merge: resized sides are multiples of this
+MAX_ASPECT = 200  # smart_resize refuses a long/short side ratio above this
 
 RESAMPLE = {
     "nearest": Image.NEAREST,
@@ -54,12 +55,15 @@ _FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _MAX_CANDIDATES = 64  # bound the work on adversarial text
 
 
-def _as_box(obj) -> Box | None:
-    """A Box from the shapes models write: {"bbox_2d": [...]}, [{...}], [x1, y1, x2, y2]."""
+def _as_box(obj) -> tuple[Box, bool] | None:
+    """A Box from the shapes models write ({"bbox_2d": [...]}, [{...}], [x1, y1, x2, y2]), and
+    whether it came from a ``bbox_2d`` item (Qwen's native form). In a list of detections the
+    first ``bbox_2d`` item wins, as in the paper's reference code; then the first other box."""
     if isinstance(obj, dict):
         for key in ("bbox_2d", "bbox", "box"):
             if key in obj:
-                return _as_box(obj[key])
+                found = _as_box(obj[key])
+                return (found[0], key == "bbox_2d") if found else None
         return None
     if isinstance(obj, list):
         if len(obj) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj):
@@ -67,42 +71,51 @@ def _as_box(obj) -> Box | None:
                 coords = [float(v) for v in obj]
             except OverflowError:
                 return None
-            return Box(*coords) if all(math.isfinite(v) for v in coords) else None
-        for item in obj:  # a list of detections: the first that holds a box
-            if isinstance(item, (dict, list)):
-                box = _as_box(item)
-                if box is not None:
-                    return box
+            return (Box(*coords), False) if all(math.isfinite(v) for v in coords) else None
+        found = [f for item in obj if isinstance(item, (dict, list)) and (f := _as_box(item)) is not None]
+        return next((f for f in found if f[1]), found[0] if found else None)
     return None
 
 
 def find_box(text: str) -> tuple[Box, int] | None:
-    """The first box in ``text`` and the offset just past the block that holds it.
+    """The box of a response and the offset just past the block that holds it.
 
-    The fenced ```json block (Qwen's native grounding output) wins; otherwise the first
-    bare JSON value that holds a box.
+    Candidates are the fenced blocks (```json ... ```) and then the bare JSON values, in
+    order of appearance; the first of the best kind wins: a fenced ``bbox_2d`` item (Qwen's
+    native grounding output), any other fenced box, a bare ``bbox_2d`` item (a fence the model
+    never closed), any other bare box. So a list of four numbers written earlier in the
+    reasoning ("[1, 2, 3, 4]") never displaces the grounding block.
     """
+    best = None  # (rank, box, end); lower rank is better
     try:
-        for m in _FENCED.finditer(text):
-            try:
-                box = _as_box(json.loads(m.group(1)))
-            except (ValueError, RecursionError):
-                continue
-            if box is not None:
-                return box, m.end()
-        decoder = json.JSONDecoder()
-        starts = [m.start() for m in re.finditer(r"[\[{]", text)][:_MAX_CANDIDATES]
-        for start in starts:
-            try:
-                obj, end = decoder.raw_decode(text, start)
-            except (ValueError, RecursionError):
-                continue
-            box = _as_box(obj)
-            if box is not None:
-                return box, end
+        for rank, box, end in _candidates(text):
+            if best is None or rank < best[0]:
+                best = (rank, box, end)
+            if rank in (0, 2):  # nothing later can beat it (the fenced candidates come first)
+                break
     except Exception:  # parse_box must never raise on model output
         return None
-    return None
+    return (best[1], best[2]) if best else None
+
+
+def _candidates(text: str):
+    """(rank, box, end offset) of every JSON value in ``text`` that holds a box, fenced first."""
+    for m in _FENCED.finditer(text):
+        try:
+            found = _as_box(json.loads(m.group(1)))
+        except (ValueError, RecursionError):
+            continue
+        if found is not None:
+            yield (0 if found[1] else 1), found[0], m.end()
+    decoder = json.JSONDecoder()
+    for start in [m.start() for m in re.finditer(r"[\[{]", text)][:_MAX_CANDIDATES]:
+        try:
+            obj, end = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            continue
+        found = _as_box(obj)
+        if found is not None:
+            yield (2 if found[1] else 3), found[0], end
 
 
 def parse_box(text: str) -> Box | None:
@@ -238,7 +251,10 @@ def fit_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resample
     Uses Qwen's own ``smart_resize`` rule, so the processor leaves the result as it is;
     small crops are enlarged, which is the point of the method.
     """
-    h, w = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # a sliver of a sliver-shaped original: Qwen's rule refuses it
+        w, h = max(w, math.ceil(h / MAX_ASPECT)), max(h, math.ceil(w / MAX_ASPECT))
+    h, w = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
     if (w, h) == image.size:
         return image
     return image.resize((w, h), RESAMPLE[resample])

@@ -3,10 +3,23 @@
 Shapes: N trajectories, T tokens. ``logp_NT[:, t]`` is the log-prob of token ``t`` given
 the tokens before it; positions outside ``mask_NT`` hold 0 and never matter.
 
-Normalization has one owner: every term is a sum over the masked tokens divided by
-``denom``, the number of masked tokens of the whole optimizer step (over micro-batches
-and ranks). A micro-batch's loss and statistics are then its exact share of the step's
-token mean, and the step's figures are their sums.
+Normalization has one owner: every term is a weighted sum over the masked tokens divided
+by ``denom``, the sum of the weights over the whole optimizer step (every micro-batch on
+every rank); ``loss_weights`` gives the weights. A micro-batch's loss and statistics are
+then its exact share of the step's mean, and the step's figures are their sums.
+
+- ``loss.normalization: token`` (the default): one token mean over every masked token of
+  the step, across micro-batches and ranks: DAPO's token-level loss (Yu et al. 2025), TRL's
+  ``loss_type="dapo"``. Not GRPO's per-sequence mean (a long answer's tokens count as much
+  as a short one's), nor a mean per micro-batch (which would weight a token by how many
+  others share its micro-batch).
+- ``loss.normalization: sequence``: GRPO's per-sequence mean (Shao et al. 2024): each
+  trajectory's token mean, then the mean over the step's trajectories.
+
+The KL term is the per-token k3 estimate, whose value estimates KL(pi || ref) on the
+sampled tokens; its gradient (samples held fixed) is ``(1 - ref/pi) * grad log pi``, whose
+expectation under pi is the gradient of KL(ref || pi): the penalty pulls the policy
+towards covering what the reference would say.
 """
 
 from __future__ import annotations
@@ -25,6 +38,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, denom: float | torch.Tensor
     """
     total = (x * mask).sum()
     return total / (mask.sum().clamp_min(1) if denom is None else denom)
+
+
+def loss_weights(mask_NT: torch.Tensor, normalization: str = "token") -> torch.Tensor:
+    """Each token's weight in the step's loss; the step's ``denom`` is their sum over the step.
+
+    "token": 1 per masked token (the sum is the step's token count). "sequence": 1 / (its
+    trajectory's masked tokens), so each trajectory's mean counts once (the sum is the
+    number of trajectories with a masked token).
+
+    >>> loss_weights(torch.tensor([[1., 1., 0.], [1., 0., 0.]]), "sequence")
+    tensor([[0.5000, 0.5000, 0.0000],
+            [1.0000, 0.0000, 0.0000]])
+    """
+    if normalization == "token":
+        return mask_NT
+    if normalization == "sequence":
+        return mask_NT / mask_NT.sum(dim=1, keepdim=True).clamp_min(1)
+    raise ValueError(f"loss.normalization must be 'token' or 'sequence', got {normalization!r}")
 
 
 def clipped_policy_loss(logp_NT, old_logp_NT, adv_N, mask_NT, clip_eps: float = 0.2, denom=None):
@@ -59,9 +90,9 @@ def policy_loss(logp_NT, old_logp_NT, adv_N, mask_NT, cfg, *, ref_logp_NT=None, 
                 denom=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The full objective: clipped policy loss + kl_coef * KL - entropy_coef * entropy.
 
-    One mask serves all three terms. ``cfg`` is a ``LossConfig``. With ``denom`` the
-    step's masked-token count, the returned statistics add up over micro-batches to the
-    step's figures.
+    One mask serves all three terms: the loss mask, or the ``loss_weights`` made from it.
+    ``cfg`` is a ``LossConfig``. With ``denom`` the sum of the weights over the step, the
+    returned statistics add up over micro-batches to the step's figures.
     """
     pg, clip_frac = clipped_policy_loss(logp_NT, old_logp_NT, adv_N, mask_NT, cfg.clip_eps, denom)
     loss = pg
@@ -80,6 +111,6 @@ def policy_loss(logp_NT, old_logp_NT, adv_N, mask_NT, cfg, *, ref_logp_NT=None, 
 
 def sft_loss(logp_NT, mask_NT, denom=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Supervised fine-tuning: negative log-likelihood of the masked (assistant) tokens,
-    token mean over the step like the policy loss."""
+    normalized over the step like the policy loss."""
     nll = masked_mean(-logp_NT, mask_NT, denom)
     return nll, {"loss": nll.item(), "nll": nll.item()}

@@ -13,9 +13,11 @@ import torch
 
 _BOXED = "\\boxed{"
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-# A letter alone, in parentheses, or followed by ". ) :" ("C", "(C) red", "C. red", "C: red");
-# a letter followed by a space and a word ("a red") is text, not a letter.
-_LETTER = re.compile(r"^(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))")
+# A letter alone, in parentheses, or followed by ". ) :" ("C", "(C) red", "C. red", "C: red"),
+# optionally after a label word ("Option C", "Answer: C"); a letter followed by a space and a
+# word ("a red", "B or C") is text, not a letter.
+_LETTER = re.compile(r"^(?:(?i:option|answer|choice)\s*(?::\s*|\s+))?"
+                     r"(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -39,6 +41,8 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
 
     >>> [extract_answer(t) for t in ["\\\\boxed{C}", "\\\\boxed{(C)}", "\\\\boxed{C. red}", "\\\\boxed{\\\\text{C}}"]]
     ['C', 'C', 'C', 'C']
+    >>> extract_answer("\\\\boxed{Option B}"), extract_answer("\\\\boxed{B or C}")
+    ('B', None)
     >>> extract_answer("first \\\\boxed{A}, finally \\\\boxed{B}")
     'B'
     >>> extract_answer("\\\\boxed{red}", options=["blue", "red"])
@@ -66,17 +70,20 @@ def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None
 
 
 _BARE = re.compile(r"^\s*\(?([A-Z])\)?(?:[.:)]|\s|$)")
+# Two letters joined ("B or C", "(B) and (C)", "B/C"): naming two options is no answer.
+_TWO = re.compile(r"^\s*\(?[A-Z]\)?[.:)]?\s*(?:(?i:or|and)\b|[&/,])\s*\(?[A-Z]\)?(?:[.:)]|\s|$)")
 
 
 def bare_letter(text: str) -> str | None:
     """A reply that is just an option letter ("B", "(B)", "B.", "B. red"), as the direct
     prompt asks for. Upper-case only, so an article ("a red ...") is never read as A.
 
-    >>> [bare_letter(t) for t in ["B", " (B)", "B. red", "a red one", "Because"]]
-    ['B', 'B', 'B', None, None]
+    >>> [bare_letter(t) for t in ["B", " (B)", "B. red", "a red one", "Because", "B or C"]]
+    ['B', 'B', 'B', None, None, None]
     """
-    m = _BARE.match(text if isinstance(text, str) else "")
-    return m.group(1) if m else None
+    text = text if isinstance(text, str) else ""
+    m = _BARE.match(text)
+    return m.group(1) if m and not _TWO.match(text) else None
 
 
 def predicted_letter(t) -> str | None:
@@ -92,7 +99,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     """GRPO advantages: ``(r - group mean) / (group std + eps)``, groups laid out consecutively.
 
     The std is the unbiased one, as in the reference. A group whose rewards are all
-    equal has zero advantage and so contributes no policy gradient.
+    equal has zero advantage and so contributes no policy gradient. That zero is set
+    exactly, not left to the arithmetic: with a reward that is not a binary fraction
+    (0.9 = 1 - a turn cost) the mean of equal values can round one ulp off them, and
+    that ulp over a std of ~1e-8 plus eps would push the whole group by ~0.05. The
+    statistics are computed in float64 for the same reason.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), 4)
     tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
@@ -101,10 +112,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
         raise ValueError(f"group_size must be at least 2 for group-relative advantages, got {group_size}")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    rewards_BG = rewards.float().view(-1, group_size)
+    rewards_BG = rewards.double().view(-1, group_size)
     mean_B1 = rewards_BG.mean(dim=1, keepdim=True)
     std_B1 = rewards_BG.std(dim=1, keepdim=True, unbiased=True)
-    return ((rewards_BG - mean_B1) / (std_B1 + eps)).view(-1)
+    advantages_BG = (rewards_BG - mean_B1) / (std_B1 + eps)
+    all_equal_B1 = rewards_BG.amax(dim=1, keepdim=True) == rewards_BG.amin(dim=1, keepdim=True)
+    return advantages_BG.masked_fill(all_equal_B1, 0.0).float().view(-1)
 
 
 def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from ..config import RolloutConfig
-from ..data.images import MIN_SIDE
 from ..data.samples import Sample
 from .conversation import (
     Context,
@@ -70,7 +69,7 @@ def prompt_tokens(processor, template_name: str, sample: Sample, min_pixels: int
     header size resized by Qwen's rule. Lets training drop over-long prompts at load."""
     text = first_prompt_text(processor, get_template(template_name), sample.question, sample.options)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    h, w = smart_resize(max(sample.height, MIN_SIDE), max(sample.width, MIN_SIDE), FACTOR, min_pixels, max_pixels)
+    h, w = smart_resize(sample.height, sample.width, FACTOR, min_pixels, max_pixels)
     return n_text - 1 + (h // FACTOR) * (w // FACTOR)
 
 

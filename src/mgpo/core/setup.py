@@ -20,10 +20,11 @@ from ..runtime.checkpoint import load_training_state
 from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
 from ..runtime.model import load_model, load_processor
 from ..runtime.run_folder import start_run
-from .forced import chat_tokens
+from .forced import chat_images, chat_tokens
 from .generation import suppressed_ids
 from .policy import PolicyForward
 from .rollout import prompt_tokens
+from .sft import check_sft_targets
 
 log = logging.getLogger("mgpo")
 
@@ -113,7 +114,9 @@ def setup_run(cfg: Config) -> Run:
     # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
-    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, cfg.rollout.temperature, suppress), optimizer)
+    # RL models what generation sampled from; SFT's loss is the plain cross-entropy (T = 1, whole vocabulary)
+    temperature, masked = (1.0, ()) if t.algorithm == "sft" else (cfg.rollout.temperature, suppress)
+    wrapped, optimizer = accelerator.prepare(PolicyForward(policy, temperature, masked), optimizer)
     reference = None
     # with LoRA the base model (adapters off) is the reference; SFT has none
     if cfg.loss.kl_coef > 0 and t.lora_rank == 0 and t.algorithm == "rl":
@@ -147,9 +150,12 @@ def load_training_data(cfg: Config, processor):
     m = cfg.model
     data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
                         max_samples=cfg.data.max_samples)
-    if any(s.messages for s in data) and cfg.train.algorithm != "sft":
+    chat = any(s.messages for s in data)
+    if chat and cfg.train.algorithm != "sft":
         raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
                          "set train.algorithm=sft, or give RL a question file")
+    if cfg.train.algorithm == "sft" and not chat:
+        check_sft_targets(data, cfg.train.sft_templates or (cfg.rollout.template,), cfg.data.train)
 
     def count(s):
         if s.messages:
@@ -194,10 +200,11 @@ def load_policy(cfg: Config, resume_from: Path | None, device):
 
 
 def _decodable_reserve(data):
-    """The first sample whose image decodes (it replaces unreadable images in a batch)."""
+    """The first sample whose images decode (it replaces a record with an unreadable image in a
+    batch; a chat record's every image is checked)."""
     for sample in data:
         try:
-            sample.load_image()
+            chat_images(sample) if sample.messages else sample.load_image()
             return sample
         except BadImageError as e:
             log.warning("not usable as the reserve sample: %s", e)

@@ -5,25 +5,50 @@ checkpoints, logging. A record becomes the conversation the rollout would build 
 model written the target text of each turn (``forced.teacher_forced``), so the loss
 mask is the rollout's own: the assistant tokens of every turn, nothing else.
 
-Targets per template:
+Targets per template, and what each teaches:
+- ``grpo``: one turn, the box block (when the record has a target box) and
+  ``\\boxed{LETTER}``. On records without boxes (the paper's data has none) the target is the
+  answer alone: the paper's SFT baseline, which answers in one turn.
+- ``direct``: the bare letter, one turn: answering without any grounding format.
 - ``mgpo``: turn 1 is a Qwen-style grounding block around the record's target (in input
-  pixels, widened to a valid box); turn 2 is ``\\boxed{LETTER}``. A record without a
-  target box writes no box: turn 2 then sees the original again (the fallback).
-- ``grpo``: the box block (when known) and ``\\boxed{LETTER}`` in one turn.
-- ``direct``: the bare letter.
+  pixels, widened to a valid box), turn 2 ``\\boxed{LETTER}`` after the crop: it teaches
+  the two-turn format, grounding then answering from the crop, and so needs target boxes.
+  A record without one would train an empty turn 1 (just ``<|im_end|>``, then the fallback),
+  teaching the model never to ground: ``check_sft_targets`` refuses data where no record
+  has a box and warns when some lack one.
 - ``mgpo_k`` (K turns): zoom towards the target until it is shown at full resolution or
   K - 1 zooms are used, each box drawn on the latest view (so a second box is nested in the
-  first crop), then ``\\boxed{LETTER}``.
+  first crop), then ``\\boxed{LETTER}``; a record without a box answers in turn 1, which
+  this template allows.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from .grounding import Box, View, pixel_box, view_to_original
 from .prompts import get_template
 
 MIN_TARGET_SIDE = 56  # input pixels: twice the validity threshold, so the crop keeps some context
+
+log = logging.getLogger("mgpo")
+
+
+def check_sft_targets(samples, templates, source) -> None:
+    """Refuse SFT in the two-turn ``mgpo`` template when no record of ``source`` has a target
+    box (every turn 1 would be empty: the model would learn never to ground); warn when some
+    lack one. The other templates take records without boxes."""
+    if "mgpo" not in templates:
+        return
+    missing = sum(not s.target_boxes for s in samples)
+    if missing == len(samples):
+        raise ValueError(f"{source}: no record has a target box, so SFT in the mgpo template would train an "
+                         "empty turn 1 (the model learns never to ground); for the paper's SFT baseline (one "
+                         "turn, the answer only) set train.sft_templates=[grpo] (or [direct])")
+    if missing:
+        log.warning("%s: %d of %d records have no target box: in the mgpo template their SFT turn 1 is empty "
+                    "(it teaches not to ground)", source, missing, len(samples))
 
 
 def input_size(original_size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -11,7 +11,6 @@ optimizer, resume) is in ``setup.py``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from ..data.samples import BadImageError
 from ..runtime import distributed as D
 from ..runtime.checkpoint import save_checkpoint
 from .forced import chat_forced, teacher_forced
-from .loss import policy_loss, sft_loss
+from .loss import loss_weights, policy_loss, sft_loss
 from .metrics import rollout_metrics
 from .policy import rollout_logprobs
 from .reward import group_advantages, score
@@ -66,6 +65,7 @@ def train(cfg: Config) -> TrainResult:
         # ---- experience: rollout, rewards, advantages, old/reference log-probs (RL), or the
         #      target conversations (SFT)
         exp = _sft_experience(run, prompts, images) if t.algorithm == "sft" else _rl_experience(run, prompts, images)
+        bad = bad + exp.batch.skipped  # replaced while encoding (a chat record's later image)
 
         # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
@@ -142,8 +142,9 @@ def _rl_experience(run: Run, prompts, images) -> Experience:
         width, dev = logp.shape[1], logp.device
         old = old_logp[part, :width].to(dev) if old_logp is not None else logp.detach()  # one step: ratio 1
         ref = ref_logp[part, :width].to(dev) if ref_logp is not None else None
-        return policy_loss(logp, old, adv[part].to(dev), batch.loss_mask[part, :width].to(dev), cfg.loss,
-                           ref_logp_NT=ref, entropy_NT=entropy, denom=denom)
+        weights = loss_weights(batch.loss_mask[part], cfg.loss.normalization)[:, :width].to(dev)
+        return policy_loss(logp, old, adv[part].to(dev), weights, cfg.loss, ref_logp_NT=ref, entropy_NT=entropy,
+                           denom=denom)
     return Experience(batch, cfg.rollout.group_size, micro_loss, rewards, timings)
 
 
@@ -168,7 +169,7 @@ def _sft_experience(run: Run, prompts, images) -> Experience:
     t0 = time.perf_counter()
     if prompts[0].messages:  # chat records: their own assistant messages are the targets
         batch = chat_forced(run.processor, prompts, min_pixels=cfg.model.min_pixels,
-                            max_pixels=cfg.model.max_pixels, images=images)
+                            max_pixels=cfg.model.max_pixels, images=images, reserve=run.reserve)
     else:
         templates = cfg.train.sft_templates or (cfg.rollout.template,)
         turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
@@ -180,7 +181,8 @@ def _sft_experience(run: Run, prompts, images) -> Experience:
                                max_pixels=cfg.model.max_pixels, images=images)
 
     def micro_loss(logp, entropy, part, denom):
-        return sft_loss(logp, batch.loss_mask[part, : logp.shape[1]].to(logp.device), denom)
+        weights = loss_weights(batch.loss_mask[part], cfg.loss.normalization)[:, : logp.shape[1]]
+        return sft_loss(logp, weights.to(logp.device), denom)
     return Experience(batch, 1, micro_loss, None, {"time/rollout_s": time.perf_counter() - t0})
 
 
@@ -195,13 +197,18 @@ def _step_slices(groups: int, group_size: int, steps_per_rollout: int, ppo_epoch
 def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, float]:
     """One optimizer step over whole groups; returns the step's figures.
 
-    The loss is a token mean over every masked token of the step, on all ranks: each
-    micro-batch contributes (its sum) / (the step's token count / ranks), so after DDP
-    averages the ranks' gradients the step's gradient is that of the global token mean,
-    and each logged figure is the sum of the micro-batches' shares, averaged over ranks.
+    The loss is one mean over the whole step, on all ranks: with the default
+    ``loss.normalization: token``, the mean over every masked token of every micro-batch on
+    every rank (DAPO's token-level loss, TRL's "dapo"), not GRPO's per-sequence mean nor a
+    mean per micro-batch; with ``sequence``, the mean over the step's trajectories of each
+    one's token mean. Each micro-batch contributes (its weighted sum) / (the step's sum of
+    weights / ranks), so after DDP averages the ranks' gradients the step's gradient is that
+    of the global mean, and each logged figure is the sum of the micro-batches' shares,
+    averaged over ranks. The KL term's gradient is that of KL(ref || policy) (see ``loss``).
     """
     cfg, acc, wrapped = run.cfg, run.accelerator, run.wrapped
-    denom = D.all_reduce_sum(exp.batch.loss_mask[index].sum()) / D.world_size()
+    weights = loss_weights(exp.batch.loss_mask[index], cfg.loss.normalization)
+    denom = D.all_reduce_sum(weights.sum()) / D.world_size()
     micro = _micro_batches(index, cfg.train.micro_batch_size)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     totals, finite, grad_norm = {}, True, float("nan")
@@ -213,14 +220,12 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
                                     **mb.model_inputs(acc.device))
             loss, stats = exp.micro_loss(logp, entropy, part, denom.to(logp.device))
             finite = finite and _all_finite(loss, acc)
-            if not finite:
-                loss = _zero_loss(logp, acc)
             last = k == len(micro) - 1
+            if not finite:
+                loss = _skip_loss(logp) if last and D.is_deepspeed(acc) else _zero_loss(logp)
             # accelerate (or DeepSpeed) divides each micro-batch loss by grad_accum; ours already
             # is this micro-batch's share of the step's token mean, so undo that division.
-            skip_inside = last and not finite and D.is_deepspeed(acc)
-            with _no_update(run.optimizer) if skip_inside else contextlib.nullcontext():
-                acc.backward(loss * run.plan.grad_accum)
+            acc.backward(loss * run.plan.grad_accum)
             if last:
                 if acc.sync_gradients:
                     grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.train.grad_clip))
@@ -245,34 +250,21 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     return accelerator.reduce(bad, reduction="sum").item() == 0 if D.world_size() > 1 else bad.item() == 0
 
 
-def _zero_loss(logp: torch.Tensor, accelerator) -> torch.Tensor:
+def _zero_loss(logp: torch.Tensor) -> torch.Tensor:
     """An exact-zero loss through this micro-batch's own graph: every rank still runs the
     same backward collectives (DDP's reducer, ZeRO-3's reduce-scatter), and no weight moves.
-
-    When the log-probs themselves are not finite, the forward went wrong inside the
-    network and even a zero loss back-propagates NaN. The plain path drops those gradients
-    (it skips the optimizer step); DeepSpeed steps inside ``backward`` and cannot, so we stop.
-    """
-    if D.is_deepspeed(accelerator) and not _all_finite(logp.detach().sum(), accelerator):
-        raise RuntimeError("non-finite log-probs under DeepSpeed: its engine steps inside backward and cannot "
-                           "skip this step, so training stops here rather than drift (resume from the last "
-                           "checkpoint with a lower train.lr, or check the data)")
+    (When the log-probs themselves are not finite, even a zero loss back-propagates NaN: the
+    step is skipped all the same.)"""
     return (torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
 
 
-@contextlib.contextmanager
-def _no_update(optimizer):
-    """Under DeepSpeed the engine steps inside ``backward``, so a non-finite step cannot be
-    skipped: a learning rate of 0 for that one step makes it move no weight (AdamW's update
-    and its weight decay both scale with the rate). The schedule's rates come back after."""
-    saved = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    try:
-        yield
-    finally:
-        for g, lr in zip(optimizer.param_groups, saved):
-            g["lr"] = lr
+def _skip_loss(logp: torch.Tensor) -> torch.Tensor:
+    """The last micro-batch's loss of a non-finite step under DeepSpeed, whose engine steps
+    inside ``backward`` and so cannot be skipped from outside: a loss whose gradient is NaN
+    wherever it reaches. The engine's own check then finds a non-finite gradient norm
+    (all-reduced, so every rank agrees), skips the optimizer step as it does an fp16 overflow,
+    and clears the gradients: no weight, AdamW step count or moment moves, as on the plain path."""
+    return _zero_loss(logp) * float("nan")
 
 
 def _count_bad_step(run: Run, finite: bool) -> None:

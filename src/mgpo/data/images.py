@@ -17,8 +17,7 @@ from PIL import Image, ImageOps
 
 from .tables import read_embedded
 
-MAX_ASPECT = 200.0  # Qwen's smart_resize refuses a long/short ratio above this
-MIN_SIDE = 28  # one 28-px merge block: smaller sides are enlarged before the processor
+MAX_ASPECT = 200.0  # Qwen's smart_resize refuses a long/short ratio above this (200 itself is fine)
 HEADER_B64_CHARS = 1 << 16  # base64 decoded to read an embedded image's header (48 KiB of bytes)
 
 
@@ -85,7 +84,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(source: str, sample_id: str = "?") -> Image.Image:
-    """Decode an image fully: EXIF orientation applied, RGB, short side at least 28 px."""
+    """Decode an image fully: EXIF orientation applied, RGB, at its own size.
+
+    An image with a side under 28 px is left as it is: the processor's ``smart_resize`` (Qwen's
+    rule) enlarges it into the pixel budget, and ``prompt_tokens`` predicts that same size."""
     img = _open(source, sample_id)
     try:
         img.load()
@@ -96,13 +98,9 @@ def load_image(source: str, sample_id: str = "?") -> Image.Image:
     except Exception as e:
         raise BadImageError(f"{sample_id}: cannot decode image {source[:80]} ({e})") from e
     w, h = img.size
-    if max(w, h) / max(1, min(w, h)) >= MAX_ASPECT:
-        raise BadImageError(f"{sample_id}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is beyond "
+    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+        raise BadImageError(f"{sample_id}: aspect ratio {max(w, h) / min(w, h):.1f}:1 is beyond "
                             f"Qwen's {MAX_ASPECT:.0f}:1 limit ({w}x{h})")
-    if min(w, h) < MIN_SIDE:
-        # Enlarge (keeping the aspect ratio) so the processor gets at least one merge block.
-        s = MIN_SIDE / min(w, h)
-        img = img.resize((max(MIN_SIDE, round(w * s)), max(MIN_SIDE, round(h * s))), Image.BICUBIC)
     return img
 
 

@@ -130,8 +130,8 @@ def _sample(raw: Raw, rid: str, name: str, check_images: bool) -> Sample:
             width, height = image_size(fields["image"], rid)
         except BadImageError as e:
             raise ValueError(str(e).split(": ", 1)[-1]) from e
-    if width and max(width, height) / max(1, min(width, height)) >= MAX_ASPECT:
-        raise ValueError(f"aspect ratio {max(width, height) / max(1, min(width, height)):.0f}:1 beyond Qwen's 200:1")
+    if width and max(width, height) / max(1, min(width, height)) > MAX_ASPECT:
+        raise ValueError(f"aspect ratio {max(width, height) / max(1, min(width, height)):.1f}:1 beyond Qwen's 200:1")
     return Sample(id=rid, dataset=name, width=width, height=height, **fields)
 
 

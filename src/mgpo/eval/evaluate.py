@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config, save_config
-from ..core.forced import teacher_forced
-from ..core.grounding import Box
+from ..core.grounding import Box, crop_original, fit_to_budget
 from ..core.prompts import get_template
 from ..core.reward import predicted_letter
 from ..core.rollout import rollout
@@ -265,23 +264,30 @@ def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict
 CROPS_FILE = "crop_answerable.json"
 
 
-def _turn1_box(record: dict) -> list[int] | None:
-    """A prediction's first box in input pixels, when it was valid (K-turn: its first turn's)."""
+def _turn1_box(record: dict) -> list[float] | None:
+    """A prediction's first box in original pixels, when it was valid (K-turn: its first turn's)."""
     first = record["turns"][0] if record.get("turns") else record
-    return first.get("box_input") if first.get("valid") else None
+    return first.get("box_original") if first.get("valid") else None
+
+
+def judge_crop(sample, box_original, cfg: Config):
+    """The crop the evaluated model was shown after its turn-1 box: the original's region under
+    the box, enlarged into the evaluation's pixel budget as the rollout does."""
+    crop = crop_original(sample.load_image(), Box(*box_original))
+    return fit_to_budget(crop, cfg.model.min_pixels, cfg.model.max_pixels, cfg.rollout.crop_resample)
 
 
 def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> dict:
-    """The paper's Table 3 for one evaluation: the share of its questions whose turn-1 box,
-    given to ``judge`` (a model folder; in the paper, the base model) as the judge's own
-    turn 1 of the MGPO template, leads the judge to the right answer from that crop.
+    """The paper's Table 3 for one evaluation: the share of its questions whose turn-1 crop
+    alone lets ``judge`` (a model folder; in the paper, the base model) answer right.
 
-    A question without a valid box counts as not answerable (there is no crop to read).
-    The judge runs at the evaluation's pixel budget, greedy, on its first sample of each
-    question. Writes ``crop_answerable.json`` beside the evaluation's report."""
+    The judge gets one turn: the crop (``judge_crop``), the question and its options, asking
+    for the option letter (the ``direct`` template), greedy. It never sees the original image,
+    so its answer says what the crop holds, not what the judge can read from the full image.
+    A question without a valid box counts as not answerable (there is no crop). The judge
+    runs at the evaluation's pixel budget on its first sample of each question. Writes
+    ``crop_answerable.json`` beside the evaluation's report."""
     from tqdm import tqdm
-
-    from ..core.sft import grounding_block
 
     out = Path(eval_dir)
     cfg = load_config(out / "config.yaml")
@@ -295,18 +301,20 @@ def crop_answerable(eval_dir: str | Path, judge: str, batch_size: int = 16) -> d
     boxed = [(samples[k], box) for k, r in firsts.items() if k in samples and (box := _turn1_box(r))]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     processor, model = load_processor(judged), load_model(judged, device)
-    rcfg = replace(cfg.rollout, template="mgpo")
+    one_turn = replace(cfg.rollout, template="direct", group_size=1)
     right = 0
     for lo in tqdm(range(0, len(boxed), batch_size), desc="judging crops"):
-        chunk = boxed[lo: lo + batch_size]
-        texts = [(grounding_block(Box(*box), s.category.replace("_", " ")),) for s, box in chunk]
-        try:
-            batch = teacher_forced(processor, [s for s, _ in chunk], texts, rcfg, min_pixels=cfg.model.min_pixels,
-                                   max_pixels=cfg.model.max_pixels, model=model)
-        except BadImageError as err:
-            log.warning("crop_answerable: a batch was skipped: %s", err)
-            continue
-        right += sum(t.valid and predicted_letter(t) == t.answer for t in batch.trajectories)
+        kept, crops = [], []
+        for s, box in boxed[lo: lo + batch_size]:
+            try:
+                crops.append(judge_crop(s, box, cfg))
+                kept.append(s)
+            except BadImageError as err:
+                log.warning("crop_answerable: skipped: %s", err)
+        if kept:
+            batch = rollout(model, processor, kept, one_turn, min_pixels=cfg.model.min_pixels,
+                            max_pixels=cfg.model.max_pixels, greedy=True, images=crops)
+            right += sum(predicted_letter(t) == t.answer for t in batch.trajectories)
     result = {"evaluation": str(out), "judge": judge, "questions": len(firsts), "valid_boxes": len(boxed),
               "answerable": right, "share": 100.0 * right / len(firsts),
               "share_of_valid_boxes": 100.0 * right / len(boxed) if boxed else None}

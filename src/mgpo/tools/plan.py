@@ -214,7 +214,10 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
         trainable = p.total - frozen
         how = f"/ {shard} ranks (ZeRO-3)" if zero3 else "(not sharded)"
         states = add(f"bf16 params {how}", BF16 * p.total / shard, "published config, counted")
-        states += add(f"bf16 grads {how}", BF16 * trainable / shard, "trainable params (vision frozen)"
+        # configs/deepspeed/zero3.json accumulates micro-batch gradients in fp32 (grad_accum_dtype), so
+        # DeepSpeed's flat gradient-partition buffer is fp32: 4 bytes per trainable parameter / ranks (2 in bf16).
+        grad_bytes, grad_what = (FP32, "fp32 accumulated grads") if zero3 else (BF16, "bf16 grads")
+        states += add(f"{grad_what} {how}", grad_bytes * trainable / shard, "trainable params (vision frozen)"
                       if t.freeze_vision else "every param")
         states += add(f"fp32 master weights + Adam m, v {how}", 3 * FP32 * trainable / shard, "AdamW, mixed precision")
         step = add("fp32 gradient of one optimizer sub-group (at the step)",
