@@ -157,9 +157,9 @@ def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
     about = (f"Greedy test figures, {base.get('n_test', 64)} questions; each method's last checkpoint, mean over "
              f"seeds {seeds} with each seed in brackets.")
     if table3:
-        about += (" The last column is the paper's Table 3: the share of questions whose turn-1 box, given to the "
-                  "base model as its own turn 1, lets it answer right (`eval.py crops`; no valid box counts as not "
-                  "answerable).")
+        about += (" The last column is the paper's Table 3: the share of questions the base model answers right "
+                  "from the crop under their turn-1 box alone, in one turn (`eval.py crops`; no valid box counts "
+                  "as not answerable).")
     return about + "\n\n" + "\n".join(lines)
 
 
