@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from ..config import RolloutConfig
-from ..data.images import MIN_SIDE, image_size, load_image
+from ..data.images import image_size, load_image
 from ..data.samples import BadImageError, Sample
 from .conversation import Context, Conversation, Piece, assemble, encode_prompts
 from .generation import special_ids
@@ -117,6 +117,6 @@ def chat_tokens(processor, sample: Sample, *, min_pixels: int, max_pixels: int) 
     sizes = [(sample.width, sample.height)] + [image_size(path, sample.id) for path in paths[1:]]
     n_image = 0
     for w, h in sizes:
-        rh, rw = smart_resize(max(h, MIN_SIDE), max(w, MIN_SIDE), FACTOR, min_pixels, max_pixels)
+        rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)  # as the processor resizes it
         n_image += (rh // FACTOR) * (rw // FACTOR) - 1  # (the placeholder token is in n_text)
     return n_text + n_image
