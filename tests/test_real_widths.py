@@ -59,13 +59,13 @@ class RowScriptedModel(ScriptedModel):
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     from mgpo.runtime.model import load_model, load_processor
-    from mgpo.tools.synth import _background
+    from mgpo.tools.synth import background
     from mgpo.tools.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("real3b")
     ckpt = build_tiny_checkpoint(root / "qwen2.5-vl-3b-2l", seed=0, arch="qwen2.5-vl-3b", layers=2,
                                  vision_depth=2)
-    image = _background(random.Random(0), (3200, 4000))  # 4:5, exactly 1,280 tokens at max_pixels
+    image = background(random.Random(0), (3200, 4000))  # 4:5, exactly 1,280 tokens at max_pixels
     image.save(root / "big.jpg", quality=90)
     samples = [Sample(id=f"s{i}", image=str(root / "big.jpg"), question="What colour is the small square?",
                       options=("red", "green", "blue", "white"), answer="A") for i in range(2)]
