@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgpo.data.images import BadImageError, load_image
+from mgpo.data.images import BadImageError, image_size, load_image
 from mgpo.data.records import normalize_letter
 from mgpo.data.samples import load_samples
 
@@ -342,6 +342,20 @@ def test_truncated_image_fails_at_decode_with_its_id(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(raw.getvalue()[:600])  # header intact, data cut
     with pytest.raises(BadImageError, match="rec-9"):
         load_image(str(tmp_path / "cut.jpg"), "rec-9")
+
+
+def test_a_png_size_is_read_from_its_header_without_decoding_the_pixels(tmp_path):
+    raw = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(raw, "PNG")
+    (tmp_path / "cut.png").write_bytes(raw.getvalue()[:2000])  # header intact, pixel data cut
+    assert image_size(str(tmp_path / "cut.png"), "rec-3") == (500, 300)
+    with pytest.raises(BadImageError, match="rec-3"):  # the decode itself still fails, with the id
+        load_image(str(tmp_path / "cut.png"), "rec-3")
+    rotated = Image.new("RGB", (60, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "r.png", exif=exif)  # PIL writes the eXIf chunk ahead of the pixels
+    assert image_size(str(tmp_path / "r.png"), "r") == (30, 60) == load_image(str(tmp_path / "r.png")).size
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "RGBA", "LA", "L", "1"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ScriptedModel
+from test_train import launch
 
 import mgpo.eval.evaluate as ev
 from mgpo.config import load_config
@@ -192,14 +193,13 @@ def test_killed_evaluation_resumes_to_the_same_metrics(tiny_dir, synth_dir, tmp_
 def test_two_rank_sharded_evaluation_equals_one_process(tiny_dir, synth_dir, tmp_path):
     import os
 
-    def cmd(out, launch):
+    def cmd(out, two_ranks):
         args = [str(ROOT / "eval.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"), f"model.path={tiny_dir}",
                 f"eval.output_dir={out}", f"eval.datasets=[{synth_dir / 'train.jsonl'}]", "eval.batch_size=2",
                 "rollout.max_new_tokens_turn1=16", "rollout.max_new_tokens_turn2=8"]
-        if not launch:
+        if not two_ranks:
             return [sys.executable, *args]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), *args]
+        return [*launch("configs/accelerate/cpu_ddp_2proc.yaml"), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd(tmp_path / "one", False), cwd=ROOT, check=True, capture_output=True, timeout=600)
     subprocess.run(cmd(tmp_path / "two", True), cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)

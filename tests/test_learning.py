@@ -4,7 +4,7 @@ negated) does not.
 
 The base model is built once (``python -m mgpo.tools.base``, as ``make base`` does: the colours
 task, greedy test accuracy 60.9%, about 0.35-0.43 mean reward when sampled at T = 1) and each
-run goes through tests/train_worker.py with configs/tiny_demo.yaml at ``train.lr=5e-4``, 30
+run goes through tests/train_worker.py with configs/tiny_colours.yaml at ``train.lr=5e-4``, 30
 optimizer steps of 4 prompts x 8 samples.
 
 Statistic: the mean training reward over the last 10 of the 30 steps (320 trajectories), which
@@ -15,7 +15,7 @@ stand in for another machine) seed 0's run collapses after step 22 (turn 1 runs 
 limit, the box and then the reward vanish: rise -0.38 and -0.21, against +0.26 on this machine's
 AVX-512 kernels). At lr 5e-4 the same seed learns at every kernel level (0.603 / 0.609 / 0.609).
 
-Measured (``python tests/train_worker.py OUT --config configs/tiny_demo.yaml model.path=BASE/model
+Measured (``python tests/train_worker.py OUT --config configs/tiny_colours.yaml model.path=BASE/model
 data.train=BASE/data/train.jsonl train.max_steps=30 train.log_every=1 train.lr=5e-4
 train.seed=S [--negate-advantages | --shuffle-advantages]``, OMP_NUM_THREADS=1 unless noted),
 mean reward of the last 10 steps:
@@ -58,7 +58,7 @@ def base(tmp_path_factory):
 def late_reward(tmp_path, base, name, *flags, seed=0) -> float:
     """Mean training reward over the last WINDOW steps of a STEPS-step run."""
     out = tmp_path / name
-    cmd = [sys.executable, str(WORKER), str(tmp_path / f"rec-{name}.json"), "--config", "configs/tiny_demo.yaml",
+    cmd = [sys.executable, str(WORKER), str(tmp_path / f"rec-{name}.json"), "--config", "configs/tiny_colours.yaml",
            *flags, f"model.path={base / 'model'}", f"data.train={base / 'data' / 'train.jsonl'}",
            f"train.output_dir={out}", f"train.max_steps={STEPS}", f"train.seed={seed}", f"train.lr={LR}",
            "train.save_every=1000", "train.log_every=1"]

@@ -7,6 +7,7 @@ tests/train_worker.py, which records per-rank parameter checksums.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,16 @@ WORKER = ROOT / "tests" / "train_worker.py"
 pytestmark = pytest.mark.slow
 
 
+def launch(config: str) -> list[str]:
+    """`accelerate launch` with ``config`` on a free port, so that two multi-process tests
+    running at once (pytest -n 2) do not both take the default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config),
+            "--main_process_port", str(port)]
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     return {**env, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
@@ -35,8 +46,7 @@ def _common(tiny_dir, synth_dir, out, *extra):
 
 def run_worker(tmp, tiny_dir, synth_dir, out, *overrides, launcher=None, flags=(), env=None, timeout=600):
     record = tmp / f"record-{out.name}.json"
-    cmd = [sys.executable, str(WORKER)] if launcher is None else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / launcher), str(WORKER)]
+    cmd = [sys.executable, str(WORKER)] if launcher is None else [*launch(launcher), str(WORKER)]
     cmd += [str(record), *flags, *_common(tiny_dir, synth_dir, out, *overrides)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -213,8 +223,7 @@ def test_logged_step_figures_are_the_global_token_mean(tmp_path, tiny_dir, synth
 
 def test_cpu_launch_without_cpu_flag_fails_loudly(tmp_path, tiny_dir, synth_dir):
     """Without ACCELERATE_USE_CPU the launcher's ranks would each train alone; we refuse."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), str(WORKER), str(tmp_path / "r.json"),
+    cmd = [*launch("configs/accelerate/cpu_ddp_2proc.yaml"), str(WORKER), str(tmp_path / "r.json"),
            *_common(tiny_dir, synth_dir, tmp_path / "x", "train.max_steps=1")]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in proc.stdout + proc.stderr

@@ -104,10 +104,19 @@ def load_image(source: str, sample_id: str = "?") -> Image.Image:
     return img
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1: as stored). PIL looks for a PNG's eXIf chunk behind the
+    pixel data by decoding the whole image; this reads only an eXIf chunk ahead of the pixels
+    (where writers put it), so a size check stays a header read."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return img.getexif().get(0x0112, 1)
+
+
 def _header_size(img: Image.Image, sample_id: str) -> tuple[int, int]:
     try:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        orientation = _orientation(img)
     except Exception as e:
         raise BadImageError(f"{sample_id}: cannot read image header ({e})") from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

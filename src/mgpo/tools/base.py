@@ -3,6 +3,7 @@
     python -m mgpo.tools.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
     python -m mgpo.tools.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
     python -m mgpo.tools.base build/nested --task nested   # two zooms needed (the K-turn experiment)
+    python -m mgpo.tools.base build/demo --task demo       # `make demo`'s: the beacon task, ~2.5 min
 
 A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
 work with. This builds, deterministically from a seed:
@@ -87,8 +88,7 @@ def base_overrides(out: Path) -> list[str]:
 
 
 BEACON_SFT_STEPS = 1000
-DEMO_SFT_STEPS = 300
-DEMO_SFT_LR = 1e-3
+DEMO_SFT_STEPS = 400
 # How a base is evaluated (and how `mgpo.tools.repro` trains and evaluates each method from it):
 # method -> (template, turns)
 METHODS = {
@@ -110,10 +110,13 @@ def method_overrides(method: str) -> list[str]:
 class Task:
     overrides: tuple[str, ...]  # on configs/tiny_cpu.yaml, for the SFT and the evaluations
     sft_steps: int
-    methods: tuple[str, ...]  # the SFT teaches each one's conversation; the base is evaluated in each
+    methods: tuple[str, ...]  # the base is evaluated in each one's conversation
     layout: str = ""  # the beacon layout its images are drawn in ("": the colours task)
     lr: float = 1e-3  # SFT learning rate
     test_images: int = 64  # held-out questions the base (and the runs from it) are evaluated on
+    sft_images: int = 256  # beacon layouts: images in the SFT data, each once per panel
+    locate: int = 384  # beacon layouts: "what colour is the coloured square?" exercises in the SFT data
+    sft_methods: tuple[str, ...] = ()  # the conversations the SFT teaches, in turn (default: methods)
 
 
 TASKS = {
@@ -122,9 +125,11 @@ TASKS = {
     # GRPO baseline start from the same model
     "beacon": Task(("model.min_pixels=50176", "model.max_pixels=50176"), BEACON_SFT_STEPS, ("mgpo", "grpo"),
                    layout="beacon"),
-    # `make demo`'s base: the beacon task in the MGPO template only, a short SFT at a higher rate
+    # `make demo`'s base: the beacon task, 400 SFT steps on half the images and twice the
+    # grounding exercises (so the skill the RL run transfers is learnt sooner), both
+    # conversations as the beacon base; evaluated in the MGPO one only
     "demo": Task(("model.min_pixels=50176", "model.max_pixels=50176"), DEMO_SFT_STEPS, ("mgpo",), layout="beacon",
-                 lr=DEMO_SFT_LR, test_images=32),
+                 test_images=32, sft_images=128, locate=768, sft_methods=("mgpo", "grpo")),
     # configs/tiny_nested.yaml: K = 2 and K = 3 conversations in turn, from one model
     "nested": Task(("model.min_pixels=12544", "model.max_pixels=12544", "rollout.max_new_tokens_turn2=40"),
                    BEACON_SFT_STEPS, ("mgpo_k2", "mgpo_k3"), layout="nested"),
@@ -133,11 +138,12 @@ TASKS = {
 
 def sft_overrides(task: Task) -> list[str]:
     """One SFT batch per method, in turn: its template (and, for mgpo_k, its number of turns)."""
-    templates = [METHODS[m][0] for m in task.methods]
+    methods = task.sft_methods or task.methods
+    templates = [METHODS[m][0] for m in methods]
     out = [f"train.sft_templates=[{','.join(templates)}]"]
     if "mgpo_k" in templates:
-        out += ["rollout.template=mgpo_k", f"rollout.max_turns={max(t for _, t in map(METHODS.get, task.methods))}",
-                f"train.sft_max_turns=[{','.join(str(METHODS[m][1]) for m in task.methods)}]"]
+        out += ["rollout.template=mgpo_k", f"rollout.max_turns={max(t for _, t in map(METHODS.get, methods))}",
+                f"train.sft_max_turns=[{','.join(str(METHODS[m][1]) for m in methods)}]"]
     return out
 
 
@@ -146,7 +152,7 @@ def build_data(data: Path, seed: int, task: Task) -> None:
         from .beacon import LAYOUTS, build_beacon
 
         layout = LAYOUTS[task.layout]
-        build_beacon(data, 256, seed, "sft", every_panel=True, locate=384, layout=layout)
+        build_beacon(data, task.sft_images, seed, "sft", every_panel=True, locate=task.locate, layout=layout)
         build_beacon(data, 256, seed, "train", layout=layout)
         build_beacon(data, task.test_images, seed + 1, "test", layout=layout)
         return
@@ -191,7 +197,7 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
         modes[mode] = {"test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
                        "mean_iou": metrics["grounding"]["mean_iou"],
                        "holds": metrics["grounding"]["crop_contains_target"] or 0.0}
-    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "methods": list(spec.methods),
+    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "methods": list(spec.sft_methods or spec.methods),
                "minutes": (time.time() - start) / 60, **modes[spec.methods[0]], "modes": modes}
     if task == "colours":
         summary["label_noise"] = LABEL_NOISE
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="colours")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 1000 (beacon, nested)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 400 (demo), 1000 (beacon, nested)")
     args = parser.parse_args(argv)
     build_base(args.out_dir, args.seed, args.sft_steps, args.task)
 

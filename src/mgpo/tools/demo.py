@@ -1,7 +1,7 @@
 """Show one MGPO step on one question: both turns, the box, the crop, reward, advantage, loss.
 
     python -m mgpo.tools.demo --config configs/tiny_cpu.yaml
-    python -m mgpo.tools.demo --config configs/tiny_demo.yaml --before build/base/base.json   # the demo's table
+    python -m mgpo.tools.demo --config configs/demo.yaml --from-run --before build/demo/base.json   # `make demo`'s end
 """
 
 from __future__ import annotations
@@ -58,33 +58,39 @@ def show_one_rollout(cfg, sample_index: int = 0) -> dict:
     return {"rollout_s": t_rollout, "loss_s": t_loss, **stats}
 
 
-def before_after(base_json: str | Path, run_dir: str | Path, eval_dir: str | Path) -> str:
-    """The demo's closing table: the base model's starting point, the first and last logged
-    training steps, and the trained model's evaluation."""
+def before_after(base_json: str | Path, run_dir: str | Path, eval_dir: str | Path, window: int = 5) -> str:
+    """The demo's closing table: the base model's starting point, the training figures over the
+    first and the last ``window`` logged steps (one step's 64 rollouts are noisy), and the
+    trained model's evaluation."""
     base = json.loads(Path(base_json).read_text())
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     after = json.loads((Path(eval_dir) / "metrics.json").read_text())["results"]
     test = next(iter(after.values()))
-    first, last = rows[0], rows[-1]
+    first, last = rows[:window], rows[-window:]
+
+    def steps(part):
+        return f"{part[0]['step']}" if len(part) == 1 else f"{part[0]['step']}-{part[-1]['step']}"
+
+    def training(label, key, fmt):
+        mean = lambda part: sum(r.get(key, 0.0) for r in part) / len(part)  # noqa: E731
+        return f"| {label} | {fmt.format(mean(first))} | {fmt.format(mean(last))} |"
+
     lines = [
         "| | base model | trained |",
         "|---|---|---|",
         f"| test accuracy % (greedy) | {base['test_accuracy']:.1f} | {test['accuracy']:.1f} |",
         f"| test valid box % | {base['valid_box']:.1f} | {test['grounding']['valid_box']:.1f} |",
-        f"| training reward (step {first['step']} -> {last['step']}) | {first['reward/mean']:.3f} | "
-        f"{last['reward/mean']:.3f} |",
-        f"| training valid-box share | {first['grounding/valid_box_share']:.2f} | "
-        f"{last['grounding/valid_box_share']:.2f} |",
+        training(f"training reward (steps {steps(first)} -> {steps(last)})", "reward/mean", "{:.3f}"),
+        training("training valid-box share", "grounding/valid_box_share", "{:.2f}"),
     ]
-    if "mean_iou" in base and "grounding/iou" in last:  # records with a target: did the box find it?
+    if "mean_iou" in base and "grounding/iou" in rows[-1]:  # records with a target: did the box find it?
         holds = test["grounding"].get("crop_contains_target")
         lines[4:4] = [f"| test IoU of the turn-1 box with the target | {base['mean_iou']:.2f} | "
                       f"{test['grounding']['mean_iou']:.2f} |"]
         if "holds" in base and holds is not None:
             lines[5:5] = [f"| test turn-1 box holds the target % | {base['holds']:.1f} | {holds:.1f} |"]
-        lines.append(f"| training IoU with the target | {first['grounding/iou']:.2f} | {last['grounding/iou']:.2f} |")
-        lines.append(f"| training share of boxes holding the target | {first['grounding/box_holds_target']:.2f} | "
-                     f"{last['grounding/box_holds_target']:.2f} |")
+        lines.append(training("training IoU with the target", "grounding/iou", "{:.2f}"))
+        lines.append(training("training share of boxes holding the target", "grounding/box_holds_target", "{:.2f}"))
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
     python -m mgpo.tools.repro --seeds 0 1 2 --steps 60        # `make repro`, writes docs/reproduction.md
     python -m mgpo.tools.repro --task beacon --seeds 0 1 --steps 150   # MGPO vs one-turn GRPO, grounding
 
-For each seed: ``train.py`` with ``configs/tiny_demo.yaml`` from ``build/base/model``
+For each seed: ``train.py`` with ``configs/tiny_colours.yaml`` from ``build/base/model``
 (built first when missing), the greedy test accuracy of the checkpoints every
 ``--eval-every`` steps, and the training curves (reward, valid-box share) from
 ``metrics.jsonl``. Writes the table and the curves (PNG, drawn with PIL) to
@@ -40,7 +40,7 @@ def _run(cmd: list[str]) -> None:
 
 LABELS = {"mgpo": "MGPO", "grpo": "GRPO", "mgpo_k2": "MGPO-K, K=2", "mgpo_k3": "MGPO-K, K=3"}
 TASK_DEFAULTS = {  # task -> (default base folder, config, methods)
-    "colours": ("build/base", "configs/tiny_demo.yaml", ["mgpo"]),
+    "colours": ("build/base", "configs/tiny_colours.yaml", ["mgpo"]),
     "beacon": ("build/beacon", "configs/tiny_beacon.yaml", ["mgpo", "grpo"]),
     "nested": ("build/nested", "configs/tiny_nested.yaml", ["mgpo_k2", "mgpo_k3"]),
 }
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="colours")
     parser.add_argument("--base", help="default: build/base, build/beacon, build/nested (by task)")
     parser.add_argument("--out", help="default: runs/repro, runs/repro-<task>")
-    parser.add_argument("--config", help="default: configs/tiny_demo.yaml, configs/tiny_<task>.yaml")
+    parser.add_argument("--config", help="default: configs/tiny_<task>.yaml")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help="default: mgpo (colours), mgpo grpo (beacon), mgpo_k2 mgpo_k3 (nested): the methods "
                              "whose conversations the task's base learnt")
