@@ -85,3 +85,27 @@ def test_nested_layout_needs_two_zooms(nested_processor, target):
     centre = [v["pixel_values"] for v in shown(beacon.target_box(target, layout))]
     gaps = [(centre[i] - centre[j]).abs().mean().item() for i in range(3) for j in range(i)]
     assert min(gaps) > 20 * ONE_LEVEL, "the second zoom must show the pattern"
+
+
+@pytest.mark.parametrize("factor", beacon.BUDGET_FACTORS)
+def test_budget_sweep_layouts_differ_only_in_what_the_down_scale_keeps(processor, factor):
+    """beacon_at(F): the same picture at F times the model's view. The panels sit at the same input
+    boxes; the pattern survives the down-scale at 1x and 2x (the one-turn model can read it) and
+    averages out at 4x; a crop of the target, shown at the budget, is legible at every factor."""
+    from mgpo.core.grounding import Box, crop_original, fit_to_budget
+
+    layout = beacon.beacon_at(factor)
+    assert [[v // factor for v in beacon.panel_box(i, layout)] for i in range(3)] == \
+        [[v // 4 for v in beacon.panel_box(i)] for i in range(3)]
+    images = [beacon.draw(1, [(k + i) % 3 for i in range(3)], layout) for k in range(3)]
+    whole = [_pixels(processor, im) for im in images]
+    assert whole[0]["image_grid_thw"].tolist() == [[1, 8, 32]]  # always seen at 448 x 112
+    spread = max((a["pixel_values"] - b["pixel_values"]).abs().max().item() for a in whole for b in whole)
+    if factor < 4:
+        assert spread > 20 * ONE_LEVEL, "at 1x and 2x the whole image shows the pattern"
+    else:
+        assert spread <= 2.5 * ONE_LEVEL, "from 4x on the whole image must not tell the answers apart"
+    crops = [_pixels(processor, fit_to_budget(crop_original(im, Box(*beacon.panel_box(1, layout))), BUDGET, BUDGET))
+             for im in images]
+    gaps = [(crops[i]["pixel_values"] - crops[j]["pixel_values"]).abs().mean().item() for i in range(3) for j in range(i)]
+    assert min(gaps) > 20 * ONE_LEVEL, "a crop of the target must show its pattern"

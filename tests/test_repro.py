@@ -23,11 +23,12 @@ def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
     block = text[text.index("<!-- repro-beacon:start -->"):text.index("<!-- repro-beacon:end -->")]
     assert "| 0 | 53.1 | 60.0 | 80.0 | 1.5 |" in block and "| mean | 53.1 | 60.5 | 80.0 | |" in block
     assert "| 1 | 0.34 | 0.50 | 0.75 | 1.5 |" in block
-    # The paper's tables in miniature: each template's base row, each method's last step, seeds in brackets.
+    # The paper's tables in miniature: each template's base row, each method's last step, the mean
+    # with the lowest and highest seed in brackets.
     assert "| base, MGPO | 53.1 | 100.0 | 0.34 | 34.4 | 31.0 |" in block
     assert "| base, GRPO | 35.9 | 100.0 | 0.30 | - | 30.0 |" in block  # a base.json from before the holds figure
-    assert ("| MGPO, step 100 | 80.0 (80.0 / 80.0) | 90.5 (90.0 / 91.0) | 0.75 (0.75 / 0.75) | 75.0 (70.0 / 80.0) | "
-            "55.0 (50.0 / 60.0) |") in block
+    assert ("| MGPO, step 100 | 80.0 (80.0-80.0) | 90.5 (90.0-91.0) | 0.75 (0.75-0.75) | 75.0 (70.0-80.0) | "
+            "55.0 (50.0-60.0) |") in block
     assert "GRPO, greedy test accuracy (%)" in block and "| 0 | 35.9 | 60.0 | 80.0 | 1.5 |" in block
     assert (tmp_path / "reproduction" / "beacon_iou.png").exists()
     assert (tmp_path / "reproduction" / "beacon_holds.png").exists()
@@ -76,3 +77,49 @@ def test_collect_reads_a_run_folder_back(tmp_path):
     assert got["holds"] == {50: 10.0, 100: 7.5}
     assert got["reward"] == [(5, 0.25), (10, 0.5)] and got["train_iou"] == [(5, 0.3), (10, 0.0)]
     assert got["train_holds"] == [(5, 0.5), (10, 0.0)]
+
+
+def test_sft_baseline_row_is_judged_in_the_one_turn_conversation(tmp_path):
+    """Table 1's SFT row: its base figure is the GRPO template's, it has no Table 3 crop and no
+    IoU table (it writes no box), and its training curves stay out of the charts."""
+    base = {"seed": 0, "sft_steps": 1000, "methods": ["mgpo", "grpo"],
+            "modes": {"mgpo": {"test_accuracy": 57.8, "valid_box": 100.0, "mean_iou": 0.30, "holds": 29.7},
+                      "grpo": {"test_accuracy": 35.9, "valid_box": 100.0, "mean_iou": 0.30, "holds": 29.7}},
+            "crops": {"mgpo": 50.0, "grpo": 50.0}}
+    sft = [{**_run(s, "sft"), "accuracy": {50: 30.0 + s, 100: 33.0 + s}, "valid": {50: 0.0, 100: 0.0}} for s in (0, 1, 2)]
+    for r in sft:
+        del r["crops"]
+    write_report(base, [_run(0), _run(1), _run(2), *sft], tmp_path, "cmd", task="beacon")
+    block = (tmp_path / "reproduction.md").read_text()
+    assert "| SFT (answer only), step 100 | 34.0 (33.0-35.0) | 0.0 (0.0-0.0) |" in block
+    assert "SFT (answer only), greedy test accuracy (%), 64 questions:" in block
+    assert "| 0 | 35.9 | 30.0 | 33.0 | 1.5 |" in block  # measured against the one-turn base
+    assert "SFT (answer only), greedy test IoU" not in block
+    assert "SFT" not in block[block.index("![training reward"):]
+
+
+def test_answers_only_drops_the_boxes_and_keeps_the_rest(tmp_path):
+    import json
+
+    from mgpo.tools.repro import answers_only
+
+    rows = [{"id": "a", "image": "images/a.png", "question": "Q?", "options": ["x", "y"], "answer": "B",
+             "target_boxes": [[1, 2, 3, 4]]}]
+    (tmp_path / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    out = answers_only(tmp_path / "train.jsonl", tmp_path / "answers.jsonl")
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got == [{k: v for k, v in rows[0].items() if k != "target_boxes"}]
+
+
+def test_budget_block_has_each_factor_and_the_margin(tmp_path):
+    from mgpo.tools.repro import write_budgets
+
+    at_base = {(f, m): 50.0 for f in (1, 2, 4) for m in ("mgpo", "grpo")}
+    runs = [{"factor": f, "method": m, "seed": s, "accuracy": {40: acc + s}}
+            for f, grpo in ((1, 90.0), (2, 80.0), (4, 33.0)) for m, acc in (("mgpo", 95.0), ("grpo", grpo))
+            for s in (0, 1, 2)]
+    write_budgets(at_base, runs, ["mgpo", "grpo"], tmp_path, "python -m mgpo.tools.repro --task budgets")
+    block = (tmp_path / "reproduction.md").read_text()
+    assert "| 1x | 50.0 | 50.0 | 96.0 (95.0-97.0) | 91.0 (90.0-92.0) | +5.0 |" in block
+    assert "| 4x | 50.0 | 50.0 | 96.0 (95.0-97.0) | 34.0 (33.0-35.0) | +62.0 |" in block
+    assert (tmp_path / "reproduction" / "budgets_accuracy.png").exists()

@@ -117,6 +117,7 @@ class Task:
     sft_images: int = 256  # beacon layouts: images in the SFT data, each once per panel
     locate: int = 384  # beacon layouts: "what colour is the coloured square?" exercises in the SFT data
     sft_methods: tuple[str, ...] = ()  # the conversations the SFT teaches, in turn (default: methods)
+    factors: tuple[int, ...] = ()  # the pixel-budget sweep: beacon drawn at these down-scale factors
 
 
 TASKS = {
@@ -130,6 +131,11 @@ TASKS = {
     # conversations as the beacon base; evaluated in the MGPO one only
     "demo": Task(("model.min_pixels=50176", "model.max_pixels=50176"), DEMO_SFT_STEPS, ("mgpo",), layout="beacon",
                  test_images=32, sft_images=128, locate=768, sft_methods=("mgpo", "grpo")),
+    # the pixel-budget sweep (`python -m mgpo.tools.repro --task budgets`): the beacon at 1x, 2x
+    # and 4x the model's view, every factor in the SFT data, so the base reads a crop at each
+    # scale (and, in the one-turn template, the whole image where the pattern survives)
+    "budgets": Task(("model.min_pixels=50176", "model.max_pixels=50176"), 600, ("mgpo", "grpo"), layout="beacon",
+                    test_images=32, sft_images=64, locate=768, factors=(1, 2, 4)),
     # configs/tiny_nested.yaml: K = 2 and K = 3 conversations in turn, from one model
     "nested": Task(("model.min_pixels=12544", "model.max_pixels=12544", "rollout.max_new_tokens_turn2=40"),
                    BEACON_SFT_STEPS, ("mgpo_k2", "mgpo_k3"), layout="nested"),
@@ -148,6 +154,9 @@ def sft_overrides(task: Task) -> list[str]:
 
 
 def build_data(data: Path, seed: int, task: Task) -> None:
+    if task.factors:
+        build_budgets(data, seed, task)
+        return
     if task.layout:
         from .beacon import LAYOUTS, build_beacon
 
@@ -159,6 +168,24 @@ def build_data(data: Path, seed: int, task: Task) -> None:
     build_colours(data, 256, seed, "train")
     build_colours(data, 256, seed, "sft", LABEL_NOISE)
     build_colours(data, 64, seed + 1, "test")
+
+
+def build_budgets(data: Path, seed: int, task: Task) -> None:
+    """The sweep's data: per factor F, ``sft-xF`` (every panel of ``sft_images`` images),
+    ``train-xF`` and ``test-xF``; ``sft.jsonl`` joins the SFT parts and the grounding exercises
+    (a third at each factor); ``train.jsonl`` / ``test.jsonl`` are the largest factor's."""
+    from .beacon import beacon_at, build_beacon
+
+    parts = []
+    for factor in task.factors:
+        layout = beacon_at(factor)
+        parts.append(build_beacon(data, task.sft_images, seed, f"sft-x{factor}", every_panel=True,
+                                  locate=task.locate // len(task.factors), layout=layout))
+        build_beacon(data, 256, seed, f"train-x{factor}", layout=layout)
+        build_beacon(data, task.test_images, seed + 1, f"test-x{factor}", layout=layout)
+    (data / "sft.jsonl").write_text("".join(p.read_text() for p in parts))
+    for split in ("train", "test"):
+        shutil.copy(data / f"{split}-x{max(task.factors)}.jsonl", data / f"{split}.jsonl")
 
 
 def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, task: str = "colours",

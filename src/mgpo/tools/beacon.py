@@ -57,6 +57,7 @@ class Layout:
     period: int  # of the pattern: divides every down-scale factor, so the pattern averages out
     budget: int  # min_pixels = max_pixels of the model that reads it
     detail: int  # side of the target region, centred in the panel (the whole panel: side)
+    fade: int = 16  # px over which the pattern's contrast fades in from each panel edge
 
 
 # 448 x 112 at the 4x down-scale; panels at input boxes [100, 28, 156, 84] ...; 2-px stripes in a crop
@@ -64,8 +65,22 @@ BEACON = Layout("beacon", 1792, 448, 224, ((400, 112), (800, 112), (1200, 112)),
                 detail=224)
 # 224 x 56 at 4x; a panel crop at 2x (112 x 112); the central 112 px at 1x: two zooms to read it
 NESTED = Layout("nested", 896, 224, 224, ((64, 0), (352, 0), (640, 0)), period=2, budget=112 * 112, detail=112)
-LAYOUTS = {layout.name: layout for layout in (BEACON, NESTED)}
-FADE = 16  # px over which the pattern's contrast fades in from each panel edge
+
+
+def beacon_at(factor: int) -> Layout:
+    """The beacon drawn ``factor`` times the model's 448 x 112 view (BEACON is ``beacon_at(4)``),
+    with the same 2-px stripes: the pixel-budget sweep. The panels sit at the same input boxes
+    whatever the factor, so the box to write is the same; what changes is how much of the
+    pattern survives the down-scale: plain at 1x, at the sampling limit at 2x, averaged out at
+    4x and beyond. A crop of a panel (56 x factor px) is shown at 224 x 224, so it stays
+    legible up to 4x."""
+    return Layout(f"beacon-x{factor}", 448 * factor, 112 * factor, 56 * factor,
+                  tuple((x * factor, 28 * factor) for x in (100, 200, 300)),
+                  period=4, budget=448 * 112, detail=56 * factor, fade=4 * factor)
+
+
+BUDGET_FACTORS = (1, 2, 4)  # the sweep's down-scale factors
+LAYOUTS = {layout.name: layout for layout in (BEACON, NESTED, *(beacon_at(f) for f in BUDGET_FACTORS))}
 PATTERNS = ["horizontal stripes", "vertical stripes", "checks"]
 TINTS = {"red": (190, 50, 50), "green": (50, 150, 60), "blue": (60, 80, 200)}
 PLACES = list(TINTS)  # panel index -> the colour that marks it when it is the target
@@ -94,7 +109,7 @@ def _pattern(kind: int, layout: Layout) -> np.ndarray:
     h, v = (y % period) < period // 2, (x % period) < period // 2
     sign = np.where([h, v, h ^ v][kind], -1.0, 1.0)
     edge = np.minimum(np.minimum(y, side - 1 - y), np.minimum(x, side - 1 - x))
-    return sign * np.clip(edge / FADE, 0.0, 1.0)
+    return sign * np.clip(edge / layout.fade, 0.0, 1.0)
 
 
 def draw(target: int, patterns: list[int], layout: Layout = BEACON) -> Image.Image:

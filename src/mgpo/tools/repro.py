@@ -38,32 +38,53 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-LABELS = {"mgpo": "MGPO", "grpo": "GRPO", "mgpo_k2": "MGPO-K, K=2", "mgpo_k3": "MGPO-K, K=3"}
+LABELS = {"mgpo": "MGPO", "grpo": "GRPO", "mgpo_k2": "MGPO-K, K=2", "mgpo_k3": "MGPO-K, K=3",
+          "sft": "SFT (answer only)"}
+METHOD_OF = {"sft": "grpo"}  # the conversation a baseline that is not an RL method is evaluated in
 TASK_DEFAULTS = {  # task -> (default base folder, config, methods)
     "colours": ("build/base", "configs/tiny_colours.yaml", ["mgpo"]),
-    "beacon": ("build/beacon", "configs/tiny_beacon.yaml", ["mgpo", "grpo"]),
+    "beacon": ("build/beacon", "configs/tiny_beacon.yaml", ["mgpo", "grpo", "sft"]),
+    "budgets": ("build/budgets", "configs/tiny_beacon.yaml", ["mgpo", "grpo"]),
     "nested": ("build/nested", "configs/tiny_nested.yaml", ["mgpo_k2", "mgpo_k3"]),
 }
 
 
 def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, config: str, method: str = "mgpo",
-             judge: str | None = None) -> dict:
+             judge: str | None = None, data: tuple[Path, Path] | None = None, name: str | None = None) -> dict:
     """Train one seed of ``method`` from the base and evaluate its checkpoints (``collect`` reads
     the figures back). With ``judge``, also the share of the last checkpoint's test questions
-    the judge answers from their turn-1 crops (the paper's Table 3)."""
-    run = out / f"{method}-seed{seed}"
-    common = [f"model.path={base / 'model'}", f"data.train={base / 'data' / 'train.jsonl'}",
-              f"data.eval={base / 'data' / 'test.jsonl'}", *method_overrides(method)]
-    _run([sys.executable, "train.py", "--config", config, *common, f"train.output_dir={run}", f"train.seed={seed}",
-          f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100", "train.resume=none",
-          "train.overwrite=true"])
+    the judge answers from their turn-1 crops (the paper's Table 3). ``data``: the (train,
+    test) files, by default the base's own. ``method`` "sft" is the paper's SFT baseline: the
+    same training questions with their answers only (no box), one turn, as many examples as
+    an RL run of as many steps takes."""
+    run = out / (name or f"{method}-seed{seed}")
+    train_file, test_file = data or (base / "data" / "train.jsonl", base / "data" / "test.jsonl")
+    common = [f"model.path={base / 'model'}", f"data.eval={test_file}", *method_overrides(METHOD_OF.get(method, method))]
+    if method == "sft":
+        run.mkdir(parents=True, exist_ok=True)
+        answers = answers_only(train_file, run.parent / f"{train_file.stem}-answers.jsonl")
+        fit = ["train.algorithm=sft", "train.sft_templates=[grpo]", f"data.train={answers}",
+               f"data.image_root={train_file.parent.resolve()}"]
+    else:
+        fit = [f"data.train={train_file}"]
+    _run([sys.executable, "train.py", "--config", config, *common, *fit, f"train.output_dir={run}",
+          f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100",
+          "train.resume=none", "train.overwrite=true"])
     for step in range(eval_every, steps + 1, eval_every):
         ckpt = run / f"checkpoint-{step}" / "model"
         _run([sys.executable, "eval.py", "--config", config, *common, f"model.path={ckpt}",
               f"eval.output_dir={run / f'eval-{step}'}", "eval.overwrite=true"])
-    if judge:
+    if judge and method != "sft":
         crops(run / f"eval-{steps}", judge)
     return collect(run, method, seed)
+
+
+def answers_only(records: Path, out: Path) -> Path:
+    """``records`` without their target boxes (image paths as they were: resolve them against
+    ``records``' folder): the SFT baseline's data."""
+    rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "target_boxes"}) + "\n" for r in rows))
+    return out
 
 
 def collect(run: Path, method: str, seed: int) -> dict:
@@ -98,29 +119,48 @@ def crops(eval_dir: Path, judge: str) -> float:
     return json.loads((eval_dir / "crop_answerable.json").read_text())["share"]
 
 
-def plot(series: dict[str, list[tuple[float, float]]], title: str, path: Path, y_max: float = 1.0) -> None:
-    """A line chart as a PNG: one line per series, steps on x, [0, y_max] on y."""
-    W, H, L, B, T, R = 640, 360, 50, 40, 30, 120
+def plot(series: dict[str, list[tuple[float, float]]], title: str, path: Path, y_max: float = 1.0,
+         y_label: str = "", x_label: str = "optimizer step", x_ticks: list[tuple[float, str]] | None = None,
+         spans: dict[str, list[tuple[float, float, float]]] | None = None) -> None:
+    """A line chart as a PNG (drawn with PIL): one line per series, [0, y_max] on y, each axis
+    labelled. ``x_ticks`` (position, text) replace the default 0 .. largest x; ``spans`` draw a
+    whisker (x, low, high) per point, e.g. the lowest and highest seed."""
+    W, H, L, B, T, R = 720, 400, 56, 56, 48, 170
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    x_max = max((x for pts in series.values() for x, _ in pts), default=1) or 1
-    sx = lambda x: L + (W - L - R) * x / x_max  # noqa: E731
+    xs = [x for pts in series.values() for x, _ in pts] + [x for x, _ in x_ticks or []]
+    x_min, x_max = (min(xs), max(xs)) if x_ticks else (0, max(xs, default=1) or 1)
+    x_pad = (x_max - x_min) * 0.05 if x_ticks else 0
+    sx = lambda x: L + (W - L - R) * (x - x_min + x_pad) / ((x_max - x_min + 2 * x_pad) or 1)  # noqa: E731
     sy = lambda y: H - B - (H - B - T) * y / y_max  # noqa: E731
     d.rectangle([L, T, W - R, H - B], outline=(0, 0, 0))
     for k in range(5):
         y = y_max * k / 4
         d.line([L, sy(y), W - R, sy(y)], fill=(225, 225, 225))
-        d.text((8, sy(y) - 6), f"{y:.2f}", fill=(0, 0, 0))
-    d.text((L, H - B + 8), "0", fill=(0, 0, 0))
-    d.text((W - R - 20, H - B + 8), f"step {x_max:.0f}", fill=(0, 0, 0))
-    d.text((L, 8), title, fill=(0, 0, 0))
+        d.text((8, sy(y) - 6), f"{y:g}", fill=(0, 0, 0))
+    for x, text in x_ticks or [(0, "0"), (x_max, f"{x_max:g}")]:
+        d.line([sx(x), H - B, sx(x), H - B + 4], fill=(0, 0, 0))
+        d.text((sx(x) - 3 * len(text), H - B + 8), text, fill=(0, 0, 0))
+    d.text((8, 8), title, fill=(0, 0, 0))
+    d.text((8, T - 16), f"y: {y_label}" if y_label else "", fill=(0, 0, 0))
+    d.text((L + (W - L - R) // 2 - 3 * len(x_label), H - B + 26), f"x: {x_label}", fill=(0, 0, 0))
     for i, (name, pts) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         if len(pts) > 1:
             d.line([(sx(x), sy(y)) for x, y in pts], fill=colour, width=2)
+        for x, y in pts if x_ticks else ():
+            d.ellipse([sx(x) - 3, sy(y) - 3, sx(x) + 3, sy(y) + 3], fill=colour)
+        for x, lo, hi in (spans or {}).get(name, ()):
+            d.line([sx(x) + 2 * i - 3, sy(lo), sx(x) + 2 * i - 3, sy(hi)], fill=colour, width=1)
         d.text((W - R + 10, T + 16 * i), name, fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+CHART_UNITS = {"reward": "training reward (mean over the step's rollouts, 0-1)",
+               "valid_box": "share of turn-1 boxes that are valid (0-1)",
+               "iou": "IoU of the turn-1 box with the target (0-1)",
+               "holds": "share of turn-1 boxes holding the target (0-1)"}
 
 
 def _final(run: dict, key: str) -> float:
@@ -133,7 +173,7 @@ def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
     measured (the paper's template)."""
     def cell(values, fmt):
         mean = fmt.format(sum(values) / len(values))
-        return mean if len(values) == 1 else f"{mean} ({' / '.join(fmt.format(v) for v in values)})"
+        return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
     table3 = bool(base.get("crops")) or any("crops" in r for r in runs)
     head = ["model", "test accuracy %", "valid box %", "IoU with the target", "turn-1 box holds the target %"]
@@ -155,7 +195,11 @@ def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     seeds = ", ".join(str(r["seed"]) for r in runs if r["method"] == methods[0])
     about = (f"Greedy test figures, {base.get('n_test', 64)} questions; each method's last checkpoint, mean over "
-             f"seeds {seeds} with each seed in brackets.")
+             f"seeds {seeds} with the lowest and highest seed in brackets.")
+    if "sft" in methods:
+        about += (" SFT (answer only) is the paper's SFT baseline: the same training questions with their answers "
+                  "and no box, one turn (the GRPO template), as many questions as an RL run sees, evaluated in "
+                  "that template.")
     if table3:
         about += (" The last column is the paper's Table 3: the share of questions the base model answers right "
                   "from the crop under their turn-1 box alone, in one turn (`eval.py crops`; no valid box counts "
@@ -167,23 +211,24 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
     figures = docs / "reproduction"
     prefix = "" if task == "colours" else f"{task}_"
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    who = " and ".join(LABELS[m] for m in methods)
+    who = " and ".join(LABELS[m] for m in methods if m != "sft")
     name = (lambda r: f"seed {r['seed']}") if len(methods) == 1 else (lambda r: f"{LABELS[r['method']]} seed {r['seed']}")
     charts = {"reward": (f"training reward ({who})", "reward"), "valid_box": (f"valid-box share ({who})", "valid_box")}
     if task != "colours":
         charts["iou"] = (f"IoU of the turn-1 box with the target ({who}, training rollouts)", "train_iou")
         charts["holds"] = (f"share of turn-1 boxes holding the target ({who}, training rollouts)", "train_holds")
     for chart, (title, key) in charts.items():
-        plot({name(r): r[key] for r in runs}, title, figures / f"{prefix}{chart}.png")
+        plot({name(r): r[key] for r in runs if r["method"] != "sft"}, title, figures / f"{prefix}{chart}.png",
+             y_label=CHART_UNITS[chart])
     tables = [_summary(base, runs, methods)] if task != "colours" else []
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
-        at_base = base.get("modes", {}).get(method, base)
+        at_base = base.get("modes", {}).get(METHOD_OF.get(method, method), base)
         steps = sorted(mine[0]["accuracy"])
         for label, key, base_value, fmt in (("greedy test accuracy (%)", "accuracy", at_base["test_accuracy"], "{:.1f}"),
                                             ("greedy test IoU of the turn-1 box with the target", "iou",
                                              at_base.get("mean_iou") or 0.0, "{:.2f}")):
-            if key == "iou" and task == "colours":
+            if key == "iou" and (task == "colours" or method == "sft"):  # no grounding / no box to score
                 continue
             head = "| seed | base | " + " | ".join(f"step {s}" for s in steps) + " | minutes |"
             lines = [f"{LABELS[method]}, {label}, {base.get('n_test', 64)} questions:", "", head,
@@ -212,18 +257,91 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
     return path
 
 
+def evaluate_base(base: Path, test_file: Path, config: str, method: str, out: Path, report_only: bool) -> float:
+    """Greedy test accuracy of the base model on ``test_file`` in ``method``'s conversation."""
+    if not report_only:
+        _run([sys.executable, "eval.py", "--config", config, f"model.path={base / 'model'}", f"data.eval={test_file}",
+              *method_overrides(METHOD_OF.get(method, method)), f"eval.output_dir={out}", "eval.overwrite=true"])
+    return next(iter(json.loads((out / "metrics.json").read_text())["results"].values()))["accuracy"]
+
+
+def budget_sweep(base: Path, out: Path, config: str, methods: list[str], seeds: list[int], steps: int,
+                 report_only: bool = False) -> tuple[dict, list[dict]]:
+    """The pixel-budget sweep (the paper's Table 2 in miniature): at each down-scale factor the
+    base model (in each method's conversation) and each method trained from it, over seeds, on
+    that factor's questions; each run evaluated once, at its last step."""
+    factors = sorted(int(p.stem.split("-x")[1]) for p in (base / "data").glob("test-x*.jsonl"))
+    at_base, runs = {}, []
+    for factor in factors:
+        data = (base / "data" / f"train-x{factor}.jsonl", base / "data" / f"test-x{factor}.jsonl")
+        for method in methods:
+            at_base[factor, method] = evaluate_base(base, data[1], config, method, out / f"base-x{factor}-{method}",
+                                                    report_only)
+            for seed in seeds:
+                name = f"x{factor}-{method}-seed{seed}"
+                run = (collect(out / name, method, seed) if report_only else
+                       run_seed(seed, steps, steps, base, out, config, method, data=data, name=name))
+                runs.append({**run, "factor": factor})
+    return at_base, runs
+
+
+def write_budgets(at_base: dict, runs: list[dict], methods: list[str], docs: Path, command: str) -> Path:
+    """The sweep's table and chart, between the ``repro-budgets`` markers of the reproduction page."""
+    import math
+
+    factors = sorted({f for f, _ in at_base})
+    final = {(f, m): [r["accuracy"][max(r["accuracy"])] for r in runs if r["factor"] == f and r["method"] == m]
+             for f in factors for m in methods}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    spread = lambda v: f"{mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else f"{v[0]:.1f}"  # noqa: E731
+    head = (["down-scale factor"] + [f"base, {LABELS[m]} conversation" for m in methods]
+            + [LABELS[m] for m in methods])
+    if {"mgpo", "grpo"} <= set(methods):
+        head.append("MGPO - GRPO")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in factors:
+        row = [f"{f}x"] + [f"{at_base[f, m]:.1f}" for m in methods] + [spread(final[f, m]) for m in methods]
+        if {"mgpo", "grpo"} <= set(methods):
+            row.append(f"{mean(final[f, 'mgpo']) - mean(final[f, 'grpo']):+.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    steps = max(max(r["accuracy"]) for r in runs)
+    seeds = sorted({r["seed"] for r in runs})
+    about = (f"Greedy test accuracy (%) on each factor's 32 held-out questions; each method after {steps} steps "
+             f"from the base, mean over seeds {', '.join(map(str, seeds))} with the lowest and highest seed in "
+             "brackets. The model's view is 448 x 112 (50,176 px) at every factor; the original is that times the "
+             "factor.")
+    pos = {f: math.log2(f) for f in factors}
+    series = {f"base ({LABELS[m]} conversation)": [(pos[f], at_base[f, m]) for f in factors] for m in methods}
+    series.update({LABELS[m]: [(pos[f], mean(final[f, m])) for f in factors] for m in methods})
+    spans = {LABELS[m]: [(pos[f], min(final[f, m]), max(final[f, m])) for f in factors] for m in methods}
+    chart = docs / "reproduction" / "budgets_accuracy.png"
+    plot(series, "Greedy test accuracy against the pixel budget (beacon task)", chart, y_max=100.0,
+         y_label="greedy test accuracy (%), whiskers: lowest and highest seed",
+         x_label="down-scale factor of the original (the model sees 448 x 112 px)",
+         x_ticks=[(pos[f], f"{f}x") for f in factors], spans=spans)
+    path = docs / "reproduction.md"
+    text = path.read_text() if path.exists() else ""
+    start, end = "<!-- repro-budgets:start -->", "<!-- repro-budgets:end -->"
+    block = (f"{start}\nGenerated by `{command}`.\n\n{about}\n\n" + "\n".join(lines)
+             + "\n\n![accuracy against the pixel budget](reproduction/budgets_accuracy.png)\n" + end)
+    text = (text[: text.index(start)] + block + text[text.index(end) + len(end):] if start in text and end in text
+            else text + "\n" + block + "\n")
+    path.write_text(text)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="colours")
-    parser.add_argument("--base", help="default: build/base, build/beacon, build/nested (by task)")
+    parser.add_argument("--base", help="default: build/<task> (build/base for colours)")
     parser.add_argument("--out", help="default: runs/repro, runs/repro-<task>")
-    parser.add_argument("--config", help="default: configs/tiny_<task>.yaml")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                        help="default: mgpo (colours), mgpo grpo (beacon), mgpo_k2 mgpo_k3 (nested): the methods "
-                             "whose conversations the task's base learnt")
+    parser.add_argument("--config", help="default: configs/tiny_<task>.yaml (tiny_beacon.yaml for budgets)")
+    parser.add_argument("--methods", nargs="+", choices=sorted([*METHODS, "sft"]),
+                        help="default: mgpo (colours), mgpo grpo sft (beacon), mgpo grpo (budgets), mgpo_k2 mgpo_k3 "
+                             "(nested): the methods whose conversations the task's base learnt, and the SFT baseline")
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite the report from the run folders already in --out")
@@ -235,6 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     if not (base / "base.json").exists():
         _run([sys.executable, "-m", "mgpo.tools.base", str(base), "--task", args.task])
     methods = args.methods or default_methods
+    command = (f"python -m mgpo.tools.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
+               f"--steps {args.steps}{'' if args.task == 'budgets' else f' --eval-every {args.eval_every}'} "
+               f"--methods {' '.join(methods)}")
+    if args.task == "budgets":
+        at_base, runs = budget_sweep(base, out, config, methods, args.seeds, args.steps, args.report_only)
+        print(f"wrote {write_budgets(at_base, runs, methods, Path(args.docs), command)}")
+        return
     summary = json.loads((base / "base.json").read_text())
     # Table 3 (the paper's template only): the base answers from each method's turn-1 crops
     judge = str(base / "model") if args.task == "beacon" else None
@@ -246,8 +371,6 @@ def main(argv: list[str] | None = None) -> None:
         runs = [collect(out / f"{m}-seed{s}", m, s) for m in methods for s in args.seeds]
     else:
         runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge) for m in methods for s in args.seeds]
-    command = (f"python -m mgpo.tools.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
-               f"--steps {args.steps} --eval-every {args.eval_every} --methods {' '.join(methods)}")
     path = write_report(summary, runs, Path(args.docs), command, args.task)
     print(f"wrote {path}")
 
