@@ -1,7 +1,9 @@
-"""The miniature reproduction: MGPO from the embedded base model, over seeds, measured.
+"""The miniature reproduction: MGPO from the embedded base models, over seeds, measured.
 
-    python -m mgpo.tools.repro --seeds 0 1 2 --steps 60        # `make repro`, writes docs/reproduction.md
-    python -m mgpo.tools.repro --task beacon --seeds 0 1 --steps 150   # MGPO vs one-turn GRPO, grounding
+    python -m mgpo.tools.repro --seeds 0 1 2 --steps 60                  # colours (`make repro`)
+    python -m mgpo.tools.repro --task beacon --seeds 0 1 2 --steps 60 --eval-every 30   # Tables 1, 3
+    python -m mgpo.tools.repro --task budgets --seeds 0 1 2 --steps 40   # Table 2 (`make repro-budgets`)
+    python -m mgpo.tools.repro --task nested --seeds 0 1 2 --steps 200 --eval-every 50  # K = 3 vs K = 2
 
 For each seed: ``train.py`` with ``configs/tiny_colours.yaml`` from ``build/base/model``
 (built first when missing), the greedy test accuracy of the checkpoints every
@@ -10,11 +12,16 @@ For each seed: ``train.py`` with ``configs/tiny_colours.yaml`` from ``build/base
 ``docs/reproduction.md`` and ``docs/reproduction/``.
 
 ``--task beacon`` does the same from ``build/beacon`` with ``configs/tiny_beacon.yaml``, for
-MGPO and the paper's one-turn GRPO baseline (``--methods``) from the same base: the answer
-is legible only in a crop, so the curves to read are the IoU of the turn-1 box with the
-target, the valid-box share (the paper's Figure 7) and the test accuracy (see
-``mgpo.tools.beacon``). It also measures the paper's Table 3: the share of test questions whose
-turn-1 crop lets the base model answer right (``eval.py crops``).
+MGPO, the paper's one-turn GRPO baseline and its SFT baseline (the answers only, no box)
+from the same base (``--methods``): the answer is legible only in a crop, so the curves to
+read are the IoU of the turn-1 box with the target, the valid-box share (the paper's Figure
+7) and the test accuracy (see ``mgpo.tools.beacon``). It also measures the paper's Table 3:
+the share of test questions whose turn-1 crop lets the base model answer right (``eval.py
+crops``).
+
+``--task budgets`` is the paper's Table 2: the beacon scene at several down-scale factors of
+the model's fixed view (``build/budgets``), the base and each method at each factor, each
+run evaluated once, at its last step; a table and a chart of accuracy against the budget.
 """
 
 from __future__ import annotations
