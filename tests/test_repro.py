@@ -123,3 +123,21 @@ def test_budget_block_has_each_factor_and_the_margin(tmp_path):
     assert "| 1x | 50.0 | 50.0 | 96.0 (95.0-97.0) | 91.0 (90.0-92.0) | +5.0 |" in block
     assert "| 4x | 50.0 | 50.0 | 96.0 (95.0-97.0) | 34.0 (33.0-35.0) | +62.0 |" in block
     assert (tmp_path / "reproduction" / "budgets_accuracy.png").exists()
+
+
+def test_an_sft_run_folder_is_read_back(tmp_path):
+    """An SFT run logs no reward and no grounding of rollouts: collect still reads its figures."""
+    import json
+
+    from mgpo.tools.repro import collect
+
+    run = tmp_path / "sft-seed0"
+    (run / "checkpoint-30").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "train/loss": 0.2, "train/nll": 0.2}) + "\n")
+    (run / "eval-30").mkdir()
+    (run / "eval-30" / "metrics.json").write_text(json.dumps({"results": {"test": {
+        "accuracy": 34.4, "grounding": {"mean_iou": None, "valid_box": 0.0, "crop_contains_target": None}}}}))
+    found = collect(run, "sft", 0)
+    assert found["accuracy"] == {30: 34.4} and found["iou"] == {30: 0.0} and found["valid"] == {30: 0.0}
+    assert found["reward"] == [] and found["valid_box"] == []

@@ -107,6 +107,7 @@ def collect(run: Path, method: str, seed: int) -> dict:
         valid[step] = result["grounding"]["valid_box"]
         holds[step] = result["grounding"].get("crop_contains_target") or 0.0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward/mean" in r]  # RL steps only: an SFT run logs its loss, no rollouts
     last = max(run.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     found = {"method": method, "seed": seed, "accuracy": accuracy, "iou": iou, "valid": valid, "holds": holds,
              "minutes": (last.stat().st_mtime - (run / "config.yaml").stat().st_mtime) / 60,
