@@ -3,7 +3,7 @@ reward well above where the base starts; the same run with a broken trainer (adv
 negated) does not.
 
 The base model is built once (``python -m mgpo.tools.base``, as ``make base`` does: the colours
-task, greedy test accuracy 60.9%, about 0.35-0.43 mean reward when sampled at T = 1) and each
+task, greedy test accuracy 48.4%, about 0.34-0.56 mean reward in the first sampled steps) and each
 run goes through tests/train_worker.py with configs/tiny_colours.yaml at ``train.lr=5e-4``, 30
 optimizer steps of 4 prompts x 8 samples.
 
