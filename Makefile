@@ -60,7 +60,7 @@ $(BASE)/base.json: | $(STAMP)
 	$(PY) -m mgpo.tools.base $(BASE)
 
 # The base model of the grounding experiment (src/mgpo/tools/beacon.py; the MGPO and the one-turn
-# GRPO conversations), ~5 minutes on 2 cores.
+# GRPO conversations), ~6.5 minutes on 2 cores.
 beacon: $(BEACON)/base.json
 $(BEACON)/base.json: | $(STAMP)
 	$(PY) -m mgpo.tools.base $(BEACON) --task beacon
@@ -101,9 +101,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # The main job on the embedded default: build (or reuse) the demo's base model (the beacon task,
-# ~2.5 minutes), train it with MGPO for 30 steps (the answer reward only; watch the turn-1 box
+# ~2.3 minutes), train it with MGPO for 30 steps (the answer reward only; watch the turn-1 box
 # find the target), evaluate the result (a rerun reuses the predictions of the same checkpoint),
-# show one two-turn rollout and the before/after table. About 5 minutes on 2 cores.
+# show one two-turn rollout and the before/after table. 3.5 minutes on 2 cores.
 demo-base: $(DEMO)/base.json
 $(DEMO)/base.json: | $(STAMP)
 	$(PY) -m mgpo.tools.base $(DEMO) --task demo

@@ -3,7 +3,8 @@
     python -m mgpo.tools.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
     python -m mgpo.tools.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
     python -m mgpo.tools.base build/nested --task nested   # two zooms needed (the K-turn experiment)
-    python -m mgpo.tools.base build/demo --task demo       # `make demo`'s: the beacon task, ~2.5 min
+    python -m mgpo.tools.base build/demo --task demo       # `make demo`'s: the beacon task, ~2.3 min
+    python -m mgpo.tools.base build/budgets --task budgets # the pixel-budget sweep's, ~3 min
 
 A random tiny model never writes ``\\boxed{}``, so its reward is 0 and RL has nothing to
 work with. This builds, deterministically from a seed:
