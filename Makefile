@@ -65,7 +65,7 @@ beacon: $(BEACON)/base.json
 $(BEACON)/base.json: | $(STAMP)
 	$(PY) -m mgpo.tools.base $(BEACON) --task beacon
 
-# The base model of the K-turn experiment (the nested beacon: two zooms needed), ~10 minutes.
+# The base model of the K-turn experiment (the nested beacon: two zooms needed), ~15 minutes.
 nested: $(NESTED)/base.json
 $(NESTED)/base.json: | $(STAMP)
 	$(PY) -m mgpo.tools.base $(NESTED) --task nested

@@ -91,7 +91,7 @@ def test_sft_baseline_row_is_judged_in_the_one_turn_conversation(tmp_path):
         del r["crops"]
     write_report(base, [_run(0), _run(1), _run(2), *sft], tmp_path, "cmd", task="beacon")
     block = (tmp_path / "reproduction.md").read_text()
-    assert "| SFT (answer only), step 100 | 34.0 (33.0-35.0) | 0.0 (0.0-0.0) |" in block
+    assert "| SFT (answer only), step 100 | 34.0 (33.0-35.0) | 0.0 (0.0-0.0) | - | - | - |" in block
     assert "SFT (answer only), greedy test accuracy (%), 64 questions:" in block
     assert "| 0 | 35.9 | 30.0 | 33.0 | 1.5 |" in block  # measured against the one-turn base
     assert "SFT (answer only), greedy test IoU" not in block

@@ -60,7 +60,7 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tmp_path, 
     trainable, changed = set(rec["trainable"]), set(rec["changed"])
     assert trainable and changed == trainable
     assert not any(n.startswith("model.visual.") for n in trainable), "vision tower is frozen by default"
-    # TensorBoard and the plot-able log exist and hold the figures the issue lists.
+    # TensorBoard and the plot-able log exist and hold the figures a run is read by.
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for key in ("reward/mean", "grounding/valid_box_share", "train/kl", "train/entropy", "train/clip_frac",
                 "train/grad_norm", "train/lr", "time/rollout_s", "throughput/generated_tokens_per_s",

@@ -1,7 +1,7 @@
 """The embedded base models: warm-started tiny Qwen2.5-VLs that the MGPO runs start from.
 
-    python -m mgpo.tools.base build/base                   # `make base`: the colours task, ~3 min on 2 cores
-    python -m mgpo.tools.base build/beacon --task beacon   # the beacon task (grounding), ~5 min
+    python -m mgpo.tools.base build/base                   # `make base`: the colours task, ~1.6 min on 2 cores
+    python -m mgpo.tools.base build/beacon --task beacon   # the beacon task (grounding), ~6.5 min
     python -m mgpo.tools.base build/nested --task nested   # two zooms needed (the K-turn experiment)
     python -m mgpo.tools.base build/demo --task demo       # `make demo`'s: the beacon task, ~2.3 min
     python -m mgpo.tools.base build/budgets --task budgets # the pixel-budget sweep's, ~3 min
