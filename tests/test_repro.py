@@ -31,6 +31,7 @@ def test_beacon_block_has_accuracy_and_iou_and_keeps_the_page(tmp_path):
             "55.0 (50.0-60.0) |") in block
     assert "GRPO, greedy test accuracy (%)" in block and "| 0 | 35.9 | 60.0 | 80.0 | 1.5 |" in block
     assert (tmp_path / "reproduction" / "beacon_iou.png").exists()
+    assert "](reproduction/beacon_summary.png)" in block and (tmp_path / "reproduction" / "beacon_summary.png").exists()
     assert (tmp_path / "reproduction" / "beacon_holds.png").exists()
     write_report(base, [_run(0)], tmp_path, "again", task="beacon")  # replaced, not appended
     assert page.read_text().count("repro-beacon:start") == 1
