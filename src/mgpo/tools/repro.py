@@ -31,6 +31,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import fmean
 
 from PIL import Image, ImageDraw
 
@@ -78,12 +79,21 @@ def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, conf
           f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100",
           "train.resume=none", "train.overwrite=true"])
     for step in range(eval_every, steps + 1, eval_every):
-        ckpt = run / f"checkpoint-{step}" / "model"
-        _run([sys.executable, "eval.py", "--config", config, *common, f"model.path={ckpt}",
-              f"eval.output_dir={run / f'eval-{step}'}", "eval.overwrite=true"])
+        _evaluate(run / f"checkpoint-{step}" / "model", test_file, config, method, run / f"eval-{step}")
     if judge and method != "sft":
         crops(run / f"eval-{steps}", judge)
     return collect(run, method, seed)
+
+
+def _evaluate(model: Path, test_file: Path, config: str, method: str, out: Path) -> float:
+    """``eval.py`` on ``model`` in ``method``'s conversation; its greedy test accuracy."""
+    _run([sys.executable, "eval.py", "--config", config, f"model.path={model}", f"data.eval={test_file}",
+          *method_overrides(METHOD_OF.get(method, method)), f"eval.output_dir={out}", "eval.overwrite=true"])
+    return _accuracy(out)
+
+
+def _accuracy(eval_dir: Path) -> float:
+    return next(iter(json.loads((eval_dir / "metrics.json").read_text())["results"].values()))["accuracy"]
 
 
 def answers_only(records: Path, out: Path) -> Path:
@@ -176,14 +186,30 @@ def _final(run: dict, key: str) -> float:
     return run[key][max(run[key])]
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """The mean over seeds, with the lowest and highest seed in brackets when there are several."""
+    mean = fmt.format(fmean(values))
+    return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def _write_block(path: Path, tag: str, content: str) -> Path:
+    """Put ``content`` between the page's ``tag`` markers (appended with them when absent);
+    the rest of the page is kept."""
+    text = path.read_text() if path.exists() else ""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    block = f"{start}\n{content}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + "\n" + block + "\n"
+    path.write_text(text)
+    return path
+
+
 def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
     """The paper's Tables 1-3 in miniature: base (each template) and each method's last
     checkpoint, mean over seeds with the lowest and highest seed in brackets. Table 3's column only where it was
     measured (the paper's template)."""
-    def cell(values, fmt):
-        mean = fmt.format(sum(values) / len(values))
-        return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
-
     table3 = bool(base.get("crops")) or any("crops" in r for r in runs)
     head = ["model", "test accuracy %", "valid box %", "IoU with the target", "turn-1 box holds the target %"]
     head += ["answerable from the turn-1 crop %"] if table3 else []
@@ -198,11 +224,11 @@ def _summary(base: dict, runs: list[dict], methods: list[str]) -> str:
         mine = [r for r in runs if r["method"] == method]
         boxless = method == "sft"  # writes no box: no IoU, nothing to hold the target
         row = [f"{LABELS[method]}, step {max(mine[0]['accuracy'])}",
-               cell([_final(r, "accuracy") for r in mine], "{:.1f}"), cell([_final(r, "valid") for r in mine], "{:.1f}"),
-               "-" if boxless else cell([_final(r, "iou") for r in mine], "{:.2f}"),
-               "-" if boxless else cell([_final(r, "holds") for r in mine], "{:.1f}")]
+               _spread([_final(r, "accuracy") for r in mine], "{:.1f}"), _spread([_final(r, "valid") for r in mine], "{:.1f}"),
+               "-" if boxless else _spread([_final(r, "iou") for r in mine], "{:.2f}"),
+               "-" if boxless else _spread([_final(r, "holds") for r in mine], "{:.1f}")]
         if table3:
-            row.append(cell([r["crops"] for r in mine], "{:.1f}") if all("crops" in r for r in mine) else "-")
+            row.append(_spread([r["crops"] for r in mine], "{:.1f}") if all("crops" in r for r in mine) else "-")
         lines.append("| " + " | ".join(row) + " |")
     seeds = ", ".join(str(r["seed"]) for r in runs if r["method"] == methods[0])
     about = (f"Greedy test figures, {base.get('n_test', 64)} questions; each method's last checkpoint, mean over "
@@ -228,12 +254,11 @@ def _summary_chart(base: dict, runs: list[dict], methods: list[str], path: Path)
         mine = [r for r in runs if r["method"] == method]
         models.append((LABELS[method].split(" (")[0], [_final(r, "accuracy") for r in mine],
                        [r.get("crops") for r in mine]))
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    series = {"test accuracy %": [(i, mean(acc)) for i, (_, acc, _) in enumerate(models)]}
+    series = {"test accuracy %": [(i, fmean(acc)) for i, (_, acc, _) in enumerate(models)]}
     spans = {"test accuracy %": [(i, min(acc), max(acc)) for i, (_, acc, _) in enumerate(models) if len(acc) > 1]}
     crops = [(i, c) for i, (_, _, c) in enumerate(models) if c and None not in c]
     if crops:
-        series["answerable from the turn-1 crop %"] = [(i, mean(c)) for i, c in crops]
+        series["answerable from the turn-1 crop %"] = [(i, fmean(c)) for i, c in crops]
         spans["answerable from the turn-1 crop %"] = [(i, min(c), max(c)) for i, c in crops if len(c) > 1]
     title = f"Greedy test accuracy{' and Table 3' if crops else ''} by model (last checkpoint, mean over seeds)"
     plot(series, title, path, y_max=100.0, y_label="% of test questions, whiskers: lowest and highest seed",
@@ -278,28 +303,11 @@ def write_report(base: dict, runs: list[dict], docs: Path, command: str, task: s
     methods_sft = base.get("methods", [])
     about += f", the conversations of {' and '.join(LABELS[m] for m in methods_sft)} in turn" if len(methods_sft) > 1 else ""
     about += f", label noise {base['label_noise']})" if "label_noise" in base else ")"
-    path = docs / "reproduction.md"
-    text = path.read_text() if path.exists() else ""
-    tag = "repro" if task == "colours" else f"repro-{task}"
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     images = "\n".join(f"![{title}](reproduction/{prefix}{chart}.png)" for chart, (title, _) in charts.items())
     if summary_chart:
         images = f"![{summary_chart}](reproduction/{prefix}summary.png)\n" + images
-    block = f"{start}\nGenerated by `{command}`, from {about}.\n\n" + "\n\n".join(tables) + f"\n\n{images}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text + "\n" + block + "\n"
-    path.write_text(text)
-    return path
-
-
-def evaluate_base(base: Path, test_file: Path, config: str, method: str, out: Path, report_only: bool) -> float:
-    """Greedy test accuracy of the base model on ``test_file`` in ``method``'s conversation."""
-    if not report_only:
-        _run([sys.executable, "eval.py", "--config", config, f"model.path={base / 'model'}", f"data.eval={test_file}",
-              *method_overrides(METHOD_OF.get(method, method)), f"eval.output_dir={out}", "eval.overwrite=true"])
-    return next(iter(json.loads((out / "metrics.json").read_text())["results"].values()))["accuracy"]
+    return _write_block(docs / "reproduction.md", "repro" if task == "colours" else f"repro-{task}",
+                        f"Generated by `{command}`, from {about}.\n\n" + "\n\n".join(tables) + f"\n\n{images}")
 
 
 def budget_sweep(base: Path, out: Path, config: str, methods: list[str], seeds: list[int], steps: int,
@@ -312,8 +320,9 @@ def budget_sweep(base: Path, out: Path, config: str, methods: list[str], seeds: 
     for factor in factors:
         data = (base / "data" / f"train-x{factor}.jsonl", base / "data" / f"test-x{factor}.jsonl")
         for method in methods:
-            at_base[factor, method] = evaluate_base(base, data[1], config, method, out / f"base-x{factor}-{method}",
-                                                    report_only)
+            at = out / f"base-x{factor}-{method}"
+            at_base[factor, method] = _accuracy(at) if report_only else _evaluate(base / "model", data[1], config,
+                                                                                   method, at)
             for seed in seeds:
                 name = f"x{factor}-{method}-seed{seed}"
                 run = (collect(out / name, method, seed) if report_only else
@@ -327,19 +336,17 @@ def write_budgets(at_base: dict, runs: list[dict], methods: list[str], docs: Pat
     import math
 
     factors = sorted({f for f, _ in at_base})
-    final = {(f, m): [r["accuracy"][max(r["accuracy"])] for r in runs if r["factor"] == f and r["method"] == m]
+    final = {(f, m): [_final(r, "accuracy") for r in runs if r["factor"] == f and r["method"] == m]
              for f in factors for m in methods}
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    spread = lambda v: f"{mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else f"{v[0]:.1f}"  # noqa: E731
     head = (["down-scale factor"] + [f"base, {LABELS[m]} conversation" for m in methods]
             + [LABELS[m] for m in methods])
     if {"mgpo", "grpo"} <= set(methods):
         head.append("MGPO - GRPO")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in factors:
-        row = [f"{f}x"] + [f"{at_base[f, m]:.1f}" for m in methods] + [spread(final[f, m]) for m in methods]
+        row = [f"{f}x"] + [f"{at_base[f, m]:.1f}" for m in methods] + [_spread(final[f, m], "{:.1f}") for m in methods]
         if {"mgpo", "grpo"} <= set(methods):
-            row.append(f"{mean(final[f, 'mgpo']) - mean(final[f, 'grpo']):+.1f}")
+            row.append(f"{fmean(final[f, 'mgpo']) - fmean(final[f, 'grpo']):+.1f}")
         lines.append("| " + " | ".join(row) + " |")
     steps = max(max(r["accuracy"]) for r in runs)
     seeds = sorted({r["seed"] for r in runs})
@@ -349,22 +356,16 @@ def write_budgets(at_base: dict, runs: list[dict], methods: list[str], docs: Pat
              "factor.")
     pos = {f: math.log2(f) for f in factors}
     series = {f"base ({LABELS[m]} conversation)": [(pos[f], at_base[f, m]) for f in factors] for m in methods}
-    series.update({LABELS[m]: [(pos[f], mean(final[f, m])) for f in factors] for m in methods})
+    series.update({LABELS[m]: [(pos[f], fmean(final[f, m])) for f in factors] for m in methods})
     spans = {LABELS[m]: [(pos[f], min(final[f, m]), max(final[f, m])) for f in factors] for m in methods}
     chart = docs / "reproduction" / "budgets_accuracy.png"
     plot(series, "Greedy test accuracy against the pixel budget (beacon task)", chart, y_max=100.0,
          y_label="greedy test accuracy (%), whiskers: lowest and highest seed",
          x_label="down-scale factor of the original (the model sees 448 x 112 px)",
          x_ticks=[(pos[f], f"{f}x") for f in factors], spans=spans)
-    path = docs / "reproduction.md"
-    text = path.read_text() if path.exists() else ""
-    start, end = "<!-- repro-budgets:start -->", "<!-- repro-budgets:end -->"
-    block = (f"{start}\nGenerated by `{command}`.\n\n{about}\n\n" + "\n".join(lines)
-             + "\n\n![accuracy against the pixel budget](reproduction/budgets_accuracy.png)\n" + end)
-    text = (text[: text.index(start)] + block + text[text.index(end) + len(end):] if start in text and end in text
-            else text + "\n" + block + "\n")
-    path.write_text(text)
-    return path
+    return _write_block(docs / "reproduction.md", "repro-budgets",
+                        f"Generated by `{command}`.\n\n{about}\n\n" + "\n".join(lines)
+                        + "\n\n![accuracy against the pixel budget](reproduction/budgets_accuracy.png)")
 
 
 def main(argv: list[str] | None = None) -> None:
