@@ -205,3 +205,47 @@ def test_every_gpu_preset_fits_the_hardware_it_names(path):
     for phase, gb in pl.phases.items():
         assert f"{phase} {gb:.1f} GB" in text, f"{path.name}: header lacks '{phase} {gb:.1f} GB'"
     assert f"decode-time floor {pl.decode_floor_s:.0f} s" in text, path.name
+
+
+# ---- the plan and the trainer agree on GPU counts; ZeRO-3's traffic
+
+@pytest.mark.parametrize("gpus", [24, 48, 256])
+def test_the_plan_refuses_the_gpu_counts_the_trainer_refuses(gpus):
+    """The paper's preset (128 prompts per step) on 24, 48 or 256 GPUs: the trainer's start-up check
+    refuses, so the plan must too (it said "fits" before), naming the counts that work."""
+    from mgpo.config import ConfigError
+    from mgpo.core.setup import plan_batches
+    from mgpo.tools.plan import main
+
+    cfg = load_config(PAPER)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        plan_batches(cfg.train, cfg.rollout.group_size, gpus)
+    with pytest.raises(ConfigError, match=rf"--gpus {gpus}: the trainer refuses .* 1, 2, 4, 8, 16, 32, 64, 128$"):
+        main(["--config", PAPER, "--gpus", str(gpus), "--gpu-memory", "80"])
+
+
+def test_the_plan_lists_the_gpu_counts_the_trainer_accepts(capsys):
+    from mgpo.tools.plan import gpu_counts, main
+
+    assert gpu_counts(load_config(PAPER)) == [1, 2, 4, 8, 16, 32, 64, 128]
+    main(["--config", PAPER, "--gpus", "16", "--gpu-memory", "80"])
+    assert "from 16 up: 16, 32, 64, 128 (largest: 128)" in capsys.readouterr().out
+
+
+def test_zero3_traffic_on_the_papers_preset_by_hand():
+    """8 GPUs: 16 prompts x 8 samples per rank and step, micro-batch 2 -> 64 micro-batches, each
+    gathering the 8,292,166,656 bf16 parameters twice and reducing the 7,615,616,512 trainable
+    ones' bf16 gradients; old-policy and reference passes over the 4 steps' micro-batches, once per
+    rollout batch of 4 steps; generation gathers once per rollout batch."""
+    from mgpo.tools.plan import zero3_traffic
+
+    tr = zero3_traffic(load_config(PAPER), count_params("qwen2.5-vl-7b"), 8)
+    params, trainable = 2 * 8_292_166_656, 2 * 7_615_616_512
+    assert tr.train == 64 * (2 * params + trainable) == 3_097_593_577_472
+    assert tr.logprobs == 2 * 64 * params  # (old + reference) x 64 micro-batches x 4 steps / 4 steps
+    assert tr.generation == params / 4
+    # a ring inside a node moves 7/8 of it through each GPU; between nodes each node takes it all
+    assert tr.seconds("gpu", 450) == pytest.approx(tr.total * 7 / 8 / 450e9)
+    assert tr.seconds("node", 12.5) == pytest.approx(tr.total / 12.5e9)
+    no_kl = zero3_traffic(load_config(PAPER, ["loss.kl_coef=0"]), count_params("qwen2.5-vl-7b"), 8)
+    assert no_kl.logprobs == tr.logprobs / 2

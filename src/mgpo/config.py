@@ -207,6 +207,12 @@ class TrainConfig:
     """Where scalars go besides metrics.jsonl (always written): "tensorboard" (runs/<name>/tensorboard),
     "wandb" (Weights & Biases through accelerate's tracker; it contacts its server unless WANDB_MODE=offline),
     "all" (both) or "none". The wandb package is imported only when asked for."""
+    collective_timeout_s: int = 1200
+    """How long (seconds) a rank waits at any collective for the others before the job stops,
+    naming the collective (NCCL's flight recorder; see the README's "Several nodes"). The longest
+    legitimate wait here is one rank finishing its rollout or evaluation share a few minutes
+    ahead of the others, or rank 0 writing a large checkpoint; raise it for very long turns.
+    Evaluation uses it too."""
     ignore_plan: bool = False
     """On GPUs, train.py refuses a launch that ``python -m mgpo.tools.plan`` predicts will run out of
     memory, naming what to change; true: print the prediction as a warning and launch anyway."""
@@ -294,7 +300,7 @@ RANGES = {  # every numeric field: (accepts the value, what is allowed)
     "train.prompts_per_step": SOME, "train.micro_batch_size": SOME, "train.ppo_epochs": SOME, "train.lr": POSITIVE,
     "train.warmup_steps": COUNT, "train.weight_decay": COUNT, "train.betas[0]": SHARE, "train.betas[1]": SHARE,
     "train.grad_clip": POSITIVE, "train.lora_rank": COUNT, "train.save_every": SOME, "train.keep_last": COUNT,
-    "train.log_every": SOME, "train.max_bad_steps": SOME,
+    "train.log_every": SOME, "train.max_bad_steps": SOME, "train.collective_timeout_s": _range(10),
     "eval.max_turns": _range(2), "eval.samples": SOME, "eval.temperature": COUNT, "eval.batch_size": SOME,
     "eval.report_examples": COUNT,
 }

@@ -96,15 +96,26 @@ def setup_run(cfg: Config) -> Run:
     world = D.launched_world_size()
     plan = plan_batches(t, 1 if t.algorithm == "sft" else cfg.rollout.group_size, world)
     trackers = external_trackers(t.report_to)  # refused here, before any model loads, when missing
-    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip, log_with=trackers)
+    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip, log_with=trackers,
+                                     timeout_s=t.collective_timeout_s)
     setup_logging()
     out = Path(t.output_dir)
-    folder = start_run(cfg)  # lock the folder; verify the checkpoint; refuse changed settings; save the config
+    # shared folder; lock; verify the checkpoint; refuse changed settings; save the config
+    folder = start_run(cfg, deepspeed=D.is_deepspeed(accelerator))
     resume_from = folder.resume_from
     torch.manual_seed(t.seed + D.rank())  # each rank samples its own rollouts
 
-    # ---- model, reference, optimizer
+    # ---- data: the same usable records on every rank, before any model loads
     processor = load_processor(cfg.model)
+    data = load_training_data(cfg, processor)
+    if len(data) < t.prompts_per_rollout:
+        raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
+                         f"train.prompts_per_rollout ({t.prompts_per_rollout})")
+    D.check_same("usable training records", data.fingerprint_rows(),
+                 f"every node must read the same copy of {cfg.data.train} and its images (the ranks draw their "
+                 "batches from one shuffled order)")
+
+    # ---- model, reference, optimizer
     suppress = suppressed_ids(processor)
     policy = load_policy(cfg, resume_from, accelerator.device)
     policy.train()
@@ -127,11 +138,6 @@ def setup_run(cfg: Config) -> Run:
         state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
         log.info("resumed from %s at step %d", resume_from, state["step"])
 
-    # ---- data
-    data = load_training_data(cfg, processor)
-    if len(data) < t.prompts_per_rollout:
-        raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
-                         f"train.prompts_per_rollout ({t.prompts_per_rollout})")
     total = t.epochs * (len(data) // t.prompts_per_rollout) * plan.steps_per_rollout * t.ppo_epochs
     total = min(total, t.max_steps) if t.max_steps else total
     log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "

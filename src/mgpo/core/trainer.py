@@ -51,7 +51,7 @@ class Experience:
     group_size: int  # trajectories per prompt (1 for SFT)
     micro_loss: object  # (logp_NT, entropy_NT, part, denom) -> (loss, stats) for trajectories ``part``
     rewards: torch.Tensor | None
-    timings: dict
+    timings: dict  # seconds per phase ("time/..."), and on GPUs each phase's peak memory ("memory/...")
 
 
 def train(cfg: Config) -> TrainResult:
@@ -69,6 +69,7 @@ def train(cfg: Config) -> TrainResult:
 
         # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
+        D.reset_peak_memory()
         steps = []
         for index in _step_slices(len(exp.batch) // exp.group_size, exp.group_size, run.plan.steps_per_rollout,
                                   t.ppo_epochs):
@@ -76,6 +77,7 @@ def train(cfg: Config) -> TrainResult:
                 break
             steps.append(optimizer_step(run, exp, index))
         exp.timings["time/update_s"] = time.perf_counter() - t0
+        exp.timings |= D.peak_memory("update")
         run.state["batch"] += 1
 
         # ---- log
@@ -124,19 +126,20 @@ def _rl_experience(run: Run, prompts, images) -> Experience:
     cfg = run.cfg
     # ---- rollout: no grad, eval mode, weights gathered once under ZeRO-3
     t0 = time.perf_counter()
+    D.reset_peak_memory()
     with D.generation_weights(run.accelerator, run.wrapped) as gen:
         batch = rollout(gen.policy, run.processor, prompts, cfg.rollout, min_pixels=cfg.model.min_pixels,
                         max_pixels=cfg.model.max_pixels, images=images,
                         synced_gpus=D.zero_stage(run.accelerator) == 3)
     run.wrapped.train()
-    t_rollout = time.perf_counter() - t0
+    t_rollout, memory = time.perf_counter() - t0, D.peak_memory("rollout")
     # ---- rewards and group-relative advantages
     rewards = score(batch.trajectories, cfg.rollout.format_reward, cfg.rollout.turn_cost)
     adv = group_advantages(rewards, cfg.rollout.group_size, cfg.loss.adv_eps)
     # ---- old and reference log-probs (no grad)
     t0 = time.perf_counter()
     old_logp, ref_logp = _fixed_logprobs(run, batch)
-    timings = {"time/rollout_s": t_rollout, "time/logprobs_s": time.perf_counter() - t0}
+    timings = {"time/rollout_s": t_rollout, "time/logprobs_s": time.perf_counter() - t0, **memory}
 
     def micro_loss(logp, entropy, part, denom):
         width, dev = logp.shape[1], logp.device
@@ -219,7 +222,7 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
             logp, entropy = wrapped(with_entropy=with_entropy, loss_mask=mb.loss_mask.to(acc.device),
                                     **mb.model_inputs(acc.device))
             loss, stats = exp.micro_loss(logp, entropy, part, denom.to(logp.device))
-            finite = finite and _all_finite(loss, acc)
+            finite = finite and _all_finite(loss)
             last = k == len(micro) - 1
             if not finite:
                 loss = _skip_loss(logp) if last and D.is_deepspeed(acc) else _zero_loss(logp)
@@ -244,10 +247,9 @@ def _micro_batches(index: list[int], size: int) -> list[list[int]]:
     return [index[i: i + size] for i in range(0, len(index), size)]
 
 
-def _all_finite(loss: torch.Tensor, accelerator) -> bool:
+def _all_finite(loss: torch.Tensor) -> bool:
     """True when the loss is finite on every rank (one all-reduce)."""
-    bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=accelerator.device)
-    return accelerator.reduce(bad, reduction="sum").item() == 0 if D.world_size() > 1 else bad.item() == 0
+    return D.all_reduce_sum(0.0 if math.isfinite(loss.item()) else 1.0).item() == 0
 
 
 def _zero_loss(logp: torch.Tensor) -> torch.Tensor:
@@ -290,7 +292,7 @@ def _log(run: Run, exp: Experience, bad, steps: list[dict], images: dict) -> dic
     batch.update({
         **exp.timings,
         "data/skipped_images": float(sum(len(g[2]) for g in gathered)),
-        "time/step_s": sum(exp.timings.values()) / max(1, len(steps)),
+        "time/step_s": sum(v for k, v in exp.timings.items() if k.startswith("time/")) / max(1, len(steps)),
         "throughput/generated_tokens_per_s": gen_tokens / max(exp.timings["time/rollout_s"], 1e-9),
     })
     first, row, logged = run.state["step"] - len(steps) + 1, batch, None

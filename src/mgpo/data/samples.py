@@ -26,6 +26,7 @@ read back then.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -94,6 +95,16 @@ class SampleSet:
 
     def __iter__(self) -> Iterator[Sample]:
         return iter(self.samples)
+
+    def fingerprint_rows(self) -> list[str]:
+        """The records as this machine read them, one line each: every usable record's id, image
+        and size, then every skipped one's id and reason. Every node of a job must read the same:
+        a node whose copy lacks an image skips that record and would draw other batches."""
+        def image(ref: str) -> str:  # an embedded image by its digest, not its bytes
+            return "base64 " + hashlib.sha256(ref.encode()).hexdigest()[:16] if ref.startswith("base64:") else ref
+
+        return ([f"{s.id}\t{image(s.image)}\t{s.width}x{s.height}" for s in self.samples]
+                + [f"skipped {rid}\t{why}" for rid, why in self.skipped])
 
     def summary(self) -> str:
         reasons = Counter(r.split(" (")[0].split(":")[0] for _, r in self.skipped)

@@ -35,7 +35,6 @@ from ..runtime import distributed as D
 from ..runtime.model import CheckpointError, check_adapter_dir, check_model_dir, load_model, load_processor
 from .protocol import (
     PROTOCOL_FILE,
-    ProtocolMismatchError,
     check_protocol,
     cut_torn_tail,
     done_questions,
@@ -137,28 +136,21 @@ def with_output_dir(cfg: Config) -> Config:
     return replace(cfg, eval=replace(cfg.eval, output_dir=str(Path("runs/eval") / model / data)))
 
 
-def _prepare_output(cfg: Config, state, datasets: dict[str, SampleSet]) -> None:
+def _prepare_output(cfg: Config, datasets: dict[str, SampleSet]) -> None:
     """Main process: check the stored protocol, cut torn lines, save the config; every process
     gets the outcome (a refusal stops them all)."""
     out = Path(cfg.eval.output_dir)
     pred_dir = out / "predictions"
-    error = None
-    if state.is_main_process:
-        try:
-            pred_dir.mkdir(parents=True, exist_ok=True)
-            check_protocol(pred_dir, run_protocol(cfg, datasets), cfg.eval.overwrite)
-            for f in sorted(pred_dir.glob("rank*.jsonl")):
-                if cut := cut_torn_tail(f):
-                    log.warning("%s: its last line was cut by a kill (%d bytes); removed, that batch is redone",
-                                f, cut)
-            save_config(cfg, out / "config.yaml")
-        except Exception as e:
-            error = e
-    message = D.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if message is not None:
-        raise ProtocolMismatchError(f"the main process refused to start: {message}")
+
+    def prepare():
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        check_protocol(pred_dir, run_protocol(cfg, datasets), cfg.eval.overwrite)
+        for f in sorted(pred_dir.glob("rank*.jsonl")):
+            if cut := cut_torn_tail(f):
+                log.warning("%s: its last line was cut by a kill (%d bytes); removed, that batch is redone", f, cut)
+        save_config(cfg, out / "config.yaml")
+
+    D.on_main(prepare)
 
 
 def eval_sets(cfg: Config) -> dict[str, SampleSet]:
@@ -178,16 +170,19 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     check_model_dir(cfg.model.path)  # local folders only, checked before anything else
     if e.adapter:
         check_adapter_dir(e.adapter)
-    state = D.make_state()
+    state = D.make_state(cfg.train.collective_timeout_s)
     out = Path(e.output_dir)
+    D.check_shared_folder(out, "eval.output_dir")  # every rank writes its predictions there, rank 0 merges
     pred_dir = out / "predictions"
     datasets = eval_sets(cfg)
     for name, ds in datasets.items():
         if any(s.messages for s in ds):
             raise ValueError(f"eval dataset {name} holds chat conversations (format chat): they are SFT data; "
                              "evaluate on multiple-choice question records")
-    _prepare_output(cfg, state, datasets)
-    state.wait_for_everyone()
+    D.check_same("evaluation records", [row for ds in datasets.values() for row in ds.fingerprint_rows()],
+                 "give every node the same copy of the datasets")
+    _prepare_output(cfg, datasets)
+    D.barrier()
     processor = processor or load_processor(cfg.model)
     model = model or load_model(cfg.model, state.device, adapter=cfg.eval.adapter or None)
     rcfg = replace(cfg.rollout, template=e.mode, group_size=e.samples, temperature=e.temperature or 1.0,
@@ -222,7 +217,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
                 os.fsync(mine.fileno())
     finally:
         mine.close()
-    state.wait_for_everyone()
+    D.barrier()
     if not state.is_main_process:
         return {}
     return write_report(cfg, datasets, out)

@@ -14,7 +14,11 @@ looks for):
 A checkpoint is written into ``checkpoint-50.tmp``, every file and folder is fsynced, the
 manifest is written, and the folder is renamed when whole, so a process killed mid-write
 leaves the previous checkpoint untouched and loadable, and only whole checkpoints carry
-the name other tools look for. A ``checkpoint-<N>`` folder without COMPLETE was not written
+the name other tools look for. Every rank writes part of it (its RNG state, its ZeRO shards):
+each rank hashes the files it wrote (``file_owner``), rank 0 merges their lists into the
+manifest, and a checkpoint is COMPLETE only when rank 0 sees every file every rank wrote
+(so the run folder must be shared between nodes; ``D.check_shared_folder`` checks that at
+start). A resume verifies the same way, each rank the files it wrote. A ``checkpoint-<N>`` folder without COMPLETE was not written
 whole by this trainer (damaged, or another tool's): it is never resumed, and ``resume=auto``
 refuses to start over on top of one.
 
@@ -90,7 +94,8 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
     With ``auto``, a damaged newest checkpoint is skipped with a warning naming the file;
     when checkpoints exist but none verifies, or only folders without COMPLETE do, this
-    refuses rather than start over silently.
+    refuses rather than start over silently. In a distributed run every rank calls it: rank
+    0's listing is the one used, each rank hashes its own files, every rank gets one answer.
     """
     if resume == "none":
         return None
@@ -98,13 +103,15 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         path = Path(resume)
         if not (path / MARKER).exists():
             raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {MARKER} file)")
-        verify_checkpoint(path)
+        verify_checkpoint(path, shared=True)
         return path
-    unmarked = [p for p in step_folders(output_dir) if not (p / MARKER).exists()]
+    unmarked, complete = D.broadcast_object(
+        ([p for p in step_folders(output_dir) if not (p / MARKER).exists()], list_checkpoints(output_dir))
+        if D.is_main() else None)
     problems = []
-    for ckpt in reversed(list_checkpoints(output_dir)):
+    for ckpt in reversed(complete):
         try:
-            verify_checkpoint(ckpt)
+            verify_checkpoint(ckpt, shared=True)
         except CheckpointError as e:
             log.warning("not resuming from %s: %s; trying the previous checkpoint", ckpt, e)
             problems.append(str(e))
@@ -150,13 +157,35 @@ def _files(folder: Path) -> list[str]:
                   if not p.is_dir() and p.relative_to(folder).as_posix() != MARKER)
 
 
-def write_manifest(folder: Path, settings: dict) -> None:
-    """Fsync every file and folder, then write COMPLETE: the SHA-256 of every file, and the
-    training settings the checkpoint's layout depends on. Called once, after all ranks wrote."""
-    files = {}
-    for rel in _files(folder):
-        files[rel] = sha256_file(folder / rel)
+_OWNED = re.compile(r"(?:^|/)rank(\d+)\.pt$|zero_pp_rank_(\d+)_")
+
+
+def file_owner(rel: str) -> int:
+    """The rank that writes a checkpoint file: ``rng/rank<r>.pt`` and DeepSpeed's
+    ``zero_pp_rank_<r>_*`` shards are rank r's, everything else rank 0's.
+
+    >>> [file_owner(f) for f in ("rng/rank1.pt", "deepspeed/state/zero_pp_rank_3_mp_rank_00_optim_states.pt",
+    ...                           "model/model.safetensors")]
+    [1, 3, 0]
+    """
+    found = _OWNED.search(rel)
+    return int(next(g for g in found.groups() if g is not None)) if found else 0
+
+
+def _hash_and_sync(folder: Path, rels: list[str]) -> dict[str, str]:
+    """SHA-256 of each file, each flushed to disk."""
+    digests = {}
+    for rel in rels:
+        digests[rel] = sha256_file(folder / rel)
         _fsync(folder / rel)
+    return digests
+
+
+def write_manifest(folder: Path, settings: dict, files: dict[str, str] | None = None) -> None:
+    """Fsync every file and folder, then write COMPLETE: the SHA-256 of every file (``files``,
+    when the ranks hashed their own; else hashed here), and the training settings the
+    checkpoint's layout depends on. Called once, after all ranks wrote."""
+    files = _hash_and_sync(folder, _files(folder)) if files is None else dict(sorted(files.items()))
     for sub in sorted({p for p in folder.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
         _fsync(sub)
     marker = folder / MARKER
@@ -166,6 +195,32 @@ def write_manifest(folder: Path, settings: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     _fsync(folder)
+
+
+def seal_manifest(folder: Path, settings: dict) -> None:
+    """Every rank: hash the files this rank wrote; rank 0 merges the lists and writes COMPLETE
+    only if it sees every file of every rank (else a CheckpointError on every rank, naming the
+    rank, its host and a file). Files no rank claims (another writer's) rank 0 hashes itself."""
+    mine = [rel for rel in _files(folder) if file_owner(rel) == D.rank()]
+    reports = D.all_gather_objects((D.host(), _hash_and_sync(folder, mine)))
+    problem = None
+    if D.is_main():
+        seen = set(_files(folder))
+        merged = {rel: digest for _, files in reports for rel, digest in files.items()}
+        for r, (host, files) in enumerate(reports):
+            unseen = sorted(set(files) - seen)
+            if unseen or f"rng/rank{r}.pt" not in files:
+                what = unseen[0] if unseen else f"rng/rank{r}.pt"
+                problem = (f"{folder}: rank {r} (host {host}) wrote {what}, which rank 0 (host {D.host()}) does not "
+                           "see; train.output_dir must be one folder shared by every node; the checkpoint is not "
+                           "marked complete")
+                break
+        if problem is None:
+            merged |= _hash_and_sync(folder, sorted(seen - set(merged)))
+            write_manifest(folder, settings, merged)
+    problem = D.broadcast_object(problem)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -181,27 +236,38 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_checkpoint(folder: str | Path, under: str = "") -> dict:
+def verify_checkpoint(folder: str | Path, under: str = "", shared: bool = False) -> dict:
     """Check every file against the manifest (``under``: only the files of that sub-folder, e.g.
     ``model`` for an evaluation); raise CheckpointError naming the first file that is missing,
-    changed or not listed. Returns the manifest."""
+    changed or not listed. Returns the manifest. ``shared``: called on every rank, each hashes
+    the files its rank wrote (``file_owner``, modulo the ranks of this job), and every rank
+    raises the same error."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     prefix = f"{under.strip('/')}/" if under else ""
     listed = {rel: digest for rel, digest in manifest["files"].items() if rel.startswith(prefix)}
     present = {rel for rel in _files(folder) if rel.startswith(prefix)}
-    extra = sorted(present - set(listed))
-    if extra:
-        raise CheckpointError(f"{folder / extra[0]} is not in the checkpoint's manifest (added after the save?)")
-    for rel, digest in sorted(listed.items()):
-        if rel not in present:
-            raise CheckpointError(f"{folder / rel} is missing (listed in the checkpoint's manifest)")
-        if sha256_file(folder / rel) != digest:
-            raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
-                                  "(truncated, damaged or replaced)")
-    if not under:
-        _check_step(folder)
-        check_pickles(folder)
+    ranks, me = (D.world_size(), D.rank()) if shared else (1, 0)
+    problem = None
+    try:
+        extra = sorted(present - set(listed))
+        if extra:
+            raise CheckpointError(f"{folder / extra[0]} is not in the checkpoint's manifest (added after the save?)")
+        for rel, digest in sorted(listed.items()):
+            if rel not in present:
+                raise CheckpointError(f"{folder / rel} is missing (listed in the checkpoint's manifest)")
+            if file_owner(rel) % ranks == me and sha256_file(folder / rel) != digest:
+                raise CheckpointError(f"{folder / rel} does not match its SHA-256 in the manifest "
+                                      "(truncated, damaged or replaced)")
+        if not under:
+            _check_step(folder)
+            check_pickles(folder)
+    except CheckpointError as e:
+        problem = str(e)
+    if shared:
+        problem = next((p for p in D.all_gather_objects(problem) if p is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
     return manifest
 
 
@@ -285,6 +351,29 @@ def check_resume_settings(ckpt: Path, lora_rank: int, freeze_vision: bool) -> No
                               + "\nresume with the checkpoint's settings, or start a new train.output_dir")
 
 
+def check_resume_ranks(ckpt: Path, world: int, deepspeed: bool) -> None:
+    """Refuse, in one line, a resume whose launch cannot load the checkpoint's optimizer state:
+    DeepSpeed's ZeRO state is one shard per rank and loads only on as many ranks as wrote it,
+    and a DeepSpeed launch cannot read a plain checkpoint's optimizer.pt (nor the reverse). A
+    plain (DDP / one-process) checkpoint resumes on any number of ranks (each rank's sampling
+    then continues from the seed where the checkpoint has no RNG state for it)."""
+    files = read_manifest(ckpt)["files"]
+    shards = {file_owner(rel) for rel in files if rel.startswith("deepspeed/") and "zero_pp_rank_" in rel}
+    fresh = (f"or start a new run from its weights (model.path={ckpt / 'model'}, a new train.output_dir; the "
+             "optimizer starts afresh)")
+    if shards and not deepspeed:
+        raise CheckpointError(f"cannot resume from {ckpt}: its optimizer state is DeepSpeed's (ZeRO, {len(shards)} "
+                              f"shards) and this launch does not use DeepSpeed; resume with the DeepSpeed launch "
+                              f"config on {len(shards)} ranks, {fresh}")
+    if deepspeed and not shards:
+        raise CheckpointError(f"cannot resume from {ckpt}: it was written without DeepSpeed (optimizer.pt) and this "
+                              f"launch uses DeepSpeed; resume with the launch that wrote it, {fresh}")
+    if shards and len(shards) != world:
+        raise CheckpointError(f"cannot resume from {ckpt}: its DeepSpeed ZeRO state is sharded over {len(shards)} "
+                              f"ranks and this launch has {world}; DeepSpeed loads those shards only on as many "
+                              f"ranks as wrote them: resume on {len(shards)} ranks, {fresh}")
+
+
 # ----------------------------------------------------------------------------- RNG
 
 def rng_state() -> dict:
@@ -341,11 +430,10 @@ def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out
     root = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")  # not a name get_last_checkpoint or a resume takes
-    if D.is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a run killed while writing
-        (tmp / "rng").mkdir(parents=True)
+    if D.is_main() and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while writing
     D.barrier()
+    (tmp / "rng").mkdir(parents=True, exist_ok=True)  # every rank: its own files go in there
 
     # Model weights: under ZeRO-3 get_state_dict gathers the shards (a collective).
     state_dict = accelerator.get_state_dict(wrapped)  # None on ranks other than 0 under ZeRO-3
@@ -372,7 +460,8 @@ def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out
         history = metric_rows(root / METRICS, upto=step)
         state = {**trainer_state, "global_step": step, "log_history": history}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        write_manifest(tmp, layout_settings(policy, lora))
+    seal_manifest(tmp, layout_settings(policy, lora))
+    if D.is_main():
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

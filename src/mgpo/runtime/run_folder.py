@@ -31,6 +31,7 @@ import yaml
 from ..config import Config, flatten, save_config
 from . import distributed as D
 from .checkpoint import (
+    check_resume_ranks,
     check_resume_settings,
     checkpoint_step,
     resolve_resume,
@@ -47,7 +48,8 @@ SAVED = "config.yaml"
 # to save or log, memory/speed knobs, and evaluation. Everything else is training-relevant.
 FREE_ON_RESUME = frozenset({
     "train.output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.save_every",
-    "train.keep_last", "train.log_every", "train.max_bad_steps", "train.allow_config_change", "train.micro_batch_size",
+    "train.keep_last", "train.log_every", "train.max_bad_steps", "train.collective_timeout_s",
+    "train.allow_config_change", "train.micro_batch_size",
     "train.gradient_checkpointing", "model.attn_implementation", "rollout.shared_prefill", "rollout.continue_turn2",
     "data.eval", "data.eval_format",
 })
@@ -166,24 +168,28 @@ def _clear_earlier_run(out: Path, overwrite: bool) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _prepare(cfg: Config, out: Path) -> Path | None:
-    """Main rank only: which checkpoint to resume (verified and checked), the config saved."""
+def _check_overwrite(cfg: Config, out: Path) -> None:
     t = cfg.train
     if t.overwrite and t.resume == "auto" and (earlier := step_folders(out)):
         raise RunFolderError(f"train.overwrite=true with train.resume=auto, and {out} holds checkpoints "
                              f"({earlier[0].name} .. {earlier[-1].name}): which one wins is not guessed; set "
                              "train.resume=none "
                              "to discard the earlier run and start over, or drop train.overwrite to continue it")
-    ckpt = resolve_resume(t.resume, out)
+
+
+def _prepare(cfg: Config, out: Path, ckpt: Path | None, deepspeed: bool) -> None:
+    """Main rank only: a new run's folder cleared (or refused) and its config saved; a resume's
+    checkpoint checked against this launch and its config against the saved one."""
+    t = cfg.train
     if ckpt is None:  # a new run
         _clear_earlier_run(out, t.overwrite)
         _save(cfg, out / SAVED)
-        return None
+        return
     check_resume_settings(ckpt, t.lora_rank, t.freeze_vision)
+    check_resume_ranks(ckpt, D.world_size(), deepspeed)
     _check_config(cfg, out, ckpt)
     if not (out / SAVED).exists():  # resuming another folder's checkpoint into a new one
         _save(cfg, out / SAVED)
-    return ckpt
 
 
 @dataclass
@@ -192,20 +198,14 @@ class RunStart:
     lock: IO | None  # the open lock file (rank 0); keep a reference for the run's life
 
 
-def start_run(cfg: Config) -> RunStart:
-    """Lock the run folder, choose and check the checkpoint, save the config. Every rank calls
-    this; rank 0 does the work and the others get its answer (or its refusal)."""
+def start_run(cfg: Config, deepspeed: bool = False) -> RunStart:
+    """Check that every rank sees the run folder, lock it, choose and verify the checkpoint
+    (every rank hashing its own files), check it and the config, save the config. Every rank
+    calls this; rank 0 does the folder's work and every rank gets its answer (or its refusal).
+    ``deepspeed``: this launch runs DeepSpeed (its sharded state resumes on as many ranks)."""
     out = Path(cfg.train.output_dir)
-    lock, answer, error = None, None, None
-    if D.is_main():
-        try:
-            lock = lock_run_folder(out)
-            answer = _prepare(cfg, out)
-        except Exception as e:
-            error = e
-    answer, message = D.broadcast_object((answer, None if error is None else f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RunFolderError(f"rank 0 refused to start: {message}")
-    return RunStart(answer, lock)
+    D.check_shared_folder(out, "train.output_dir")
+    lock = D.on_main(lambda: (lock_run_folder(out), _check_overwrite(cfg, out))[0])
+    ckpt = resolve_resume(cfg.train.resume, out)
+    D.on_main(lambda: _prepare(cfg, out, ckpt, deepspeed))
+    return RunStart(ckpt, lock)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +41,14 @@ DS_SUB_GROUP = 1_000_000_000
 their gradient in fp32."""
 BANDWIDTH_TBS = {"h100": 3.35, "h200": 4.8}
 """HBM bandwidth of an H100 SXM and an H200 (NVIDIA's data sheets), TB/s."""
+LINKS_GBS = {
+    "NVLink, one node (H100 SXM: 450 GB/s per GPU each way)": ("gpu", 450.0),
+    "InfiniBand, 8 x 400 Gb/s per node (one NIC per GPU)": ("node", 8 * 400 / 8),
+    "InfiniBand, 1 x 400 Gb/s per node": ("node", 400 / 8),
+    "Ethernet, 1 x 100 Gb/s per node": ("node", 100 / 8),
+}
+"""Interconnects ZeRO-3's traffic is timed at, GB/s: per GPU inside a node, per node between
+nodes (one byte = 8 bits; data sheets' line rates, no protocol overhead)."""
 
 # Activation bytes per token per decoder layer, bf16, SDPA attention, the trainer's forward
 # (``measure_layer_bytes`` in mgpo.tools.bench: live heap after the forward, 2 layers minus 1, 512
@@ -67,14 +75,16 @@ class Params:
 
 
 @lru_cache(maxsize=8)
-def count_params(arch_name: str, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> Params:
-    """Exact counts from the real module tree, built on the meta device (no memory)."""
+def count_params(arch: str | Arch, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> Params:
+    """Exact counts from the real module tree, built on the meta device (no memory); ``arch``
+    a published architecture's name, or an ``Arch`` (one at reduced depth, say)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from .tiny import arch_config
 
-    a = ARCHS[arch_name]
+    a = ARCHS[arch] if isinstance(arch, str) else arch
+    arch_name = a.name
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(
             arch_config(arch_name, layers=a.num_hidden_layers, vision_depth=a.vision_depth))
@@ -97,10 +107,12 @@ def arch_for(cfg: Config, name: str | None = None) -> Arch:
     path = Path(cfg.model.path) / "config.json"
     if path.is_file():
         c = json.loads(path.read_text())
-        hidden = c.get("text_config", {}).get("hidden_size", c.get("hidden_size"))
+        text = c.get("text_config", c)
+        hidden = text.get("hidden_size", c.get("hidden_size"))
         for a in ARCHS.values():
-            if a.hidden_size == hidden:
-                return a
+            if a.hidden_size == hidden:  # at the checkpoint's own depth (a 2-layer build of the widths)
+                return replace(a, num_hidden_layers=text.get("num_hidden_layers", a.num_hidden_layers),
+                               vision_depth=c.get("vision_config", {}).get("depth", a.vision_depth))
         raise ValueError(f"{path}: hidden_size {hidden} is none of {sorted(ARCHS)}; pass --arch")
     low = cfg.model.path.lower()
     for a in ARCHS.values():
@@ -170,6 +182,80 @@ def masked_logits_bytes(a: Arch, tokens: int, entropy: bool) -> int:
     return min(tokens, HEAD_CHUNK) * a.vocab_size * per
 
 
+def gpu_counts(cfg: Config, largest: int = 1024) -> list[int]:
+    """The numbers of GPUs (ranks) the trainer accepts for ``cfg``'s batch sizes, up to ``largest``:
+    the trainer's own check (``plan_batches``), not a copy of it."""
+    from ..core.setup import plan_batches
+
+    group = 1 if cfg.train.algorithm == "sft" else cfg.rollout.group_size
+    ok = []
+    for n in range(1, largest + 1):
+        try:
+            plan_batches(cfg.train, group, n)
+        except ValueError:
+            continue
+        ok.append(n)
+    return ok
+
+
+def check_gpu_count(cfg: Config, world: int) -> None:
+    """Refuse, as the trainer would at start-up, a number of GPUs the batch sizes do not divide
+    into, naming the counts that work."""
+    from ..core.setup import plan_batches
+
+    try:
+        plan_batches(cfg.train, 1 if cfg.train.algorithm == "sft" else cfg.rollout.group_size, world)
+    except ValueError as e:
+        from ..cli import one_line
+
+        works = gpu_counts(cfg)
+        raise ConfigError(f"--gpus {world}: the trainer refuses this launch ({one_line(e)}); the counts "
+                          f"these batch sizes allow (up to 1024): {', '.join(map(str, works)) or 'none'}") from None
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What ZeRO-3 moves between GPUs per optimizer step, in bytes of collective payload (the
+    size of what is gathered or reduced; see ``zero3_traffic``)."""
+
+    train: float  # forward and backward parameter gathers + the gradient reduce-scatter
+    logprobs: float  # the old-policy and reference forwards, per step
+    generation: float  # gathering the policy for generate, per step
+    world: int
+
+    @property
+    def total(self) -> float:
+        return self.train + self.logprobs + self.generation
+
+    def seconds(self, kind: str, gbs: float) -> float:
+        """Time at ``gbs`` GB/s: per GPU inside a node, a ring moves (n-1)/n of each payload
+        through every GPU; between nodes, each node takes in about one whole payload per
+        collective (its share comes from the other nodes), whatever its GPU count."""
+        share = (self.world - 1) / self.world if kind == "gpu" else 1.0
+        return self.total * share / (gbs * GB)
+
+
+def zero3_traffic(cfg: Config, p: Params, world: int) -> Traffic:
+    """ZeRO-3's collective payload per optimizer step. Each micro-batch gathers every bf16
+    parameter for its forward and again for its backward (ZeRO-3 frees a layer's full weights
+    after use; gradient checkpointing's recompute reuses the backward's gather) and reduce-scatters
+    the bf16 gradient of every trainable parameter; the old-policy pass (when a rollout batch
+    feeds several steps) and the reference model's pass each gather the weights once per
+    micro-batch of the rollout batch; generation gathers the policy once per rollout batch.
+    Small parameters ZeRO-3 keeps whole (its persistence threshold) are counted as moved."""
+    t = cfg.train
+    per_rank = (t.prompts_per_step // world) * cfg.rollout.group_size
+    micro = math.ceil(per_rank / t.micro_batch_size)  # micro-batches per step
+    params = BF16 * p.total
+    trainable = p.total - (p.vision if t.freeze_vision else 0)
+    steps = (t.prompts_per_rollout // t.prompts_per_step) * t.ppo_epochs  # optimizer steps per rollout batch
+    passes = int((t.prompts_per_rollout > t.prompts_per_step) or t.ppo_epochs > 1) + int(cfg.loss.kl_coef > 0)
+    # the fixed passes run once per rollout batch over all its micro-batches: per step, divide by the steps
+    logprobs = passes * micro * (t.prompts_per_rollout // t.prompts_per_step) * params / steps
+    return Traffic(train=micro * (2 * params + BF16 * trainable), logprobs=logprobs, generation=params / steps,
+                   world=world)
+
+
 @dataclass
 class Plan:
     lines: list[tuple[str, float, str]]  # (what, GB, where it comes from)
@@ -192,7 +278,7 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
          bandwidth_tbs: float = BANDWIDTH_TBS["h100"]) -> Plan:
     """Per-GPU memory by phase, the verdict, and the decode-time floor of one rollout batch."""
     a, t, r = arch_for(cfg, arch), cfg.train, cfg.rollout
-    p = count_params(a.name, t.lora_rank, tuple(t.lora_target_modules) if t.lora_rank else ())
+    p = count_params(a, t.lora_rank, tuple(t.lora_target_modules) if t.lora_rank else ())
     zero3 = t.lora_rank == 0 and world > 1
     shard = world if zero3 else 1
     frozen = p.vision if t.freeze_vision else 0
@@ -350,7 +436,18 @@ def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, t
             "prompt group(s)",
             f"decode-time floor of one rollout batch at {bandwidth:g} TB/s: {pl.decode_floor_s:.0f} s "
             "(every token budget used; weights + KV read once per step)", "", pl.verdict]
-    return "\n".join(out)
+    return "\n".join(out + _traffic_lines(cfg, world))
+
+
+def _traffic_lines(cfg: Config, world: int) -> list[str]:
+    if cfg.train.lora_rank or world == 1:
+        return []
+    tr = zero3_traffic(cfg, count_params(arch_for(cfg)), world)
+    out = ["", f"ZeRO-3 traffic per optimizer step: {tr.total / GB:,.0f} GB of collective payload (training "
+               f"{tr.train / GB:,.0f}, old-policy and reference passes {tr.logprobs / GB:,.0f}, generation "
+               f"{tr.generation / GB:,.0f}); a larger train.micro_batch_size cuts the first two"]
+    out += [f"  {name:<60} {tr.seconds(kind, gbs):8.1f} s per step" for name, (kind, gbs) in LINKS_GBS.items()]
+    return out
 
 
 def deepspeed_estimate_gb(total_params: int, largest_module: int, world: int) -> float:
@@ -377,7 +474,7 @@ def _deepspeed_says(cfg: Config, world: int) -> str:
     if cfg.train.lora_rank or world == 1:
         return ""
     try:
-        p = count_params(arch_for(cfg).name)
+        p = count_params(arch_for(cfg))
         return f"; DeepSpeed's estimator (every parameter trainable): {deepspeed_estimate_gb(p.total, p.largest_module, world):.2f} GB"
     except ImportError:
         return ""
@@ -398,9 +495,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    check_gpu_count(cfg, args.gpus)
     pl = plan(cfg, args.gpus, args.gpu_memory, arch=args.arch, text_tokens=args.text_tokens,
               bandwidth_tbs=args.bandwidth)
     print(render(cfg, pl, args.gpus, args.gpu_memory, args.bandwidth, args.text_tokens))
+    works = [n for n in gpu_counts(cfg) if n >= args.gpus]
+    print(f"GPU counts the trainer accepts for these batch sizes, from {args.gpus} up: "
+          + ", ".join(map(str, works[:12])) + (" ..." if len(works) > 12 else "") + f" (largest: {works[-1]})")
 
 
 if __name__ == "__main__":
