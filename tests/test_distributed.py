@@ -33,7 +33,7 @@ def _every_collective(rank, tmp_path):
 @pytest.mark.parametrize("backend", ["cuda:gloo", "cpu:gloo"])
 def test_host_collectives_run_on_a_group_without_a_cpu_backend(tmp_path, backend):
     ranks = spawn(_every_collective, tmp_path, backend)
-    for rank, out in enumerate(ranks):
+    for out in ranks:
         assert "error" not in out, out.get("error")
         assert out["denom"] == 15.0 + 20.0
         assert out["finite"] == 1.0
