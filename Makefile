@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: install test test-fast demo train eval bench lint clean tiny synth base beacon nested demo-base budgets repro repro-nested repro-budgets
+.PHONY: install test test-fast demo train eval bench gpu-check lint clean tiny synth base beacon nested demo-base budgets repro repro-nested repro-budgets
 
 install: $(STAMP)
 
@@ -131,6 +131,13 @@ eval: $(STAMP) $(if $(filter $(EVAL_PRESET),$(EVAL_CONFIG)),,tiny synth)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps "trl==1.16.0"
 	$(PY) -m mgpo.tools.bench
+	$(PY) -m mgpo.tools.bench_checkpoint
+
+# On a machine with one CUDA GPU: one MGPO step plain, with LoRA and under ZeRO-3 (tiny model and
+# the 7B widths at 2 layers), generation speed and memory per phase beside the plan; writes
+# docs/gpu-check.md. Refuses in one line without a GPU.
+gpu-check: $(STAMP)
+	$(PY) -m mgpo.tools.gpu_check
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests train.py eval.py

@@ -158,3 +158,25 @@ def test_a_protocol_mismatch_is_one_line_naming_the_fix(tmp_path, tiny_dir, synt
     assert again.returncode == 2 and "Traceback" not in again.stderr
     (line,) = again.stderr.strip().splitlines()
     assert line.startswith("error: ProtocolMismatchError") and "eval.overwrite=true" in line
+
+
+def test_gpu_check_refuses_in_one_line_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make gpu-check runs there instead")
+    proc = _run("-m", "mgpo.tools.gpu_check", "--out", os.devnull)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ConfigError: make gpu-check runs on one CUDA GPU and this machine has none")
+
+
+def test_gpu_check_steps_are_train_py_with_the_launch_of_each_mode():
+    """What the GPU check runs: one train.py step per mode; ZeRO-3 through accelerate on one process."""
+    from mgpo.tools.gpu_check import step_command
+
+    plain, zero3 = step_command("plain", ["model.path=m"]), step_command("zero3", ["model.path=m"])
+    assert plain[1].endswith("train.py") and "train.max_steps=1" in plain and plain[-1] == "model.path=m"
+    assert zero3[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert zero3[4].endswith("zero3_8gpu.yaml") and zero3[5:7] == ["--num_processes", "1"]
+    assert "train.lora_rank=16" in step_command("lora", [])

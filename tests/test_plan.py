@@ -249,3 +249,19 @@ def test_zero3_traffic_on_the_papers_preset_by_hand():
     assert tr.seconds("node", 12.5) == pytest.approx(tr.total / 12.5e9)
     no_kl = zero3_traffic(load_config(PAPER, ["loss.kl_coef=0"]), count_params("qwen2.5-vl-7b"), 8)
     assert no_kl.logprobs == tr.logprobs / 2
+
+
+def test_the_plan_sizes_a_checkpoint_at_its_own_depth(tmp_path):
+    """A folder of the 7B widths at 2 layers (what tools.tiny --arch builds, and make gpu-check runs)
+    is planned at 2 layers, not as the full 28-layer model (before: 8.3 B parameters for 1.6 B)."""
+    import json
+
+    from mgpo.tools.plan import arch_for
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 3584, "num_hidden_layers": 2},
+                                                      "vision_config": {"depth": 2}}))
+    cfg = load_config(PAPER, [f"model.path={tmp_path}"])
+    a = arch_for(cfg)
+    assert (a.name, a.num_hidden_layers, a.vision_depth) == ("qwen2.5-vl-7b", 2, 2)
+    assert count_params(a).total == 1_641_598_064  # 2 layers and 2 vision blocks of the 7B widths
+    assert plan(cfg, 1, 80).phases["optimizer step"] < plan(load_config(PAPER), 1, 80).phases["optimizer step"] / 4

@@ -27,7 +27,7 @@ import torch
 from ..config import ModelConfig, RolloutConfig
 
 
-def _machine() -> str:
+def machine() -> str:
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(bench_turns(Path(tmp)), indent=1))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"machine": _machine(), "date": time.strftime("%Y-%m-%d")}
+        results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
         if args.only == "all":
             results |= {"rollout": bench_rollout(Path(tmp)), "step": bench_train_step(Path(tmp)),
                         "trl": bench_trl_step(Path(tmp)), "memory": bench_host_memory(Path(tmp), args.samples)}
