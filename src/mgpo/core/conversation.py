@@ -131,12 +131,20 @@ def encode_prompts(ctx: Context, samples: list[Sample], images: list | None, tex
     return prompts, skipped
 
 
+def write_turn(ctx: Context, prompts: list[Prompt], turn: int, rows: list[int], generate) -> Generated:
+    """Assistant turn ``turn`` (1-based) of trajectories ``rows``: written by the model
+    (``generate()``), or, when the prompts carry a script for that turn (teacher forcing: SFT's
+    targets, a judge's given turn 1), each row's scripted text. The one place that decides."""
+    script = prompts[0].script
+    if script is None or len(script) < turn:
+        return generate()
+    return scripted(ctx, [prompts[r // ctx.cfg.group_size].script[turn - 1] for r in rows])
+
+
 def generate_turn1(model, ctx: Context, prompts: list[Prompt]) -> Generated:
     """Turn 1: one batched generate (each prompt prefilled once, or once per sample); rows
     are trajectories, group by group."""
     group_size = ctx.cfg.group_size
-    if prompts[0].script is not None:
-        return scripted(ctx, [p.script[0] for p in prompts])
     shared = ctx.cfg.shared_prefill and group_size > 1
     rows = 1 if shared else group_size  # input rows per prompt (shared: the cache is copied instead)
     return generate_batch(model, [p.enc.ids for p in prompts for _ in range(rows)],

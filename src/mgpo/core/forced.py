@@ -55,10 +55,11 @@ def teacher_forced(processor, samples: list[Sample], texts: list[tuple[str, ...]
 
 
 def chat_images(sample: Sample, first=None) -> list:
-    """Every image of a chat record, decoded, in order (``first``: its first, already decoded).
-    Raises ``BadImageError`` naming the record and the file."""
+    """Every image of a chat record, decoded, in order (``first``: its first, already decoded)."""
+    if first is None:
+        return sample.load_images()
     paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
-    return [first if first is not None else sample.load_image()] + [load_image(p, sample.id) for p in paths[1:]]
+    return [first] + [load_image(p, sample.id) for p in paths[1:]]
 
 
 def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels: int,

@@ -42,7 +42,7 @@ from .conversation import (
     encode_prompts,
     generate_turn1,
     is_closed,
-    scripted,
+    write_turn,
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch, special_ids
 from .grounding import (
@@ -111,7 +111,8 @@ def rollout_groups(model, ctx: Context, prompts: list[Prompt], first_group: int)
                     for g, p in enumerate(prompts) for _ in range(group_size)]
     if ctx.template.zoom_loop:  # mgpo_k: zoom or answer, turn after turn
         return trajectories, zoom_turns(model, ctx, prompts, trajectories)
-    turn1 = generate_turn1(model, ctx, prompts)
+    rows = list(range(len(trajectories)))
+    turn1 = write_turn(ctx, prompts, 1, rows, lambda: generate_turn1(model, ctx, prompts))
     conversations = [_close_turn1(ctx, t, prompts[i // group_size], turn1, i) for i, t in enumerate(trajectories)]
     if ctx.template.turns == 1:
         return trajectories, conversations
@@ -120,10 +121,7 @@ def rollout_groups(model, ctx: Context, prompts: list[Prompt], first_group: int)
     # ---- ground: crop (or fall back) and encode each turn-2 user block
     blocks = _turn2_blocks(ctx, prompts, trajectories)
     # ---- turn 2: one batched generate (also when every box failed: lock-step)
-    if prompts[0].script is not None and len(prompts[0].script) > 1:
-        turn2 = scripted(ctx, [p.script[1] for p in prompts])
-    else:
-        turn2 = _generate_turn2(model, ctx, prompts, conversations, blocks, turn1)
+    turn2 = write_turn(ctx, prompts, 2, rows, lambda: _generate_turn2(model, ctx, prompts, conversations, blocks, turn1))
     for i, (t, conv, (block, image)) in enumerate(zip(trajectories, conversations, blocks)):
         out = turn2.tokens[i]
         t.turn2_truncated = not is_closed(out, ctx.stops)

@@ -20,11 +20,9 @@ from ..runtime.checkpoint import load_training_state
 from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
 from ..runtime.model import load_model, load_processor
 from ..runtime.run_folder import start_run
-from .forced import chat_images, chat_tokens
 from .generation import suppressed_ids
 from .policy import PolicyForward
-from .rollout import prompt_tokens
-from .sft import check_sft_targets
+from .sft import check_training_data, record_tokens
 
 log = logging.getLogger("mgpo")
 
@@ -153,22 +151,10 @@ def setup_run(cfg: Config) -> Run:
 def load_training_data(cfg: Config, processor):
     """The training set, every record over ``data.max_prompt_tokens`` skipped and counted: a
     question record by its turn-1 prompt, a chat record (SFT) by its whole conversation."""
-    m = cfg.model
     data = load_samples(cfg.data.train, cfg.data.train_format, image_root=cfg.data.image_root or None,
                         max_samples=cfg.data.max_samples)
-    chat = any(s.messages for s in data)
-    if chat and cfg.train.algorithm != "sft":
-        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
-                         "set train.algorithm=sft, or give RL a question file")
-    if cfg.train.algorithm == "sft" and not chat:
-        check_sft_targets(data, cfg.train.sft_templates or (cfg.rollout.template,), cfg.data.train)
-
-    def count(s):
-        if s.messages:
-            return chat_tokens(processor, s, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
-        return prompt_tokens(processor, cfg.rollout.template, s, m.min_pixels, m.max_pixels)
-
-    return drop_long_prompts(data, count, cfg.data.max_prompt_tokens)
+    check_training_data(cfg, data)
+    return drop_long_prompts(data, lambda s: record_tokens(cfg, processor, s), cfg.data.max_prompt_tokens)
 
 
 def _set_trainable(model, t: TrainConfig):
@@ -210,7 +196,7 @@ def _decodable_reserve(data):
     batch; a chat record's every image is checked)."""
     for sample in data:
         try:
-            chat_images(sample) if sample.messages else sample.load_image()
+            sample.load_images()
             return sample
         except BadImageError as e:
             log.warning("not usable as the reserve sample: %s", e)

@@ -26,13 +26,56 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
+from ..config import Config
+from .forced import chat_forced, chat_tokens, teacher_forced
 from .grounding import Box, View, pixel_box, view_to_original
 from .prompts import get_template
+from .rollout import prompt_tokens
+from .trajectory import Rollout
 
 MIN_TARGET_SIDE = 56  # input pixels: twice the validity threshold, so the crop keeps some context
 
 log = logging.getLogger("mgpo")
+
+
+def sft_batch(cfg: Config, processor, samples, images, batch_index: int, reserve) -> Rollout:
+    """One SFT batch: chat records' own assistant messages, or each question record's targets in
+    the template of this rollout batch (``train.sft_templates`` and ``train.sft_max_turns`` taken in
+    turn), teacher-forced through the rollout's own code, so the loss mask is the rollout's."""
+    m = cfg.model
+    if samples[0].messages:
+        return chat_forced(processor, samples, min_pixels=m.min_pixels, max_pixels=m.max_pixels, images=images,
+                           reserve=reserve)
+    templates = cfg.train.sft_templates or (cfg.rollout.template,)
+    turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
+    rollout_cfg = replace(cfg.rollout, template=templates[batch_index % len(templates)],
+                          max_turns=turns[batch_index % len(turns)])
+    texts = [sft_texts(s, rollout_cfg.template, im.size, m.min_pixels, m.max_pixels, rollout_cfg.max_turns)
+             for s, im in zip(samples, images)]
+    return teacher_forced(processor, samples, texts, rollout_cfg, min_pixels=m.min_pixels, max_pixels=m.max_pixels,
+                          images=images)
+
+
+def check_training_data(cfg: Config, data) -> None:
+    """What each algorithm trains on: chat conversations are SFT data (RL refuses them), and SFT
+    in the mgpo template needs target boxes (``check_sft_targets``)."""
+    chat = any(s.messages for s in data)
+    if chat and cfg.train.algorithm != "sft":
+        raise ValueError(f"{cfg.data.train} holds chat conversations (format chat): they are SFT data; "
+                         "set train.algorithm=sft, or give RL a question file")
+    if cfg.train.algorithm == "sft" and not chat:
+        check_sft_targets(data, cfg.train.sft_templates or (cfg.rollout.template,), cfg.data.train)
+
+
+def record_tokens(cfg: Config, processor, sample) -> int:
+    """A training record's length as ``data.max_prompt_tokens`` counts it: a chat record's whole
+    conversation, a question record's turn-1 prompt (no image is decoded)."""
+    m = cfg.model
+    if sample.messages:
+        return chat_tokens(processor, sample, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    return prompt_tokens(processor, cfg.rollout.template, sample, m.min_pixels, m.max_pixels)
 
 
 def check_sft_targets(samples, templates, source) -> None:

@@ -14,23 +14,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, LossConfig
 from ..data.samples import BadImageError
 from ..runtime import distributed as D
 from ..runtime.checkpoint import save_checkpoint
-from .forced import chat_forced, teacher_forced
 from .loss import loss_weights, policy_loss, sft_loss
 from .metrics import rollout_metrics
 from .policy import rollout_logprobs
 from .reward import group_advantages, score
 from .rollout import rollout
 from .setup import Run, check_sampling, setup_run
-from .sft import sft_texts
+from .sft import sft_batch
 from .trajectory import Rollout
 
 log = logging.getLogger("mgpo")
@@ -45,16 +44,23 @@ class TrainResult:
 
 @dataclass
 class Experience:
-    """One rollout batch, ready for updates: the trajectories and how to score a micro-batch."""
+    """One rollout batch, ready for updates: the trajectories and what the objective needs of
+    each (``None`` where the algorithm has no such term: SFT has no advantages, rewards, old or
+    reference log-probs)."""
 
     batch: Rollout
     group_size: int  # trajectories per prompt (1 for SFT)
-    micro_loss: object  # (logp_NT, entropy_NT, part, denom) -> (loss, stats) for trajectories ``part``
-    rewards: torch.Tensor | None
+    advantages_N: torch.Tensor | None  # group-relative advantage of each trajectory
+    rewards_N: torch.Tensor | None  # the reward each trajectory earned
+    old_logp_NT: torch.Tensor | None  # the sampling policy's log-probs (None: one step per batch, ratio 1)
+    ref_logp_NT: torch.Tensor | None  # the reference model's log-probs (None: no KL term)
     timings: dict  # seconds per phase ("time/..."), and on GPUs each phase's peak memory ("memory/...")
 
 
 def train(cfg: Config) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data.train`` (MGPO, its one-turn GRPO baseline, or SFT, as the
+    config says) until ``train.max_steps`` or the last epoch, resuming the run folder's newest
+    checkpoint; returns the trained policy and where its logs and checkpoints are."""
     check_sampling(cfg)
     run = setup_run(cfg)
     t = cfg.train
@@ -134,21 +140,13 @@ def _rl_experience(run: Run, prompts, images) -> Experience:
     run.wrapped.train()
     t_rollout, memory = time.perf_counter() - t0, D.peak_memory("rollout")
     # ---- rewards and group-relative advantages
-    rewards = score(batch.trajectories, cfg.rollout.format_reward, cfg.rollout.turn_cost)
-    adv = group_advantages(rewards, cfg.rollout.group_size, cfg.loss.adv_eps)
+    rewards_N = score(batch.trajectories, cfg.rollout.format_reward, cfg.rollout.turn_cost)
+    advantages_N = group_advantages(rewards_N, cfg.rollout.group_size, cfg.loss.adv_eps)
     # ---- old and reference log-probs (no grad)
     t0 = time.perf_counter()
-    old_logp, ref_logp = _fixed_logprobs(run, batch)
+    old_logp_NT, ref_logp_NT = _fixed_logprobs(run, batch)
     timings = {"time/rollout_s": t_rollout, "time/logprobs_s": time.perf_counter() - t0, **memory}
-
-    def micro_loss(logp, entropy, part, denom):
-        width, dev = logp.shape[1], logp.device
-        old = old_logp[part, :width].to(dev) if old_logp is not None else logp.detach()  # one step: ratio 1
-        ref = ref_logp[part, :width].to(dev) if ref_logp is not None else None
-        weights = loss_weights(batch.loss_mask[part], cfg.loss.normalization)[:, :width].to(dev)
-        return policy_loss(logp, old, adv[part].to(dev), weights, cfg.loss, ref_logp_NT=ref, entropy_NT=entropy,
-                           denom=denom)
-    return Experience(batch, cfg.rollout.group_size, micro_loss, rewards, timings)
+    return Experience(batch, cfg.rollout.group_size, advantages_N, rewards_N, old_logp_NT, ref_logp_NT, timings)
 
 
 def _fixed_logprobs(run: Run, batch: Rollout):
@@ -166,27 +164,10 @@ def _fixed_logprobs(run: Run, batch: Rollout):
 
 
 def _sft_experience(run: Run, prompts, images) -> Experience:
-    """Supervised targets in the rollout's own format: the record's answer (and, in two
-    turns, a box around its target), teacher-forced, loss on the assistant tokens only."""
-    cfg = run.cfg
+    """SFT's batch: each record's targets teacher-forced in the rollout's own format (``sft.py``)."""
     t0 = time.perf_counter()
-    if prompts[0].messages:  # chat records: their own assistant messages are the targets
-        batch = chat_forced(run.processor, prompts, min_pixels=cfg.model.min_pixels,
-                            max_pixels=cfg.model.max_pixels, images=images, reserve=run.reserve)
-    else:
-        templates = cfg.train.sft_templates or (cfg.rollout.template,)
-        turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
-        n = run.state["batch"]
-        rollout_cfg = replace(cfg.rollout, template=templates[n % len(templates)], max_turns=turns[n % len(turns)])
-        texts = [sft_texts(p, rollout_cfg.template, im.size, cfg.model.min_pixels, cfg.model.max_pixels,
-                           rollout_cfg.max_turns) for p, im in zip(prompts, images)]
-        batch = teacher_forced(run.processor, prompts, texts, rollout_cfg, min_pixels=cfg.model.min_pixels,
-                               max_pixels=cfg.model.max_pixels, images=images)
-
-    def micro_loss(logp, entropy, part, denom):
-        weights = loss_weights(batch.loss_mask[part], cfg.loss.normalization)[:, : logp.shape[1]]
-        return sft_loss(logp, weights.to(logp.device), denom)
-    return Experience(batch, 1, micro_loss, None, {"time/rollout_s": time.perf_counter() - t0})
+    batch = sft_batch(run.cfg, run.processor, prompts, images, run.state["batch"], run.reserve)
+    return Experience(batch, 1, None, None, None, None, {"time/rollout_s": time.perf_counter() - t0})
 
 
 def _step_slices(groups: int, group_size: int, steps_per_rollout: int, ppo_epochs: int):
@@ -210,22 +191,25 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     averaged over ranks. The KL term's gradient is that of KL(ref || policy) (see ``loss``).
     """
     cfg, acc, wrapped = run.cfg, run.accelerator, run.wrapped
-    weights = loss_weights(exp.batch.loss_mask[index], cfg.loss.normalization)
-    denom = D.all_reduce_sum(weights.sum()) / D.world_size()
-    micro = _micro_batches(index, cfg.train.micro_batch_size)
+    weights_NT = loss_weights(exp.batch.loss_mask[index], cfg.loss.normalization)  # the step's, once
+    denom = D.all_reduce_sum(weights_NT.sum()) / D.world_size()
+    size = cfg.train.micro_batch_size
+    starts = range(0, len(index), size)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     totals, finite, grad_norm = {}, True, float("nan")
-    with_entropy = cfg.loss.entropy_coef > 0 and cfg.train.algorithm == "rl"
-    for k, part in enumerate(micro):
+    with_entropy = cfg.loss.entropy_coef > 0 and exp.advantages_N is not None
+    for k, lo in enumerate(starts):
+        part = index[lo: lo + size]
         mb = exp.batch.select(part)
         with acc.accumulate(wrapped):
-            logp, entropy = wrapped(with_entropy=with_entropy, loss_mask=mb.loss_mask.to(acc.device),
-                                    **mb.model_inputs(acc.device))
-            loss, stats = exp.micro_loss(logp, entropy, part, denom.to(logp.device))
+            logp_NT, entropy_NT = wrapped(with_entropy=with_entropy, loss_mask=mb.loss_mask.to(acc.device),
+                                          **mb.model_inputs(acc.device))
+            loss, stats = objective(cfg.loss, exp, part, logp_NT, entropy_NT, weights_NT[lo: lo + size],
+                                    denom.to(logp_NT.device))
             finite = finite and _all_finite(loss)
-            last = k == len(micro) - 1
+            last = k == len(starts) - 1
             if not finite:
-                loss = _skip_loss(logp) if last and D.is_deepspeed(acc) else _zero_loss(logp)
+                loss = _skip_loss(logp_NT) if last and D.is_deepspeed(acc) else _zero_loss(logp_NT)
             # accelerate (or DeepSpeed) divides each micro-batch loss by grad_accum; ours already
             # is this micro-batch's share of the step's token mean, so undo that division.
             acc.backward(loss * run.plan.grad_accum)
@@ -235,7 +219,7 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
                 if finite and not D.is_deepspeed(acc):
                     run.optimizer.step()  # (DeepSpeed stepped inside backward)
                 run.optimizer.zero_grad()
-        totals = {k2: totals.get(k2, 0.0) + v for k2, v in stats.items()}
+        totals = {name: totals.get(name, 0.0) + v for name, v in stats.items()}
     run.state["step"] += 1
     if finite:
         run.scheduler.step()
@@ -243,8 +227,20 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     return D.all_reduce_mean(totals) | {"grad_norm": grad_norm, "lr": lr}
 
 
-def _micro_batches(index: list[int], size: int) -> list[list[int]]:
-    return [index[i: i + size] for i in range(0, len(index), size)]
+def objective(cfg: LossConfig, exp: Experience, part: list[int], logp_NT: torch.Tensor, entropy_NT, weights_NT,
+              denom: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch (trajectories ``part`` of ``exp``), as its share of the step's
+    mean: the PPO-clipped policy loss with its KL and entropy terms, or for SFT the negative
+    log-likelihood (``loss.py``). ``weights_NT``: the step's token weights of these rows."""
+    width, dev = logp_NT.shape[1], logp_NT.device
+    weights_NT = weights_NT[:, :width].to(dev)
+    if exp.advantages_N is None:  # SFT
+        return sft_loss(logp_NT, weights_NT, denom)
+    # one step per rollout batch: the sampling policy is the current one, ratio 1
+    old_NT = exp.old_logp_NT[part, :width].to(dev) if exp.old_logp_NT is not None else logp_NT.detach()
+    ref_NT = exp.ref_logp_NT[part, :width].to(dev) if exp.ref_logp_NT is not None else None
+    return policy_loss(logp_NT, old_NT, exp.advantages_N[part].to(dev), weights_NT, cfg, ref_logp_NT=ref_NT,
+                       entropy_NT=entropy_NT, denom=denom)
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -282,11 +278,11 @@ def _log(run: Run, exp: Experience, bad, steps: list[dict], images: dict) -> dic
     the step's own ``train/*`` figures, with the rollout batch's figures (reward, grounding,
     lengths, timings) repeated on each of its steps, so every row reads alone. ``train.log_every``
     counts optimizer steps. Returns the last step's row."""
-    rewards = exp.rewards if exp.rewards is not None else score(exp.batch.trajectories)
+    rewards = exp.rewards_N if exp.rewards_N is not None else score(exp.batch.trajectories)
     gathered = D.all_gather_objects((exp.batch.trajectories, rewards.tolist(), bad))
     trajs = [tr for g in gathered for tr in g[0]]
     batch = rollout_metrics(trajs, [r for g in gathered for r in g[1]], exp.group_size)
-    if exp.rewards is None:  # SFT: teacher-forced texts, their "reward" says nothing
+    if exp.rewards_N is None:  # SFT: teacher-forced texts, their "reward" says nothing
         batch = {k: v for k, v in batch.items() if not k.startswith("reward/")}
     gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
     batch.update({

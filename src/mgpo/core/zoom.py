@@ -32,7 +32,7 @@ from .conversation import (
     encode,
     generate_turn1,
     is_closed,
-    scripted,
+    write_turn,
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch
 from .grounding import (
@@ -104,7 +104,8 @@ def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Tr
         states.append(_State(p, View(region, t.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
         convs.append(Conversation([Piece(p.enc.ids, False)], [p.image]))
     n = len(trajectories)
-    call = _Call(generate_turn1(model, ctx, prompts), list(range(n)), [p.enc.ids for p in prompts for _ in range(G)],
+    turn1 = write_turn(ctx, prompts, 1, list(range(n)), lambda: generate_turn1(model, ctx, prompts))
+    call = _Call(turn1, list(range(n)), [p.enc.ids for p in prompts for _ in range(G)],
                  [[p.image] for p in prompts for _ in range(G)])
     for turn in range(1, K + 1):
         for row, i in enumerate(call.trajs):
@@ -212,9 +213,11 @@ def _next_call(model, ctx: Context, prompts, prev: _Call, running: list[int], co
                                                          p.sample.options, "fallback", False), [p.original])
         trajs, inputs, images = [None], [torch.cat([prev.inputs[0], fallback.ids])], [prev.images[0] + [p.image]]
         rows.append(_continuation(ctx, 0, 0, inputs[0], images[0], p.image))
-    if prompts[0].script is not None:
-        gen = scripted(ctx, [prompts[i // ctx.cfg.group_size].script[turn - 1] for i in running])
-        return _Call(gen, trajs, inputs, images)
+    gen = write_turn(ctx, prompts, turn, running, lambda: _generate(model, ctx, prompts, prev, inputs, images, rows))
+    return _Call(gen, trajs, inputs, images)
+
+
+def _generate(model, ctx: Context, prompts, prev: _Call, inputs, images, rows) -> Generated:
     image_id = ctx.ids["<|image_pad|>"]
     generation = ctx.generation(ctx.cfg.max_new_tokens_turn2)
     if not ctx.cfg.continue_turn2:
@@ -229,7 +232,7 @@ def _next_call(model, ctx: Context, prompts, prev: _Call, running: list[int], co
                          [r.grids for r in rows], generation, image_id, ctx.synced_gpus, prepared=prepared)
     if not ctx.cfg.continue_turn2:
         gen.cache = None  # nothing reuses it
-    return _Call(gen, trajs, inputs, images)
+    return gen
 
 
 def _continuation(ctx: Context, row: int, kept: int, ids, images: list[int], new: int | None) -> Continuation:

@@ -74,6 +74,12 @@ class Sample:
     def load_image(self) -> Image.Image:
         return load_image(self.image, self.id)
 
+    def load_images(self) -> list[Image.Image]:
+        """Every image of the record, decoded, in order: a chat record's every image part, a
+        question record's one image. Raises ``BadImageError`` naming the record and the file."""
+        paths = [value for _, parts in self.messages for kind, value in parts if kind == "image"]
+        return [self.load_image()] + [load_image(p, self.id) for p in paths[1:]]
+
 
 # ----------------------------------------------------------------------------- records
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .bench import machine, splice_section
 
+
 def _write(path: Path, gb: float, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     block = os.urandom(1 << 20) + bytes([seed])  # not compressible, differs per file
