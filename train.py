@@ -5,7 +5,7 @@
         train.py --config configs/qwen2_5_vl_7b_mgpo.yaml model.path=/models/Qwen2.5-VL-7B-Instruct
 
 Any field can be overridden as section.key=value; --print-config shows the result and exits.
-On GPUs a launch that `python -m mgpo.tools.plan` predicts will run out of memory is refused
+On GPUs a launch that `mgpo.runtime.memory` (`python -m mgpo.tools.plan`) predicts will run out of memory is refused
 (train.ignore_plan=true launches anyway).
 """
 
@@ -30,9 +30,9 @@ def main() -> None:
     # torch, transformers and the trainer only now: --help and a bad key answer at once
     from mgpo.core.trainer import train
     from mgpo.runtime import distributed as D
-    from mgpo.tools.plan import startup_line
+    from mgpo.runtime.memory import startup_line
 
-    if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.tools.plan; refuses if not)
+    if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.runtime.memory; refuses if not)
         if D.is_main():
             print(line)
     result = train(cfg)

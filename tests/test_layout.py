@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mgpo"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "mgpo"
+SCRIPTS = (REPO / "train.py", REPO / "eval.py")
+HANDOVERS = ("Experience", "Rollout", "Trajectory")
+"""The typed hand-overs of the loop: every field says what it holds (no ``object``, no callable)."""
 
 
 def _modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -66,7 +70,32 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _problems(root: Path = PACKAGE) -> list[str]:
+def _script_problems(scripts) -> list[str]:
+    """Root scripts parse the config and call into the package: never into the apparatus."""
+    problems = []
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            problems += [f"{path.name} imports {n}: root scripts never import tools/" for n in names
+                         if n.startswith("mgpo.tools")]
+    return problems
+
+
+def _handover_problems(name: str, tree: ast.AST) -> list[str]:
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in HANDOVERS:
+            for field in node.body:
+                if isinstance(field, ast.AnnAssign) and any(
+                        isinstance(n, ast.Name) and n.id in ("object", "Callable", "Any")
+                        for n in ast.walk(field.annotation)):
+                    problems.append(f"{name}.{node.name}.{ast.unparse(field.target)} is typed "
+                                    f"{ast.unparse(field.annotation)}: a hand-over says what each field holds")
+    return problems
+
+
+def _problems(root: Path = PACKAGE, scripts=SCRIPTS) -> list[str]:
     modules = _modules(root)
     graph = _graph(modules)
     problems = [f"import cycle: {' <-> '.join(c)}" for c in _cycles(graph)]
@@ -81,12 +110,13 @@ def _problems(root: Path = PACKAGE) -> list[str]:
             if imported and imported.startswith("_") and not imported.startswith("__"):
                 problems.append(f"{name} imports {module}.{imported}, another module's underscore name")
         if name.startswith("mgpo.core"):
+            problems += _handover_problems(name, ast.parse(path.read_text()))
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     lines = node.end_lineno - node.lineno + 1
                     if lines > 60:
                         problems.append(f"{name}.{node.name} is {lines} lines (functions in core/ stay within 60)")
-    return problems
+    return problems + _script_problems(scripts)
 
 
 def test_the_package_keeps_its_layout():
@@ -107,10 +137,20 @@ def test_the_folders_exist_and_core_is_a_reading_map():
       "core/c.py": "def f():\n    pass\n"}, "never import core/"),
     ({"a.py": "from .b import _hidden\n", "b.py": "_hidden = 1\n"}, "underscore name"),
     ({"core/__init__.py": "", "core/long.py": "def f():\n" + "    x = 1\n" * 60}, "within 60"),
+    ({"core/__init__.py": "", "core/t.py": "class Experience:\n    micro_loss: object\n"},
+     "Experience.micro_loss is typed object"),
 ])
 def test_each_rule_catches_its_break(tmp_path, files, expected):
     root = tmp_path / "mgpo"
     for rel, text in {"__init__.py": "", **files}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    assert any(expected in p for p in _problems(root)), _problems(root)
+    assert any(expected in p for p in _problems(root, ())), _problems(root, ())
+
+
+def test_a_root_script_importing_the_apparatus_is_caught(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("def main():\n    from mgpo.tools.plan import startup_line\n")
+    assert _script_problems([script]) == ["train.py imports mgpo.tools.plan: root scripts never import tools/"]
+    script.write_text("from mgpo.runtime.memory import startup_line\n")
+    assert _script_problems([script]) == []

@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 
 from mgpo.config import load_config
-from mgpo.tools.archs import ARCHS
-from mgpo.tools.plan import (
+from mgpo.runtime.archs import ARCHS
+from mgpo.runtime.memory import (
     MEASURED_ACT,
     activation_bytes,
     count_params,
-    deepspeed_estimate_gb,
     kv_bytes_per_token,
     plan,
     verdict,
 )
+from mgpo.tools.plan import deepspeed_estimate_gb
 
 PAPER = "configs/qwen2_5_vl_7b_mgpo.yaml"
 LORA = "configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml"
@@ -55,7 +55,7 @@ def test_shipped_zero3_config_accumulates_gradients_in_fp32():
 def test_parameter_counts_are_the_published_models():
     # The counts public loader logs and model registries report for the published checkpoints
     # (3B: 3,754,622,976 with a 311,164,928 embedding; 7B: 8,292,166,656 with a 676,550,144
-    # vision tower): the table in mgpo.tools.archs builds those exact models.
+    # vision tower): the table in mgpo.runtime.archs builds those exact models.
     p3, p7 = count_params("qwen2.5-vl-3b"), count_params("qwen2.5-vl-7b")
     assert (p3.total, p3.embedding) == (3_754_622_976, 311_164_928)
     assert (p7.total, p7.vision, p7.embedding) == (8_292_166_656, 676_550_144, 544_997_376)
@@ -130,7 +130,7 @@ def test_startup_line_only_on_gpus_refuses_what_will_not_fit(monkeypatch):
     import torch
 
     from mgpo.config import ConfigError
-    from mgpo.tools.plan import startup_line
+    from mgpo.runtime.memory import startup_line
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert startup_line(load_config(PAPER, ONE_CALL)) is None
@@ -148,7 +148,7 @@ def test_startup_line_only_on_gpus_refuses_what_will_not_fit(monkeypatch):
 
 def test_check_verdict_refuses_a_plan_that_does_not_fit_unless_told():
     from mgpo.config import ConfigError
-    from mgpo.tools.plan import check_verdict
+    from mgpo.runtime.memory import check_verdict
 
     over = plan(load_config(PAPER, ONE_CALL), 8, 80)
     with pytest.raises(ConfigError) as refused:
@@ -256,7 +256,7 @@ def test_the_plan_sizes_a_checkpoint_at_its_own_depth(tmp_path):
     is planned at 2 layers, not as the full 28-layer model (before: 8.3 B parameters for 1.6 B)."""
     import json
 
-    from mgpo.tools.plan import arch_for
+    from mgpo.runtime.memory import arch_for
 
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 3584, "num_hidden_layers": 2},
                                                       "vision_config": {"depth": 2}}))

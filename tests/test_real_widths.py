@@ -81,7 +81,7 @@ def _logprobs(model, processor, batch):
 
 
 def test_the_checkpoint_has_every_published_width(real):
-    from mgpo.tools.archs import ARCHS
+    from mgpo.runtime.archs import ARCHS
 
     a, model = ARCHS["qwen2.5-vl-3b"], real["model"]
     lm, vis = model.model.language_model, model.model.visual

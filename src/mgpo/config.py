@@ -214,7 +214,7 @@ class TrainConfig:
     ahead of the others, or rank 0 writing a large checkpoint; raise it for very long turns.
     Evaluation uses it too."""
     ignore_plan: bool = False
-    """On GPUs, train.py refuses a launch that ``python -m mgpo.tools.plan`` predicts will run out of
+    """On GPUs, train.py refuses a launch that ``mgpo.runtime.memory`` (``python -m mgpo.tools.plan``) predicts will run out of
     memory, naming what to change; true: print the prediction as a warning and launch anyway."""
 
 

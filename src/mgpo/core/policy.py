@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..runtime.memory import HEAD_CHUNK  # lm_head chunk: its size is planned with the rest of the memory
+
 _MASKED = -1e9  # logit given to suppressed tokens: exp() is exactly 0, no inf * 0 = nan
-HEAD_CHUNK = 2048  # masked tokens per lm_head chunk (a 152k vocabulary x 2048 x 4 B = 1.2 GB)
 
 
 def unwrap(model):

@@ -339,7 +339,7 @@ def reset_peak_memory() -> None:
 
 def peak_memory(phase: str) -> dict[str, float]:
     """``{"memory/<phase>_peak_gb": GB}``: the most this rank's tensors held on the GPU since
-    ``reset_peak_memory`` (1 GB = 10^9 bytes; what ``mgpo.tools.plan`` predicts per phase); empty on CPU."""
+    ``reset_peak_memory`` (1 GB = 10^9 bytes; what ``mgpo.runtime.memory`` predicts per phase); empty on CPU."""
     if not torch.cuda.is_available():
         return {}
     return {f"memory/{phase}_peak_gb": torch.cuda.max_memory_allocated() / 1e9}

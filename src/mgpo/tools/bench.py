@@ -7,7 +7,7 @@
 3. Host memory over a pass of 1,000 samples with 4,000-px images through the host side
    of a rollout (decode, resize, crop, enlarge, processor): peak RSS after the first 100.
 4. The published Qwen2.5-VL-3B/7B widths at 2 layers: seconds and peak RSS per stage, and
-   the per-layer KV and activation bytes per token that ``mgpo.tools.plan`` scales to full depth.
+   the per-layer KV and activation bytes per token that ``mgpo.runtime.memory`` scales to full depth.
 
 These are measurements, not tests: nothing here asserts.
 """
@@ -267,19 +267,19 @@ def bench_real_widths(workdir: Path, arch: str, train_step: bool) -> dict:
 
 def bench_layers() -> dict:
     """``measure_layer_bytes`` for both published architectures, beside the plan's figures."""
-    from .archs import ARCHS
+    from ..runtime.archs import ARCHS
 
     return {name: measure_layer_bytes(name) for name in ARCHS}
 
 
 def real_width_section(results: dict) -> str:
     """Section 4 of docs/benchmarks.md."""
-    from .archs import ARCHS
-    from .plan import MEASURED_ACT, kv_bytes_per_token
+    from ..runtime.archs import ARCHS
+    from ..runtime.memory import MEASURED_ACT, kv_bytes_per_token
 
     lines = ["## 4. Real widths on CPU (Qwen2.5-VL-3B and -7B, 2 layers)", "",
              f"Command: `python -m mgpo.tools.bench --only real-widths` (part of `make bench`), {results['date']}; "
-             f"{results['machine']}. Every width from the published configs (`mgpo.tools.archs`), 2 decoder layers and "
+             f"{results['machine']}. Every width from the published configs (`mgpo.runtime.archs`), 2 decoder layers and "
              "2 vision blocks (one windowed, one full attention), random weights, fp32. One 3200 x 4000 image at "
              "max_pixels 1280*28*28 (1,280 image tokens), group size 2, 8 new tokens per turn; the random model "
              "writes no box, so both samples take the fallback (the original again). Peak RSS is the whole "
@@ -296,7 +296,7 @@ def real_width_section(results: dict) -> str:
                   "the 3B row shows the same code path."]
     lines += ["", "Per decoder layer and per token, bf16, SDPA, measured by `measure_layer_bytes` (the cache a "
               "forward returns, and the live heap after a training forward minus before, at 2 layers minus 1 layer, "
-              f"{results['layers'][next(iter(ARCHS))]['tokens']} tokens); the plan (`mgpo.tools.plan`) uses these:", "",
+              f"{results['layers'][next(iter(ARCHS))]['tokens']} tokens); the plan (`mgpo.runtime.memory`) uses these:", "",
               "| widths | KV cache B | formula B | activations B, no checkpointing | with checkpointing | "
               "no-grad layer peak (prefill) B | plan's figures |", "|---|---|---|---|---|---|---|"]
     for name, m in results["layers"].items():

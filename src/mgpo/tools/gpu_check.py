@@ -12,7 +12,7 @@ uses the paper preset's pixel budget and generation batch (2 prompt groups of 8 
 ``generate`` call), 128 + 64 new tokens per turn (a random model writes to its limit). The
 table gives each step's result, generated tokens per second, the peak GPU memory of its
 rollout and update phases (logged by the trainer as ``memory/*_peak_gb``) beside the plan's
-figure for the same config (``mgpo.tools.plan``, at the checkpoint's depth; the tiny model is
+figure for the same config (``mgpo.runtime.memory``, at the checkpoint's depth; the tiny model is
 no published architecture: no figure), and the step's seconds. About 5 minutes on an H100.
 Writes the table to ``--out`` with the GPU's name. Without a CUDA GPU it refuses in one line.
 """
@@ -75,7 +75,7 @@ def run_step(mode: str, model: Path, data: Path, attn: str, out: Path, gpu_gb: f
 
 
 def _planned(mode: str, overrides: list[str], gpu_gb: float) -> dict | None:
-    from .plan import plan
+    from ..runtime.memory import plan
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [*STEP, *MODES[mode], *overrides])
     try:

@@ -1,46 +1,24 @@
-"""Will it fit? Per-GPU memory and decode-time floor of a config, before launching.
+"""Will it fit, and what will it cost? The plan of a config on a given number of GPUs: per-GPU
+memory by phase (``mgpo.runtime.memory``, the check ``train.py`` applies at start-up), the
+decode-time floor, the GPU counts the trainer accepts, ZeRO-3's traffic, and DeepSpeed's own
+memory estimate beside ours.
 
     python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo.yaml --gpus 8 --gpu-memory 80
     python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml --gpus 1 --gpu-memory 80
 
-One training step has three memory peaks, never at the same time:
-
-- rollout: the rank's shard of the model states, the whole policy gathered in bf16 for
-  ``generate``, the reference model's shard, and the larger of the KV cache of one generate
-  batch at its longest and the turn-2 prefill (cache so far + one layer's transient);
-- update: the model states, the reference shard, the layers ZeRO-3 gathers for the
-  forward, the activations of one micro-batch and the masked-logits buffer;
-- optimizer step: the model states plus the fp32 gradient of one optimizer sub-group.
-
-Every formula is in one function below, with where each input comes from (docs/gpu-plan.md
-states them once more, with the three documented set-ups). Bytes are exact counts for
-parameters (from the published configs in ``mgpo.tools.archs``, counted on the meta device) and
-for the KV cache; activations per layer and token were measured on CPU (``make bench``;
-``tests/test_plan.py`` measures them again) and are scaled to the real depth here.
+GB = 10^9 bytes; GB/s and TB/s likewise.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from dataclasses import dataclass, replace
-from functools import lru_cache
-from pathlib import Path
+from dataclasses import dataclass
 
 from ..config import Config, ConfigError, load_config
-from .archs import ARCHS, Arch
+from ..runtime.archs import ARCHS
+from ..runtime.memory import BANDWIDTH_TBS, BF16, GB, HEADROOM, Params, Plan, arch_for, count_params, plan
 
-GB = 1e9
-BF16, FP32 = 2, 4
-HEADROOM = 0.9
-"""Share of the GPU's memory the plan lets itself fill: the rest is the CUDA context,
-NCCL buffers and allocator fragmentation."""
-DS_SUB_GROUP = 1_000_000_000
-"""DeepSpeed's default ``sub_group_size``: parameters stepped together, each step holding
-their gradient in fp32."""
-BANDWIDTH_TBS = {"h100": 3.35, "h200": 4.8}
-"""HBM bandwidth of an H100 SXM and an H200 (NVIDIA's data sheets), TB/s."""
 LINKS_GBS = {
     "NVLink, one node (H100 SXM: 450 GB/s per GPU each way)": ("gpu", 450.0),
     "InfiniBand, 8 x 400 Gb/s per node (one NIC per GPU)": ("node", 8 * 400 / 8),
@@ -49,138 +27,6 @@ LINKS_GBS = {
 }
 """Interconnects ZeRO-3's traffic is timed at, GB/s: per GPU inside a node, per node between
 nodes (one byte = 8 bits; data sheets' line rates, no protocol overhead)."""
-
-# Activation bytes per token per decoder layer, bf16, SDPA attention, the trainer's forward
-# (``measure_layer_bytes`` in mgpo.tools.bench: live heap after the forward, 2 layers minus 1, 512
-# tokens; ``make bench`` on 2026-11-24, AMD EPYC CPU, torch 2.14.1, transformers 5.23).
-# "act": everything autograd keeps for backward; "act_ckpt": with gradient checkpointing
-# (the layer's input, 2 x hidden bytes). Counting the tensors autograd saves gives about
-# 22 x hidden + 6 x kv width + 8 x intermediate bytes, within 4% of both. "prefill": the
-# peak of a no-grad layer beyond its input (its MLP's act(gate), up and their product).
-MEASURED_ACT = {
-    "qwen2.5-vl-3b": {"act": 130_205, "act_ckpt": 4_181, "prefill": 83_274},
-    "qwen2.5-vl-7b": {"act": 225_512, "act_ckpt": 7_247, "prefill": 134_977},
-}
-
-
-@dataclass(frozen=True)
-class Params:
-    """Parameter counts of the full-depth model (tied weights counted once)."""
-
-    total: int
-    vision: int
-    embedding: int
-    lora: int  # adapter parameters at the config's rank and targets (0 without LoRA)
-    largest_module: int  # the largest single module's own parameters (DeepSpeed's "largest layer")
-
-
-@lru_cache(maxsize=8)
-def count_params(arch: str | Arch, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> Params:
-    """Exact counts from the real module tree, built on the meta device (no memory); ``arch``
-    a published architecture's name, or an ``Arch`` (one at reduced depth, say)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from .tiny import arch_config
-
-    a = ARCHS[arch] if isinstance(arch, str) else arch
-    arch_name = a.name
-    with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(
-            arch_config(arch_name, layers=a.num_hidden_layers, vision_depth=a.vision_depth))
-    unique = {id(p): p.numel() for p in model.parameters()}
-    vision = sum(p.numel() for p in model.model.visual.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    lora = 0
-    if lora_rank:
-        for name, m in model.model.language_model.named_modules():
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets:
-                lora += lora_rank * (m.in_features + m.out_features)
-    return Params(sum(unique.values()), vision, model.model.language_model.embed_tokens.weight.numel(), lora, largest)
-
-
-def arch_for(cfg: Config, name: str | None = None) -> Arch:
-    """The architecture: named, else read from the checkpoint's config.json, else guessed
-    from the model path ("3B" / "7B" in it)."""
-    if name:
-        return ARCHS[name]
-    path = Path(cfg.model.path) / "config.json"
-    if path.is_file():
-        c = json.loads(path.read_text())
-        text = c.get("text_config", c)
-        hidden = text.get("hidden_size", c.get("hidden_size"))
-        for a in ARCHS.values():
-            if a.hidden_size == hidden:  # at the checkpoint's own depth (a 2-layer build of the widths)
-                return replace(a, num_hidden_layers=text.get("num_hidden_layers", a.num_hidden_layers),
-                               vision_depth=c.get("vision_config", {}).get("depth", a.vision_depth))
-        raise ValueError(f"{path}: hidden_size {hidden} is none of {sorted(ARCHS)}; pass --arch")
-    low = cfg.model.path.lower()
-    for a in ARCHS.values():
-        if a.name.rsplit("-", 1)[-1] in low:
-            return a
-    raise ValueError(f"cannot tell the architecture of {cfg.model.path}; pass --arch {sorted(ARCHS)}")
-
-
-# ----------------------------------------------------------------------------- formulas
-
-def tokens_per_trajectory(cfg: Config, text_tokens: int) -> tuple[int, int]:
-    """(all tokens, generated tokens) of the longest possible trajectory.
-
-    Two images of at most max_pixels / 28^2 tokens each (the original, then the crop or the
-    original again) for the two-turn template, one for the single-turn one.
-    """
-    r = cfg.rollout
-    image = cfg.model.max_pixels // (28 * 28)
-    if r.template == "grpo":
-        return text_tokens + image + r.max_new_tokens_turn1, r.max_new_tokens_turn1
-    new = r.max_new_tokens_turn1 + r.max_new_tokens_turn2
-    return text_tokens + 2 * image + new, new
-
-
-def kv_bytes_per_token(a: Arch, layers: int | None = None) -> int:
-    """K and V, every layer, bf16: layers x 2 x kv heads x head dim x 2 bytes."""
-    return (layers or a.num_hidden_layers) * 2 * a.num_key_value_heads * a.head_dim * BF16
-
-
-def activation_bytes(a: Arch, tokens: int, checkpointing: bool, layers: int | None = None) -> float:
-    """Activations kept for backward by one forward over ``tokens`` tokens.
-
-    Without checkpointing every layer keeps its full set; with it every layer keeps its
-    input and one layer at a time is recomputed with its full set during backward.
-    """
-    m, L = MEASURED_ACT[a.name], layers or a.num_hidden_layers
-    per_token = L * m["act_ckpt"] + m["act"] if checkpointing else L * m["act"]
-    return tokens * per_token
-
-
-def turn2_prefill_bytes(a: Arch, cfg: Config, text_tokens: int) -> int:
-    """Per row, at the start of turn 2 (``continue_cache``: every row's new chunk, its crop
-    included, prefilled in one forward): the cache so far (turn 1 and the chunk) plus the
-    largest transient of one layer, whichever of the decoder layer's (measured, per chunk
-    token) and the vision tower's MLP on the crop's patches (4 per image token; act(gate),
-    up and product: 3 x 3,420 x 2 bytes, counted) is larger. The single-turn template has
-    no turn 2."""
-    r = cfg.rollout
-    if r.template == "grpo":
-        return 0
-    image = cfg.model.max_pixels // (28 * 28)
-    chunk = text_tokens // 2 + image
-    turn1 = text_tokens // 2 + image + r.max_new_tokens_turn1
-    lm = chunk * MEASURED_ACT[a.name]["prefill"]
-    vision = 4 * image * 3 * a.vision_intermediate_size * BF16
-    return (turn1 + chunk) * kv_bytes_per_token(a) + max(lm, vision)
-
-
-def masked_logits_bytes(a: Arch, tokens: int, entropy: bool) -> int:
-    """``masked_token_logprobs``: lm_head only on the generated positions, ``HEAD_CHUNK`` of
-    them at a time and recomputed in backward, so at most one chunk's bf16 logits, their
-    fp32 copy divided by the temperature, log_softmax and, with the entropy bonus, exp() and
-    the product are alive at once."""
-    from ..core.policy import HEAD_CHUNK
-
-    per = BF16 + FP32 + FP32 + (2 * FP32 if entropy else 0)
-    return min(tokens, HEAD_CHUNK) * a.vocab_size * per
-
 
 def gpu_counts(cfg: Config, largest: int = 1024) -> list[int]:
     """The numbers of GPUs (ranks) the trainer accepts for ``cfg``'s batch sizes, up to ``largest``:
@@ -254,174 +100,6 @@ def zero3_traffic(cfg: Config, p: Params, world: int) -> Traffic:
     logprobs = passes * micro * (t.prompts_per_rollout // t.prompts_per_step) * params / steps
     return Traffic(train=micro * (2 * params + BF16 * trainable), logprobs=logprobs, generation=params / steps,
                    world=world)
-
-
-@dataclass
-class Plan:
-    lines: list[tuple[str, float, str]]  # (what, GB, where it comes from)
-    phases: dict[str, float]  # GB per phase
-    usable_gb: float
-    fits: bool
-    verdict: str
-    max_micro_batch: int
-    max_generation_groups: int
-    decode_floor_s: float
-    model_states_gb: float  # what DeepSpeed's estimator counts: states at the step + gathered layers
-
-
-def _generation_groups(cfg: Config, prompts_per_rank: int) -> int:
-    size = getattr(cfg.rollout, "generation_batch_size", 0)  # whole groups per generate call; 0 = all
-    return min(size, prompts_per_rank) if size else prompts_per_rank
-
-
-def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = None, text_tokens: int = 300,
-         bandwidth_tbs: float = BANDWIDTH_TBS["h100"]) -> Plan:
-    """Per-GPU memory by phase, the verdict, and the decode-time floor of one rollout batch."""
-    a, t, r = arch_for(cfg, arch), cfg.train, cfg.rollout
-    p = count_params(a, t.lora_rank, tuple(t.lora_target_modules) if t.lora_rank else ())
-    zero3 = t.lora_rank == 0 and world > 1
-    shard = world if zero3 else 1
-    frozen = p.vision if t.freeze_vision else 0
-    G, T, new = r.group_size, *tokens_per_trajectory(cfg, text_tokens)
-    prompts_per_rank = max(1, t.prompts_per_rollout // world)
-    groups = _generation_groups(cfg, prompts_per_rank)
-    lines = []
-
-    def add(what, nbytes, src):
-        lines.append((what, nbytes / GB, src))
-        return nbytes / GB
-
-    if t.lora_rank:
-        states = add("bf16 base weights (frozen, whole model)", BF16 * p.total, "published config, counted")
-        states += add(f"LoRA r={t.lora_rank}: bf16 weights + grads + fp32 master + Adam m, v",
-                      (BF16 + BF16 + FP32 + 2 * FP32) * p.lora, "r x (in + out) per targeted Linear")
-        step, gathered, ref, layer_buf = 0.0, 0.0, 0.0, 0.0
-    else:
-        trainable = p.total - frozen
-        how = f"/ {shard} ranks (ZeRO-3)" if zero3 else "(not sharded)"
-        states = add(f"bf16 params {how}", BF16 * p.total / shard, "published config, counted")
-        # configs/deepspeed/zero3.json accumulates micro-batch gradients in fp32 (grad_accum_dtype), so
-        # DeepSpeed's flat gradient-partition buffer is fp32: 4 bytes per trainable parameter / ranks (2 in bf16).
-        grad_bytes, grad_what = (FP32, "fp32 accumulated grads") if zero3 else (BF16, "bf16 grads")
-        states += add(f"{grad_what} {how}", grad_bytes * trainable / shard, "trainable params (vision frozen)"
-                      if t.freeze_vision else "every param")
-        states += add(f"fp32 master weights + Adam m, v {how}", 3 * FP32 * trainable / shard, "AdamW, mixed precision")
-        step = add("fp32 gradient of one optimizer sub-group (at the step)",
-                   FP32 * min(DS_SUB_GROUP, trainable / shard), "DeepSpeed sub_group_size 1e9")
-        layer_buf = add("layers gathered for forward/backward (ZeRO-3)", 2 * BF16 * p.largest_module,
-                        "largest module, current + prefetched") if zero3 else 0.0
-        gathered = add("full bf16 policy gathered for generate", BF16 * p.total,
-                       "D.generation_weights") if zero3 else 0.0
-        ref = add("reference model (bf16) share", BF16 * p.total / shard if cfg.loss.kl_coef > 0 else 0,
-                  "kl_coef > 0: a frozen copy, sharded like the policy")
-    rows = groups * G
-    kv = add(f"KV cache: {rows} rows x {T} tokens", rows * T * kv_bytes_per_token(a),
-             f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
-    decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
-    prefill = add(f"turn-2 prefill of {rows} rows, KV so far + the widest layer's transient",
-                  rows * turn2_prefill_bytes(a, cfg, text_tokens), "measured per-token layer peak x chunk")
-    M = t.micro_batch_size
-    act = add(f"activations, micro-batch {M} x {T} tokens" + (" (checkpointed)" if t.gradient_checkpointing else ""),
-              activation_bytes(a, M * T, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
-    logits = add(f"masked-logits buffer (one chunk of {M} x {new} generated)",
-                 masked_logits_bytes(a, M * new, cfg.loss.entropy_coef > 0), "masked_token_logprobs")
-    phases = {"rollout": states + gathered + ref + max(kv + decode_logits, prefill),
-              "update": states + layer_buf + ref + act + logits,
-              "optimizer step": states + step}
-    usable = HEADROOM * gpu_memory_gb
-    fits = max(phases.values()) <= usable
-
-    # ---- the largest micro-batch and generate batch that fit
-    per_traj_train = activation_bytes(a, T, t.gradient_checkpointing) / GB
-    logits_chunk = masked_logits_bytes(a, 1 << 40, cfg.loss.entropy_coef > 0) / GB  # one lm_head chunk at most
-    max_micro = max(0, math.floor((usable - (states + layer_buf + ref + logits_chunk)) / per_traj_train))
-    per_group_gen = G * max(T * kv_bytes_per_token(a) + a.vocab_size * 2 * FP32,
-                            turn2_prefill_bytes(a, cfg, text_tokens)) / GB
-    max_groups = max(0, math.floor((usable - (states + gathered + ref)) / per_group_gen))
-
-    floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
-    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups)
-    return Plan(lines, phases, usable, fits, verdict, max_micro, max_groups, floor_s, states + step + layer_buf)
-
-
-def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int, bandwidth_tbs: float) -> float:
-    """Lower bound on one generate batch's decode time: every step reads the language
-    model's weights once and every row's KV cache so far, at the GPU's HBM bandwidth."""
-    r = cfg.rollout
-    weights = BF16 * (p.total - p.vision - (0 if a.tie_word_embeddings else p.embedding))  # a lookup reads one row
-    image = cfg.model.max_pixels // (28 * 28)
-    seconds, prefix = 0.0, text_tokens // 2 + image
-    turns = [r.max_new_tokens_turn1] + ([] if r.template == "grpo" else [r.max_new_tokens_turn2])
-    for n in turns:
-        kv_read = rows * kv_bytes_per_token(a) * (n * prefix + n * (n - 1) / 2)  # sum over steps of the cache length
-        seconds += (n * weights + kv_read) / (bandwidth_tbs * 1e12)
-        prefix += n + text_tokens // 2 + image
-    return seconds
-
-
-def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups) -> str:
-    worst = max(phases, key=phases.get)
-    head = f"{phases[worst]:.1f} GB peak ({worst}) of {usable:.0f} GB usable on {gpu_gb:g} GB x {world}"
-    if phases[worst] <= usable:
-        return f"fits: {head}; largest train.micro_batch_size {max_micro}"
-    todo = []
-    if phases["rollout"] > usable:
-        if max_groups >= 1:
-            field = "rollout.generation_batch_size" if hasattr(cfg.rollout, "generation_batch_size") else \
-                "train.prompts_per_rollout / world (generate runs on all of a rank's prompts at once)"
-            todo.append(f"rollout: at most {max_groups} prompt group(s) per generate call, not {groups} "
-                        f"(set {field}), or lower rollout.max_new_tokens_turn1/2")
-        else:
-            todo.append("rollout: not even one group fits; lower rollout.group_size or rollout.max_new_tokens_turn1/2, "
-                        "or use more GPUs")
-    if phases["update"] > usable:
-        if max_micro >= 1:
-            todo.append(f"update: train.micro_batch_size at most {max_micro}")
-        else:
-            todo.append("update: not even one trajectory fits; lower rollout.max_new_tokens_turn1/2 (the "
-                        "masked-logits buffer and the activations grow with them) or model.max_pixels")
-        if not cfg.train.gradient_checkpointing:
-            todo.append("update: train.gradient_checkpointing=true")
-    if phases["optimizer step"] > usable:
-        todo.append("model states alone do not fit: more GPUs, or LoRA (train.lora_rank)")
-    return f"does not fit: {head}; change: " + "; ".join(todo)
-
-
-def verdict(cfg: Config, world: int, gpu_memory_gb: float) -> str:
-    """One line for the trainer to print at start-up on GPUs. Advice only: a model the
-    plan cannot size (not a published architecture) gets a line saying so, never an error."""
-    try:
-        return plan(cfg, world, gpu_memory_gb).verdict
-    except Exception as e:  # noqa: BLE001 - the plan must never stop a launch
-        return f"memory plan unavailable: {e}"
-
-
-def startup_line(cfg: Config) -> str | None:
-    """The verdict for this launch on a GPU run (None on CPU), the same on every rank, so that
-    a refusal stops them all; see ``check_verdict``."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    from ..runtime.distributed import launched_world_size
-
-    line = verdict(cfg, launched_world_size(), torch.cuda.get_device_properties(0).total_memory / GB)
-    return check_verdict(line, cfg.train.ignore_plan)
-
-
-def check_verdict(line: str, ignore_plan: bool) -> str:
-    """The start-up line to print for a plan's verdict; a predicted out-of-memory is refused
-    (ConfigError, naming the change) unless ``train.ignore_plan`` is set, then it is a warning.
-
-    >>> check_verdict("fits: 51.7 GB peak (rollout) of 72 GB usable on 80 GB x 8", False)
-    'memory plan: fits: 51.7 GB peak (rollout) of 72 GB usable on 80 GB x 8'
-    """
-    if not line.startswith("does not fit"):
-        return "memory plan: " + line
-    if ignore_plan:
-        return "WARNING: predicted out of memory (train.ignore_plan=true): " + line
-    raise ConfigError(f"predicted out of memory by mgpo.tools.plan: {line}; or pass train.ignore_plan=true "
-                      "to launch anyway")
 
 
 def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, text_tokens: int) -> str:

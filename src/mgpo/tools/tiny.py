@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import ARCHS
+from ..runtime.archs import ARCHS, arch_config
 
 # Qwen2.5-VL's special tokens, in the order (and so with the relative ids) the real
 # tokenizer gives them. The ones the model or processor reads are checked in tests.
@@ -218,43 +218,6 @@ def publish_layout(folder: Path, tokenizer) -> None:
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def arch_config(arch: str, *, layers: int, vision_depth: int, tokenizer=None):
-    """A Qwen2_5_VLConfig with every width of a published model (``mgpo.tools.archs``) and
-    only the depths reduced; special-token ids are ``tokenizer``'s (else Qwen's own)."""
-    from transformers import Qwen2_5_VLConfig
-
-    from .archs import get_arch, reduced_fullatt
-
-    a = get_arch(arch)
-    ids = {"bos": a.bos_token_id, "eos": a.eos_token_id, "image": a.image_token_id, "video": a.video_token_id,
-           "vision_start": a.vision_start_token_id, "vision_end": a.vision_end_token_id}
-    if tokenizer is not None:
-        assert len(tokenizer) <= a.vocab_size, "the embedding must cover every tokenizer id"
-        names = {"bos": "<|endoftext|>", "eos": "<|im_end|>", "image": "<|image_pad|>", "video": "<|video_pad|>",
-                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
-        ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in names.items()}
-    text = dict(
-        vocab_size=a.vocab_size,  # the real embedding size; our tokenizer uses its first ~1k rows
-        hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=layers,
-        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
-        max_position_embeddings=a.max_position_embeddings, rms_norm_eps=a.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "mrope_section": list(a.mrope_section)},
-        tie_word_embeddings=a.tie_word_embeddings,
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["bos"],
-    )
-    vision = dict(
-        depth=vision_depth, hidden_size=a.vision_hidden_size, intermediate_size=a.vision_intermediate_size,
-        num_heads=a.vision_num_heads, out_hidden_size=a.out_hidden_size, patch_size=a.patch_size,
-        spatial_merge_size=a.spatial_merge_size, temporal_patch_size=a.temporal_patch_size,
-        window_size=a.window_size, tokens_per_second=a.tokens_per_second, fullatt_block_indexes=reduced_fullatt(a.fullatt_block_indexes, vision_depth),
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
-        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
-        tie_word_embeddings=a.tie_word_embeddings,
-    )
-
-
 def build_tiny_checkpoint(
     out_dir: str | Path,
     *,
@@ -316,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=sorted(ARCHS), default=None,
-                        help="every width of this published model (mgpo.tools.archs); only the depths are reduced")
+                        help="every width of this published model (mgpo.runtime.archs); only the depths are reduced")
     parser.add_argument("--layers", type=int, default=2, help="language-model layers")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks (with --arch)")
     args = parser.parse_args(argv)

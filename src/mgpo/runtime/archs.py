@@ -10,7 +10,7 @@ models built from this table have exactly the parameter counts reported for the 
 published checkpoints (3,754,622,976 and 8,292,166,656; ``tests/test_plan.py``).
 
 Nothing here downloads anything: ``mgpo.tools.tiny --arch`` builds these widths at reduced
-depth with random weights, and ``mgpo.tools.plan`` sizes the full-depth models on paper.
+depth with random weights (``arch_config``), and ``mgpo.runtime.memory`` sizes a launch of them on paper.
 
     >>> ARCHS["qwen2.5-vl-7b"].head_dim, ARCHS["qwen2.5-vl-3b"].head_dim
     (128, 128)
@@ -120,3 +120,38 @@ def reduced_fullatt(published: tuple[int, ...], depth: int) -> list[int]:
     """
     assert depth >= 1, "the vision tower needs at least one block"
     return [i for i in published if i < depth - 1] + [depth - 1]
+
+
+def arch_config(arch: str, *, layers: int, vision_depth: int, tokenizer=None):
+    """A Qwen2_5_VLConfig with every width of a published model (``ARCHS``) and
+    only the depths reduced; special-token ids are ``tokenizer``'s (else Qwen's own)."""
+    from transformers import Qwen2_5_VLConfig
+
+    a = get_arch(arch)
+    ids = {"bos": a.bos_token_id, "eos": a.eos_token_id, "image": a.image_token_id, "video": a.video_token_id,
+           "vision_start": a.vision_start_token_id, "vision_end": a.vision_end_token_id}
+    if tokenizer is not None:
+        assert len(tokenizer) <= a.vocab_size, "the embedding must cover every tokenizer id"
+        names = {"bos": "<|endoftext|>", "eos": "<|im_end|>", "image": "<|image_pad|>", "video": "<|video_pad|>",
+                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
+        ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in names.items()}
+    text = dict(
+        vocab_size=a.vocab_size,  # the real embedding size; our tokenizer uses its first ~1k rows
+        hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
+        max_position_embeddings=a.max_position_embeddings, rms_norm_eps=a.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "mrope_section": list(a.mrope_section)},
+        tie_word_embeddings=a.tie_word_embeddings,
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["bos"],
+    )
+    vision = dict(
+        depth=vision_depth, hidden_size=a.vision_hidden_size, intermediate_size=a.vision_intermediate_size,
+        num_heads=a.vision_num_heads, out_hidden_size=a.out_hidden_size, patch_size=a.patch_size,
+        spatial_merge_size=a.spatial_merge_size, temporal_patch_size=a.temporal_patch_size,
+        window_size=a.window_size, tokens_per_second=a.tokens_per_second, fullatt_block_indexes=reduced_fullatt(a.fullatt_block_indexes, vision_depth),
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=a.tie_word_embeddings,
+    )
