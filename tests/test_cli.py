@@ -80,7 +80,7 @@ def test_the_eval_preset_is_the_papers_protocol():
     cfg = yaml.safe_load(proc.stdout)
     assert (cfg["model"]["min_pixels"], cfg["model"]["max_pixels"]) == (256 * 28 * 28, 1280 * 28 * 28)
     assert cfg["model"]["dtype"] == "bfloat16"
-    assert (cfg["eval"]["temperature"], cfg["eval"]["samples"], cfg["eval"]["mode"]) == (0.0, 1, "mgpo")
+    assert (cfg["eval"]["temperature"], cfg["eval"]["group_size"], cfg["eval"]["mode"]) == (0.0, 1, "mgpo")
     assert cfg["rollout"]["max_new_tokens_turn1"] == cfg["rollout"]["max_new_tokens_turn2"] == 8192
     assert cfg["eval"]["output_dir"] == "runs/eval/qwen2_5_vl_7b_mgpo-checkpoint-600/vstar_bench"
     readme = (ROOT / "README.md").read_text()

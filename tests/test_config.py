@@ -95,7 +95,7 @@ def test_every_field_is_documented():
     ("train.save_every=0", "train.save_every must be >= 1"),
     ("train.log_every=0", "train.log_every must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size must be >= 1"),
-    ("eval.samples=0", "eval.samples must be >= 1"),
+    ("eval.group_size=0", "eval.group_size must be >= 1"),
     ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
     ("train.lr=0", "train.lr must be > 0"),
     ("train.lr=-1e-6", "train.lr must be > 0"),
@@ -120,8 +120,8 @@ def test_out_of_range_values_are_refused_at_load(override, message):
 
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["train.log_every=0", "eval.samples=0"])
-    assert "train.log_every" in str(e.value) and "eval.samples" in str(e.value)
+        load_config(None, ["train.log_every=0", "eval.group_size=0"])
+    assert "train.log_every" in str(e.value) and "eval.group_size" in str(e.value)
 
 
 def test_crop_filter_choices_are_the_ones_grounding_knows():
@@ -154,3 +154,14 @@ def test_k_turn_fields_are_checked():
                        ("rollout.max_image_tokens=-1", "rollout.max_image_tokens")):
         with pytest.raises(ConfigError, match=field):
             load_config(None, [bad])
+
+
+def test_a_renamed_key_is_refused_with_a_pointer_to_its_new_name(tmp_path):
+    """eval.samples (a group size under another name) became eval.group_size."""
+    with pytest.raises(ConfigError, match=r"^eval.samples is now called eval.group_size .*the command line$"):
+        load_config(None, ["eval.samples=4"])
+    preset = tmp_path / "old.yaml"
+    preset.write_text("eval:\n  samples: 4\n")
+    with pytest.raises(ConfigError, match=r"eval.samples is now called eval.group_size .*old.yaml$"):
+        load_config(preset)
+    assert load_config(None, ["eval.group_size=4"]).eval.group_size == 4

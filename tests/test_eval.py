@@ -86,13 +86,13 @@ def test_oracle_policy_scores_100_and_always_a_scores_the_share_of_a(tiny_dir, s
 
 def test_sampling_gives_avg_and_pass_at_k(tiny_dir, synth_dir, tmp_path, loaded):
     model, processor = loaded
-    cfg = _cfg(tiny_dir, tmp_path / "k", "eval.samples=3", "eval.temperature=1.0", data=synth_dir / "train.jsonl")
+    cfg = _cfg(tiny_dir, tmp_path / "k", "eval.group_size=3", "eval.temperature=1.0", data=synth_dir / "train.jsonl")
     result = ev.evaluate(cfg, model, processor)
     preds = _predictions(tmp_path / "k")
     assert len(preds) == 36 and {p["sample"] for p in preds} == {0, 1, 2}
     assert result["results"]["train"]["samples_per_question"] == 3
     with pytest.raises(ValueError, match="temperature"):
-        ev.evaluate(_cfg(tiny_dir, tmp_path / "bad", "eval.samples=3", data=synth_dir / "train.jsonl"), model, processor)
+        ev.evaluate(_cfg(tiny_dir, tmp_path / "bad", "eval.group_size=3", data=synth_dir / "train.jsonl"), model, processor)
 
 
 def test_iou_and_crop_contains_target_hand_built():

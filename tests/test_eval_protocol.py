@@ -101,7 +101,7 @@ def test_torn_line_of_one_sample_redoes_its_question(tiny_dir, synth_dir, tmp_pa
     """With k samples per question, a question is done only when all k are recorded."""
     model, processor = loaded
     data, out = synth_dir / "train.jsonl", tmp_path / "eval"
-    extra = ("eval.samples=2", "eval.temperature=1.0", "data.max_samples=4")
+    extra = ("eval.group_size=2", "eval.temperature=1.0", "data.max_samples=4")
     ev.evaluate(_cfg(tiny_dir, out, data, *extra), model, processor)
     rank0 = out / "predictions" / "rank0.jsonl"
     lines = rank0.read_text().splitlines(keepends=True)

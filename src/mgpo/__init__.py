@@ -8,8 +8,10 @@ reading order):
 Around it: ``runtime/`` (model loading, processes, checkpoints, logging), ``data/``,
 ``eval/``, and ``tools/`` (the tiny checkpoint, synthetic tasks, experiments, benchmarks).
 
-Shape letters used in tensor names: N trajectories (prompts x group_size), T tokens,
-B prompts, G group size, V vocabulary, H hidden size, K masked tokens, P image patches.
+Shape letters used in tensor names and shape comments, each defined here only: N trajectories
+(prompts x group_size), T tokens of a padded batch, L tokens of one sequence, B prompts, G
+group size, R rows of one ``generate`` call, S cached positions, V vocabulary, H hidden size,
+K masked tokens, P image patches, D features of one patch.
 """
 
 import os

@@ -61,7 +61,7 @@ class DataConfig:
     max_samples: int = 0
     """Use only the first N records of each set (0 = all)."""
     max_prompt_tokens: int = 8192
-    """A prompt (text and image tokens) longer than this is skipped and counted (reference: 8192; 0 = no limit);
+    """A prompt (text and image tokens) longer than this is skipped and counted (the paper's run: 8192; 0 = no limit);
     for a chat record (SFT), its whole conversation."""
 
 
@@ -76,18 +76,18 @@ class RolloutConfig:
     group_size: int = 8
     """Samples per prompt (n in GRPO); advantages are normalized within each group."""
     temperature: float = 1.0
-    """Sampling temperature for both turns (reference: 1.0)."""
+    """Sampling temperature for both turns (the paper's run: 1.0)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold for both turns (reference: 1.0). Training refuses < 1: the
+    """Nucleus sampling threshold for both turns (the paper's run: 1.0). Training refuses < 1: the
     training log-probs model the untruncated distribution."""
     top_k: int = 0
-    """Sample only from the k most likely tokens (0 = off, the reference). Training refuses > 0."""
+    """Sample only from the k most likely tokens (0 = off, the paper's run). Training refuses > 0."""
     max_new_tokens_turn1: int = 8192
     """Token budget of the grounding turn; a turn 1 that hits it falls back to the original image."""
     max_new_tokens_turn2: int = 8192
     """Token budget of the answer turn."""
     crop_resample: str = "bicubic"
-    """Filter used to resize the crop: nearest (the reference), bilinear, bicubic or lanczos."""
+    """Filter used to resize the crop: nearest (the authors' code), bilinear, bicubic or lanczos."""
     min_box_side: int = 28
     """A box is valid only if both sides are longer than this (input pixels)."""
     max_box_aspect: float = 100.0
@@ -158,9 +158,9 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     prompts_per_rollout: int = 512
-    """Prompts sampled per rollout batch, over all ranks (reference: 512 -> 4096 trajectories)."""
+    """Prompts sampled per rollout batch, over all ranks (the paper's run: 512 -> 4096 trajectories)."""
     prompts_per_step: int = 128
-    """Prompts per optimizer step, over all ranks (reference: 128, so 4 steps per rollout batch)."""
+    """Prompts per optimizer step, over all ranks (the paper's run: 128, so 4 steps per rollout batch)."""
     micro_batch_size: int = 4
     """Trajectories per forward/backward on one rank; gradients accumulate to a step."""
     ppo_epochs: int = 1
@@ -229,8 +229,8 @@ class EvalConfig:
     """Optional LoRA adapter folder applied on top of model.path."""
     datasets: tuple[str, ...] = ()
     """Datasets to evaluate (any format mgpo.data.samples reads); empty = data.eval."""
-    samples: int = 1
-    """k samples per question: 1 with temperature 0 is greedy; k > 1 gives Avg@k and pass@k."""
+    group_size: int = 1
+    """Samples per question (k): 1 with temperature 0 is greedy; k > 1 gives Avg@k and pass@k."""
     temperature: float = 0.0
     """0 = greedy decoding; otherwise sampling at this temperature (top_p from rollout.top_p)."""
     batch_size: int = 8
@@ -261,6 +261,17 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+RENAMED = {"eval.samples": "eval.group_size"}
+"""Keys that were renamed: the old name is refused with a pointer to the new one."""
+
+
+def _check_renamed(tree: dict, where: str) -> None:
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise ConfigError(f"{old} is now called {new} (same meaning: samples per question); rename it in {where}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (or the defaults when ``path`` is None) and apply overrides."""
     tree: dict[str, Any] = {}
@@ -272,7 +283,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         tree = fix_yaml_floats(loaded)
-    tree = merge_trees(tree, parse_overrides(overrides or []))
+        _check_renamed(tree, str(path))
+    given = parse_overrides(overrides or [])
+    _check_renamed(given, "the command line")
+    tree = merge_trees(tree, given)
     return validate(build(Config, tree, ""))
 
 
@@ -301,7 +315,7 @@ RANGES = {  # every numeric field: (accepts the value, what is allowed)
     "train.warmup_steps": COUNT, "train.weight_decay": COUNT, "train.betas[0]": SHARE, "train.betas[1]": SHARE,
     "train.grad_clip": POSITIVE, "train.lora_rank": COUNT, "train.save_every": SOME, "train.keep_last": COUNT,
     "train.log_every": SOME, "train.max_bad_steps": SOME, "train.collective_timeout_s": _range(10),
-    "eval.max_turns": _range(2), "eval.samples": SOME, "eval.temperature": COUNT, "eval.batch_size": SOME,
+    "eval.max_turns": _range(2), "eval.group_size": SOME, "eval.temperature": COUNT, "eval.batch_size": SOME,
     "eval.report_examples": COUNT,
 }
 CHOICES = {  # every field with a fixed set of values

@@ -1,6 +1,12 @@
 """The method, and nothing else: MGPO's rollout, reward, advantage and loss, and the loop
 that ties them together.
 
+The method is Huang et al., "High-Resolution Visual Reasoning via Multi-Turn Grounding-Based
+Reinforcement Learning" (arXiv:2507.05920); its authors released their training code as a
+fork of verl (github.com/EvolvingLMMs-Lab/MGPO points to it). "The authors' code" in the
+comments below means that code; "the reference model" always means the frozen model of the
+KL term.
+
 Reading order (an afternoon, top to bottom):
 
 1. ``trainer.py``   the loop: prompts -> rollout -> rewards -> group advantages -> old and

@@ -106,8 +106,8 @@ def cut_after(tokenizer, tokens: torch.Tensor, text: str, end: int) -> int:
 def scripted(ctx: Context, texts: list[str]) -> Generated:
     """What ``generate`` would return had the model written ``texts`` and stopped."""
     tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
-    tokens = [torch.tensor(tok.encode(t, add_special_tokens=False) + [im_end]) for t in texts]
-    return Generated(tokens, [None] * len(texts), cache=None, width=0, steps=max(len(t) for t in tokens))
+    tokens = [torch.tensor(tok.encode(text, add_special_tokens=False) + [im_end]) for text in texts]
+    return Generated(tokens, [None] * len(texts), cache=None, width=0, steps=max(len(ids) for ids in tokens))
 
 
 def encode_prompts(ctx: Context, samples: list[Sample], images: list | None, texts=None,
@@ -191,7 +191,7 @@ def close_at_box(sampled: torch.Tensor, logp: torch.Tensor | None, keep: int, cl
                  im_end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A turn cut after its first ``keep`` tokens (right after the box block) and closed with
     ``<|im_end|>``: the sampled one when the model stopped right there (its log-prob kept),
-    otherwise one we add (trained too, as the reference does; no log-prob was recorded for it).
+    otherwise one we add (trained too, as the authors' code does; no log-prob was recorded for it).
 
     ``sampled`` is the turn as generated, ``closed`` whether it ended with a stop token."""
     body = sampled[:-1] if closed else sampled

@@ -34,7 +34,7 @@ def teacher_forced(processor, samples: list[Sample], texts: list[tuple[str, ...]
     (the crop-answerability measure: given this box, does the model answer?)."""
     template = get_template(cfg.template)
     if not template.zoom_loop:  # (mgpo_k scripts end where their answer is)
-        if any(len(t) != len(texts[0]) for t in texts) or not 0 < len(texts[0]) <= template.turns:
+        if any(len(script) != len(texts[0]) for script in texts) or not 0 < len(texts[0]) <= template.turns:
             raise ValueError(f"teacher_forced: every sample needs the same number of scripted turns, 1 to "
                              f"{template.turns} for the {cfg.template!r} template")
         if len(texts[0]) < template.turns and model is None:
@@ -97,10 +97,10 @@ def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels
                 for pixels, grid in zip(out["pixel_values"].split(grids.prod(-1).tolist()), grids.split(1)):
                     shown.append(ctx.add_image(ImagePatches(pixels, grid)))
             pieces.append(Piece(out["input_ids"][0], False))
-        t = Trajectory(sample.id, len(conversations), "", (), loaded[0].size,
+        traj = Trajectory(sample.id, len(conversations), "", (), loaded[0].size,
                        input_size_from_grid(ctx.images[shown[0]].grid[0]), turns=len(targets))
-        t.turn1_text, t.turn2_text = targets[0], targets[-1] if len(targets) > 1 else ""
-        trajectories.append(t)
+        traj.turn1_text, traj.turn2_text = targets[0], targets[-1] if len(targets) > 1 else ""
+        trajectories.append(traj)
         conversations.append(Conversation(pieces, shown))
     if not conversations:
         raise BadImageError("every conversation of the batch was skipped: " + "; ".join(r for _, r in skipped))

@@ -9,11 +9,11 @@ settings spelled out. Around it, two ways the naive rollout wastes work are remo
    keeps each sample's turn-1 cache (prompt + the tokens it kept), and prefills only the
    new tokens: the closing ``<|im_end|>``, the turn-2 user block and its crop.
 
-Layout of a continued batch, per row (P and N are the batch's widest cached prefix and
-widest new chunk; padding may sit in the middle, the attention mask covers it):
+Layout of a continued batch, per row (``prefix`` and ``fresh`` are the batch's widest cached
+prefix and widest new chunk; padding may sit in the middle, the attention mask covers it):
 
     [left pad][cached prefix_i] | [pad][new chunk_i]
-    <-------- P ---------------> <------ N -------->
+    <------ prefix -----------> <---- fresh ------>
 
 In K turns (``mgpo_k``) turn k+1 continues from turn k's cache, over the rows still
 running only; a continued call's prompt is no longer contiguous in its cache, so each
@@ -50,7 +50,7 @@ def suppressed_ids(processor) -> list[int]:
     """Vision special tokens: never sampled (a sampled ``<|image_pad|>`` breaks the next
     forward: "Image features and image tokens do not match"), and so also masked out of the training distribution."""
     ids = special_ids(processor)
-    return [ids[t] for t in VISION_TOKENS]
+    return [ids[name] for name in VISION_TOKENS]
 
 
 # Every field that changes the distribution ``generate`` samples from, at its neutral value.
@@ -79,7 +79,7 @@ def generation_config(cfg: RolloutConfig, max_new_tokens: int, ids: dict[str, in
         max_new_tokens=max_new_tokens,
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
-        suppress_tokens=[ids[t] for t in VISION_TOKENS],
+        suppress_tokens=[ids[name] for name in VISION_TOKENS],
         return_dict_in_generate=True,
         output_scores=record_logprobs,
     )
@@ -113,9 +113,9 @@ def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
 class Prepared:
     """Inputs for ``generate`` whose prefix is already in ``cache``."""
 
-    ids: torch.Tensor  # [B, L] left-padded
-    mask: torch.Tensor  # [B, L]
-    mm: torch.Tensor  # [B, L] 1 on image tokens
+    ids: torch.Tensor  # [R, T] left-padded
+    mask: torch.Tensor  # [R, T]
+    mm: torch.Tensor  # [R, T] 1 on image tokens
     cache: object
 
 
@@ -148,7 +148,7 @@ class Continuation:
     kept: int  # new tokens of the previous turn kept in the conversation
     ids: torch.Tensor  # [L] the whole input of this turn: prompt, kept tokens, new block
     grids: torch.Tensor  # [n_images, 3] every image grid of the row, in order
-    new_pixels: torch.Tensor | None  # [p, D] the new block's image patches (None: a text-only block)
+    new_pixels: torch.Tensor | None  # [P, D] the new block's image patches (None: a text-only block)
     new_grid: torch.Tensor | None  # [1, 3]
 
 
@@ -181,7 +181,7 @@ def generate_batch(model, seqs: list[torch.Tensor], pixel_values: list[torch.Ten
     tokens, logps = [], []
     for row in range(new.shape[0]):
         seq = new[row].tolist()
-        end = next((j + 1 for j, t in enumerate(seq) if t in stops), len(seq))
+        end = next((j + 1 for j, tok in enumerate(seq) if tok in stops), len(seq))
         tokens.append(new[row, :end].clone())
         logps.append(torch.tensor([torch.log_softmax(out.scores[j][row].float(), dim=-1)[seq[j]].item()
                                    for j in range(end)]) if gen_cfg.output_scores else None)
@@ -203,7 +203,7 @@ def shared_prefill(model, ids, mask, mm, pixel_values, grids, group_size: int) -
     cache.batch_repeat_interleave(group_size)
     owner = rope_owner(model)  # the prefill set the mRoPE offsets; decode steps read them
     owner.rope_deltas = owner.rope_deltas.repeat_interleave(group_size, dim=0)
-    ids, mask, mm = (t.repeat_interleave(group_size, dim=0) for t in (ids, mask, mm))
+    ids, mask, mm = (x.repeat_interleave(group_size, dim=0) for x in (ids, mask, mm))
     return Prepared(ids, mask, mm, cache)
 
 
@@ -219,37 +219,37 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     device = model.device
     inner = rope_owner(model)  # the Qwen2_5_VLModel: embeddings, vision tower, language model
     spans = [previous.cached_tokens(r.row, r.kept) for r in rows]  # cache columns per row
-    P = max(len(cols) for cols in spans)
-    N = max(len(r.ids) - len(cols) for r, cols in zip(rows, spans))
-    ids = torch.full((len(rows), P + N), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), P + N), dtype=torch.long)
-    keep = torch.zeros((len(rows), P), dtype=torch.long)  # old-cache column feeding each prefix slot
-    keep_mask = torch.zeros((len(rows), P), dtype=torch.bool)
+    prefix = max(len(cols) for cols in spans)
+    fresh = max(len(r.ids) - len(cols) for r, cols in zip(rows, spans))
+    ids = torch.full((len(rows), prefix + fresh), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), prefix + fresh), dtype=torch.long)
+    keep = torch.zeros((len(rows), prefix), dtype=torch.long)  # old-cache column feeding each prefix slot
+    keep_mask = torch.zeros((len(rows), prefix), dtype=torch.bool)
     for i, (r, cols) in enumerate(zip(rows, spans)):
         reuse = len(cols)
         new = len(r.ids) - reuse
-        ids[i, P - reuse: P], ids[i, P + N - new:] = r.ids[:reuse], r.ids[reuse:]
-        mask[i, P - reuse: P], mask[i, P + N - new:] = 1, 1
-        keep[i, P - reuse:] = cols
-        keep_mask[i, P - reuse:] = True
+        ids[i, prefix - reuse: prefix], ids[i, prefix + fresh - new:] = r.ids[:reuse], r.ids[reuse:]
+        mask[i, prefix - reuse: prefix], mask[i, prefix + fresh - new:] = 1, 1
+        keep[i, prefix - reuse:] = cols
+        keep_mask[i, prefix - reuse:] = True
     # Repack every layer's keys/values into the new left-padded prefix (pad slots zeroed;
     # the mask hides them). RoPE is already inside the cached keys, so moving a key to
     # another slot does not change what it encodes. Rows follow ``rows``' order.
     # One indexing per tensor picks the rows and their kept slots together, so only the
     # kept part is copied (the turn-2 cache is the rollout's memory peak).
-    rows_idx = torch.tensor([r.row for r in rows], device=device)[:, None]  # [B, 1]
-    slots, live = keep.to(device), keep_mask.to(device)[:, None, :, None]  # [B, P], [B, 1, P, 1]
+    rows_idx = torch.tensor([r.row for r in rows], device=device)[:, None]  # [R, 1]
+    slots, live = keep.to(device), keep_mask.to(device)[:, None, :, None]  # [R, S], [R, 1, S, 1]
     for layer in previous.cache.layers:
         for name in ("keys", "values"):
-            old = getattr(layer, name)  # [B_prev, heads, S, head_dim]
-            new = old[rows_idx, :, slots].transpose(1, 2).contiguous()  # [B, heads, P, head_dim]
+            old = getattr(layer, name)  # [R_prev, heads, S_prev, head_dim]
+            new = old[rows_idx, :, slots].transpose(1, 2).contiguous()  # [R, heads, S, head_dim]
             setattr(layer, name, new.mul_(live.to(new.dtype)))
     mm = (ids == image_token_id).long()
     positions, deltas = inner.get_rope_index(ids.to(device), mm_token_type_ids=mm.to(device),
                                              image_grid_thw=torch.cat([r.grids for r in rows]).to(device),
                                              attention_mask=mask.to(device))
     # Embed the new chunk (all but its last column), with the new images' features.
-    chunk = ids[:, P: P + N - 1].to(device)
+    chunk = ids[:, prefix: prefix + fresh - 1].to(device)
     embeds = inner.get_input_embeddings()(chunk)
     if (chunk == image_token_id).any():
         pixels = torch.cat([r.new_pixels for r in rows if r.new_pixels is not None]).to(device)
@@ -258,7 +258,7 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
         embeds = embeds.masked_scatter((chunk == image_token_id)[..., None].expand_as(embeds), features)
     elif spare_image is not None:  # lock-step: the other ranks run the vision tower now
         inner.get_image_features(spare_image[0].to(device), spare_image[1].to(device))
-    inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : P + N - 1].to(device),
-                         position_ids=positions[:, :, P: P + N - 1], past_key_values=previous.cache, use_cache=True)
+    inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : prefix + fresh - 1].to(device),
+                         position_ids=positions[:, :, prefix: prefix + fresh - 1], past_key_values=previous.cache, use_cache=True)
     inner.rope_deltas = deltas  # decode positions = real-token count + delta, per row
     return Prepared(ids, mask, mm, previous.cache)

@@ -58,7 +58,7 @@ _MAX_CANDIDATES = 64  # bound the work on adversarial text
 def _as_box(obj) -> tuple[Box, bool] | None:
     """A Box from the shapes models write ({"bbox_2d": [...]}, [{...}], [x1, y1, x2, y2]), and
     whether it came from a ``bbox_2d`` item (Qwen's native form). In a list of detections the
-    first ``bbox_2d`` item wins, as in the paper's reference code; then the first other box."""
+    first ``bbox_2d`` item wins, as in the authors' code; then the first other box."""
     if isinstance(obj, dict):
         for key in ("bbox_2d", "bbox", "box"):
             if key in obj:
@@ -138,7 +138,7 @@ def box_problem(box: Box | None, input_size: tuple[int, int], min_side: float = 
                 max_aspect: float = 100.0) -> str | None:
     """Why ``box`` is unusable on a ``(width, height)`` input, or None if it is valid.
 
-    The rules are the paper's reference code's: inside the input, not inverted,
+    The rules are the authors' code's: inside the input, not inverted,
     both sides longer than ``min_side``, long/short side ratio below ``max_aspect``.
     """
     if box is None:

@@ -19,7 +19,7 @@ then its exact share of the step's mean, and the step's figures are their sums.
 The KL term is the per-token k3 estimate, whose value estimates KL(pi || ref) on the
 sampled tokens; its gradient (samples held fixed) is ``(1 - ref/pi) * grad log pi``, whose
 expectation under pi is the gradient of KL(ref || pi): the penalty pulls the policy
-towards covering what the reference would say.
+towards covering what the reference model would say.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def clipped_policy_loss(logp_NT, old_logp_NT, adv_N, mask_NT, clip_eps: float = 
 
 
 def kl_k3(logp_NT, ref_logp_NT, clamp: float = 10.0):
-    """Per-token k3 estimator of KL(policy || reference), clamped (verl's "low_var_kl").
+    """Per-token k3 estimator of KL(policy || reference model), clamped (verl's "low_var_kl").
 
     k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, always >= 0, and has lower
     variance than log(p/q) (J. Schulman, "Approximating KL Divergence", 2020).

@@ -18,19 +18,19 @@ def rollout_metrics(trajectories, rewards, group_size: int) -> dict[str, float]:
     """Per-rollout figures: accuracy, the valid-box share (paper Fig. 7), crop area, lengths."""
     n = len(trajectories)
     rewards = np.asarray(rewards, dtype=float)
-    crop_share = [area_share(t.box_original, t.original_size) for t in trajectories if t.box_original]
+    crop_share = [area_share(traj.box_original, traj.original_size) for traj in trajectories if traj.box_original]
     return {
         "reward/mean": float(rewards.mean()),
         # the answer's correctness, not reward > 0 (a format bonus must not count as right)
-        "reward/accuracy": float(np.mean([predicted_letter(t) == t.answer for t in trajectories])),
+        "reward/accuracy": float(np.mean([predicted_letter(traj) == traj.answer for traj in trajectories])),
         "reward/zero_variance_groups": zero_variance_share(torch.as_tensor(rewards), group_size),
-        "grounding/valid_box_share": float(np.mean([t.valid for t in trajectories])),
-        "grounding/any_box_share": float(np.mean([t.box_input is not None for t in trajectories])),
+        "grounding/valid_box_share": float(np.mean([traj.valid for traj in trajectories])),
+        "grounding/any_box_share": float(np.mean([traj.box_input is not None for traj in trajectories])),
         "grounding/crop_area_share": float(np.mean(crop_share)) if crop_share else 0.0,
-        "length/turn1_tokens": float(np.mean([t.turn1_tokens for t in trajectories])),
-        "length/turn2_tokens": float(np.mean([t.turn2_tokens for t in trajectories])),
-        "length/turn1_truncated": float(np.mean([t.turn1_truncated for t in trajectories])),
-        "length/turn2_truncated": float(np.mean([t.turn2_truncated for t in trajectories])),
+        "length/turn1_tokens": float(np.mean([traj.turn1_tokens for traj in trajectories])),
+        "length/turn2_tokens": float(np.mean([traj.turn2_tokens for traj in trajectories])),
+        "length/turn1_truncated": float(np.mean([traj.turn1_truncated for traj in trajectories])),
+        "length/turn2_truncated": float(np.mean([traj.turn2_truncated for traj in trajectories])),
         "rollout/trajectories": float(n),
     } | target_metrics(trajectories) | turn_metrics(trajectories)
 
@@ -39,25 +39,25 @@ def target_metrics(trajectories) -> dict[str, float]:
     """How close the boxes come to the records' annotated targets (records that have one): mean
     IoU with the box around every target (0 without a valid box) and the share of boxes that hold
     every target. Nothing in training sees these; they show whether grounding emerges."""
-    grounded = [t for t in trajectories if t.target_boxes]
+    grounded = [traj for traj in trajectories if traj.target_boxes]
     if not grounded:
         return {}
-    ious, holds = zip(*(target_fit(_original_box(t), t.target_boxes) for t in grounded))
+    ious, holds = zip(*(target_fit(_original_box(traj), traj.target_boxes) for traj in grounded))
     return {"grounding/iou": float(np.mean(ious)), "grounding/box_holds_target": float(np.mean(holds))}
 
 
-def _original_box(t) -> list[float] | None:
+def _original_box(traj) -> list[float] | None:
     """The first valid box, in original pixels."""
-    if t.turn_log:
-        return next((r.box_original for r in t.turn_log if r.valid and r.box_original), None)
-    return t.box_original if t.valid else None
+    if traj.turn_log:
+        return next((r.box_original for r in traj.turn_log if r.valid and r.box_original), None)
+    return traj.box_original if traj.valid else None
 
 
 def turn_metrics(trajectories) -> dict[str, float]:
     """K-turn rollouts (``mgpo_k``): turns and crops per trajectory, the share answering at each
     turn (the turns-used histogram), nested zooms, and the valid-box share of each turn among
     the trajectories that wrote that turn without answering. Empty for the paper's templates."""
-    logs = [t.turn_log for t in trajectories if t.turn_log]
+    logs = [traj.turn_log for traj in trajectories if traj.turn_log]
     if not logs:
         return {}
     out = {"turns/used": float(np.mean([len(log) for log in logs])),

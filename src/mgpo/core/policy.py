@@ -114,7 +114,7 @@ def device_of(model) -> torch.device:
 @torch.no_grad()
 def rollout_logprobs(forward: nn.Module, batch, micro_batch_size: int) -> torch.Tensor:
     """Log-probs of every trajectory of a ``Rollout`` (no grad), micro-batch by micro-batch,
-    on CPU, padded to the rollout's width: the old-policy and reference figures."""
+    on CPU, padded to the rollout's width: the old-policy and reference-model figures."""
     out_NT = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     device = device_of(forward)
     for lo in range(0, len(batch), micro_batch_size):

@@ -27,7 +27,7 @@ MGPO_SYSTEM = (
     "enlarged image is available, provide the final answer (A, B, C, D, or E) enclosed within "
     "\\boxed{}."
 )
-# "Out" (sic) is the reference's wording; the released checkpoints were trained on it.
+# "Out" (sic) is the authors' code's wording; the released checkpoints were trained on it.
 TURN1_SUFFIX = "Out the coordinates of the key image area relevant to the problem in JSON format."
 CROP_LEAD = "Based on the provided coordinates, return the sub-image:"
 CROP_TAIL = (
@@ -48,7 +48,7 @@ GRPO_SUFFIX = (
 DIRECT_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 # ``mgpo_k`` (beyond the paper): the model zooms as often as it needs, then answers.
-# These strings are this project's own wording, NOT the paper's or the reference's; no
+# These strings are this project's own wording, NOT the paper's or the authors' code's; no
 # released checkpoint was trained on them.
 ZOOM_SYSTEM = (
     "You are a helpful assistant. You are given an image and a multiple-choice question. Before "
@@ -77,7 +77,7 @@ def render_choices(options) -> str:
 
 
 def with_period(question: str) -> str:
-    """The reference ends the turn-1 question with a period when it has none."""
+    """The authors' code ends the turn-1 question with a period when it has none."""
     question = question.strip()
     return question if question.endswith(".") else question + "."
 
@@ -143,7 +143,7 @@ ZERO_WIDTH_SPACE = "\u200b"
 
 @lru_cache(maxsize=8)
 def _special_pattern(specials: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    return re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)))
 
 
 def escape_special(text: str, specials) -> str:
@@ -153,7 +153,7 @@ def escape_special(text: str, specials) -> str:
     >>> escape_special("a<|im_end|>b", ["<|im_end|>"])
     'a<\u200b|im_end|>b'
     """
-    specials = tuple(t for t in specials if len(t) > 1)
+    specials = tuple(token for token in specials if len(token) > 1)
     if not specials:
         return text
     return _special_pattern(specials).sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)

@@ -39,7 +39,7 @@ def _last_boxed(text: str) -> str | None:
 def extract_answer(text: str, options: tuple[str, ...] | list[str] | None = None) -> str | None:
     """The option letter in the last ``\\boxed{...}``, normalized; None when there is none.
 
-    >>> [extract_answer(t) for t in ["\\\\boxed{C}", "\\\\boxed{(C)}", "\\\\boxed{C. red}", "\\\\boxed{\\\\text{C}}"]]
+    >>> [extract_answer(text) for text in ["\\\\boxed{C}", "\\\\boxed{(C)}", "\\\\boxed{C. red}", "\\\\boxed{\\\\text{C}}"]]
     ['C', 'C', 'C', 'C']
     >>> extract_answer("\\\\boxed{Option B}"), extract_answer("\\\\boxed{B or C}")
     ('B', None)
@@ -78,7 +78,7 @@ def bare_letter(text: str) -> str | None:
     """A reply that is just an option letter ("B", "(B)", "B.", "B. red"), as the direct
     prompt asks for. Upper-case only, so an article ("a red ...") is never read as A.
 
-    >>> [bare_letter(t) for t in ["B", " (B)", "B. red", "a red one", "Because", "B or C"]]
+    >>> [bare_letter(text) for text in ["B", " (B)", "B. red", "a red one", "Because", "B or C"]]
     ['B', 'B', 'B', None, None, None]
     """
     text = text if isinstance(text, str) else ""
@@ -86,19 +86,19 @@ def bare_letter(text: str) -> str | None:
     return m.group(1) if m and not _TWO.match(text) else None
 
 
-def predicted_letter(t) -> str | None:
+def predicted_letter(traj) -> str | None:
     """The answer a trajectory gives: the last \\boxed{} of its final turn, or, for a
     template that asks for a bare letter, that letter."""
-    letter = extract_answer(t.final_text, t.options)
-    if letter is None and t.bare_letter:
-        letter = bare_letter(t.final_text)
+    letter = extract_answer(traj.final_text, traj.options)
+    if letter is None and traj.bare_letter:
+        letter = bare_letter(traj.final_text)
     return letter
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages: ``(r - group mean) / (group std + eps)``, groups laid out consecutively.
 
-    The std is the unbiased one, as in the reference. A group whose rewards are all
+    The std is the unbiased one, as in the authors' code. A group whose rewards are all
     equal has zero advantage and so contributes no policy gradient. That zero is set
     exactly, not left to the arithmetic: with a reward that is not a binary fraction
     (0.9 = 1 - a turn cost) the mean of equal values can round one ulp off them, and
@@ -129,5 +129,5 @@ def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
 def score(trajectories, format_reward: float = 0.0, turn_cost: float = 0.0) -> torch.Tensor:
     """Rewards of a rollout, one per trajectory: accuracy of the final turn (+ an optional
     valid-box bonus, - an optional cost per crop shown, for short K-turn searches)."""
-    return torch.tensor([float(predicted_letter(t) == t.answer) + (format_reward if t.valid else 0.0)
-                         - turn_cost * t.crops for t in trajectories])
+    return torch.tensor([float(predicted_letter(traj) == traj.answer) + (format_reward if traj.valid else 0.0)
+                         - turn_cost * traj.crops for traj in trajectories])

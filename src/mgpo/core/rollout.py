@@ -8,8 +8,8 @@ For a batch of prompts, each sampled ``group_size`` times:
 2. ground: parse, check, map and crop each trajectory's box (``grounding.py``); a
    missing or bad box falls back to the original image;
 3. turn 2: each trajectory's input is built by *concatenating token ids*: the turn-1
-   prompt, the tokens actually sampled (cut right after the box block, as the reference
-   does), ``<|im_end|>``, then the turn-2 user block with its image. Sampled text is
+   prompt, the tokens actually sampled (cut right after the box block, as the authors'
+   code does), ``<|im_end|>``, then the turn-2 user block with its image. Sampled text is
    never decoded and re-encoded, so the tokens we train on are the tokens we sampled;
 4. the result is a ``Rollout``: right-padded ids, the loss mask (1 on the model's own
    tokens of both turns), ``mm_token_type_ids`` for mRoPE, every distinct image once,
@@ -93,9 +93,9 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
     per_call = cfg.generation_batch_size or len(prompts)
     try:
         for lo in range(0, len(prompts), per_call):  # whole groups per generate call
-            t, c = rollout_groups(model, ctx, prompts[lo: lo + per_call], first_group=lo)
-            trajectories += t
-            conversations += c
+            trajs, convs = rollout_groups(model, ctx, prompts[lo: lo + per_call], first_group=lo)
+            trajectories += trajs
+            conversations += convs
     finally:
         model.train(was_training)
     return assemble(ctx, conversations, trajectories, skipped)
@@ -113,7 +113,7 @@ def rollout_groups(model, ctx: Context, prompts: list[Prompt], first_group: int)
         return trajectories, zoom_turns(model, ctx, prompts, trajectories)
     rows = list(range(len(trajectories)))
     turn1 = write_turn(ctx, prompts, 1, rows, lambda: generate_turn1(model, ctx, prompts))
-    conversations = [_close_turn1(ctx, t, prompts[i // group_size], turn1, i) for i, t in enumerate(trajectories)]
+    conversations = [_close_turn1(ctx, traj, prompts[i // group_size], turn1, i) for i, traj in enumerate(trajectories)]
     if ctx.template.turns == 1:
         return trajectories, conversations
     if not ctx.cfg.continue_turn2:
@@ -122,23 +122,23 @@ def rollout_groups(model, ctx: Context, prompts: list[Prompt], first_group: int)
     blocks = _turn2_blocks(ctx, prompts, trajectories)
     # ---- turn 2: one batched generate (also when every box failed: lock-step)
     turn2 = write_turn(ctx, prompts, 2, rows, lambda: _generate_turn2(model, ctx, prompts, conversations, blocks, turn1))
-    for i, (t, conv, (block, image)) in enumerate(zip(trajectories, conversations, blocks)):
+    for i, (traj, conv, (block, image)) in enumerate(zip(trajectories, conversations, blocks)):
         out = turn2.tokens[i]
-        t.turn2_truncated = not is_closed(out, ctx.stops)
-        t.turn2_text = ctx.processor.tokenizer.decode(out if t.turn2_truncated else out[:-1],
+        traj.turn2_truncated = not is_closed(out, ctx.stops)
+        traj.turn2_text = ctx.processor.tokenizer.decode(out if traj.turn2_truncated else out[:-1],
                                                       skip_special_tokens=False)
-        t.turn2_tokens = len(out)
+        traj.turn2_tokens = len(out)
         conv.pieces += [Piece(block.ids, False), Piece(out, True, turn2.logps[i])]
         conv.images.append(image)
     return trajectories, conversations
 
 
-def _close_turn1(ctx: Context, t: Trajectory, prompt: Prompt, turn1: Generated, i: int) -> Conversation:
+def _close_turn1(ctx: Context, traj: Trajectory, prompt: Prompt, turn1: Generated, i: int) -> Conversation:
     """Read turn 1's box and decide which tokens stay in the conversation.
 
-    Two turns: the turn is cut right after the box block (the reference's rule) and always
+    Two turns: the turn is cut right after the box block (the authors' code's rule) and always
     closed with ``<|im_end|>`` (the sampled one when the model stopped right there,
-    otherwise one we add and still train, as the reference does). One turn: the whole
+    otherwise one we add and still train, as the authors' code does). One turn: the whole
     turn stays as sampled; the box is only recorded."""
     tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
     sampled, logp = turn1.tokens[i], turn1.logps[i]
@@ -149,20 +149,20 @@ def _close_turn1(ctx: Context, t: Trajectory, prompt: Prompt, turn1: Generated, 
     keep = len(body)
     if found is not None:
         box, end = found
-        t.box_input = box.as_list()
-        t.box_problem = box_problem(box, t.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
-        t.valid = t.box_problem is None
-        if t.valid:  # in original pixels: the crop's region, or (one turn) the grounding figures' box
-            t.box_original = to_original_box(box, t.input_size, t.original_size).as_list()
-        if t.turns == 2:
+        traj.box_input = box.as_list()
+        traj.box_problem = box_problem(box, traj.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
+        traj.valid = traj.box_problem is None
+        if traj.valid:  # in original pixels: the crop's region, or (one turn) the grounding figures' box
+            traj.box_original = to_original_box(box, traj.input_size, traj.original_size).as_list()
+        if traj.turns == 2:
             keep = cut_after(tok, body, text, end)
-    t.turn1_truncated = not closed and (found is None or t.turns == 1)
-    t.turn1_text = tok.decode(body[:keep], skip_special_tokens=False)
-    if t.turns == 1:
-        t.turn1_tokens = len(sampled)
+    traj.turn1_truncated = not closed and (found is None or traj.turns == 1)
+    traj.turn1_text = tok.decode(body[:keep], skip_special_tokens=False)
+    if traj.turns == 1:
+        traj.turn1_tokens = len(sampled)
         return Conversation([Piece(prompt.enc.ids, False), Piece(sampled, True, logp)], [prompt.image], keep)
     tokens, logp = close_at_box(sampled, logp, keep, closed, im_end)
-    t.turn1_tokens = len(tokens)
+    traj.turn1_tokens = len(tokens)
     return Conversation([Piece(prompt.enc.ids, False), Piece(tokens, True, logp)], [prompt.image], keep)
 
 
@@ -174,15 +174,15 @@ def _turn2_blocks(ctx: Context, prompts: list[Prompt], trajectories: list[Trajec
     the same for the whole group, so it is encoded once and its image is the group's
     first image (identical patches)."""
     blocks, crop_text, fallback = [], {}, {}
-    for i, t in enumerate(trajectories):
+    for i, traj in enumerate(trajectories):
         g = i // ctx.cfg.group_size
         p = prompts[g]
         q, options = p.sample.question, p.sample.options
-        if t.valid:
-            box = Box(*t.box_original)  # mapped when turn 1 was closed
+        if traj.valid:
+            box = Box(*traj.box_original)  # mapped when turn 1 was closed
             crop = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
                                  ctx.cfg.crop_resample)
-            t.crop_size = crop.size
+            traj.crop_size = crop.size
             if g not in crop_text:  # the same words for every crop of the group
                 crop_text[g] = second_turn_text(ctx.processor, ctx.template, q, options, True)
             block = encode(ctx.processor, crop_text[g], [crop])

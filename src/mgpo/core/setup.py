@@ -37,22 +37,22 @@ class BatchPlan:
     grad_accum: int  # micro-batches per optimizer step
 
 
-def plan_batches(t: TrainConfig, group_size: int, world: int) -> BatchPlan:
+def plan_batches(tcfg: TrainConfig, group_size: int, world: int) -> BatchPlan:
     """Check that prompts, groups, ranks and micro-batches divide evenly; say what to change if not."""
-    P, S, M = t.prompts_per_rollout, t.prompts_per_step, t.micro_batch_size
+    rollout, step, micro = tcfg.prompts_per_rollout, tcfg.prompts_per_step, tcfg.micro_batch_size
     problems = []
-    if P % S:
-        problems.append(f"train.prompts_per_rollout ({P}) must be a multiple of train.prompts_per_step ({S})")
-    if S % world:
-        problems.append(f"train.prompts_per_step ({S}) must be a multiple of the number of processes ({world}), "
+    if rollout % step:
+        problems.append(f"train.prompts_per_rollout ({rollout}) must be a multiple of train.prompts_per_step ({step})")
+    if step % world:
+        problems.append(f"train.prompts_per_step ({step}) must be a multiple of the number of processes ({world}), "
                         "so that every prompt's whole group stays on one rank")
-    per_step = (S // world) * group_size if S % world == 0 else 0
-    if per_step and per_step % M:
-        problems.append(f"each rank gets {S // world} prompts x group_size {group_size} = {per_step} trajectories "
-                        f"per step, not a multiple of train.micro_batch_size ({M})")
+    per_step = (step // world) * group_size if step % world == 0 else 0
+    if per_step and per_step % micro:
+        problems.append(f"each rank gets {step // world} prompts x group_size {group_size} = {per_step} trajectories "
+                        f"per step, not a multiple of train.micro_batch_size ({micro})")
     if problems:
         raise ValueError("batch sizes do not fit together:\n  - " + "\n  - ".join(problems))
-    return BatchPlan(P // world, P // S, per_step, per_step // M)
+    return BatchPlan(rollout // world, rollout // step, per_step, per_step // micro)
 
 
 def check_sampling(cfg: Config) -> None:
@@ -76,7 +76,7 @@ class Run:
     optimizer: object
     scheduler: object  # stepped once per optimizer step, by us (not by accelerate)
     trainable: list
-    reference: torch.nn.Module | None  # None: no KL, or LoRA (adapters off = the reference)
+    reference: torch.nn.Module | None  # the reference model; None: no KL, or LoRA (adapters off = it)
     processor: object
     data: object
     reserve: object  # a sample whose image decodes: stands in for unreadable ones
@@ -89,46 +89,46 @@ class Run:
 
 
 def setup_run(cfg: Config) -> Run:
-    """Process group, policy, reference, optimizer, schedule, resume state, data, logger."""
-    t = cfg.train
+    """Process group, policy, reference model, optimizer, schedule, resume state, data, logger."""
+    tcfg = cfg.train
     world = D.launched_world_size()
-    plan = plan_batches(t, 1 if t.algorithm == "sft" else cfg.rollout.group_size, world)
-    trackers = external_trackers(t.report_to)  # refused here, before any model loads, when missing
-    accelerator = D.make_accelerator(plan.grad_accum, t.micro_batch_size, t.grad_clip, log_with=trackers,
-                                     timeout_s=t.collective_timeout_s)
+    plan = plan_batches(tcfg, 1 if tcfg.algorithm == "sft" else cfg.rollout.group_size, world)
+    trackers = external_trackers(tcfg.report_to)  # refused here, before any model loads, when missing
+    accelerator = D.make_accelerator(plan.grad_accum, tcfg.micro_batch_size, tcfg.grad_clip, log_with=trackers,
+                                     timeout_s=tcfg.collective_timeout_s)
     setup_logging()
-    out = Path(t.output_dir)
+    out = Path(tcfg.output_dir)
     # shared folder; lock; verify the checkpoint; refuse changed settings; save the config
     folder = start_run(cfg, deepspeed=D.is_deepspeed(accelerator))
     resume_from = folder.resume_from
-    torch.manual_seed(t.seed + D.rank())  # each rank samples its own rollouts
+    torch.manual_seed(tcfg.seed + D.rank())  # each rank samples its own rollouts
 
     # ---- data: the same usable records on every rank, before any model loads
     processor = load_processor(cfg.model)
     data = load_training_data(cfg, processor)
-    if len(data) < t.prompts_per_rollout:
+    if len(data) < tcfg.prompts_per_rollout:
         raise ValueError(f"{cfg.data.train} has {len(data)} usable records, fewer than "
-                         f"train.prompts_per_rollout ({t.prompts_per_rollout})")
+                         f"train.prompts_per_rollout ({tcfg.prompts_per_rollout})")
     D.check_same("usable training records", data.fingerprint_rows(),
                  f"every node must read the same copy of {cfg.data.train} and its images (the ranks draw their "
                  "batches from one shuffled order)")
 
-    # ---- model, reference, optimizer
+    # ---- model, reference model, optimizer
     suppress = suppressed_ids(processor)
     policy = load_policy(cfg, resume_from, accelerator.device)
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
     # Not passed to accelerate.prepare: its AcceleratedScheduler steps once per process per
     # optimizer step, which ends an 80-step warm-up after 10 steps on 8 GPUs.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / t.warmup_steps) if t.warmup_steps else 1.0)
+        optimizer, lambda s: min(1.0, (s + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0)
     # RL models what generation sampled from; SFT's loss is the plain cross-entropy (T = 1, whole vocabulary)
-    temperature, masked = (1.0, ()) if t.algorithm == "sft" else (cfg.rollout.temperature, suppress)
+    temperature, masked = (1.0, ()) if tcfg.algorithm == "sft" else (cfg.rollout.temperature, suppress)
     wrapped, optimizer = accelerator.prepare(PolicyForward(policy, temperature, masked), optimizer)
     reference = None
-    # with LoRA the base model (adapters off) is the reference; SFT has none
-    if cfg.loss.kl_coef > 0 and t.lora_rank == 0 and t.algorithm == "rl":
+    # with LoRA the base model (adapters off) is the reference model; SFT has none
+    if cfg.loss.kl_coef > 0 and tcfg.lora_rank == 0 and tcfg.algorithm == "rl":
         reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
                                   cfg.rollout.temperature, suppress)
     state = {"step": 0, "epoch": 0, "batch": 0}
@@ -136,14 +136,14 @@ def setup_run(cfg: Config) -> Run:
         state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
         log.info("resumed from %s at step %d", resume_from, state["step"])
 
-    total = t.epochs * (len(data) // t.prompts_per_rollout) * plan.steps_per_rollout * t.ppo_epochs
-    total = min(total, t.max_steps) if t.max_steps else total
+    total = tcfg.epochs * (len(data) // tcfg.prompts_per_rollout) * plan.steps_per_rollout * tcfg.ppo_epochs
+    total = min(total, tcfg.max_steps) if tcfg.max_steps else total
     log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
-             "per step", t.algorithm, total, t.prompts_per_rollout, 1 if t.algorithm == "sft" else cfg.rollout.group_size,
-             world, plan.grad_accum, t.micro_batch_size)
+             "per step", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else cfg.rollout.group_size,
+             world, plan.grad_accum, tcfg.micro_batch_size)
     start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())
     logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
-                       tensorboard=t.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
+                       tensorboard=tcfg.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
     return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
                _decodable_reserve(data), logger, out, total, folder=folder, state={**state})
 
@@ -157,20 +157,20 @@ def load_training_data(cfg: Config, processor):
     return drop_long_prompts(data, lambda s: record_tokens(cfg, processor, s), cfg.data.max_prompt_tokens)
 
 
-def _set_trainable(model, t: TrainConfig):
+def _set_trainable(model, tcfg: TrainConfig):
     """Freeze the vision tower and/or add LoRA adapters; return the model to optimize."""
-    if t.freeze_vision:
+    if tcfg.freeze_vision:
         model.model.visual.requires_grad_(False)
-    if t.lora_rank > 0:
+    if tcfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
         # A regex so only the language model gets adapters (the vision blocks reuse names).
-        targets = r".*language_model.*\.(" + "|".join(t.lora_target_modules) + r")"
-        model = get_peft_model(model, LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=0.0,
+        targets = r".*language_model.*\.(" + "|".join(tcfg.lora_target_modules) + r")"
+        model = get_peft_model(model, LoraConfig(r=tcfg.lora_rank, lora_alpha=tcfg.lora_alpha, lora_dropout=0.0,
                                                  target_modules=targets))
-    if t.gradient_checkpointing:
+    if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if t.lora_rank > 0:
+        if tcfg.lora_rank > 0:
             model.enable_input_require_grads()
     return model
 
@@ -178,9 +178,9 @@ def _set_trainable(model, t: TrainConfig):
 def load_policy(cfg: Config, resume_from: Path | None, device):
     """The policy to train: the configured model (or a checkpoint's weights), with frozen parts
     and LoRA adapters set; a LoRA checkpoint's adapters are loaded onto the base model."""
-    t = cfg.train
-    if t.lora_rank > 0:
-        model = _set_trainable(load_model(cfg.model, device), t)
+    tcfg = cfg.train
+    if tcfg.lora_rank > 0:
+        model = _set_trainable(load_model(cfg.model, device), tcfg)
         if resume_from is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -188,7 +188,7 @@ def load_policy(cfg: Config, resume_from: Path | None, device):
             set_peft_model_state_dict(model, load_file(str(resume_from / "adapter" / "adapter_model.safetensors")))
         return model
     path = resume_from / "model" if resume_from is not None else None
-    return _set_trainable(load_model(cfg.model, device, path=path), t)
+    return _set_trainable(load_model(cfg.model, device, path=path), tcfg)
 
 
 def _decodable_reserve(data):

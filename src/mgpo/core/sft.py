@@ -144,16 +144,16 @@ def zoom_path(sample, original_size, min_pixels: int, max_pixels: int, max_zooms
 def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels: int,
               max_turns: int = 2) -> tuple[str, ...]:
     """The assistant text of each turn for one record."""
-    t = get_template(template)
+    tmpl = get_template(template)
     answer = f"\\boxed{{{sample.answer}}}"
-    if t.bare_letter:
+    if tmpl.bare_letter:
         return (sample.answer,)
-    if t.zoom_loop:
+    if tmpl.zoom_loop:
         label = sample.category.replace("_", " ")
         path = zoom_path(sample, original_size, min_pixels, max_pixels, max_turns - 1)
         return (*(grounding_block(b, label) for b in path), answer)
     box = target_box(sample, original_size, input_size(original_size, min_pixels, max_pixels))
     block = grounding_block(box, sample.category.replace("_", " ")) if box is not None else ""
-    if t.turns == 1:
+    if tmpl.turns == 1:
         return ((block + " " + answer).strip(),)
     return (block, answer)

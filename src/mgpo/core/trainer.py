@@ -63,14 +63,14 @@ def train(cfg: Config) -> TrainResult:
     checkpoint; returns the trained policy and where its logs and checkpoints are."""
     check_sampling(cfg)
     run = setup_run(cfg)
-    t = cfg.train
+    tcfg = cfg.train
     while run.state["step"] < run.total:
         # ---- sample prompts: this rank's slice of the epoch's shuffled order
         prompts, images, bad = _next_prompts(run)
 
         # ---- experience: rollout, rewards, advantages, old/reference log-probs (RL), or the
         #      target conversations (SFT)
-        exp = _sft_experience(run, prompts, images) if t.algorithm == "sft" else _rl_experience(run, prompts, images)
+        exp = _sft_experience(run, prompts, images) if tcfg.algorithm == "sft" else _rl_experience(run, prompts, images)
         bad = bad + exp.batch.skipped  # replaced while encoding (a chat record's later image)
 
         # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
@@ -78,7 +78,7 @@ def train(cfg: Config) -> TrainResult:
         D.reset_peak_memory()
         steps = []
         for index in _step_slices(len(exp.batch) // exp.group_size, exp.group_size, run.plan.steps_per_rollout,
-                                  t.ppo_epochs):
+                                  tcfg.ppo_epochs):
             if run.state["step"] >= run.total:
                 break
             steps.append(optimizer_step(run, exp, index))
@@ -91,10 +91,10 @@ def train(cfg: Config) -> TrainResult:
 
         # ---- checkpoint (at rollout-batch boundaries, so a resume never loses rollout data)
         step = run.state["step"]
-        if step % t.save_every < len(steps) or step >= run.total:
+        if step % tcfg.save_every < len(steps) or step >= run.total:
             path = save_checkpoint(run.accelerator, run.wrapped, run.optimizer, run.scheduler, run.processor,
-                                   run.out, step, {**run.state, "metrics": metrics}, t.keep_last,
-                                   lora=t.lora_rank > 0)
+                                   run.out, step, {**run.state, "metrics": metrics}, tcfg.keep_last,
+                                   lora=tcfg.lora_rank > 0)
             log.info("step %d: checkpoint %s", step, path)
     run.logger.close()
     D.barrier()
@@ -103,12 +103,12 @@ def train(cfg: Config) -> TrainResult:
 
 def _next_prompts(run: Run):
     """This rank's prompts of the next rollout batch, with their decoded images."""
-    t = run.cfg.train
-    per_epoch = len(run.data) // t.prompts_per_rollout
+    tcfg = run.cfg.train
+    per_epoch = len(run.data) // tcfg.prompts_per_rollout
     if run.state["batch"] >= per_epoch:
         run.state["epoch"], run.state["batch"] = run.state["epoch"] + 1, 0
-    order = torch.randperm(len(run.data), generator=torch.Generator().manual_seed(t.seed + run.state["epoch"]))
-    first = run.state["batch"] * t.prompts_per_rollout + D.rank() * run.plan.prompts_per_rank
+    order = torch.randperm(len(run.data), generator=torch.Generator().manual_seed(tcfg.seed + run.state["epoch"]))
+    first = run.state["batch"] * tcfg.prompts_per_rollout + D.rank() * run.plan.prompts_per_rank
     return _load_images([run.data[int(i)] for i in order[first: first + run.plan.prompts_per_rank]], run.reserve)
 
 
@@ -151,8 +151,8 @@ def _rl_experience(run: Run, prompts, images) -> Experience:
 
 def _fixed_logprobs(run: Run, batch: Rollout):
     """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
-    t, mb = run.cfg.train, run.cfg.train.micro_batch_size
-    old = rollout_logprobs(run.wrapped, batch, mb) if run.plan.steps_per_rollout > 1 or t.ppo_epochs > 1 else None
+    tcfg, mb = run.cfg.train, run.cfg.train.micro_batch_size
+    old = rollout_logprobs(run.wrapped, batch, mb) if run.plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1 else None
     ref = None
     if run.cfg.loss.kl_coef > 0:
         if run.reference is not None:

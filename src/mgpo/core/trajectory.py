@@ -100,7 +100,7 @@ class Trajectory:
 class ImagePatches:
     """One image as the model reads it."""
 
-    pixel_values: torch.Tensor  # [p, D] patches
+    pixel_values: torch.Tensor  # [P, D] patches
     grid: torch.Tensor  # [1, 3] (t, h, w) in patches
 
 

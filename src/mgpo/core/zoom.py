@@ -98,10 +98,10 @@ def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Tr
     """Run up to ``ctx.cfg.max_turns`` turns; return each trajectory's conversation."""
     K, G = ctx.cfg.max_turns, ctx.cfg.group_size
     states, convs = [], []
-    for i, t in enumerate(trajectories):
+    for i, traj in enumerate(trajectories):
         p = prompts[i // G]
-        region = Box(0.0, 0.0, float(t.original_size[0]), float(t.original_size[1]))
-        states.append(_State(p, View(region, t.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
+        region = Box(0.0, 0.0, float(traj.original_size[0]), float(traj.original_size[1]))
+        states.append(_State(p, View(region, traj.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
         convs.append(Conversation([Piece(p.enc.ids, False)], [p.image]))
     n = len(trajectories)
     turn1 = write_turn(ctx, prompts, 1, list(range(n)), lambda: generate_turn1(model, ctx, prompts))
@@ -120,12 +120,12 @@ def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Tr
             convs[i].pieces.append(Piece(ids, False))
             convs[i].images += [] if new is None else [new]
         call = _next_call(model, ctx, prompts, call, running, convs, blocks, turn + 1)
-    for t in trajectories:
-        _summarize(t)
+    for traj in trajectories:
+        _summarize(traj)
     return convs
 
 
-def _read_turn(ctx: Context, t: Trajectory, st: _State, conv: Conversation, gen: Generated, row: int,
+def _read_turn(ctx: Context, traj: Trajectory, st: _State, conv: Conversation, gen: Generated, row: int,
                last: bool) -> None:
     """Decide what one turn did (zoom, fall back, answer) and which of its tokens stay.
 
@@ -139,10 +139,10 @@ def _read_turn(ctx: Context, t: Trajectory, st: _State, conv: Conversation, gen:
     body = sampled[:-1] if closed else sampled
     text = tok.decode(body, skip_special_tokens=False)
     found = None if last or st.forced else find_box(text)
-    answered = extract_answer(text if found is None else text[:found[1]], t.options) is not None
+    answered = extract_answer(text if found is None else text[:found[1]], traj.options) is not None
     if last or st.forced or answered:
         conv.pieces.append(Piece(sampled, True, logp))
-        t.turn_log.append(TurnRecord(tok.decode(body, skip_special_tokens=False), len(sampled), not closed,
+        traj.turn_log.append(TurnRecord(tok.decode(body, skip_special_tokens=False), len(sampled), not closed,
                                      "answer" if answered else "final"))
         st.done = True
         return
@@ -163,16 +163,16 @@ def _read_turn(ctx: Context, t: Trajectory, st: _State, conv: Conversation, gen:
     record.text, record.tokens = tok.decode(body[:keep], skip_special_tokens=False), len(tokens)
     conv.pieces.append(Piece(tokens, True, logp))
     conv.kept = keep
-    t.turn_log.append(record)
+    traj.turn_log.append(record)
 
 
-def _next_block(ctx: Context, t: Trajectory, st: _State, last: bool):
+def _next_block(ctx: Context, traj: Trajectory, st: _State, last: bool):
     """The next user block of a running trajectory and its new image's index (None: text only).
 
     A zoom shows the crop of the original, enlarged into the pixel budget; a fallback shows
     the previous image again; either becomes the text-only forced-answer block when its image
     would pass ``rollout.max_image_tokens``."""
-    record, p = t.turn_log[-1], st.prompt
+    record, p = traj.turn_log[-1], st.prompt
     question, options = p.sample.question, p.sample.options
     picture = st.picture
     if record.action == "zoom":
@@ -242,14 +242,14 @@ def _continuation(ctx: Context, row: int, kept: int, ids, images: list[int], new
     return Continuation(row, kept, ids, grids, ctx.images[new].pixel_values, ctx.images[new].grid)
 
 
-def _summarize(t: Trajectory) -> None:
+def _summarize(traj: Trajectory) -> None:
     """Fill the two-turn fields from the turn log, for the paper-shaped consumers (turn 1's box)."""
-    log = t.turn_log
-    t.turns = len(log)
+    log = traj.turn_log
+    traj.turns = len(log)
     first = log[0]
-    t.turn1_text, t.turn1_tokens, t.turn1_truncated = first.text, first.tokens, first.truncated
+    traj.turn1_text, traj.turn1_tokens, traj.turn1_truncated = first.text, first.tokens, first.truncated
     if len(log) > 1:
-        t.turn2_text, t.turn2_tokens, t.turn2_truncated = log[1].text, log[1].tokens, log[1].truncated
-    t.box_input, t.box_original, t.valid = first.box_input, first.box_original, first.valid
-    t.box_problem = first.box_problem if first.action != "answer" else "answered"
-    t.crop_size = first.crop_size
+        traj.turn2_text, traj.turn2_tokens, traj.turn2_truncated = log[1].text, log[1].tokens, log[1].truncated
+    traj.box_input, traj.box_original, traj.valid = first.box_input, first.box_original, first.valid
+    traj.box_problem = first.box_problem if first.action != "answer" else "answered"
+    traj.crop_size = first.crop_size

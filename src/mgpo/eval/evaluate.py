@@ -165,8 +165,8 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.eval.datasets``; write the report; return metrics.json's content."""
     cfg = with_output_dir(cfg)
     e = cfg.eval
-    if e.samples > 1 and e.temperature == 0:
-        raise ValueError("eval.samples > 1 needs eval.temperature > 0 (greedy samples would be identical)")
+    if e.group_size > 1 and e.temperature == 0:
+        raise ValueError("eval.group_size > 1 needs eval.temperature > 0 (greedy samples would be identical)")
     check_model_dir(cfg.model.path)  # local folders only, checked before anything else
     if e.adapter:
         check_adapter_dir(e.adapter)
@@ -185,11 +185,11 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     D.barrier()
     processor = processor or load_processor(cfg.model)
     model = model or load_model(cfg.model, state.device, adapter=cfg.eval.adapter or None)
-    rcfg = replace(cfg.rollout, template=e.mode, group_size=e.samples, temperature=e.temperature or 1.0,
+    rcfg = replace(cfg.rollout, template=e.mode, group_size=e.group_size, temperature=e.temperature or 1.0,
                    max_turns=e.max_turns if get_template(e.mode).zoom_loop else 2)
     greedy = e.temperature == 0
 
-    done = done_questions(read_predictions(pred_dir), e.samples)
+    done = done_questions(read_predictions(pred_dir), e.group_size)
     mine = open(pred_dir / f"rank{state.process_index}.jsonl", "a")  # noqa: SIM115
     try:
         from tqdm import tqdm
@@ -206,7 +206,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
                     batch = rollout(model, processor, samples, rcfg, min_pixels=cfg.model.min_pixels,
                                     max_pixels=cfg.model.max_pixels, greedy=greedy,
                                     max_prompt_tokens=cfg.data.max_prompt_tokens)
-                    records = _records(batch, {s.id: s for s in samples}, name, e.samples)
+                    records = _records(batch, {s.id: s for s in samples}, name, e.group_size)
                     failed = batch.skipped
                 except BadImageError as err:  # every prompt of the batch was refused; the reasons are in err
                     records, failed = [], [(s.id, str(err)) for s in samples]

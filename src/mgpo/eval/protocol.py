@@ -46,7 +46,7 @@ def protocol(cfg: Config) -> dict:
         "dtype": str(resolve_dtype(m.dtype, device)).removeprefix("torch."), "attention": m.attn_implementation,
         "min_pixels": m.min_pixels, "max_pixels": m.max_pixels, "decoding": decoding,
         "max_prompt_tokens": cfg.data.max_prompt_tokens or "no limit",
-        "samples_k": e.samples, "max_new_tokens": f"{r.max_new_tokens_turn1}/{r.max_new_tokens_turn2}",
+        "samples_k": e.group_size, "max_new_tokens": f"{r.max_new_tokens_turn1}/{r.max_new_tokens_turn2}",
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
         "answer_match": "exact option letter in the last \\boxed{}" + (
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
