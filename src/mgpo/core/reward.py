@@ -95,6 +95,28 @@ def predicted_letter(traj) -> str | None:
     return letter
 
 
+# Replies whose reading by ``extract_answer`` / ``bare_letter`` defines the scorer's behaviour:
+# any change to how one of them scores changes ``scorer_version``, and so the evaluation
+# protocol (stored predictions scored the old way are never mixed with new ones).
+SCORER_CASES = ("\\boxed{C}", "\\boxed{(C)}", "\\boxed{C. red}", "\\boxed{C: red}", "\\boxed{\\text{C}}",
+                "\\boxed{\\textbf{(c)}}", "\\boxed{$C$}", "\\boxed{Option B}", "\\boxed{Answer: B}",
+                "\\boxed{choice b}", "\\boxed{B or C}", "\\boxed{a red}", "\\boxed{red}", "\\boxed{ Red }",
+                "\\boxed{blue}", "first \\boxed{A}, finally \\boxed{B}", "\\boxed{B", "\\boxed{}", "B",
+                " (B)", "B. red", "B: red", "a red one", "Because", "B or C", "(B) and (C)", "B/C", "b", "")
+SCORER_REVISION = 1
+"""Raised by hand when the scorer changes in a way ``SCORER_CASES`` does not show."""
+
+
+def scorer_version() -> str:
+    """The scorer's identity: its revision and a digest of how it reads ``SCORER_CASES`` (boxed
+    letters, option texts of ("red", "blue"), bare letters). Any change to what a reply scores as
+    in those cases changes it."""
+    import hashlib
+
+    readings = [(extract_answer(c, ("red", "blue")), extract_answer(c), bare_letter(c)) for c in SCORER_CASES]
+    return f"{SCORER_REVISION}:{hashlib.sha256(repr(readings).encode()).hexdigest()[:12]}"
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages: ``(r - group mean) / (group std + eps)``, groups laid out consecutively.
 

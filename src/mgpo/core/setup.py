@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, TrainConfig
+from ..config import Config, ConfigError, TrainConfig
 from ..data.samples import BadImageError, drop_long_prompts, load_samples
 from ..runtime import distributed as D
-from ..runtime.checkpoint import load_training_state
+from ..runtime.checkpoint import load_pending, load_training_state
 from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
+from ..runtime.memory import precision_problem
 from ..runtime.model import load_model, load_processor
 from ..runtime.run_folder import start_run
 from .generation import suppressed_ids
@@ -55,6 +56,12 @@ def plan_batches(tcfg: TrainConfig, group_size: int, world: int) -> BatchPlan:
     return BatchPlan(rollout // world, rollout // step, per_step, per_step // micro)
 
 
+def check_precision(cfg: Config, deepspeed: bool, device) -> None:
+    """Refuse full fine-tuning in half precision outside DeepSpeed (``precision_problem``)."""
+    if problem := precision_problem(cfg, deepspeed, device):
+        raise ConfigError(problem)
+
+
 def check_sampling(cfg: Config) -> None:
     """Training log-probs model the full temperature-scaled distribution: a truncated one
     (top_p < 1, top_k > 0) would make every ratio and KL term wrong."""
@@ -86,6 +93,7 @@ class Run:
     folder: object = None  # the run folder's lock, held until the run object goes
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch": 0})
     bad_steps: int = 0
+    resumed_work: tuple | None = None  # (state, step slices) of a rollout batch the checkpoint stopped inside
 
 
 def setup_run(cfg: Config) -> Run:
@@ -98,6 +106,7 @@ def setup_run(cfg: Config) -> Run:
                                      timeout_s=tcfg.collective_timeout_s)
     setup_logging()
     out = Path(tcfg.output_dir)
+    check_precision(cfg, D.is_deepspeed(accelerator), accelerator.device)
     # shared folder; lock; verify the checkpoint; refuse changed settings; save the config
     folder = start_run(cfg, deepspeed=D.is_deepspeed(accelerator))
     resume_from = folder.resume_from
@@ -131,10 +140,7 @@ def setup_run(cfg: Config) -> Run:
     if cfg.loss.kl_coef > 0 and tcfg.lora_rank == 0 and tcfg.algorithm == "rl":
         reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
                                   cfg.rollout.temperature, suppress)
-    state = {"step": 0, "epoch": 0, "batch": 0}
-    if resume_from is not None:
-        state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
-        log.info("resumed from %s at step %d", resume_from, state["step"])
+    state, resumed_work = _resume(accelerator, wrapped, optimizer, scheduler, resume_from)
 
     total = tcfg.epochs * (len(data) // tcfg.prompts_per_rollout) * plan.steps_per_rollout * tcfg.ppo_epochs
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
@@ -145,7 +151,18 @@ def setup_run(cfg: Config) -> Run:
     logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
                        tensorboard=tcfg.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
     return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
-               _decodable_reserve(data), logger, out, total, folder=folder, state={**state})
+               _decodable_reserve(data), logger, out, total, folder=folder, state={**state}, resumed_work=resumed_work)
+
+
+def _resume(accelerator, wrapped, optimizer, scheduler, resume_from: Path | None):
+    """The training state to start from, and the rest of a rollout batch the checkpoint stopped inside."""
+    if resume_from is None:
+        return {"step": 0, "epoch": 0, "batch": 0}, None
+    state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
+    resumed_work = load_pending(resume_from)
+    log.info("resumed from %s at step %d%s", resume_from, state["step"],
+             " (inside a rollout batch: its remaining steps first)" if resumed_work else "")
+    return state, resumed_work
 
 
 def load_training_data(cfg: Config, processor):

@@ -56,6 +56,42 @@ class Experience:
     ref_logp_NT: torch.Tensor | None  # the reference model's log-probs (None: no KL term)
     timings: dict  # seconds per phase ("time/..."), and on GPUs each phase's peak memory ("memory/...")
 
+    def select(self, keep: list[int]) -> Experience:
+        """The experience of trajectories ``keep`` only (whole groups)."""
+        def rows(x):
+            return None if x is None else x[keep]
+        return Experience(self.batch.select(keep), self.group_size, rows(self.advantages_N), rows(self.rewards_N),
+                          rows(self.old_logp_NT), rows(self.ref_logp_NT), dict(self.timings))
+
+    def state(self) -> dict:
+        """Tensors and plain values only (a checkpoint reads them back with weights_only=True)."""
+        return {**{k: getattr(self, k) for k in ("group_size", "advantages_N", "rewards_N", "old_logp_NT",
+                                                  "ref_logp_NT", "timings")}, "batch": self.batch.state()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Experience:
+        return cls(**{**state, "batch": Rollout.from_state(state["batch"])})
+
+
+@dataclass
+class Work:
+    """A rollout batch being trained on: its experience and the optimizer steps still to take."""
+
+    exp: Experience
+    slices: list[list[int]]  # trajectory indices of each optimizer step still to take, in order
+    skipped: list  # (record id, why) of records replaced in this batch, for the log
+    images: dict  # record id -> its decoded original, for the logged examples
+
+    def rest(self, done: int) -> Work | None:
+        """What is left after the first ``done`` steps (None when the batch is finished): the
+        remaining steps' trajectories only, so a checkpoint written here can resume exactly."""
+        left = self.slices[done:]
+        if not left:
+            return None
+        keep = sorted({i for step in left for i in step})
+        at = {i: k for k, i in enumerate(keep)}
+        return Work(self.exp.select(keep), [[at[i] for i in step] for step in left], [], {})
+
 
 def train(cfg: Config) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data.train`` (MGPO, its one-turn GRPO baseline, or SFT, as the
@@ -64,41 +100,52 @@ def train(cfg: Config) -> TrainResult:
     check_sampling(cfg)
     run = setup_run(cfg)
     tcfg = cfg.train
+    # a checkpoint written inside a rollout batch (train.max_steps) holds the rest of that batch
+    pending = Work(Experience.from_state(run.resumed_work[0]), run.resumed_work[1], [], {}) \
+        if run.resumed_work else None
     while run.state["step"] < run.total:
-        # ---- sample prompts: this rank's slice of the epoch's shuffled order
-        prompts, images, bad = _next_prompts(run)
-
-        # ---- experience: rollout, rewards, advantages, old/reference log-probs (RL), or the
-        #      target conversations (SFT)
-        exp = _sft_experience(run, prompts, images) if tcfg.algorithm == "sft" else _rl_experience(run, prompts, images)
-        bad = bad + exp.batch.skipped  # replaced while encoding (a chat record's later image)
+        # ---- experience: prompts -> rollout, rewards, advantages, old/reference log-probs (RL), or
+        #      the target conversations (SFT); or the rest of a batch a stop cut short
+        work = pending or _experience(run)
 
         # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
         D.reset_peak_memory()
         steps = []
-        for index in _step_slices(len(exp.batch) // exp.group_size, exp.group_size, run.plan.steps_per_rollout,
-                                  tcfg.ppo_epochs):
+        for index in work.slices:
             if run.state["step"] >= run.total:
                 break
-            steps.append(optimizer_step(run, exp, index))
-        exp.timings["time/update_s"] = time.perf_counter() - t0
-        exp.timings |= D.peak_memory("update")
-        run.state["batch"] += 1
+            steps.append(optimizer_step(run, work.exp, index))
+        work.exp.timings["time/update_s"] = time.perf_counter() - t0
+        work.exp.timings |= D.peak_memory("update")
+        pending = work.rest(len(steps))
+        run.state["batch"] += pending is None
 
         # ---- log
-        metrics = _log(run, exp, bad, steps, dict(zip((p.id for p in prompts), images)))
+        metrics = _log(run, work.exp, work.skipped, steps, work.images)
 
-        # ---- checkpoint (at rollout-batch boundaries, so a resume never loses rollout data)
+        # ---- checkpoint (at rollout-batch boundaries, or with the rest of the batch when the run stops inside one)
         step = run.state["step"]
-        if step % tcfg.save_every < len(steps) or step >= run.total:
+        if (step % tcfg.save_every < len(steps) and pending is None) or step >= run.total:
             path = save_checkpoint(run.accelerator, run.wrapped, run.optimizer, run.scheduler, run.processor,
                                    run.out, step, {**run.state, "metrics": metrics}, tcfg.keep_last,
-                                   lora=tcfg.lora_rank > 0)
+                                   lora=tcfg.lora_rank > 0,
+                                   pending=(pending.exp.state(), pending.slices) if pending else None)
             log.info("step %d: checkpoint %s", step, path)
     run.logger.close()
     D.barrier()
     return TrainResult(run.out, run.accelerator.unwrap_model(run.wrapped).policy, run.state["step"])
+
+
+def _experience(run: Run) -> Work:
+    """The next rollout batch: this rank's prompts, their experience, and the optimizer steps to take."""
+    prompts, images, bad = _next_prompts(run)
+    exp = _sft_experience(run, prompts, images) if run.cfg.train.algorithm == "sft" else \
+        _rl_experience(run, prompts, images)
+    slices = list(_step_slices(len(exp.batch) // exp.group_size, exp.group_size, run.plan.steps_per_rollout,
+                               run.cfg.train.ppo_epochs))
+    # skipped: unreadable images replaced when loading, or while encoding (a chat record's later image)
+    return Work(exp, slices, bad + exp.batch.skipped, dict(zip((p.id for p in prompts), images)))
 
 
 def _next_prompts(run: Run):
@@ -216,6 +263,9 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
             if last:
                 if acc.sync_gradients:
                     grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.train.grad_clip))
+                    # a finite loss can still give a non-finite gradient, and one AdamW step on it
+                    # turns every weight NaN: skipped, as DeepSpeed's own check skips it
+                    finite = finite and _all_finite(torch.tensor(grad_norm))
                 if finite and not D.is_deepspeed(acc):
                     run.optimizer.step()  # (DeepSpeed stepped inside backward)
                 run.optimizer.zero_grad()
@@ -268,9 +318,11 @@ def _skip_loss(logp: torch.Tensor) -> torch.Tensor:
 def _count_bad_step(run: Run, finite: bool) -> None:
     run.bad_steps = 0 if finite else run.bad_steps + 1
     if not finite:
-        log.warning("step %d: non-finite loss, update skipped (%d in a row)", run.state["step"], run.bad_steps)
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", run.state["step"],
+                    run.bad_steps)
         if run.bad_steps >= run.cfg.train.max_bad_steps:
-            raise RuntimeError(f"{run.bad_steps} consecutive non-finite losses; stopping (train.max_bad_steps)")
+            raise RuntimeError(f"{run.bad_steps} consecutive non-finite losses or gradients; stopping "
+                               "(train.max_bad_steps)")
 
 
 def _log(run: Run, exp: Experience, bad, steps: list[dict], images: dict) -> dict:

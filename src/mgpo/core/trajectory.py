@@ -6,7 +6,7 @@ short; nothing in this module runs a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -157,6 +157,30 @@ class Rollout:
             trajectories=[self.trajectories[i] for i in index],
             sample_logp=None if self.sample_logp is None else self.sample_logp[index, :width],
         )
+
+    def state(self) -> dict:
+        """Tensors and plain values only (what ``torch.load(weights_only=True)`` reads back)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("images", "trajectories", "skipped", "image_index")}
+        return {**tensors, "images": [(im.pixel_values, im.grid) for im in self.images],
+                "image_index": self.image_index, "skipped": [list(x) for x in self.skipped],
+                "trajectories": [asdict(traj) for traj in self.trajectories]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Rollout:
+        def trajectory(d: dict) -> Trajectory:
+            tuples = {k: tuple(d[k]) for k in ("options", "original_size", "input_size") if d[k] is not None}
+            if d["crop_size"] is not None:
+                tuples["crop_size"] = tuple(d["crop_size"])
+            tuples["target_boxes"] = tuple(tuple(b) for b in d["target_boxes"])
+            log = [TurnRecord(**{**r, "crop_size": tuple(r["crop_size"]) if r["crop_size"] else None})
+                   for r in d["turn_log"]]
+            return Trajectory(**{**d, **tuples, "turn_log": log})
+
+        return cls(**{k: v for k, v in state.items() if k not in ("images", "trajectories", "skipped")},
+                   images=[ImagePatches(px, grid) for px, grid in state["images"]],
+                   trajectories=[trajectory(d) for d in state["trajectories"]],
+                   skipped=[tuple(x) for x in state["skipped"]])
 
     def model_inputs(self, device=None) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward (mm_token_type_ids included)."""

@@ -19,6 +19,7 @@ import torch
 
 from ..config import Config, flatten
 from ..core.prompts import get_template
+from ..core.reward import scorer_version
 from ..core.zoom import image_token_cap
 from ..data.samples import SampleSet
 from ..runtime.checkpoint import MARKER, sha256_file, verify_checkpoint
@@ -50,6 +51,7 @@ def protocol(cfg: Config) -> dict:
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
         "answer_match": "exact option letter in the last \\boxed{}" + (
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
+        "scorer": scorer_version(),
     } | ({"max_turns": e.max_turns,
           "max_image_tokens": image_token_cap(replace(r, max_turns=e.max_turns), cfg.model.max_pixels),
           "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}

@@ -8,6 +8,9 @@ looks for):
     optimizer.pt      optimizer and scheduler state (weights_only-safe), or
     deepspeed/        DeepSpeed's own sharded engine state under ZeRO
     rng/rank*.pt      every rank's RNG state
+    pending/rank*.pt  only when the run stopped inside a rollout batch (train.max_steps): each
+                      rank's rest of that batch (trajectories, advantages, old and reference
+                      log-probs), so the resume takes exactly the steps an unbroken run would
     trainer_state.json  step, epoch, data position, and the log history (metrics rows so far)
     COMPLETE          written last: JSON with the SHA-256 of every other file (the manifest)
 
@@ -368,6 +371,11 @@ def check_resume_ranks(ckpt: Path, world: int, deepspeed: bool) -> None:
     if deepspeed and not shards:
         raise CheckpointError(f"cannot resume from {ckpt}: it was written without DeepSpeed (optimizer.pt) and this "
                               f"launch uses DeepSpeed; resume with the launch that wrote it, {fresh}")
+    pending = {file_owner(rel) for rel in files if rel.startswith("pending/")}
+    if pending and len(pending) != world:
+        raise CheckpointError(f"cannot resume from {ckpt}: the run stopped inside a rollout batch and each of its "
+                              f"{len(pending)} ranks saved its rest of that batch; this launch has {world}: resume on "
+                              f"{len(pending)} ranks, or from the checkpoint before it")
     if shards and len(shards) != world:
         raise CheckpointError(f"cannot resume from {ckpt}: its DeepSpeed ZeRO state is sharded over {len(shards)} "
                               f"ranks and this launch has {world}; DeepSpeed loads those shards only on as many "
@@ -407,13 +415,13 @@ _FULL_DISK_TEXT = ("unexpected pos", "file write failed", "No space left", "Stor
 
 
 def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
-                    trainer_state: dict, keep_last: int, lora: bool) -> Path:
+                    trainer_state: dict, keep_last: int, lora: bool, pending: tuple[dict, list] | None = None) -> Path:
     """Write a whole checkpoint atomically (every rank calls this). A write that fails for want of
     space (or a file-size limit) is reported as such, naming the folder; the half-written folder
     is removed and the previous checkpoint, never touched, stays the one a resume takes."""
     try:
         return _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir, step,
-                                 trainer_state, keep_last, lora)
+                                 trainer_state, keep_last, lora, pending)
     except Exception as e:
         if not ((isinstance(e, OSError) and e.errno in _FULL_DISK) or any(t in str(e) for t in _FULL_DISK_TEXT)):
             raise
@@ -426,7 +434,7 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
 
 
 def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
-                      trainer_state: dict, keep_last: int, lora: bool) -> Path:
+                      trainer_state: dict, keep_last: int, lora: bool, pending: tuple[dict, list] | None) -> Path:
     root = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")  # not a name get_last_checkpoint or a resume takes
@@ -451,6 +459,10 @@ def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out
     elif D.is_main():
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng" / f"rank{D.rank()}.pt")
+    if pending is not None:  # the rest of the rollout batch this rank was training on
+        (tmp / "pending").mkdir(exist_ok=True)
+        torch.save(pending[0], tmp / "pending" / f"rank{D.rank()}.pt")
+        trainer_state = {**trainer_state, "pending_slices": pending[1]}
     if os.environ.get("MGPO_CHECKPOINT_PAUSE_S"):  # fault injection: a window to kill the writer in
         time.sleep(float(os.environ["MGPO_CHECKPOINT_PAUSE_S"]))
     D.barrier()
@@ -495,3 +507,12 @@ def load_training_state(accelerator, wrapped, optimizer, scheduler, ckpt: Path) 
                     D.rank(), ckpt / "rng", saved, D.world_size())
     state = json.loads((ckpt / "trainer_state.json").read_text())
     return {k: state[k] for k in ("step", "epoch", "batch")}
+
+
+def load_pending(ckpt: Path) -> tuple[dict, list[list[int]]] | None:
+    """The rest of the rollout batch this rank was training on when the run stopped inside it
+    (its state, and the trajectory indices of each step still to take), or None."""
+    slices = json.loads((ckpt / "trainer_state.json").read_text()).get("pending_slices")
+    if not slices:
+        return None
+    return torch.load(ckpt / "pending" / f"rank{D.rank()}.pt", weights_only=True, map_location="cpu"), slices

@@ -142,6 +142,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_with_deepspeed() -> bool:
+    """The launcher set up DeepSpeed (``accelerate launch`` with a DeepSpeed config; readable before
+    any accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
 def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

@@ -189,14 +189,86 @@ def _generation_groups(cfg: Config, prompts_per_rank: int) -> int:
     return min(size, prompts_per_rank) if size else prompts_per_rank
 
 
+def precision_problem(cfg: Config, deepspeed: bool, device: str = "cuda") -> str | None:
+    """Why a launch would train the wrong weights, or None. Full fine-tuning in bf16 or fp16
+    outside DeepSpeed runs AdamW on the half-precision weights themselves: at lr 1e-6 an update
+    is far below half a bf16 step of a typical weight (8 bits of mantissa), so it rounds away
+    (one AdamW step on N(0, 0.02) weights at lr 1e-6 moves 2% of bf16 elements, all fp32 ones).
+    DeepSpeed keeps fp32 master weights; LoRA adapters are fp32; fp32 weights are exact."""
+    import torch
+
+    from .model import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if cfg.train.lora_rank or deepspeed or dtype == torch.float32:
+        return None
+    return (f"model.dtype={cfg.model.dtype} ({str(dtype).removeprefix('torch.')}) with full fine-tuning outside "
+            "DeepSpeed: AdamW would update the half-precision weights themselves and most updates at "
+            f"train.lr={cfg.train.lr:g} would round away; launch with DeepSpeed (configs/accelerate/zero3_*.yaml "
+            "keeps fp32 master weights), train LoRA (train.lora_rank > 0), or set model.dtype=float32")
+
+
+@dataclass(frozen=True)
+class States:
+    """What a launch holds besides activations and caches, per GPU, GB: its model states, the
+    optimizer step's extra, the layers ZeRO-3 gathers, the policy gathered for generate, the
+    reference model."""
+
+    states: float
+    step: float
+    layer_buf: float
+    gathered: float
+    ref: float
+
+
+def model_states(cfg: Config, p: Params, world: int, deepspeed: bool, add) -> States:
+    """The one account of what each algorithm and launch holds (``add(what, bytes, source)``
+    records each line): LoRA (a frozen bf16 base + fp32 adapters), full fine-tuning under
+    DeepSpeed (bf16 weights, fp32 accumulated gradients, fp32 master weights and Adam moments,
+    all sharded by ZeRO-3 over the ranks), or plain / DDP full fine-tuning (fp32 weights,
+    gradients and moments, whole on every rank: half precision is refused,
+    ``precision_problem``). SFT has no reference model; RL has one when ``loss.kl_coef`` > 0."""
+    t = cfg.train
+    rl_ref = cfg.loss.kl_coef > 0 and t.algorithm == "rl"
+    if t.lora_rank:
+        states = add("bf16 base weights (frozen, whole model)", BF16 * p.total, "published config, counted")
+        states += add(f"LoRA r={t.lora_rank}: bf16 weights + grads + fp32 master + Adam m, v",
+                      (BF16 + BF16 + FP32 + 2 * FP32) * p.lora, "r x (in + out) per targeted Linear")
+        return States(states, 0.0, 0.0, 0.0, 0.0)  # the reference is the base, adapters off
+    trainable = p.total - (p.vision if t.freeze_vision else 0)
+    which = "trainable params (vision frozen)" if t.freeze_vision else "every param"
+    if not deepspeed:
+        states = add("fp32 params (not sharded: plain / DDP)", FP32 * p.total, "published config, counted")
+        states += add("fp32 grads + Adam m, v", 3 * FP32 * trainable, which)
+        ref = add("reference model (fp32), whole", FP32 * p.total if rl_ref else 0, "kl_coef > 0: a frozen copy")
+        return States(states, 0.0, 0.0, 0.0, ref)
+    zero3, shard = world > 1, world
+    how = f"/ {shard} ranks (ZeRO-3)" if zero3 else "(DeepSpeed on one GPU)"
+    states = add(f"bf16 params {how}", BF16 * p.total / shard, "published config, counted")
+    # configs/deepspeed/zero3.json accumulates micro-batch gradients in fp32 (grad_accum_dtype), so
+    # DeepSpeed's flat gradient-partition buffer is fp32: 4 bytes per trainable parameter / ranks (2 in bf16).
+    states += add(f"fp32 accumulated grads {how}", FP32 * trainable / shard, which)
+    states += add(f"fp32 master weights + Adam m, v {how}", 3 * FP32 * trainable / shard, "AdamW, mixed precision")
+    step = add("fp32 gradient of one optimizer sub-group (at the step)",
+               FP32 * min(DS_SUB_GROUP, trainable / shard), "DeepSpeed sub_group_size 1e9")
+    layer_buf = add("layers gathered for forward/backward (ZeRO-3)", 2 * BF16 * p.largest_module,
+                    "largest module, current + prefetched") if zero3 else 0.0
+    gathered = add("full bf16 policy gathered for generate", BF16 * p.total,
+                   "D.generation_weights") if zero3 and t.algorithm == "rl" else 0.0
+    ref = add("reference model (bf16) share", BF16 * p.total / shard if rl_ref else 0,
+              "kl_coef > 0: a frozen copy, sharded like the policy")
+    return States(states, step, layer_buf, gathered, ref)
+
+
 def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = None, text_tokens: int = 300,
-         bandwidth_tbs: float = BANDWIDTH_TBS["h100"]) -> Plan:
-    """Per-GPU memory by phase, the verdict, and the decode-time floor of one rollout batch."""
+         bandwidth_tbs: float = BANDWIDTH_TBS["h100"], deepspeed: bool = True) -> Plan:
+    """Per-GPU memory by phase, the verdict, and the decode-time floor of one rollout batch.
+    ``deepspeed``: the launch runs DeepSpeed (the presets' full fine-tuning does; LoRA ignores it).
+    SFT generates nothing: its plan has no rollout phase."""
     a, t, r = arch_for(cfg, arch), cfg.train, cfg.rollout
+    if problem := precision_problem(cfg, deepspeed):
+        raise ConfigError(problem)
     p = count_params(a, t.lora_rank, tuple(t.lora_target_modules) if t.lora_rank else ())
-    zero3 = t.lora_rank == 0 and world > 1
-    shard = world if zero3 else 1
-    frozen = p.vision if t.freeze_vision else 0
     G, T, new = r.group_size, *tokens_per_trajectory(cfg, text_tokens)
     prompts_per_rank = max(1, t.prompts_per_rollout // world)
     groups = _generation_groups(cfg, prompts_per_rank)
@@ -206,57 +278,38 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
         lines.append((what, nbytes / GB, src))
         return nbytes / GB
 
-    if t.lora_rank:
-        states = add("bf16 base weights (frozen, whole model)", BF16 * p.total, "published config, counted")
-        states += add(f"LoRA r={t.lora_rank}: bf16 weights + grads + fp32 master + Adam m, v",
-                      (BF16 + BF16 + FP32 + 2 * FP32) * p.lora, "r x (in + out) per targeted Linear")
-        step, gathered, ref, layer_buf = 0.0, 0.0, 0.0, 0.0
-    else:
-        trainable = p.total - frozen
-        how = f"/ {shard} ranks (ZeRO-3)" if zero3 else "(not sharded)"
-        states = add(f"bf16 params {how}", BF16 * p.total / shard, "published config, counted")
-        # configs/deepspeed/zero3.json accumulates micro-batch gradients in fp32 (grad_accum_dtype), so
-        # DeepSpeed's flat gradient-partition buffer is fp32: 4 bytes per trainable parameter / ranks (2 in bf16).
-        grad_bytes, grad_what = (FP32, "fp32 accumulated grads") if zero3 else (BF16, "bf16 grads")
-        states += add(f"{grad_what} {how}", grad_bytes * trainable / shard, "trainable params (vision frozen)"
-                      if t.freeze_vision else "every param")
-        states += add(f"fp32 master weights + Adam m, v {how}", 3 * FP32 * trainable / shard, "AdamW, mixed precision")
-        step = add("fp32 gradient of one optimizer sub-group (at the step)",
-                   FP32 * min(DS_SUB_GROUP, trainable / shard), "DeepSpeed sub_group_size 1e9")
-        layer_buf = add("layers gathered for forward/backward (ZeRO-3)", 2 * BF16 * p.largest_module,
-                        "largest module, current + prefetched") if zero3 else 0.0
-        gathered = add("full bf16 policy gathered for generate", BF16 * p.total,
-                       "D.generation_weights") if zero3 else 0.0
-        ref = add("reference model (bf16) share", BF16 * p.total / shard if cfg.loss.kl_coef > 0 else 0,
-                  "kl_coef > 0: a frozen copy, sharded like the policy")
+    held = model_states(cfg, p, world, deepspeed, add)
     rows = groups * G
-    kv = add(f"KV cache: {rows} rows x {T} tokens", rows * T * kv_bytes_per_token(a),
-             f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
-    decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
-    prefill = add(f"turn-2 prefill of {rows} rows, KV so far + the widest layer's transient",
-                  rows * turn2_prefill_bytes(a, cfg, text_tokens), "measured per-token layer peak x chunk")
+    phases, max_groups, floor_s = {}, 0, 0.0
+    if t.algorithm == "rl":
+        kv = add(f"KV cache: {rows} rows x {T} tokens", rows * T * kv_bytes_per_token(a),
+                 f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
+        decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
+        prefill = add(f"turn-2 prefill of {rows} rows, KV so far + the widest layer's transient",
+                      rows * turn2_prefill_bytes(a, cfg, text_tokens), "measured per-token layer peak x chunk")
+        phases["rollout"] = held.states + held.gathered + held.ref + max(kv + decode_logits, prefill)
     M = t.micro_batch_size
     act = add(f"activations, micro-batch {M} x {T} tokens" + (" (checkpointed)" if t.gradient_checkpointing else ""),
               activation_bytes(a, M * T, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
     logits = add(f"masked-logits buffer (one chunk of {M} x {new} generated)",
                  masked_logits_bytes(a, M * new, cfg.loss.entropy_coef > 0), "masked_token_logprobs")
-    phases = {"rollout": states + gathered + ref + max(kv + decode_logits, prefill),
-              "update": states + layer_buf + ref + act + logits,
-              "optimizer step": states + step}
+    phases["update"] = held.states + held.layer_buf + held.ref + act + logits
+    phases["optimizer step"] = held.states + held.step
     usable = HEADROOM * gpu_memory_gb
     fits = max(phases.values()) <= usable
 
     # ---- the largest micro-batch and generate batch that fit
     per_traj_train = activation_bytes(a, T, t.gradient_checkpointing) / GB
     logits_chunk = masked_logits_bytes(a, 1 << 40, cfg.loss.entropy_coef > 0) / GB  # one lm_head chunk at most
-    max_micro = max(0, math.floor((usable - (states + layer_buf + ref + logits_chunk)) / per_traj_train))
-    per_group_gen = G * max(T * kv_bytes_per_token(a) + a.vocab_size * 2 * FP32,
-                            turn2_prefill_bytes(a, cfg, text_tokens)) / GB
-    max_groups = max(0, math.floor((usable - (states + gathered + ref)) / per_group_gen))
-
-    floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
+    max_micro = max(0, math.floor((usable - (held.states + held.layer_buf + held.ref + logits_chunk)) / per_traj_train))
+    if t.algorithm == "rl":
+        per_group_gen = G * max(T * kv_bytes_per_token(a) + a.vocab_size * 2 * FP32,
+                                turn2_prefill_bytes(a, cfg, text_tokens)) / GB
+        max_groups = max(0, math.floor((usable - (held.states + held.gathered + held.ref)) / per_group_gen))
+        floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
     verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups)
-    return Plan(lines, phases, usable, fits, verdict, max_micro, max_groups, floor_s, states + step + layer_buf)
+    return Plan(lines, phases, usable, fits, verdict, max_micro, max_groups, floor_s,
+                held.states + held.step + held.layer_buf)
 
 
 def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int, bandwidth_tbs: float) -> float:
@@ -280,7 +333,7 @@ def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups) 
     if phases[worst] <= usable:
         return f"fits: {head}; largest train.micro_batch_size {max_micro}"
     todo = []
-    if phases["rollout"] > usable:
+    if phases.get("rollout", 0.0) > usable:
         if max_groups >= 1:
             field = "rollout.generation_batch_size" if hasattr(cfg.rollout, "generation_batch_size") else \
                 "train.prompts_per_rollout / world (generate runs on all of a rank's prompts at once)"
@@ -302,11 +355,14 @@ def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups) 
     return f"does not fit: {head}; change: " + "; ".join(todo)
 
 
-def verdict(cfg: Config, world: int, gpu_memory_gb: float) -> str:
+def verdict(cfg: Config, world: int, gpu_memory_gb: float, deepspeed: bool = True) -> str:
     """One line for the trainer to print at start-up on GPUs. Advice only: a model the
-    plan cannot size (not a published architecture) gets a line saying so, never an error."""
+    plan cannot size (not a published architecture) gets a line saying so, never an error;
+    a launch that would train the wrong weights (``precision_problem``) is refused."""
+    if problem := precision_problem(cfg, deepspeed):
+        raise ConfigError(problem)
     try:
-        return plan(cfg, world, gpu_memory_gb).verdict
+        return plan(cfg, world, gpu_memory_gb, deepspeed=deepspeed).verdict
     except Exception as e:  # noqa: BLE001 - the plan must never stop a launch
         return f"memory plan unavailable: {e}"
 
@@ -318,9 +374,10 @@ def startup_line(cfg: Config) -> str | None:
 
     if not torch.cuda.is_available():
         return None
-    from .distributed import launched_world_size
+    from .distributed import launched_with_deepspeed, launched_world_size
 
-    line = verdict(cfg, launched_world_size(), torch.cuda.get_device_properties(0).total_memory / GB)
+    line = verdict(cfg, launched_world_size(), torch.cuda.get_device_properties(0).total_memory / GB,
+                   deepspeed=launched_with_deepspeed())
     return check_verdict(line, cfg.train.ignore_plan)
 
 

@@ -45,6 +45,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..config import ConfigError
+from .args import claim_folder, positive_int
+
+MARKER = "MGPO_BASE.json"  # in every folder this tool builds: only such a folder is ever rebuilt
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 220)}
 SIZE = 224  # px: 64 merged image tokens at the tiny budget, so a CPU step takes seconds
 LABEL_NOISE = 0.6  # share of SFT labels replaced by a random letter
@@ -173,17 +177,18 @@ def build_data(data: Path, seed: int, task: Task) -> None:
 
 def build_budgets(data: Path, seed: int, task: Task) -> None:
     """The sweep's data: per factor F, ``sft-xF`` (every panel of ``sft_images`` images),
-    ``train-xF`` and ``test-xF``; ``sft.jsonl`` joins the SFT parts and the grounding exercises
-    (a third at each factor); ``train.jsonl`` / ``test.jsonl`` are the largest factor's."""
+    ``train-xF`` and ``test-xF``, each the same scenes at every factor (so the factors' figures
+    are paired: only the resolution differs); ``sft.jsonl`` joins the SFT parts and the grounding
+    exercises (a third at each factor); ``train.jsonl`` / ``test.jsonl`` are the largest factor's."""
     from .beacon import beacon_at, build_beacon
 
     parts = []
     for factor in task.factors:
         layout = beacon_at(factor)
         parts.append(build_beacon(data, task.sft_images, seed, f"sft-x{factor}", every_panel=True,
-                                  locate=task.locate // len(task.factors), layout=layout))
-        build_beacon(data, 256, seed, f"train-x{factor}", layout=layout)
-        build_beacon(data, task.test_images, seed + 1, f"test-x{factor}", layout=layout)
+                                  locate=task.locate // len(task.factors), layout=layout, scene="sft"))
+        build_beacon(data, 256, seed, f"train-x{factor}", layout=layout, scene="train")
+        build_beacon(data, task.test_images, seed + 1, f"test-x{factor}", layout=layout, scene="test")
     (data / "sft.jsonl").write_text("".join(p.read_text() for p in parts))
     for split in ("train", "test"):
         shutil.copy(data / f"{split}-x{max(task.factors)}.jsonl", data / f"{split}.jsonl")
@@ -197,9 +202,11 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     from ..eval.evaluate import evaluate
     from .tiny import build_tiny_checkpoint
 
-    out = Path(out)
+    out = claim_folder(out, MARKER, "mgpo.tools.base")
     spec = TASKS[task]
-    sft_steps = sft_steps or spec.sft_steps
+    sft_steps = spec.sft_steps if sft_steps is None else sft_steps
+    if sft_steps < 1:
+        raise ConfigError(f"sft_steps must be at least 1, got {sft_steps}")
     start = time.time()
     data = out / "data"
     build_data(data, seed, spec)
@@ -238,14 +245,17 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.base", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="colours")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: 300 (colours), 400 (demo), 1000 (beacon, nested)")
+    parser.add_argument("--sft-steps", type=positive_int, default=None, help="default: 300 (colours), 400 (demo), 1000 (beacon, nested)")
     args = parser.parse_args(argv)
     build_base(args.out_dir, args.seed, args.sft_steps, args.task)
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run_main
+
+    run_main(main)

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.records import LETTERS
+from .args import plain_name, positive_int
 
 
 @dataclass(frozen=True)
@@ -123,15 +124,17 @@ def draw(target: int, patterns: list[int], layout: Layout = BEACON) -> Image.Ima
 
 
 def beacon_records(index: int, seed: int, split: str, image_dir: Path, every_panel: bool = False,
-                   layout: Layout = BEACON) -> list[dict]:
+                   layout: Layout = BEACON, scene: str | None = None) -> list[dict]:
     """One image and its record, with the target's box and the true answer.
 
     ``every_panel`` (the base model's SFT data) gives one record per panel instead, each with
     that panel as its box and the pattern *in that panel* as its answer. Every image is seen
     with every box, so the base learns the format and to report the pattern of the crop it is
     shown, and nothing about which panel to pick: only a crop of the tinted panel answers the
-    question, which the base is never told."""
-    rng = random.Random(f"beacon-{seed}-{split}-{index}")
+    question, which the base is never told. ``scene`` (default ``split``) names the draw: splits
+    with the same scene hold the same scenes (target panel and patterns), e.g. one test set drawn
+    at several down-scale factors."""
+    rng = random.Random(f"beacon-{seed}-{scene or split}-{index}")
     target = rng.randrange(len(layout.panels))
     patterns = [rng.randrange(len(PATTERNS)) for _ in range(len(layout.panels))]
     name = f"{split}-{index:05d}.png"
@@ -165,10 +168,11 @@ def locate_record(index: int, seed: int, split: str, image_dir: Path, layout: La
 
 
 def build_beacon(out: Path, n: int, seed: int, split: str, every_panel: bool = False, locate: int = 0,
-                 layout: Layout = BEACON) -> Path:
-    """``n`` images (``every_panel``: one record per panel) and ``locate`` grounding exercises."""
+                 layout: Layout = BEACON, scene: str | None = None) -> Path:
+    """``n`` images (``every_panel``: one record per panel) and ``locate`` grounding exercises;
+    ``scene``: see ``beacon_records``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = [r for i in range(n) for r in beacon_records(i, seed, split, out / "images", every_panel, layout)]
+    rows = [r for i in range(n) for r in beacon_records(i, seed, split, out / "images", every_panel, layout, scene)]
     rows += [locate_record(i, seed, split, out / "images", layout) for i in range(locate)]
     path = out / f"{split}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -176,11 +180,11 @@ def build_beacon(out: Path, n: int, seed: int, split: str, every_panel: bool = F
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.beacon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--n", type=positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", type=plain_name, default="train", help="the file's name: <split>.jsonl")
     parser.add_argument("--every-panel", action="store_true", help="one record per panel (the base's SFT data)")
     parser.add_argument("--locate", type=int, default=0, help="generic grounding exercises to add")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="beacon")

@@ -607,7 +607,7 @@ def write_report(results: dict, path: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     import tempfile
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--only", choices=["all", "real-widths"], default="all",

@@ -95,7 +95,7 @@ def before_after(base_json: str | Path, run_dir: str | Path, eval_dir: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
     parser.add_argument("--from-run", action="store_true", help="use the newest checkpoint of train.output_dir")
     parser.add_argument("--before", help="base.json of the base model: print a before/after table")

@@ -117,7 +117,7 @@ def check_train(rows: list, lite: list | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.mme_split", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", type=Path, help="MME_RealWorld.json (beside the extracted image archives)")
     parser.add_argument("--lite", type=Path, help="MME-RealWorld-Lite.json")
     parser.add_argument("--train", type=Path, help="a training set you already have: counted and checked, not rewritten")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..config import Config, ConfigError, load_config
 from ..runtime.archs import ARCHS
 from ..runtime.memory import BANDWIDTH_TBS, BF16, GB, HEADROOM, Params, Plan, arch_for, count_params, plan
+from .args import positive_float, positive_int
 
 LINKS_GBS = {
     "NVLink, one node (H100 SXM: 450 GB/s per GPU each way)": ("gpu", 450.0),
@@ -90,31 +91,39 @@ def zero3_traffic(cfg: Config, p: Params, world: int) -> Traffic:
     micro-batch of the rollout batch; generation gathers the policy once per rollout batch.
     Small parameters ZeRO-3 keeps whole (its persistence threshold) are counted as moved."""
     t = cfg.train
-    per_rank = (t.prompts_per_step // world) * cfg.rollout.group_size
+    per_rank = (t.prompts_per_step // world) * (1 if t.algorithm == "sft" else cfg.rollout.group_size)
     micro = math.ceil(per_rank / t.micro_batch_size)  # micro-batches per step
     params = BF16 * p.total
     trainable = p.total - (p.vision if t.freeze_vision else 0)
     steps = (t.prompts_per_rollout // t.prompts_per_step) * t.ppo_epochs  # optimizer steps per rollout batch
     passes = int((t.prompts_per_rollout > t.prompts_per_step) or t.ppo_epochs > 1) + int(cfg.loss.kl_coef > 0)
+    if t.algorithm == "sft":  # teacher-forced targets: no generation, no old or reference log-probs
+        return Traffic(train=micro * (2 * params + BF16 * trainable), logprobs=0.0, generation=0.0, world=world)
     # the fixed passes run once per rollout batch over all its micro-batches: per step, divide by the steps
     logprobs = passes * micro * (t.prompts_per_rollout // t.prompts_per_step) * params / steps
     return Traffic(train=micro * (2 * params + BF16 * trainable), logprobs=logprobs, generation=params / steps,
                    world=world)
 
 
-def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, text_tokens: int) -> str:
-    out = [f"per-GPU memory plan: {world} x {gpu_gb:g} GB, micro-batch {cfg.train.micro_batch_size}, "
-           f"group size {cfg.rollout.group_size}, {text_tokens} text tokens assumed per trajectory", ""]
+def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, text_tokens: int,
+           deepspeed: bool = True) -> str:
+    rl = cfg.train.algorithm == "rl"
+    launch = "LoRA" if cfg.train.lora_rank else "DeepSpeed" if deepspeed else "plain / DDP"
+    out = [f"per-GPU memory plan ({cfg.train.algorithm}, {launch}): {world} x {gpu_gb:g} GB, micro-batch "
+           f"{cfg.train.micro_batch_size}" + (f", group size {cfg.rollout.group_size}" if rl else "")
+           + f", {text_tokens} text tokens assumed per trajectory", ""]
     out += [f"  {what:<62} {gb:8.2f} GB   {src}" for what, gb, src in pl.lines]
     out += [""] + [f"  phase {k:<56} {v:8.2f} GB" for k, v in pl.phases.items()]
-    out += [f"  usable ({HEADROOM:.0%} of the GPU){'':<38} {pl.usable_gb:8.2f} GB", "",
-            f"model states as DeepSpeed counts them (at the step, with the gathered layers): "
-            f"{pl.model_states_gb:.2f} GB" + _deepspeed_says(cfg, world),
-            f"largest micro-batch that fits: {pl.max_micro_batch}; largest generate batch: {pl.max_generation_groups} "
-            "prompt group(s)",
-            f"decode-time floor of one rollout batch at {bandwidth:g} TB/s: {pl.decode_floor_s:.0f} s "
-            "(every token budget used; weights + KV read once per step)", "", pl.verdict]
-    return "\n".join(out + _traffic_lines(cfg, world))
+    out += [f"  usable ({HEADROOM:.0%} of the GPU){'':<38} {pl.usable_gb:8.2f} GB", ""]
+    if deepspeed and not cfg.train.lora_rank:
+        out.append(f"model states as DeepSpeed counts them (at the step, with the gathered layers): "
+                   f"{pl.model_states_gb:.2f} GB" + _deepspeed_says(cfg, world))
+    out.append(f"largest micro-batch that fits: {pl.max_micro_batch}"
+               + (f"; largest generate batch: {pl.max_generation_groups} prompt group(s)" if rl else ""))
+    if rl:
+        out.append(f"decode-time floor of one rollout batch at {bandwidth:g} TB/s: {pl.decode_floor_s:.0f} s "
+                   "(every token budget used; weights + KV read once per step)")
+    return "\n".join(out + ["", pl.verdict] + (_traffic_lines(cfg, world) if deepspeed else []))
 
 
 def _traffic_lines(cfg: Config, world: int) -> list[str]:
@@ -161,22 +170,30 @@ def _deepspeed_says(cfg: Config, world: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     from ..cli import config_fields_help
 
-    parser = argparse.ArgumentParser(description=__doc__, epilog=config_fields_help(),
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.plan", description=__doc__, epilog=config_fields_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--gpus", type=int, required=True, help="ranks in total")
-    parser.add_argument("--gpu-memory", type=float, required=True, help="GB per GPU")
+    parser.add_argument("--gpus", type=positive_int, required=True, help="ranks in total")
+    parser.add_argument("--gpu-memory", type=positive_float, required=True, help="GB (10^9 bytes) per GPU")
     parser.add_argument("--arch", choices=sorted(ARCHS), default=None, help="default: from model.path")
-    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH_TBS["h100"],
+    parser.add_argument("--bandwidth", type=positive_float, default=BANDWIDTH_TBS["h100"],
                         help="HBM TB/s (H100 SXM 3.35, H200 4.8)")
-    parser.add_argument("--text-tokens", type=int, default=300, help="prompt text of both turns, per trajectory")
+    parser.add_argument("--text-tokens", type=positive_int, default=300,
+                        help="prompt text of both turns, per trajectory")
+    parser.add_argument("--launch", choices=["deepspeed", "plain"], default="deepspeed",
+                        help="full fine-tuning under DeepSpeed ZeRO-3 (the presets' launch), or plain / DDP")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_gpu_count(cfg, args.gpus)
+    deepspeed = args.launch == "deepspeed"
+    try:
+        arch_for(cfg, args.arch)
+    except ValueError as e:  # not a published architecture (the project's tiny models, say)
+        raise ConfigError(f"{e}; the plan sizes the published Qwen2.5-VL architectures only") from None
     pl = plan(cfg, args.gpus, args.gpu_memory, arch=args.arch, text_tokens=args.text_tokens,
-              bandwidth_tbs=args.bandwidth)
-    print(render(cfg, pl, args.gpus, args.gpu_memory, args.bandwidth, args.text_tokens))
+              bandwidth_tbs=args.bandwidth, deepspeed=deepspeed)
+    print(render(cfg, pl, args.gpus, args.gpu_memory, args.bandwidth, args.text_tokens, deepspeed))
     works = [n for n in gpu_counts(cfg) if n >= args.gpus]
     print(f"GPU counts the trainer accepts for these batch sizes, from {args.gpus} up: "
           + ", ".join(map(str, works[:12])) + (" ..." if len(works) > 12 else "") + f" (largest: {works[-1]})")

@@ -35,6 +35,7 @@ from statistics import fmean
 
 from PIL import Image, ImageDraw
 
+from .args import positive_int
 from .base import METHODS, method_overrides
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -369,10 +370,11 @@ def write_budgets(at_base: dict, runs: list[dict], methods: list[str], docs: Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.repro", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--steps", type=positive_int, default=60)
+    parser.add_argument("--eval-every", type=positive_int, default=20)
     parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="colours")
     parser.add_argument("--base", help="default: build/<task> (build/base for colours)")
     parser.add_argument("--out", help="default: runs/repro, runs/repro-<task>")
@@ -384,11 +386,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite the report from the run folders already in --out")
     args = parser.parse_args(argv)
+    if args.task != "budgets" and args.steps % args.eval_every:
+        parser.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every}): each run is "
+                     "evaluated at every multiple and at its last step")
+    if any(s < 0 for s in args.seeds):
+        parser.error(f"--seeds must be whole numbers >= 0, got {args.seeds}")
     default_base, default_config, default_methods = TASK_DEFAULTS[args.task]
     base = Path(args.base or default_base)
     out = Path(args.out or ("runs/repro" if args.task == "colours" else f"runs/repro-{args.task}"))
     config = args.config or default_config
     if not (base / "base.json").exists():
+        if args.report_only:
+            parser.error(f"--report-only trains and builds nothing, and {base / 'base.json'} is missing: run without "
+                         "--report-only first (it builds the base model), or pass --base")
         _run([sys.executable, "-m", "mgpo.tools.base", str(base), "--task", args.task])
     methods = args.methods or default_methods
     command = (f"python -m mgpo.tools.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
@@ -414,4 +424,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run_main
+
+    run_main(main)

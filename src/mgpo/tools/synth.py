@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..data.records import LETTERS
+from .args import plain_name, positive_int
 
 COLORS = {
     "red": (220, 30, 30),
@@ -185,11 +186,11 @@ def build_synth(out_dir: str | Path, n: int, seed: int = 0, split: str = "train"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--n", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", type=plain_name, default="train", help="the file's name: <split>.jsonl")
     args = parser.parse_args(argv)
     path = build_synth(args.out_dir, args.n, args.seed, args.split)
     print(f"synthetic set: {path} ({args.n} samples, seed {args.seed})")

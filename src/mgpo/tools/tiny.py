@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..runtime.archs import ARCHS, arch_config
+
+MARKER = "MGPO_TINY.json"  # in every checkpoint this tool builds: only such a folder is ever replaced
 
 # Qwen2.5-VL's special tokens, in the order (and so with the relative ids) the real
 # tokenizer gives them. The ones the model or processor reads are checked in tests.
@@ -242,6 +245,12 @@ def build_tiny_checkpoint(
     )
 
     out = Path(out_dir)
+    for folder in (out, out.with_name(out.name + ".tmp")):  # never delete a folder this tool did not build
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+            raise ConfigError(f"{folder.resolve()} is not empty and is not a tiny checkpoint this tool built (no "
+                              f"{MARKER}); building replaces the folder, so it refuses: choose a new or empty folder")
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder: choose another output folder")
     tokenizer = _train_tokenizer(vocab_size)
     config = (arch_config(arch, layers=layers, vision_depth=vision_depth, tokenizer=tokenizer) if arch
               else tiny_config(tokenizer, hidden_size=hidden_size, layers=layers))
@@ -264,7 +273,7 @@ def build_tiny_checkpoint(
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size="600KB" if arch is None else "4GB")
     processor.save_pretrained(tmp)
     publish_layout(tmp, tokenizer)
-    (tmp / "MGPO_TINY.json").write_text(json.dumps({"seed": seed, "hidden_size": hidden_size, "layers": layers,
+    (tmp / MARKER).write_text(json.dumps({"seed": seed, "hidden_size": hidden_size, "layers": layers,
                                                     "vocab_size": vocab_size}) + "\n")
     if out.exists():
         import shutil
@@ -275,7 +284,7 @@ def build_tiny_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m mgpo.tools.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=sorted(ARCHS), default=None,
@@ -283,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="language-model layers")
     parser.add_argument("--vision-depth", type=int, default=2, help="vision blocks (with --arch)")
     args = parser.parse_args(argv)
+    if args.out_dir in (".", "..") or Path(args.out_dir).resolve() in (Path.cwd(), *Path.cwd().parents):
+        parser.error(f"{args.out_dir}: the output folder must be a new folder, not the working folder or one above it")
     start = time.time()
     out = build_tiny_checkpoint(args.out_dir, seed=args.seed, layers=args.layers, arch=args.arch,
                                 vision_depth=args.vision_depth)
@@ -292,4 +303,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..cli import run_main
+
+    run_main(main)
