@@ -18,7 +18,16 @@ from typing import Any
 import yaml
 
 from . import schema
-from .schema import ConfigError, build, fix_yaml_floats, flatten, merge_trees, parse_overrides, plain
+from .schema import (
+    ConfigError,
+    build,
+    fix_yaml_floats,
+    flatten,
+    load_yaml,
+    merge_trees,
+    parse_overrides,
+    plain,
+)
 
 __all__ = ["Config", "ConfigError", "field_docs", "flatten", "load_config", "parse_overrides", "save_config"]
 
@@ -279,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         tree = fix_yaml_floats(loaded)
@@ -299,9 +308,10 @@ def _range(low: float, high: float = math.inf, *, above: bool = False, below: bo
 
 
 BLOCK = 28 * 28  # one 28x28 merge block: the smallest image the vision tower takes
+MAX_IMAGE_PIXELS = 16384 * BLOCK  # 12,845,056: Qwen2.5-VL's own processor default ceiling, 16,384 image tokens
 COUNT, SOME, POSITIVE, SHARE = _range(0), _range(1), _range(0, above=True), _range(0, 1, below=True)
 RANGES = {  # every numeric field: (accepts the value, what is allowed)
-    "model.min_pixels": _range(BLOCK), "model.max_pixels": _range(BLOCK),
+    "model.min_pixels": _range(BLOCK, MAX_IMAGE_PIXELS), "model.max_pixels": _range(BLOCK, MAX_IMAGE_PIXELS),
     "data.max_samples": COUNT, "data.max_prompt_tokens": COUNT,
     "rollout.max_turns": _range(2), "rollout.group_size": _range(2),  # one sample has no group-relative advantage
     "rollout.temperature": POSITIVE, "rollout.top_p": _range(0, 1, above=True), "rollout.top_k": COUNT,

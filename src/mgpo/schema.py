@@ -19,6 +19,28 @@ class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
 
 
+class _NoAliases(yaml.SafeLoader):
+    """YAML without anchors and aliases: a config needs none, and nested aliases expand
+    exponentially (a 401-byte file held the loader for minutes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML aliases (*name) are not accepted in a config; "
+                              "write the values out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (safe types only, no aliases); errors name ``where``."""
+    try:
+        return yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
 def plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
@@ -52,6 +74,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected {tp}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (str, int, float)) \
+                and not isinstance(value, bool):
+            value = [value]  # one item given alone: eval.datasets=/data/vstar_bench
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
@@ -61,6 +86,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp in _SCALARS:
         accepts, what = _SCALARS[tp]
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # a whole number written as a float: train.max_steps=1e3
         if accepts(value):
             return float(value) if tp is float else value
         raise ConfigError(f"{name}: expected {what}, got {value!r}")
@@ -109,7 +136,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = fix_yaml_floats(yaml.safe_load(raw)) if raw.strip() else ""
+        value = fix_yaml_floats(load_yaml(raw, f"override {item!r}")) if raw.strip() else ""
         _set_dotted(tree, key.strip(), value)
     return tree
 

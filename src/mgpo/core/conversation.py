@@ -17,7 +17,7 @@ import torch
 from ..config import RolloutConfig
 from ..data.samples import BadImageError, Sample, prompt_length_problem
 from .generation import Generated, generate_batch, generation_config
-from .prompts import Template, first_prompt_text
+from .prompts import Template, escape_data, first_prompt_text
 from .trajectory import ImagePatches, Rollout
 
 
@@ -104,17 +104,27 @@ def cut_after(tokenizer, tokens: torch.Tensor, text: str, end: int) -> int:
 
 
 def scripted(ctx: Context, texts: list[str]) -> Generated:
-    """What ``generate`` would return had the model written ``texts`` and stopped."""
+    """What ``generate`` would return had the model written ``texts`` and stopped. The texts are
+    plain text (SFT targets are built from record fields): a control-token string in them is
+    escaped as in every prompt, so it is trained as the characters it is, never as the token."""
     tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
-    tokens = [torch.tensor(tok.encode(text, add_special_tokens=False) + [im_end]) for text in texts]
+    tokens = [torch.tensor(tok.encode(escape_data(ctx.processor, text), add_special_tokens=False) + [im_end])
+              for text in texts]
     return Generated(tokens, [None] * len(texts), cache=None, width=0, steps=max(len(ids) for ids in tokens))
 
 
 def encode_prompts(ctx: Context, samples: list[Sample], images: list | None, texts=None,
-                    max_prompt_tokens: int = 0):
-    """Decode each image once and encode each turn-1 prompt once; unreadable ones are skipped."""
+                    max_prompt_tokens: int = 0, count=None):
+    """Decode each image once and encode each turn-1 prompt once; unreadable ones are skipped.
+    ``count(sample)``: the prompt's tokens from the image's header size, checked against
+    ``max_prompt_tokens`` before anything is decoded or resized (a pixel budget that would make a
+    huge image is refused without allocating it); the encoded length is checked again after."""
     prompts, skipped = [], []
     for k, sample in enumerate(samples):
+        if count is not None and sample.width and (too_long := prompt_length_problem(count(sample),
+                                                                                     max_prompt_tokens)):
+            skipped.append((sample.id, too_long))
+            continue
         try:
             original = images[k] if images is not None else sample.load_image()
         except BadImageError as e:

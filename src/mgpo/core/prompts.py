@@ -159,10 +159,15 @@ def escape_special(text: str, specials) -> str:
     return _special_pattern(specials).sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
 
 
+def escape_data(processor, text: str) -> str:
+    """``text`` from a record (a question, an option, a category in an SFT target) with the
+    tokenizer's added tokens (every control token) escaped, so it reaches the model as text."""
+    return escape_special(text, tuple(getattr(processor, "tokenizer", processor).get_added_vocab()))
+
+
 def _escaped(processor, question: str, options) -> tuple[str, list[str]]:
     """Question and options with the tokenizer's added tokens (every control token) escaped."""
-    specials = tuple(getattr(processor, "tokenizer", processor).get_added_vocab())
-    return escape_special(question, specials), [escape_special(str(o), specials) for o in options]
+    return escape_data(processor, question), [escape_data(processor, str(o)) for o in options]
 
 
 def _messages(system: str | None, content: list[dict]) -> list[dict]:

@@ -86,7 +86,8 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
     """
     ctx = Context(processor, get_template(cfg.template), cfg, special_ids(processor), greedy, record_logprobs,
                    min_pixels, max_pixels, synced_gpus)
-    prompts, skipped = encode_prompts(ctx, samples, images, max_prompt_tokens=max_prompt_tokens)
+    prompts, skipped = encode_prompts(ctx, samples, images, max_prompt_tokens=max_prompt_tokens,
+                                      count=lambda s: prompt_tokens(processor, cfg.template, s, min_pixels, max_pixels))
     was_training = model.training
     model.eval()
     trajectories, conversations = [], []

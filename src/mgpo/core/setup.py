@@ -19,7 +19,7 @@ from ..runtime import distributed as D
 from ..runtime.checkpoint import load_pending, load_training_state
 from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
 from ..runtime.memory import precision_problem
-from ..runtime.model import load_model, load_processor
+from ..runtime.model import CheckpointError, load_model, load_processor
 from ..runtime.run_folder import start_run
 from .generation import suppressed_ids
 from .policy import PolicyForward
@@ -140,7 +140,8 @@ def setup_run(cfg: Config) -> Run:
     if cfg.loss.kl_coef > 0 and tcfg.lora_rank == 0 and tcfg.algorithm == "rl":
         reference = PolicyForward(D.prepare_reference(accelerator, load_model(cfg.model, accelerator.device)),
                                   cfg.rollout.temperature, suppress)
-    state, resumed_work = _resume(accelerator, wrapped, optimizer, scheduler, resume_from)
+    state, resumed_work = _resume(accelerator, wrapped, optimizer, scheduler, resume_from,
+                                  len(data) // tcfg.prompts_per_rollout)
 
     total = tcfg.epochs * (len(data) // tcfg.prompts_per_rollout) * plan.steps_per_rollout * tcfg.ppo_epochs
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
@@ -154,11 +155,19 @@ def setup_run(cfg: Config) -> Run:
                _decodable_reserve(data), logger, out, total, folder=folder, state={**state}, resumed_work=resumed_work)
 
 
-def _resume(accelerator, wrapped, optimizer, scheduler, resume_from: Path | None):
-    """The training state to start from, and the rest of a rollout batch the checkpoint stopped inside."""
+def _resume(accelerator, wrapped, optimizer, scheduler, resume_from: Path | None, per_epoch: int):
+    """The training state to start from, and the rest of a rollout batch the checkpoint stopped
+    inside. The state's counters are checked against what a run can write (``per_epoch``: rollout
+    batches in an epoch): the manifest proves only that the files are the ones it lists."""
     if resume_from is None:
         return {"step": 0, "epoch": 0, "batch": 0}, None
     state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
+    bad = [f"{k}={v!r}" for k, v in state.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if not bad and state["batch"] > per_epoch:
+        bad.append(f"batch={state['batch']} (an epoch here has {per_epoch} rollout batches)")
+    if bad:
+        raise CheckpointError(f"{resume_from / 'trainer_state.json'} holds values no run writes ({', '.join(bad)}): "
+                              "hand-edited or damaged; resume from another checkpoint")
     resumed_work = load_pending(resume_from)
     log.info("resumed from %s at step %d%s", resume_from, state["step"],
              " (inside a rollout batch: its remaining steps first)" if resumed_work else "")

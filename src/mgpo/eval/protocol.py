@@ -22,7 +22,7 @@ from ..core.prompts import get_template
 from ..core.reward import scorer_version
 from ..core.zoom import image_token_cap
 from ..data.samples import SampleSet
-from ..runtime.checkpoint import MARKER, sha256_file, verify_checkpoint
+from ..runtime.checkpoint import sha256_file, verify_part
 from ..runtime.model import resolve_dtype
 
 log = logging.getLogger("mgpo")
@@ -126,10 +126,8 @@ def weights_identity(folder: str | Path) -> str:
     key = (str(path.resolve()), tuple((p.relative_to(path).as_posix(), s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
                                       for p, s in zip(files, stats)))
     if key not in _IDENTITIES:
-        if (path.parent / MARKER).is_file():
-            listed = verify_checkpoint(path.parent, under=path.name)["files"]
-            digests = {rel.split("/", 1)[1]: h for rel, h in listed.items() if rel.startswith(f"{path.name}/")}
-        else:
+        digests = verify_part(path)
+        if digests is None:  # not part of a checkpoint: hashed whole
             digests = {p.relative_to(path).as_posix(): sha256_file(p) for p in files}
         text = json.dumps(digests, sort_keys=True)
         _IDENTITIES[key] = hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -274,6 +274,18 @@ def verify_checkpoint(folder: str | Path, under: str = "", shared: bool = False)
     return manifest
 
 
+def verify_part(folder: str | Path) -> dict[str, str] | None:
+    """A checkpoint's ``model/`` or ``adapter/`` folder checked against its checkpoint's manifest
+    (CheckpointError names a changed, missing or added file): its files' SHA-256 by name inside the
+    folder, or None for a folder that is not part of a checkpoint. What evaluation and
+    ``mgpo.tools.merge`` check before they read weights."""
+    path = Path(folder)
+    if not (path.parent / MARKER).is_file():
+        return None
+    listed = verify_checkpoint(path.parent, under=path.name)["files"]
+    return {rel.split("/", 1)[1]: digest for rel, digest in listed.items() if rel.startswith(f"{path.name}/")}
+
+
 def _check_step(folder: Path) -> None:
     """A ``checkpoint-<N>`` folder must hold step N (folders renamed or swapped resume the wrong step)."""
     state_file = folder / "trainer_state.json"
@@ -334,6 +346,30 @@ def layout_settings(policy, lora: bool) -> dict:
         "freeze_vision": None if lora else not any(".visual." in f".{n}" for n in trainable),
         "trainable_tensors": len(trainable),
     }
+
+
+RUN_FILE = "run.json"
+
+
+def run_id(output_dir: str | Path) -> str | None:
+    """The identity of the run that owns ``output_dir`` (``run.json``, written when the run starts),
+    recorded in every checkpoint it writes; None for a folder without one (an older version's)."""
+    path = Path(output_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text())["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_same_run(ckpt: Path, output_dir: str | Path) -> None:
+    """Refuse to continue a run from a checkpoint another run wrote (copied or linked into its
+    folder): its weights and optimizer state would silently replace this run's."""
+    theirs = (read_manifest(ckpt).get("settings") or {}).get("run_id")
+    ours = run_id(output_dir)
+    if theirs and ours and theirs != ours:
+        raise CheckpointError(f"{ckpt} was written by another run ({theirs}) than the one in {output_dir} ({ours}), "
+                              "copied or linked in: it is not resumed; remove it, or continue that run in a new "
+                              "folder with train.resume=<its path>")
 
 
 def check_resume_settings(ckpt: Path, lora_rank: int, freeze_vision: bool) -> None:
@@ -472,7 +508,7 @@ def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out
         history = metric_rows(root / METRICS, upto=step)
         state = {**trainer_state, "global_step": step, "log_history": history}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    seal_manifest(tmp, layout_settings(policy, lora))
+    seal_manifest(tmp, layout_settings(policy, lora) | {"run_id": run_id(root)})
     if D.is_main():
         if final.exists():
             shutil.rmtree(final)

@@ -19,22 +19,27 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
-
 from ..config import Config, flatten, save_config
+from ..schema import load_yaml
 from . import distributed as D
 from .checkpoint import (
+    RUN_FILE,
     check_resume_ranks,
     check_resume_settings,
+    check_same_run,
     checkpoint_step,
+    read_manifest,
     resolve_resume,
+    run_id,
     step_folders,
 )
 from .logger import METRICS
@@ -130,7 +135,7 @@ def _check_config(cfg: Config, out: Path, ckpt: Path) -> None:
     if path is None:
         log.warning("no saved config beside %s: cannot check this run's settings against it", ckpt)
         return
-    changes = config_changes(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+    changes = config_changes(load_yaml(path.read_text(), str(path)) or {}, cfg.to_dict())
     if not changes:
         return
     lines = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()]
@@ -181,10 +186,17 @@ def _prepare(cfg: Config, out: Path, ckpt: Path | None, deepspeed: bool) -> None
     """Main rank only: a new run's folder cleared (or refused) and its config saved; a resume's
     checkpoint checked against this launch and its config against the saved one."""
     t = cfg.train
-    if ckpt is None:  # a new run
+    if ckpt is None:  # a new run: a new identity, recorded in each of its checkpoints
         _clear_earlier_run(out, t.overwrite)
         _save(cfg, out / SAVED)
+        (out / RUN_FILE).write_text(json.dumps({"id": uuid.uuid4().hex}) + "\n")
         return
+    if t.resume == "auto":
+        check_same_run(ckpt, out)
+    elif run_id(out) is None:  # an explicit checkpoint continued in a new folder: that run goes on here
+        theirs = (read_manifest(ckpt).get("settings") or {}).get("run_id")
+        if theirs:
+            (out / RUN_FILE).write_text(json.dumps({"id": theirs}) + "\n")
     check_resume_settings(ckpt, t.lora_rank, t.freeze_vision)
     check_resume_ranks(ckpt, D.world_size(), deepspeed)
     _check_config(cfg, out, ckpt)

@@ -12,8 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..runtime.checkpoint import verify_part
 from ..runtime.model import DTYPES, CheckpointError, check_adapter_dir, check_model_dir, load_model
+from .args import claim_folder
 
 
 def merge(checkpoint: str | Path, out: str | Path, base: str | Path) -> Path:
@@ -21,6 +23,8 @@ def merge(checkpoint: str | Path, out: str | Path, base: str | Path) -> Path:
 
     checkpoint, out = Path(checkpoint), Path(out)
     adapter = check_adapter_dir(checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else checkpoint)
+    verify_part(adapter)  # as evaluation does: an adapter that fails its checkpoint's manifest is refused
+    claim_folder(out, "MGPO_MERGED.json", "mgpo.tools.merge")  # never writes over a folder it did not make
     config = json.loads((check_model_dir(base) / "config.json").read_text(encoding="utf-8"))  # local only
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     model = load_model(ModelConfig(path=str(base), dtype=dtype if dtype in DTYPES else "float32"), adapter=adapter)
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = merge(args.checkpoint, args.out, args.base)
-    except (FileNotFoundError, CheckpointError) as e:  # a folder that is not there or not usable: one line
+    except (FileNotFoundError, CheckpointError, ConfigError) as e:  # a folder that is not there or not usable: one line
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"merged model written to {out}")
 

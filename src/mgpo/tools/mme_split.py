@@ -137,9 +137,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         return
     if not (args.full and args.lite):
         parser.error("give --full and --lite (or --train for a training set you already have)")
+    out = args.out or args.full.parent / TRAIN_NAME
+    if args.full.resolve() == args.lite.resolve():
+        parser.error(f"--full and --lite are the same file ({args.full}): the training set would be empty")
+    for name, given in (("--full", args.full), ("--lite", args.lite)):
+        if out.resolve() == given.resolve():
+            parser.error(f"--out {out} is the {name} file: writing there would replace a published benchmark file; "
+                         f"choose another --out (default: {TRAIN_NAME} beside --full)")
     full = read_list(args.full)
     s = split(full, read_list(args.lite))
-    out = args.out or args.full.parent / TRAIN_NAME
     for line in report(s, args.full.name, args.lite.name, len(full)):
         print(line)
     tmp = out.with_name(out.name + ".tmp")
