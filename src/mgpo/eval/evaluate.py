@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, load_config, save_config
+from ..config import Config, ConfigError, load_config, save_config
 from ..core.grounding import Box, crop_original, fit_to_budget
 from ..core.prompts import get_template
 from ..core.reward import predicted_letter
 from ..core.rollout import rollout
 from ..data.samples import BadImageError, SampleSet, load_samples
 from ..runtime import distributed as D
+from ..runtime.checkpoint import enclosing_checkpoint
 from ..runtime.model import CheckpointError, check_adapter_dir, check_model_dir, load_model, load_processor
 from .protocol import (
     PROTOCOL_FILE,
@@ -90,7 +91,7 @@ def dataset_names(paths) -> list[str]:
         names = ["/".join([*parents[len(parents) - d:], leaf]) for d in range(len(parents) + 1)]
         candidates.append([*names, str(p)])  # last resort: the whole path (test.json vs test.jsonl)
     if len({c[-1] for c in candidates}) < len(candidates):
-        raise ValueError(f"eval.datasets lists a dataset twice: {list(paths)}")
+        raise ConfigError(f"eval.datasets lists a dataset twice: {list(paths)}")
     level = [0] * len(candidates)
     while True:
         names = [c[i] for c, i in zip(candidates, level)]
@@ -166,10 +167,14 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     cfg = with_output_dir(cfg)
     e = cfg.eval
     if e.group_size > 1 and e.temperature == 0:
-        raise ValueError("eval.group_size > 1 needs eval.temperature > 0 (greedy samples would be identical)")
+        raise ConfigError("eval.group_size > 1 needs eval.temperature > 0 (greedy samples would be identical)")
     check_model_dir(cfg.model.path)  # local folders only, checked before anything else
     if e.adapter:
         check_adapter_dir(e.adapter)
+    if (ckpt := enclosing_checkpoint(e.output_dir)) is not None:
+        raise ConfigError(f"eval.output_dir={e.output_dir} lies inside the checkpoint {ckpt}: files written there "
+                         "fail its manifest, so it could no longer be resumed or evaluated; choose another "
+                         "eval.output_dir (by default runs/eval/<model>/<datasets>)")
     state = D.make_state(cfg.train.collective_timeout_s)
     out = Path(e.output_dir)
     D.check_shared_folder(out, "eval.output_dir")  # every rank writes its predictions there, rank 0 merges
@@ -177,7 +182,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
     datasets = eval_sets(cfg)
     for name, ds in datasets.items():
         if any(s.messages for s in ds):
-            raise ValueError(f"eval dataset {name} holds chat conversations (format chat): they are SFT data; "
+            raise ConfigError(f"eval dataset {name} holds chat conversations (format chat): they are SFT data; "
                              "evaluate on multiple-choice question records")
     D.check_same("evaluation records", [row for ds in datasets.values() for row in ds.fingerprint_rows()],
                  "give every node the same copy of the datasets")

@@ -59,13 +59,21 @@ def protocol(cfg: Config) -> dict:
 
 
 def read_predictions(pred_dir: Path) -> list[dict]:
+    """Every rank's prediction records; a line that is not a record of this format (not JSON, or
+    without its question's id and dataset) is ignored with a warning, and its question redone."""
     records = []
     for f in sorted(pred_dir.glob("rank*.jsonl")):
         for n, line in enumerate(f.read_text().splitlines(), 1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 log.warning("%s line %d is not a JSON record; ignored (its batch is redone)", f, n)
+                continue
+            if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+                    and isinstance(record.get("dataset"), str)):
+                log.warning("%s line %d is not a prediction record (no id or dataset); ignored", f, n)
+                continue
+            records.append(record)
     return records
 
 

@@ -120,26 +120,38 @@ def fmt(v) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
+def md(value) -> str:
+    """Text from the data (a category, a dataset name, a skip reason) as Markdown shows it: HTML
+    escaped (a Markdown viewer renders raw HTML) and table pipes escaped.
+
+    >>> md("<b>x</b> | y")
+    '&lt;b&gt;x&lt;/b&gt; \\\\| y'
+    """
+    import html
+
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> str:
     """report.md: the protocol block, a Table-1-style accuracy table, grounding, skipped records."""
     lines = ["# Evaluation report", "", "## Protocol", "", "| setting | value |", "|---|---|"]
     for k, v in protocol.items():
         if k != "datasets":
-            lines.append(f"| {k} | {v} |")
+            lines.append(f"| {k} | {md(v)} |")
     for name, fp in protocol.get("datasets", {}).items():
-        lines.append(f"| dataset {name} | {fp['count']} questions, ids sha1 {fp['sha1']} |")
+        lines.append(f"| dataset {md(name)} | {fp['count']} questions, ids sha1 {fp['sha1']} |")
     lines += ["", "## Accuracy (%)", "", "| dataset | overall | pass@k | categories |", "|---|---|---|---|"]
     for name, m in metrics.items():
-        cats = ", ".join(f"{c} {fmt(v)}" for c, v in m["categories"].items())
-        lines.append(f"| {name} | {fmt(m['accuracy'])} | {fmt(m['pass_at_k'])} | {cats} |")
+        cats = ", ".join(f"{md(c)} {fmt(v)}" for c, v in m["categories"].items())
+        lines.append(f"| {md(name)} | {fmt(m['accuracy'])} | {fmt(m['pass_at_k'])} | {cats} |")
     for name, m in metrics.items():
         if "breakdown" in m:
-            lines += ["", f"### {name}: official breakdown", "", "| level | accuracy | samples |", "|---|---|---|"]
-            lines += [f"| {k} | {fmt(v['accuracy'])} | {v['samples']} |" for k, v in m["breakdown"].items()]
+            lines += ["", f"### {md(name)}: official breakdown", "", "| level | accuracy | samples |", "|---|---|---|"]
+            lines += [f"| {md(k)} | {fmt(v['accuracy'])} | {v['samples']} |" for k, v in m["breakdown"].items()]
         if "per_cycle" in m:
             c = m["per_cycle"]
             lines += ["", f"### {name}: per cycle", "", "| cycle | accuracy |", "|---|---|"]
-            lines += [f"| {k} | {fmt(v)} |" for k, v in c["cycles"].items()]
+            lines += [f"| {md(k)} | {fmt(v)} |" for k, v in c["cycles"].items()]
             lines.append(f"| mean over cycles | {fmt(c['mean_over_cycles'])} |")
     lines += ["", "## Grounding", "", "| dataset | valid box % | mean IoU | crop holds target % | crop area share "
               "(p10/p50/p90) | no answer % |", "|---|---|---|---|---|---|"]
@@ -147,7 +159,7 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
         g = m["grounding"]
         q = "/".join(f"{x:.3f}" for x in g["crop_area_share_quantiles"]) if g["crop_area_share_quantiles"] else "-"
         iou_text = f"{g['mean_iou']:.3f}" if g["mean_iou"] is not None else "-"
-        lines.append(f"| {name} | {fmt(g['valid_box'])} | {iou_text} | {fmt(g['crop_contains_target'])} | {q} | "
+        lines.append(f"| {md(name)} | {fmt(g['valid_box'])} | {iou_text} | {fmt(g['crop_contains_target'])} | {q} | "
                      f"{fmt(m['no_answer'])} |")
     turned = {name: m["turns"] for name, m in metrics.items() if "turns" in m}
     if turned:
@@ -160,7 +172,7 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
                          f"{valid} |")
     bad = [(d, i, why) for d, items in skipped.items() for i, why in items]
     lines += ["", f"## Skipped records ({len(bad)})", ""]
-    lines += [f"- {d} / {i}: {why}" for d, i, why in bad[:200]] or ["none"]
+    lines += [f"- {md(d)} / {md(i)}: {md(why)}" for d, i, why in bad[:200]] or ["none"]
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +244,14 @@ def read_metrics(run_dir: str | Path) -> dict:
             isinstance(r, dict) and all(k in r for k in fields) for r in results.values()):
         raise CompareError(f"{path}: holds no results (an evaluation writes results per dataset with "
                            f"{', '.join(fields)}, and its protocol)")
+    for name, r in results.items():
+        g = r["grounding"]
+        numbers = [r["accuracy"], *(r["categories"].values() if isinstance(r["categories"], dict) else [None, "x"])]
+        numbers += [g.get(k) for k in ("valid_box", "mean_iou", "crop_contains_target")] if isinstance(g, dict) else ["x"]
+        if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in numbers) \
+                or not isinstance(r["categories"], dict):
+            raise CompareError(f"{path}: the results of {name!r} are not what an evaluation writes (numbers for the "
+                               "accuracy, each category and the grounding figures): damaged or hand-edited")
     return metrics
 
 
@@ -261,7 +281,8 @@ def compare(run_dirs: list[str | Path]) -> str:
             cells.append(show(v) + delta)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     protocols = [m["protocol"] for _, m in runs]
-    differs = sorted(k for k in protocols[0] if any(p.get(k) != protocols[0].get(k) for p in protocols[1:]))
+    keys = {k for p in protocols for k in p}  # a key only a later run has is a difference too
+    differs = sorted(k for k in keys if any(p.get(k) != protocols[0].get(k) for p in protocols[1:]))
     if differs:
         lines += ["", "Protocol differences: " + ", ".join(differs)]
     return "\n".join(lines) + "\n"

@@ -155,7 +155,11 @@ def _thumb(image, boxes: list[tuple[list[float], tuple[int, int, int]]], size: i
     draw = ImageDraw.Draw(img)
     width = max(2, int(max(img.size) / 300))
     least = max(img.size) / 40  # small targets would vanish in a thumbnail: draw at least this big
-    for (x1, y1, x2, y2), color in boxes:
+    W, H = img.size
+    for box, color in boxes:
+        # clamped to a margin around the image first: a box given as 1e9 pixels would make the
+        # drawing itself (and so every report card) take many seconds
+        x1, y1, x2, y2 = (min(max(float(v), -limit), limit) for v, limit in zip(box, (2 * W, 2 * H, 2 * W, 2 * H)))
         cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, least) / 2, max(y2 - y1, least) / 2
         draw.rectangle((cx - hw, cy - hh, cx + hw, cy + hh), outline=color, width=width)
     img.thumbnail((size, size))

@@ -274,6 +274,17 @@ def verify_checkpoint(folder: str | Path, under: str = "", shared: bool = False)
     return manifest
 
 
+def enclosing_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint folder ``path`` lies in (itself or a parent holding a manifest, or named
+    ``checkpoint-<N>``), or None: nothing may be written inside one, or its manifest fails."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / MARKER).is_file() or _STEP_DIR.match(folder.name) or folder.name.endswith(".tmp") and \
+                _STEP_DIR.match(folder.name[:-4]):
+            return folder
+    return None
+
+
 def verify_part(folder: str | Path) -> dict[str, str] | None:
     """A checkpoint's ``model/`` or ``adapter/`` folder checked against its checkpoint's manifest
     (CheckpointError names a changed, missing or added file): its files' SHA-256 by name inside the

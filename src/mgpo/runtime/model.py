@@ -92,6 +92,7 @@ def load_processor(cfg: ModelConfig):
     from transformers.image_utils import SizeDict
 
     path = check_model_dir(cfg.path)
+    _check_processor_files(path)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
     processor.image_processor.size = SizeDict(shortest_edge=cfg.min_pixels, longest_edge=cfg.max_pixels)
     got = processor.image_processor.size
@@ -99,6 +100,21 @@ def load_processor(cfg: ModelConfig):
         raise RuntimeError(f"{path}: the image processor's pixel budget is {got['shortest_edge']}..."
                            f"{got['longest_edge']}, not the config's {cfg.min_pixels}...{cfg.max_pixels}")
     return processor
+
+
+def _check_processor_files(path: Path) -> None:
+    """Name the tokenizer or image-processor files a model folder lacks, before transformers
+    fails on them somewhere deeper (or, for a tokenizer, silently builds a wrong one)."""
+    missing = []
+    if not ((path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())):
+        missing.append("tokenizer.json (or vocab.json with merges.txt)")
+    if not (path / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json (or processor_config.json)")
+    if missing:
+        raise CheckpointError(f"{path}: no tokenizer or image processor to read: missing {', '.join(missing)}; copy "
+                              "them from the base model's folder (a Qwen2.5-VL folder carries them)")
 
 
 def save_processor(processor, folder: str | Path) -> None:
