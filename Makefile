@@ -1,5 +1,6 @@
 # MGPO. Only `make install`, `make demo` and `make test` install (so a fresh clone needs
-# nothing but `make demo` or `make test`); every other target checks the virtual
+# nothing but `make demo` or `make test`), and `make bench` adds TRL, the peer it measures
+# against, to an installed .venv; every other target checks the virtual
 # environment and, when it is missing or older than requirements.txt / pyproject.toml,
 # says "run make install" instead of running pip behind your back.
 SHELL := /bin/bash
@@ -118,20 +119,24 @@ demo: $(STAMP) demo-base
 train: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)
 
-# `make eval` evaluates the newest demo checkpoint (else the tiny model) on the synthetic
-# test set; `make eval MODEL=/models/ckpt DATA=/data/vstar_bench` evaluates a real one under the
-# paper's protocol (EVAL_PRESET) unless CONFIG= is given. A MODEL under build/ or runs/tiny_* is
-# one of the project's own tiny models and keeps CONFIG's default.
+# `make eval` evaluates what `make demo` trained (runs/demo's newest checkpoint, under the demo's
+# config) once it exists, else the tiny model on the synthetic test set (configs/tiny_cpu.yaml);
+# `make eval MODEL=/models/ckpt DATA=/data/vstar_bench` evaluates a real one under the paper's
+# protocol (EVAL_PRESET) unless CONFIG= is given. A MODEL under build/ or runs/tiny_* is one of
+# the project's own tiny models and keeps CONFIG's default.
 EVAL_PRESET := configs/eval_qwen2_5_vl_7b.yaml
-EVAL_CONFIG := $(if $(and $(MODEL),$(filter file,$(origin CONFIG)),$(filter-out build/% ./build/% runs/tiny_% ./runs/tiny_%,$(MODEL))),$(EVAL_PRESET),$(CONFIG))
-eval: $(STAMP) $(if $(filter $(EVAL_PRESET),$(EVAL_CONFIG)),,tiny synth)
+EVAL_DEFAULT := $(if $(wildcard runs/demo/checkpoint-*/COMPLETE),$(DEMO_CONFIG),$(CONFIG))
+EVAL_CONFIG := $(if $(filter file,$(origin CONFIG)),$(if $(and $(MODEL),$(filter-out build/% ./build/% runs/tiny_% ./runs/tiny_%,$(MODEL))),$(EVAL_PRESET),$(EVAL_DEFAULT)),$(CONFIG))
+eval: $(STAMP) $(if $(filter $(CONFIG),$(EVAL_CONFIG)),tiny synth)
 	$(PY) eval.py --config $(EVAL_CONFIG) $(if $(MODEL),model.path=$(MODEL)) $(if $(DATA),eval.datasets=[$(DATA)]) $(ARGS)
 
 # TRL is installed here only, as the peer to measure against; the trainer never imports it.
+# The figures of this machine replace those in $(BENCH_OUT) (BENCH_OUT=... writes elsewhere).
+BENCH_OUT ?= docs/benchmarks.md
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps "trl==1.16.0"
-	$(PY) -m mgpo.tools.bench
-	$(PY) -m mgpo.tools.bench_checkpoint
+	$(PY) -m mgpo.tools.bench --out $(BENCH_OUT)
+	$(PY) -m mgpo.tools.bench_checkpoint --out $(BENCH_OUT)
 
 # On a machine with one CUDA GPU: one MGPO step plain, with LoRA and under ZeRO-3 (tiny model and
 # the 7B widths at 2 layers), generation speed and memory per phase beside the plan; writes

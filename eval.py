@@ -1,6 +1,7 @@
 """Evaluate a Qwen2.5-VL checkpoint with a pinned protocol, or compare evaluation runs.
 
-    python eval.py --config configs/tiny_cpu.yaml                 # newest demo checkpoint (or the tiny model)
+    python eval.py --config configs/demo.yaml                     # what `make demo` trained (runs/demo)
+    python eval.py --config configs/tiny_cpu.yaml                 # what `make train` trained, else the tiny model
     python eval.py --config configs/eval_qwen2_5_vl_7b.yaml model.path=/models/ckpt eval.datasets=[/data/vstar_bench]
     python eval.py compare runs/eval/base/vstar_bench runs/eval/mgpo/vstar_bench   # side by side
     python eval.py crops runs/eval/mgpo/vstar_bench --judge /models/base           # Table 3: answerable from its crops?
@@ -66,7 +67,7 @@ def main() -> None:
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
     if cfg.model.path.startswith("build/") and not any(o.startswith("model.path=") for o in overrides):
-        # The embedded default: evaluate what `make demo` trained, when it exists.
+        # A project preset: evaluate what its run (train.output_dir) trained, when it exists.
         from mgpo.eval.evaluate import newest_run_model
 
         if newest := newest_run_model(cfg.train.output_dir):

@@ -36,7 +36,9 @@ def main() -> None:
         if D.is_main():
             print(line)
     result = train(cfg)
-    print(f"done: {result.steps} steps; logs, metrics and checkpoints are in {result.output_dir}")
+    if D.is_main():
+        where = f"; the trained model (from_pretrained) is {result.model_dir}" if result.model_dir else ""
+        print(f"done: {result.steps} steps; logs, metrics and checkpoints are in {result.output_dir}{where}")
     D.finish()
 
 

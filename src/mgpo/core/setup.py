@@ -145,9 +145,9 @@ def setup_run(cfg: Config) -> Run:
 
     total = tcfg.epochs * (len(data) // tcfg.prompts_per_rollout) * plan.steps_per_rollout * tcfg.ppo_epochs
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
-    log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batches of %d "
-             "per step", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else cfg.rollout.group_size,
-             world, plan.grad_accum, tcfg.micro_batch_size)
+    log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batch%s of %d "
+             "per step", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else
+             cfg.rollout.group_size, world, plan.grad_accum, "" if plan.grad_accum == 1 else "es", tcfg.micro_batch_size)
     start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())
     logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
                        tensorboard=tcfg.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)

@@ -22,7 +22,7 @@ import torch
 from ..config import Config, LossConfig
 from ..data.samples import BadImageError
 from ..runtime import distributed as D
-from ..runtime.checkpoint import save_checkpoint
+from ..runtime.checkpoint import latest_checkpoint, save_checkpoint
 from .loss import loss_weights, policy_loss, sft_loss
 from .metrics import rollout_metrics
 from .policy import rollout_logprobs
@@ -40,6 +40,7 @@ class TrainResult:
     output_dir: Path
     policy: torch.nn.Module  # the trained model (a peft model when training LoRA)
     steps: int
+    model_dir: Path | None = None  # the newest checkpoint's model/ (adapter/ for LoRA): what from_pretrained loads
 
 
 @dataclass
@@ -134,14 +135,21 @@ def train(cfg: Config) -> TrainResult:
             log.info("step %d: checkpoint %s", step, path)
     run.logger.close()
     D.barrier()
-    return TrainResult(run.out, run.accelerator.unwrap_model(run.wrapped).policy, run.state["step"])
+    run.folder.release()
+    newest = latest_checkpoint(run.out)
+    part = "adapter" if tcfg.lora_rank > 0 else "model"
+    return TrainResult(run.out, run.accelerator.unwrap_model(run.wrapped).policy, run.state["step"],
+                       newest / part if newest is not None else None)
 
 
 def _experience(run: Run) -> Work:
     """The next rollout batch: this rank's prompts, their experience, and the optimizer steps to take."""
+    t0 = time.perf_counter()
     prompts, images, bad = _next_prompts(run)
+    t_data = time.perf_counter() - t0
     exp = _sft_experience(run, prompts, images) if run.cfg.train.algorithm == "sft" else \
         _rl_experience(run, prompts, images)
+    exp.timings["time/data_s"] = t_data  # decoding the prompts' images
     slices = list(_step_slices(len(exp.batch) // exp.group_size, exp.group_size, run.plan.steps_per_rollout,
                                run.cfg.train.ppo_epochs))
     # skipped: unreadable images replaced when loading, or while encoding (a chat record's later image)

@@ -227,3 +227,16 @@ def parquet_format(path: Path) -> str:
     if {"text", "label"} <= names:
         return "vstar"
     raise ValueError(f"cannot tell which benchmark {path} holds (columns {sorted(names)})")
+
+
+def published_count(path: str | Path, fmt: str) -> tuple[str, int] | None:
+    """(benchmark, its published number of questions) for a file or folder in a published
+    layout, or None: V* Bench 191, MME-RealWorld-Lite 1,919, HR-Bench 4K or 8K 800 rows each."""
+    name = Path(path).name.lower()
+    if fmt == "vstar":
+        return "V* Bench", 191
+    if fmt == "mme_realworld" and "lite" in name:
+        return "MME-RealWorld-Lite", 1919
+    if fmt == "hrbench":
+        return "HR-Bench", 800
+    return None

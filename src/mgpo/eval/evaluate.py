@@ -30,7 +30,8 @@ from ..core.grounding import Box, crop_original, fit_to_budget
 from ..core.prompts import get_template
 from ..core.reward import predicted_letter
 from ..core.rollout import rollout
-from ..data.samples import BadImageError, SampleSet, load_samples
+from ..data.benchmarks import published_count
+from ..data.samples import BadImageError, SampleSet, detect_format, load_samples
 from ..runtime import distributed as D
 from ..runtime.checkpoint import enclosing_checkpoint
 from ..runtime.model import CheckpointError, check_adapter_dir, check_model_dir, load_model, load_processor
@@ -155,11 +156,23 @@ def _prepare_output(cfg: Config, datasets: dict[str, SampleSet]) -> None:
 
 
 def eval_sets(cfg: Config) -> dict[str, SampleSet]:
-    """The evaluation's datasets by their short names (``eval.datasets``, else ``data.eval``)."""
+    """The evaluation's datasets by their short names (``eval.datasets``, else ``data.eval``). A
+    published benchmark with another number of questions than its published one (a partial
+    download, a changed copy) is evaluated with a warning: its figures are not the benchmark's."""
     paths = cfg.eval.datasets or (cfg.data.eval,)
-    return {name: load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
-                               max_samples=cfg.data.max_samples, name=name)
-            for name, path in zip(dataset_names(paths), paths)}
+    sets = {}
+    for name, path in zip(dataset_names(paths), paths):
+        sets[name] = ds = load_samples(path, cfg.data.eval_format, image_root=cfg.data.image_root or None,
+                                       max_samples=cfg.data.max_samples, name=name)
+        fmt = detect_format(Path(path)) if cfg.data.eval_format == "auto" else cfg.data.eval_format
+        published = published_count(path, fmt)
+        found = len(ds) + len(ds.skipped)
+        if published and found != published[1] and not cfg.data.max_samples:
+            log.warning("%s: %d questions (%d usable, %d skipped), but %s has %d: a partial or changed copy; the "
+                        "figures are over the usable ones only (skipped questions are listed in the report, not "
+                        "scored as wrong), so they are not %s's", path, found, len(ds), len(ds.skipped),
+                        published[0], published[1], published[0])
+    return sets
 
 
 def evaluate(cfg: Config, model=None, processor=None) -> dict:
@@ -244,7 +257,7 @@ def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict
             good.append(r)
     good.sort(key=lambda r: (r["dataset"], r["id"], r["sample"]))
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
-    metrics = compute_metrics(good)
+    metrics = compute_metrics(good, boxes=cfg.eval.mode != "direct")  # the direct prompt asks for no box
     proto = protocol(cfg) | {"datasets": {n: fingerprint(ds[i].id for i in range(len(ds)))
                                           for n, ds in datasets.items()}}
     stored = out / "predictions" / PROTOCOL_FILE

@@ -76,8 +76,9 @@ def turn_summary(recs: list[dict]) -> dict:
     return out
 
 
-def compute_metrics(records: list[dict]) -> dict:
-    """Accuracy (Avg@k, pass@k) per dataset and category, and grounding diagnostics."""
+def compute_metrics(records: list[dict], boxes: bool = True) -> dict:
+    """Accuracy (Avg@k, pass@k) per dataset and category, and grounding diagnostics (None, shown
+    as "-", when the prompt asks for no box: ``boxes=False``, the ``direct`` mode)."""
     out: dict = {}
     by_dataset = defaultdict(list)
     for r in records:
@@ -103,7 +104,8 @@ def compute_metrics(records: list[dict]) -> dict:
                 "crop_contains_target": _acc(crop_hits) if crop_hits else None,
                 "crop_area_share_quantiles": (np.quantile(shares, [0.1, 0.5, 0.9]).round(4).tolist()
                                               if shares else None),
-            },
+            } if boxes else dict.fromkeys(("valid_box", "mean_iou", "crop_contains_target",
+                                           "crop_area_share_quantiles")),
         }
         if any(r.get("turns") for r in recs):
             out[name]["turns"] = turn_summary(recs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,22 @@ def pick_examples(trajectories, k: int) -> list:
     return chosen + rest[: k - len(chosen)]
 
 
+CONSOLE = (("reward/mean", "reward", "{:.3f}"), ("grounding/valid_box_share", "valid-box", "{:.2f}"),
+           ("grounding/iou", "IoU", "{:.2f}"), ("grounding/box_holds_target", "holds-target", "{:.2f}"),
+           ("train/loss", "loss", "{:+.4f}"), ("train/kl", "kl", "{:.4f}"), ("time/step_s", "", "{:.1f}s/step"))
+"""The figures of a training step's console line, in order: each shown only when the step logged it
+(SFT has no reward or KL; IoU and holds-target need records with target boxes)."""
+
+
+def console_figures(metrics: dict[str, float]) -> str:
+    """
+    >>> console_figures({"train/loss": 0.5, "train/nll": 0.5, "time/step_s": 2.0})
+    'loss +0.5000  2.0s/step'
+    """
+    return "  ".join(((name + " ") if name else "") + form.format(metrics[key])
+                     for key, name, form in CONSOLE if key in metrics)
+
+
 class RunLogger:
     def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool | None = None,
                  resume_step: int | None = None, tensorboard: bool = True, accelerator=None):
@@ -136,10 +153,12 @@ class RunLogger:
 
             self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start + 1)
         self.jsonl = open(self.dir / METRICS, "a")  # noqa: SIM115 - closed in close()
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns >= 40:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="mgpo", dynamic_ncols=True)
+            # a resumed run's bar starts at its step; off a terminal (or in one too narrow to show
+            # the figures) each logged step is a log line instead
+            self.bar = tqdm(total=total_steps, initial=start, desc="mgpo", dynamic_ncols=True)
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -151,9 +170,7 @@ class RunLogger:
             self.accelerator.log(metrics, step=step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        key = (f"step {step}: reward {metrics.get('reward/mean', 0):.3f}  valid-box "
-               f"{metrics.get('grounding/valid_box_share', 0):.2f}  loss {metrics.get('train/loss', 0):+.4f}  "
-               f"kl {metrics.get('train/kl', 0):.4f}  {metrics.get('time/step_s', 0):.1f}s/step")
+        key = f"step {step}: " + console_figures(metrics)
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(key.split(": ", 1)[1])

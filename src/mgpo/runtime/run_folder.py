@@ -209,6 +209,15 @@ class RunStart:
     resume_from: Path | None  # the verified checkpoint to resume, or None for a new run
     lock: IO | None  # the open lock file (rank 0); keep a reference for the run's life
 
+    def release(self) -> None:
+        """At the end of a run: remove the lock file (still holding the lock, so no run that waits
+        can take a file about to vanish) and let it go. A killed run leaves its file behind; the
+        lock itself goes with the process, so the file blocks nothing."""
+        if self.lock is not None:
+            Path(self.lock.name).unlink(missing_ok=True)
+            self.lock.close()
+            self.lock = None
+
 
 def start_run(cfg: Config, deepspeed: bool = False) -> RunStart:
     """Check that every rank sees the run folder, lock it, choose and verify the checkpoint
