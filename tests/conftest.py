@@ -1,6 +1,12 @@
 """Shared fixtures: the tiny checkpoint and a small synthetic set, built once per session."""
 
 import os
+import sys
+from pathlib import Path
+
+# Test files live in folders that mirror the package (core/, runtime/, data/, eval/, tools/, system/);
+# the helper modules they share (helpers.py, ranks.py, launch.py, k2_reference.py, ...) sit here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,7 +2,7 @@
 token for token. The reference was written by the code before the K-turn loop
 existed; regenerate it only when the two-turn rollout is meant to change:
 
-    PYTHONPATH=src python tests/k2_reference.py tests/data/k2_reference.json
+    PYTHONPATH=src python tests/k2_reference.py tests/fixtures/k2_reference.json
 """
 
 import hashlib

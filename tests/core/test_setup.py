@@ -1,0 +1,73 @@
+"""mgpo.core.setup: batch arithmetic, sampling checks, the training data."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from mgpo.config import TrainConfig, load_config
+from mgpo.core.setup import check_sampling, plan_batches
+from mgpo.core.trainer import train
+
+
+def test_plan_batches_paper_preset_on_8_ranks():
+    t = TrainConfig(prompts_per_rollout=512, prompts_per_step=128, micro_batch_size=2)
+    plan = plan_batches(t, group_size=8, world=8)
+    assert plan.prompts_per_rank == 64  # 512 / 8
+    assert plan.steps_per_rollout == 4  # 512 / 128
+    assert plan.trajectories_per_step == 128  # 128 / 8 prompts x 8 samples
+    assert plan.grad_accum == 64  # 128 / 2
+
+
+def test_plan_batches_names_every_mismatch():
+    t = TrainConfig(prompts_per_rollout=10, prompts_per_step=4, micro_batch_size=3)
+    with pytest.raises(ValueError) as e:
+        plan_batches(t, group_size=4, world=3)
+    msg = str(e.value)
+    assert "prompts_per_rollout (10)" in msg and "number of processes (3)" in msg
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        plan_batches(TrainConfig(prompts_per_rollout=4, prompts_per_step=2, micro_batch_size=3), 4, 1)
+
+
+def test_training_refuses_a_truncated_sampling_distribution():
+    for override in ("rollout.top_p=0.9", "rollout.top_k=20"):
+        cfg = load_config(None, [override])
+        with pytest.raises(ValueError, match="truncated distribution"):
+            check_sampling(cfg)
+        with pytest.raises(ValueError, match="truncated distribution"):
+            train(cfg)  # refused before anything is loaded
+    check_sampling(load_config(None, []))
+
+
+def _png(path, size=(64, 48), color=(200, 20, 20)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _chat_file(folder, long_chars):
+    _png(folder / "a.png", (300, 200))
+    _png(folder / "b.png", (120, 160))
+    user = {"role": "user", "content": [{"type": "image", "image": "a.png"}, "What colour?"]}
+    rows = [{"id": "ok", "messages": [user, {"role": "assistant", "content": "Red."},
+                                      {"role": "user", "content": [{"type": "image", "image": "b.png"}, "And?"]},
+                                      {"role": "assistant", "content": "Blue."}]},
+            {"id": "long", "messages": [user, {"role": "assistant", "content": "word " * (long_chars // 5)}]}]
+    return _jsonl(folder / "chat.jsonl", rows)
+
+
+def test_a_chat_record_over_the_token_limit_is_skipped_at_load(tmp_path, tiny_dir):
+    from mgpo.config import load_config
+    from mgpo.core.setup import load_training_data
+    from mgpo.runtime.model import load_processor
+
+    path = _chat_file(tmp_path, 200_000)
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={path}", "train.algorithm=sft"])
+    data = load_training_data(cfg, load_processor(cfg.model))
+    assert [s.id for s in data] == ["ok"]
+    assert data.skipped[0][0] == "long" and "over data.max_prompt_tokens (8192)" in data.skipped[0][1]
+    assert data.skipped[0][1].startswith("conversation has")

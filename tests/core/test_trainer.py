@@ -1,0 +1,127 @@
+"""mgpo.core.trainer: step slices, one optimizer step over micro-batches, an SFT run in-process."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mgpo.config import load_config
+from mgpo.core.trainer import _step_slices
+
+
+def test_step_slices_are_whole_groups_every_epoch():
+    slices = list(_step_slices(groups=4, group_size=3, steps_per_rollout=2, ppo_epochs=2))
+    assert slices == [list(range(0, 6)), list(range(6, 12))] * 2
+
+
+def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="token"):
+    """The figures of one SFT optimizer step over the same 4 records, in micro-batches of the given size."""
+    from mgpo.core.setup import setup_run
+    from mgpo.core.trainer import _next_prompts, _sft_experience, optimizer_step
+
+    out = tmp_path / f"run-{micro_batch_size}-{normalization}"
+    data = tmp_path / "train.jsonl"
+    if not data.exists():  # the synthetic records with one short label, so the targets differ in length
+        recs = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+        for r in recs:
+            r["image"], r["category"] = str(synth_dir / r["image"]), r["category"] if r is not recs[0] else "hue"
+        data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={data}",
+                             f"train.output_dir={out}", "train.algorithm=sft", "train.prompts_per_rollout=4",
+                             "train.prompts_per_step=4", f"train.micro_batch_size={micro_batch_size}",
+                             f"loss.normalization={normalization}", "model.dtype=float32"])
+    run = setup_run(cfg)
+    assert run.plan.grad_accum == 4 // micro_batch_size
+    prompts, images, _ = _next_prompts(run)
+    exp = _sft_experience(run, prompts, images)
+    with torch.no_grad():  # the step's NLL per trajectory, by hand, before the step moves the weights
+        r = exp.batch
+        logp_NT, _ = run.wrapped(loss_mask=r.loss_mask, **r.model_inputs())
+        nll_N, tokens_N = -(logp_NT * r.loss_mask).sum(1).double(), r.loss_mask.sum(1).double()
+    hand = {"token": (nll_N.sum() / tokens_N.sum()).item(), "sequence": (nll_N / tokens_N).mean().item()}
+    return optimizer_step(run, exp, list(range(4))), hand
+
+
+def test_step_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, tiny_dir, synth_dir):
+    """The same 4 trajectories in 1, 2 or 4 micro-batches give the same loss and the same
+    gradient (its norm before clipping): the step's loss is one mean over the whole step.
+    Without the ``* grad_accum`` rescale in optimizer_step the gradient shrank by the
+    number of micro-batches."""
+    token = {m: _one_step(tmp_path, tiny_dir, synth_dir, m)[0] for m in (1, 2, 4)}
+    for m in (1, 2):
+        assert token[m]["loss"] == pytest.approx(token[4]["loss"], rel=1e-5)
+        assert token[m]["grad_norm"] == pytest.approx(token[4]["grad_norm"], rel=1e-4)
+
+
+
+def test_sequence_normalization_over_the_whole_step(tmp_path, tiny_dir, synth_dir):
+    """loss.normalization=sequence: the step's loss is the mean over its trajectories of each
+    one's token mean, whatever the micro-batch split; token (the default) is the token mean."""
+    (seq1, hand), (seq4, _) = (_one_step(tmp_path, tiny_dir, synth_dir, m, "sequence") for m in (1, 4))
+    token1, _ = _one_step(tmp_path, tiny_dir, synth_dir, 1)
+    assert abs(hand["sequence"] - hand["token"]) > 1e-5 * hand["token"], "the lengths must differ for this test"
+    assert seq1["loss"] == pytest.approx(hand["sequence"], rel=1e-6)
+    assert seq4["loss"] == pytest.approx(hand["sequence"], rel=1e-6)
+    assert seq1["grad_norm"] == pytest.approx(seq4["grad_norm"], rel=1e-4)
+    assert token1["loss"] == pytest.approx(hand["token"], rel=1e-6)
+
+
+MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
+
+
+def _user(text, *images):
+    return {"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}
+
+
+GOOD = [
+    {"id": "one", "messages": [_user("What colour is it?", "a.png"), {"role": "assistant", "content": "Red."}]},
+    {"id": "two", "messages": [{"role": "system", "content": "Be brief."}, _user("First?", "a.png"),
+                               {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+                               _user("Second?", "b.png"), {"role": "assistant", "content": "A2 <|im_end|> x"}]},
+]
+BAD = {
+    "assistant first": [{"role": "assistant", "content": "hi"}, _user("q", "a.png")],
+    "ends with user": [_user("q", "a.png"), {"role": "assistant", "content": "a"}, _user("q2")],
+    "assistant image": [_user("q", "a.png"), {"role": "assistant", "content": [{"type": "image", "image": "a.png"}]}],
+    "no image": [_user("q"), {"role": "assistant", "content": "a"}],
+    "missing image": [_user("q", "gone.png"), {"role": "assistant", "content": "a"}],
+    "bad content": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}],
+    "bad role": [{"role": "tool", "content": "x"}, _user("q", "a.png"), {"role": "assistant", "content": "a"}],
+}
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(folder / "a.png")
+    Image.new("RGB", (120, 160), (30, 30, 200)).save(folder / "b.png")
+    rows = GOOD + [{"id": k, "messages": m} for k, m in BAD.items()]
+    (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "chat.jsonl"
+
+
+@pytest.fixture(scope="module")
+def corrupt_second_image(chat_file):
+    """A chat file whose second record's second image has a readable header but cannot be decoded."""
+    folder = chat_file.parent
+    noise = torch.randint(0, 256, (160, 120, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(folder / "c.jpg", quality=95)
+    raw = (folder / "c.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(raw[: len(raw) // 2])  # the header survives, the pixel data does not
+    two = json.loads(json.dumps(GOOD[1]).replace("b.png", "cut.jpg"))
+    (folder / "corrupt.jsonl").write_text(json.dumps(GOOD[0]) + "\n" + json.dumps({**two, "id": "cut"}) + "\n")
+    return folder / "corrupt.jsonl"
+
+
+def test_sft_run_counts_the_replaced_chat_record(tmp_path, tiny_dir, corrupt_second_image):
+    from mgpo.config import load_config
+    from mgpo.core.trainer import train
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={corrupt_second_image}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.algorithm=sft", "train.max_steps=1",
+                             "train.prompts_per_rollout=2", "train.prompts_per_step=2", "train.micro_batch_size=1",
+                             f"model.min_pixels={MIN_PX}", f"model.max_pixels={MAX_PX}", "model.dtype=float32"])
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["rollout/trajectories"] == 2 and metrics["data/skipped_images"] == 1

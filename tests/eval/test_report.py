@@ -1,0 +1,51 @@
+"""mgpo.eval.report: metrics from prediction records, the console table, `compare`."""
+
+import json
+
+import pytest
+
+from mgpo.core.grounding import contains, enclosing, iou
+from mgpo.eval.report import compute_metrics
+
+
+def test_console_table_has_every_column():
+    from mgpo.eval.report import console_table
+
+    table = console_table({"results": {"v": {"questions": 3, "accuracy": 66.666, "grounding":
+                                             {"valid_box": 100.0, "mean_iou": None}}}, "skipped": {"v": 1, "w": 4}})
+    head, v, w = table.splitlines()
+    assert head.split() == ["dataset", "questions", "accuracy", "%", "valid", "box", "%", "mean", "IoU", "skipped"]
+    assert v.split() == ["v", "3", "66.7", "100.0", "-", "1"] and w.split() == ["w", "0", "-", "-", "-", "4"]
+
+
+def test_iou_and_crop_contains_target_hand_built():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert iou([0, 0, 10, 10], [0, 0, 5, 10]) == 0.5
+    assert enclosing([[10, 10, 20, 20], [50, 5, 60, 15]]) == [10, 5, 60, 20]
+    assert contains([0, 0, 100, 100], enclosing([[10, 10, 20, 20], [50, 5, 60, 15]]))
+    assert not contains([0, 0, 55, 100], enclosing([[10, 10, 20, 20], [50, 5, 60, 15]]))
+    recs = [{"dataset": "d", "id": "1", "category": "c", "correct": True, "pred": "A", "valid": True,
+             "box_original": [0, 0, 10, 10], "target_boxes": [[0, 0, 5, 10]], "original_size": [100, 100]},
+            {"dataset": "d", "id": "2", "category": "c", "correct": False, "pred": None, "valid": False,
+             "box_original": None, "target_boxes": [[0, 0, 5, 10]], "original_size": [100, 100]}]
+    g = compute_metrics(recs)["d"]["grounding"]
+    assert g["mean_iou"] == pytest.approx(0.25) and g["crop_contains_target"] == 50.0 and g["valid_box"] == 50.0
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda d: None, "no such folder"),
+    (lambda d: d.mkdir(), "no metrics.json"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text("{not json")), "not a readable JSON file"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text(json.dumps({"protocol": {}}))), "holds no results"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text(json.dumps({"protocol": {}, "results": {"x": {}}}))),
+     "holds no results"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text("[]")), "holds no results"),
+])
+def test_compare_on_a_folder_that_is_no_evaluation_says_why(tmp_path, make, reason):
+    from mgpo.eval.report import CompareError, compare
+
+    make(tmp_path / "run")
+    with pytest.raises(CompareError, match=reason) as refused:
+        compare([tmp_path / "run"])
+    assert str(tmp_path / "run") in str(refused.value)

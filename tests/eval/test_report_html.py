@@ -1,0 +1,67 @@
+"""report.html: summary first, charts, filterable cases; checked in a real browser (headless Chromium)."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from mgpo.eval.report import compute_metrics
+from mgpo.eval.report_html import pick_cases, render_html
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _records():
+    base = {"dataset": "vstar", "category": "direct_attributes", "question": "What colour?", "options": ["a", "b"],
+            "answer": "A", "turn1_text": "box", "turn2_text": "\\boxed{A}", "original_size": [200, 100],
+            "target_boxes": [[10, 10, 50, 50]], "sample": 0, "breakdown": [], "cycle": ""}
+    return [
+        {**base, "id": "1", "pred": "A", "correct": True, "valid": True, "box_original": [0, 0, 50, 50]},
+        {**base, "id": "2", "pred": "B", "correct": False, "valid": True, "box_original": [100, 50, 200, 100]},
+        {**base, "id": "3", "pred": None, "correct": False, "valid": False, "box_original": None,
+         "category": "relative_position"},
+    ]
+
+
+def _html(records):
+    metrics = compute_metrics(records)
+    protocol = {"model": "tiny", "mode": "mgpo", "datasets": {"vstar": {"count": 3, "sha1": "abc123abc123"}}}
+    skipped = {"vstar": [("9", "image file not found: x.jpg")]}
+    return render_html(records, lambda r: Image.new("RGB", (200, 100), (120, 30, 30)), 10, metrics, protocol, skipped)
+
+
+def test_report_opens_with_the_summary_then_charts_then_cases():
+    page = _html(_records())
+    order = [page.index(s) for s in ("<h2>Protocol", "<h2>Accuracy", "<h2>Grounding", "<h2>Charts",
+                                     "<h2>Skipped records (1)", "<h2>Cases")]
+    assert order == sorted(order)
+    assert "33.3" in page and "vstar: 33.3% of 3" in page  # 1 of 3 right
+    assert page.count("<svg") == 4  # valid-box share, accuracy per category, IoU and crop-area histograms
+    assert "right (1)" in page and "wrong (2)" in page and "invalid box (1)" in page
+    assert len(re.findall(r"class='card [^']*invalid", page)) == 1
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing fetched from the net
+
+
+def test_cases_mix_right_wrong_and_invalid():
+    recs = _records() * 1
+    recs = [{**r, "id": f"{r['id']}-{i}"} for i in range(5) for r in recs]
+    picked = pick_cases(recs, 6)
+    assert sum(r["correct"] for r in picked) == 2 and sum(not r["valid"] for r in picked) == 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed: `apt-get install -y chromium` "
+                                             "(Debian/Ubuntu) runs this browser check")
+def test_report_renders_in_headless_chromium(tmp_path):
+    (tmp_path / "report.html").write_text(_html(_records()))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=5000", "--dump-dom", (tmp_path / "report.html").as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert "vstar: 33.3% of 3" in dom and "<h2>Protocol</h2>" in dom
+    # the load handler counts images that decoded (naturalWidth > 0): all 3 originals and 2 crops
+    assert "5 of 5 images shown" in dom, dom[-2000:]
+    shot = subprocess.run([*cmd[:-2], f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1200,900",
+                           (tmp_path / "report.html").as_uri()], capture_output=True, timeout=120)
+    assert shot.returncode == 0 and Image.open(tmp_path / "shot.png").size == (1200, 900)

@@ -1,0 +1,27 @@
+"""mgpo.tools.merge: the command refuses what it cannot merge."""
+
+import pytest
+
+
+@pytest.mark.parametrize("base", ["Qwen/Qwen2.5-VL-7B-Instruct", "missing-folder"])
+def test_merge_requires_a_local_base_folder(tmp_path, capsys, base):
+    from mgpo.tools.merge import main
+
+    adapter = tmp_path / "checkpoint-1" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "checkpoint-1"), str(tmp_path / "merged"), "--base", base])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1
+    assert f"no Qwen2.5-VL checkpoint at {base}: not a local folder" in err and "nothing is downloaded" in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_requires_a_lora_checkpoint(tmp_path, capsys):
+    from mgpo.tools.merge import main
+
+    (tmp_path / "checkpoint-1" / "model").mkdir(parents=True)  # a full-weights checkpoint: nothing to merge
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "checkpoint-1"), str(tmp_path / "merged"), "--base", str(tmp_path)])
+    assert stopped.value.code == 2 and "not a local LoRA adapter folder" in capsys.readouterr().err
