@@ -25,6 +25,7 @@ so the crop's image tokens get their grid positions after the first image and th
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,9 @@ def generation_config(cfg: RolloutConfig, max_new_tokens: int, ids: dict[str, in
                       record_logprobs: bool = False) -> GenerationConfig:
     """Sampling settings spelled out in full: nothing is inherited from the checkpoint."""
     fields = dict(_NEUTRAL)
-    if not greedy:
+    if greedy:  # GenerationConfig's own default, which greedy decoding ignores (0 draws a warning per call)
+        fields.update(top_k=50)
+    else:
         fields.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     return GenerationConfig(
         **fields,
@@ -97,6 +100,18 @@ def check_not_inherited(gen_cfg: GenerationConfig, model) -> None:
     if leaked:
         raise ValueError(f"the checkpoint's generation_config.json would set {leaked} for generation; "
                          "mgpo.core.generation.generation_config must spell them out")
+
+
+def cache_arg(module) -> str:
+    """The keyword a forward takes its KV cache by: ``cache`` since transformers renamed
+    ``past_key_values`` (5.2x; the old name still works there, with a deprecation warning at every
+    call), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward or ``generate`` returned, under either name."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
 def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +186,7 @@ def generate_batch(model, seqs: list[torch.Tensor], pixel_values: list[torch.Ten
             prepared = shared_prefill(model, ids, mask, mm, torch.cat(pixel_values), torch.cat(grids), group_size)
     if prepared is not None:
         ids, mask, mm = prepared.ids, prepared.mask, prepared.mm
-        kwargs = {"past_key_values": prepared.cache}  # every image token is in the cache already
+        kwargs = {cache_arg(model): prepared.cache}  # every image token is in the cache already
     else:
         kwargs = {"pixel_values": torch.cat(pixel_values).to(device), "image_grid_thw": torch.cat(grids).to(device)}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), mm_token_type_ids=mm.to(device),
@@ -186,7 +201,7 @@ def generate_batch(model, seqs: list[torch.Tensor], pixel_values: list[torch.Ten
         logps.append(torch.tensor([torch.log_softmax(out.scores[j][row].float(), dim=-1)[seq[j]].item()
                                    for j in range(end)]) if gen_cfg.output_scores else None)
     columns = [m.nonzero().squeeze(1) for m in mask]
-    return Generated(tokens, logps, out.past_key_values, ids.shape[1], new.shape[1], columns)
+    return Generated(tokens, logps, output_cache(out), ids.shape[1], new.shape[1], columns)
 
 
 @torch.no_grad()
@@ -199,7 +214,7 @@ def shared_prefill(model, ids, mask, mm, pixel_values, grids, group_size: int) -
     out = model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
                 mm_token_type_ids=mm[:, :-1].to(device), pixel_values=pixel_values.to(device),
                 image_grid_thw=grids.to(device), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_repeat_interleave(group_size)
     owner = rope_owner(model)  # the prefill set the mRoPE offsets; decode steps read them
     owner.rope_deltas = owner.rope_deltas.repeat_interleave(group_size, dim=0)
@@ -259,6 +274,7 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     elif spare_image is not None:  # lock-step: the other ranks run the vision tower now
         inner.get_image_features(spare_image[0].to(device), spare_image[1].to(device))
     inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : prefix + fresh - 1].to(device),
-                         position_ids=positions[:, :, prefix: prefix + fresh - 1], past_key_values=previous.cache, use_cache=True)
+                         position_ids=positions[:, :, prefix: prefix + fresh - 1], use_cache=True,
+                         **{cache_arg(inner.language_model): previous.cache})
     inner.rope_deltas = deltas  # decode positions = real-token count + delta, per row
     return Prepared(ids, mask, mm, previous.cache)

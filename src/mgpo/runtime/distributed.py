@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+if not torch.cuda.is_available():  # DeepSpeed then warns "Setting accelerator to CPU" at every import
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 DEFAULT_TIMEOUT_S = 1200
 """``train.collective_timeout_s``'s default (20 minutes), and the timeout before a config is read.
 The longest legitimate wait at a collective here is one rank finishing its share of a
@@ -79,6 +82,10 @@ def _process_group_kwargs(timeout_s: float):
     timeout = timedelta(seconds=timeout_s)
     _HOST["timeout"] = timeout
     os.environ.update(nccl_settings(os.environ, timeout_s))
+    if launched_world_size() > 1 and not torch.cuda.is_available() and not launched_with_deepspeed():
+        # several processes and no GPU: the only launch they can be is CPU DDP, which accelerate
+        # sets up only with this variable (without it every process trains alone)
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     if launched_world_size() > 1 and not torch.cuda.is_available():
         # NCCL needs GPUs; CPU ranks talk over gloo. (Only when launched: naming a backend
         # makes accelerate start a process group even for a single plain process.)

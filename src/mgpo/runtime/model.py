@@ -143,6 +143,16 @@ def check_adapter_dir(path: str | Path) -> Path:
     return folder
 
 
+def quiet_progress_bars() -> None:
+    """Off a terminal, transformers' loading and saving progress bars are only noise in a log."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str | Path | None = None,
                adapter: str | Path | None = None):
     """The policy (or a reference copy) in eval mode, weights from safetensors. With
@@ -152,6 +162,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str |
 
     adapter = check_adapter_dir(adapter) if adapter is not None else None  # before the slow load
     path = check_model_dir(path or cfg.path, weights=True)
+    quiet_progress_bars()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path,
         dtype=resolve_dtype(cfg.dtype, device),
