@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--zoom", default="free", choices=["free", "split"],
                     help="mgpo_k: rank 0's trajectories all answer at turn 1, rank 1's zoom at every turn")
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
+    ap.add_argument("--nan-grad", action="store_true",
+                    help="the loss stays finite but one weight's gradient is NaN (fault injection)")
     ap.add_argument("--negate-advantages", action="store_true", help="a broken trainer: advantages negated")
     ap.add_argument("--shuffle-advantages", action="store_true",
                     help="a broken trainer: each trajectory gets another's advantage (credit misassigned)")
@@ -149,6 +151,9 @@ def main():
 
     def _load(*a, **kw):
         model = real_load(*a, **kw)
+        if args.nan_grad:  # the first trainable tensor's gradient turns NaN in backward
+            first = next(p for p in model.parameters() if p.requires_grad)
+            first.register_hook(lambda g: g * float("nan"))
         before.update(_checksums(model))
         before["__trainable__"] = [n for n, p in model.named_parameters() if p.requires_grad]
         return model

@@ -10,7 +10,7 @@ from mgpo.core.conversation import encode
 from mgpo.core.reward import score
 from mgpo.core.rollout import rollout
 from mgpo.data.images import load_image
-from mgpo.data.samples import load_samples
+from mgpo.data.samples import BadImageError, load_samples
 from mgpo.runtime.model import load_processor
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
@@ -55,3 +55,22 @@ def test_one_by_28_gives_qwens_28_by_308(tmp_path, tiny_dir):
     Image.new("RGB", (1, 28)).save(tmp_path / "s.png")
     enc = encode(processor, "<|vision_start|><|image_pad|><|vision_end|>", [load_image(str(tmp_path / "s.png"))])
     assert enc.image.grid[0].tolist() == [1, 22, 2]  # 28 wide x 308 high, as qwen_vl_utils.smart_resize gives
+
+
+def test_a_prompt_too_long_by_its_image_size_is_skipped_before_any_resize(env, monkeypatch):
+    """The length limit was applied after the image was resized into the pixel budget: a huge
+    budget allocated the enlarged image first (3 TB in one evaluation). Now the tokens are
+    counted from the image's header size and the record is skipped without decoding it."""
+    import dataclasses as dc
+
+    from mgpo.config import RolloutConfig
+    from mgpo.core.rollout import rollout
+
+    _, processor, samples, _ = env
+    decoded = []
+    big = [dc.replace(s, width=40000, height=30000) for s in samples[:2]]
+    monkeypatch.setattr(type(big[0]), "load_image", lambda self: decoded.append(self.id) or Image.new("RGB", (8, 8)))
+    with pytest.raises(BadImageError, match="over data.max_prompt_tokens"):
+        rollout(None, processor, big, RolloutConfig(group_size=2), min_pixels=200704, max_pixels=12845056,
+                max_prompt_tokens=2048)
+    assert decoded == [], "nothing decoded or resized for a prompt refused by its size"

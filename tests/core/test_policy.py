@@ -69,3 +69,24 @@ def test_lm_head_sees_at_most_one_chunk_of_rows(env):
     assert masked > 10 and rows and max(rows) <= 5, rows
     assert sum(rows) == 2 * masked  # every masked position once in forward, once recomputed in backward
     assert inspect.signature(masked_token_logprobs).parameters["chunk_tokens"].default == HEAD_CHUNK
+
+
+def test_the_trainers_forward_bounds_each_lm_head_call(env):
+    """Through PolicyForward, the module the trainer calls: a forward that passed every masked
+    position to lm_head at once survived the test above, which calls the function directly."""
+    from mgpo.core.policy import HEAD_CHUNK, PolicyForward
+
+    model, processor, samples, _ = env
+    torch.manual_seed(0)
+    r = _run(model, processor, samples[:2], group_size=2, max_new_tokens_turn1=12, max_new_tokens_turn2=8)
+    forward = PolicyForward(model, 1.0, (), chunk_tokens=4)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        logp, _ = forward(loss_mask=r.loss_mask, with_entropy=True, **r.model_inputs())
+        logp.sum().backward()
+    finally:
+        hook.remove()
+        model.zero_grad()
+    assert int(r.loss_mask[:, 1:].sum()) > 8 and max(rows) <= 4, rows
+    assert PolicyForward(model, 1.0, ()).chunk_tokens == HEAD_CHUNK, "the trainer's forward uses the planned chunk"

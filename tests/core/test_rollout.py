@@ -289,3 +289,33 @@ def test_small_images_follow_qwen_resize_and_prompt_tokens_agree(tmp_path, tiny_
     _, gh, gw = enc.image.grid[0].tolist()
     assert (gh * 14, gw * 14) == smart_resize(size[1], size[0], 28, lo, hi)
     assert prompt_tokens(processor, "mgpo", sample, lo, hi) == len(enc.ids)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefill", "naive"])
+def test_logprob_parity_and_mrope_with_a_crop(env, shared):
+    """The parity above on rows whose turn 1 writes a valid box, so turn 2 holds a crop and its
+    positions come after two images (the fast suite never saw one: 0 of 6 boxes were valid). Turn 1
+    of those rows is forced (its recorded scores are the forcing's); every freely sampled token,
+    turn 2 after the crop included, must match the training forward."""
+    model, processor, samples = env
+    probes = _run(model, processor, samples[:3], group_size=1, max_new_tokens_turn1=2, max_new_tokens_turn2=1)
+    boxes = [_box_in_input(t, s) for t, s in zip(probes.trajectories, samples[:3])]
+    per_row = [f'```json\n[{{"bbox_2d": {boxes[i // 2]}, "label": "target"}}]\n```' if i % 2 == 0 else None
+               for i in range(6)]
+    torch.manual_seed(0)
+    scripted = ScriptedModel(model, processor.tokenizer, [per_row, None])
+    r = _run(scripted, processor, samples[:3], shared_prefill=shared, continue_turn2=shared, max_new_tokens_turn1=64)
+    cropped = [i for i, t in enumerate(r.trajectories) if t.valid and t.crop_size is not None]
+    assert cropped == [0, 2, 4]
+    free = ~torch.isnan(r.sample_logp)
+    for i in cropped:  # leave out the forced turn 1 of these rows
+        trained = r.loss_mask[i].nonzero().squeeze(-1)
+        free[i, trained[: r.trajectories[i].turn1_tokens]] = False
+        assert free[i].sum() >= 2, "turn 2 after the crop was sampled"
+    logp = _logp(model, processor, r)
+    assert (logp[free] - r.sample_logp[free]).abs().max() < 1e-4
+    flat_inputs = {k: v for k, v in r.model_inputs().items() if k != "mm_token_type_ids"}
+    flat, _ = masked_token_logprobs(model, flat_inputs, r.loss_mask, suppress_ids=suppressed_ids(processor))
+    crop_rows = torch.zeros_like(free)
+    crop_rows[cropped] = free[cropped]
+    assert (flat[crop_rows] - r.sample_logp[crop_rows]).abs().max() > 1e-3, "1-D positions must differ after a crop"

@@ -71,3 +71,22 @@ def test_a_chat_record_over_the_token_limit_is_skipped_at_load(tmp_path, tiny_di
     assert [s.id for s in data] == ["ok"]
     assert data.skipped[0][0] == "long" and "over data.max_prompt_tokens (8192)" in data.skipped[0][1]
     assert data.skipped[0][1].startswith("conversation has")
+
+
+def test_half_precision_full_finetuning_outside_deepspeed_is_refused(tmp_path):
+    """AdamW on bf16 weights: at lr 1e-6 one step moved 2% of the elements (all of them in fp32).
+    Refused before any model loads, naming the three launches that train correctly."""
+    from mgpo.config import ConfigError
+    from mgpo.core.setup import check_precision
+
+    cfg = load_config(None, ["model.dtype=bfloat16", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="full fine-tuning outside DeepSpeed") as refused:
+        check_precision(cfg, deepspeed=False, device="cpu")
+    assert "DeepSpeed" in str(refused.value) and "train.lora_rank" in str(refused.value)
+    assert "model.dtype=float32" in str(refused.value)
+    with pytest.raises(ConfigError, match="full fine-tuning outside DeepSpeed"):
+        train(cfg)  # the trainer itself refuses, before loading anything
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    check_precision(cfg, deepspeed=True, device="cpu")  # DeepSpeed keeps fp32 master weights
+    check_precision(load_config(None, ["model.dtype=bfloat16", "train.lora_rank=8"]), deepspeed=False, device="cpu")
+    check_precision(load_config(None, ["model.dtype=float32"]), deepspeed=False, device="cpu")

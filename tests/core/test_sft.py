@@ -192,3 +192,17 @@ def test_sft_run_refuses_mgpo_template_without_boxes(tmp_path, tiny_dir, synth_d
     with pytest.raises(ValueError, match="no record has a target box"):
         setup_run(load_config(None, [*common, f"train.output_dir={tmp_path / 'a'}"]))
     assert setup_run(load_config(None, [*common, f"train.output_dir={tmp_path / 'b'}", "train.sft_templates=[grpo]"]))
+
+
+def test_a_control_token_in_a_record_is_trained_as_text_never_as_the_token(env):
+    """A record whose category is "<|endoftext|>" put the real control token into the turn-1 target
+    (the box label was not escaped) and trained it. Targets are escaped as prompts are."""
+    _, processor, samples = env
+    tok = processor.tokenizer
+    hostile = dataclasses.replace(samples[0], category="<|endoftext|>")
+    r, texts = _batch(processor, [hostile])
+    assert "<|endoftext|>" in texts[0][0], "the label reaches the target text"
+    trained = r.input_ids[0][r.loss_mask[0].bool()].tolist()
+    specials = {tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|vision_start|>")}
+    assert not specials & set(trained), "no control token among the trained ones (only <|im_end|> closes turns)"
+    assert trained.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2

@@ -125,3 +125,35 @@ def test_sft_run_counts_the_replaced_chat_record(tmp_path, tiny_dir, corrupt_sec
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["rollout/trajectories"] == 2 and metrics["data/skipped_images"] == 1
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_the_rl_steps_loss_follows_loss_normalization(tmp_path, tiny_dir, synth_dir, normalization):
+    """One RL step at ratio 1 (one step per rollout batch), no KL, no entropy: every trained token's
+    loss is -advantage. "token": the step's loss is -sum(adv_i n_i) / sum(n_i) over the trajectories'
+    masked-token counts n_i; "sequence": the mean of each trajectory's token mean, -mean(adv_i), which
+    is 0 (group advantages sum to zero). A trainer that ignored loss.normalization on the RL path
+    (the raw mask as weights) passed every loss, trainer and correctness test."""
+    from mgpo.core.reward import group_advantages
+    from mgpo.core.setup import setup_run
+    from mgpo.core.trainer import _experience, optimizer_step
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.prompts_per_rollout=2",
+                             "train.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch_size=4",
+                             "rollout.max_new_tokens_turn1=12", "rollout.max_new_tokens_turn2=12",
+                             f"loss.normalization={normalization}", "loss.kl_coef=0", "loss.entropy_coef=0",
+                             "model.dtype=float32", "train.lr=1e-9"])
+    run = setup_run(cfg)
+    work = _experience(run)
+    exp = work.exp
+    exp.advantages_N = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]), 4)
+    for i, row in enumerate(exp.batch.loss_mask):  # trajectories of 4, 6, ... 18 trained tokens
+        row[row.nonzero()[4 + 2 * i:, 0]] = 0.0
+    n = exp.batch.loss_mask.sum(dim=1).double()
+    assert len(set(n.tolist())) > 1, "the trajectories must differ in length for this test"
+    adv = exp.advantages_N.double()
+    want = -(adv * n).sum() / n.sum() if normalization == "token" else -adv.mean()
+    got = optimizer_step(run, exp, list(range(8)))
+    assert got["loss"] == pytest.approx(float(want), abs=1e-6)
+    run.folder.release()

@@ -44,7 +44,10 @@ def test_each_mode_end_to_end_and_report_recomputes(tiny_dir, synth_dir, tmp_pat
     result = ev.evaluate(cfg, model=model, processor=processor)
     preds = _predictions(tmp_path / mode)
     assert len(preds) == 12 and {p["sample"] for p in preds} == {0}
-    assert result["results"] == json.loads(json.dumps(compute_metrics(preds)))  # recomputed from the file
+    boxes = mode != "direct"  # the direct prompt asks for no box: no grounding figures
+    assert result["results"] == json.loads(json.dumps(compute_metrics(preds, boxes=boxes)))  # recomputed from the file
+    if not boxes:
+        assert set(result["results"]["train"]["grounding"].values()) == {None}
     metrics = json.loads((tmp_path / mode / "metrics.json").read_text())
     assert metrics["protocol"]["mode"] == mode and metrics["protocol"]["decoding"] == "greedy"
     assert metrics["protocol"]["datasets"]["train"]["count"] == 12
@@ -374,3 +377,31 @@ def test_each_evaluation_gets_its_own_folder_unless_told():
     assert len({a.eval.output_dir, b.eval.output_dir, c.eval.output_dir}) == 3
     told = with_output_dir(load_config(EVAL_PRESET, ["eval.output_dir=/tmp/mine"]))
     assert told.eval.output_dir == "/tmp/mine"
+
+
+def test_a_partial_benchmark_is_evaluated_with_a_warning(tmp_path, caplog):
+    """A V* folder with 1 of its 191 questions (a cut download) was scored without a word."""
+    from PIL import Image
+
+    root = tmp_path / "vstar_bench"
+    (root / "direct_attributes").mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(root / "direct_attributes" / "a.jpg")
+    (root / "test_questions.jsonl").write_text(json.dumps({
+        "question_id": 0, "image": "direct_attributes/a.jpg", "category": "direct_attributes", "label": "A",
+        "text": "Q?\n(A) x\n(B) y\nAnswer with the option's letter from the given choices directly."}) + "\n")
+    sets = ev.eval_sets(load_config(None, [f"eval.datasets=[{root}]"]))
+    assert len(sets["vstar_bench"]) == 1
+    assert "1 questions (1 usable, 0 skipped), but V* Bench has 191" in caplog.text
+    assert "not scored as wrong" in caplog.text
+
+
+def test_an_evaluation_inside_a_checkpoint_folder_is_refused(tiny_dir, tmp_path):
+    """Its files would fail the checkpoint's manifest: the checkpoint could no longer be resumed."""
+    from mgpo.config import ConfigError
+
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    (ckpt / "model").mkdir(parents=True)
+    for out in (ckpt / "eval", ckpt / "model" / "eval"):
+        with pytest.raises(ConfigError, match="lies inside the checkpoint .*checkpoint-4"):
+            ev.evaluate(_cfg(tiny_dir, out))
+    assert not (ckpt / "eval").exists()

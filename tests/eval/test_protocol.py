@@ -185,3 +185,35 @@ def test_a_checkpoint_model_is_identified_by_its_manifest_and_verified(tiny_dir,
     _rewrite_in_place(_ckpt_dir(run, 1) / "model" / "config.json")
     with pytest.raises(CheckpointError, match="no checkpoint of .* passes its manifest"):
         newest_run_model(str(run))
+
+
+def test_the_protocol_changes_when_the_scorer_does(monkeypatch):
+    """The scorer change that made \\boxed{Option B} read as B left the protocol's hash as it was, so
+    a resumed evaluation could mix predictions scored both ways. The scorer's version is now part
+    of it, and changes with what any of its reference replies scores as."""
+    import re
+
+    import mgpo.core.reward as reward
+    from mgpo.eval.protocol import protocol
+
+    cfg = load_config(None, [])
+    now = protocol(cfg)["scorer"]
+    assert reward.extract_answer("\\boxed{Option B}") == "B"
+    # the scorer before that change: no label word before the letter
+    monkeypatch.setattr(reward, "_LETTER", re.compile(r"^(?:\(\s*([A-Za-z])\s*(?:\)|$)|([A-Za-z])\s*(?:[.):]|$))"))
+    assert reward.extract_answer("\\boxed{Option B}") is None
+    assert protocol(cfg)["scorer"] != now
+    monkeypatch.undo()
+    assert protocol(cfg)["scorer"] == now, "the same scorer, the same version"
+
+
+def test_a_prediction_line_without_its_dataset_is_ignored_not_fatal(tmp_path, caplog):
+    """A line with no dataset (a hand-edited or foreign file) crashed every rerun."""
+    from mgpo.eval.protocol import done_questions, read_predictions
+
+    (tmp_path / "rank0.jsonl").write_text(json.dumps({"id": "q1", "dataset": "v", "sample": 0}) + "\n"
+                                          + json.dumps({"id": "q2", "sample": 0}) + "\n" + json.dumps([1, 2]) + "\n")
+    records = read_predictions(tmp_path)
+    assert [r["id"] for r in records] == ["q1"]
+    assert done_questions(records, 1) == {("v", "q1")}
+    assert "line 2 is not a prediction record" in caplog.text and "line 3" in caplog.text

@@ -49,3 +49,32 @@ def test_compare_on_a_folder_that_is_no_evaluation_says_why(tmp_path, make, reas
     with pytest.raises(CompareError, match=reason) as refused:
         compare([tmp_path / "run"])
     assert str(tmp_path / "run") in str(refused.value)
+
+
+def test_report_md_escapes_text_from_the_data():
+    """A category written as HTML was copied into report.md as HTML (a Markdown viewer renders it)."""
+    from mgpo.eval.report import render_markdown
+
+    recs = [{"id": "q", "dataset": "d", "category": "<img src=x onerror=alert(1)>|x", "correct": True, "pred": "A",
+             "valid": False, "box_original": None, "target_boxes": [], "crop_size": None, "original_size": [10, 10],
+             "sample": 0}]
+    text = render_markdown(compute_metrics(recs), {"mode": "mgpo"}, {"d": [("q9", "bad <b>image</b>")]})
+    assert "<img" not in text and "<b>" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt;\\|x" in text and "bad &lt;b&gt;image&lt;/b&gt;" in text
+
+
+def test_compare_refuses_malformed_figures_and_lists_every_protocol_key(tmp_path):
+    from mgpo.eval.report import CompareError, compare
+
+    def write(name, accuracy, protocol):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"protocol": protocol, "results": {"v": {
+            "accuracy": accuracy, "categories": {"a": 50.0},
+            "grounding": {"valid_box": 10.0, "mean_iou": None, "crop_contains_target": None}}}}))
+
+    write("a", 50.0, {"mode": "mgpo"})
+    write("b", 60.0, {"mode": "mgpo", "max_pixels": 1003520})  # a key only the second run has
+    assert "Protocol differences: max_pixels" in compare([tmp_path / "a", tmp_path / "b"])
+    write("c", "fifty", {"mode": "mgpo"})
+    with pytest.raises(CompareError, match="not what an evaluation writes"):
+        compare([tmp_path / "a", tmp_path / "c"])

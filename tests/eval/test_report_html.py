@@ -65,3 +65,20 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = subprocess.run([*cmd[:-2], f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1200,900",
                            (tmp_path / "report.html").as_uri()], capture_output=True, timeout=120)
     assert shot.returncode == 0 and Image.open(tmp_path / "shot.png").size == (1200, 900)
+
+
+def test_a_card_with_absurd_target_boxes_is_drawn_at_once(monkeypatch):
+    """Targets of 1e9 pixels made every report card take 15-30 s: PIL drew the whole rectangle.
+    Each box is clamped to a margin around the image before it is drawn."""
+    from PIL import Image, ImageDraw
+
+    drawn = []
+    real = ImageDraw.ImageDraw.rectangle
+    monkeypatch.setattr(ImageDraw.ImageDraw, "rectangle",
+                        lambda self, xy, *a, **kw: (drawn.append(xy), real(self, xy, *a, **kw))[1])
+    rec = {"id": "q", "dataset": "d", "category": "c", "answer": "A", "pred": "B", "correct": False, "valid": False,
+           "box_original": None, "target_boxes": [[0, 0, 1e9, 1e9], [-1e12, 5, 3e11, 7]], "question": "?",
+           "turn1_text": "", "turn2_text": "", "sample": 0, "crop_size": None, "original_size": [64, 48]}
+    page = render_html([rec], lambda r: Image.new("RGB", (64, 48)), 4, {}, {"mode": "mgpo"}, {})
+    assert "<img alt='original'" in page and len(drawn) == 2
+    assert all(abs(v) <= 3 * 64 for xy in drawn for v in xy), drawn

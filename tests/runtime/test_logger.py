@@ -183,3 +183,28 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("wandb", "comet_ml", 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "tensorboard").exists() == (report_to == "tensorboard")
+
+
+def test_the_progress_bar_starts_at_the_resumed_step_and_only_on_a_real_terminal(tmp_path, monkeypatch, caplog):
+    """After a resume the bar started at 0 and jumped; on a terminal without a width it hid the
+    step lines."""
+    import os
+    import shutil
+    import sys
+
+    from mgpo.runtime.logger import RunLogger
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(0, 0): os.terminal_size((120, 40)))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    resumed = RunLogger(tmp_path / "a", total_steps=30, enabled=True, resume_step=20, tensorboard=False)
+    assert resumed.bar is not None and resumed.bar.n == 20 and resumed.bar.total == 30
+    resumed.close()
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(0, 0): os.terminal_size((0, 0)))
+    narrow = RunLogger(tmp_path / "b", total_steps=30, enabled=True, tensorboard=False)
+    assert narrow.bar is None
+    with caplog.at_level("INFO", logger="mgpo"):
+        narrow.scalars({"train/loss": 0.5, "reward/mean": 0.25, "grounding/iou": 0.75, "time/step_s": 1.0}, 1)
+    narrow.close()
+    assert "step 1: reward 0.250  IoU 0.75  loss +0.5000  1.0s/step" in caplog.text

@@ -108,6 +108,7 @@ def test_startup_line_only_on_gpus_refuses_what_will_not_fit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80e9))
     monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # the preset's launch (configs/accelerate/zero3_8gpu.yaml)
     for rank in ("0", "3"):  # every rank refuses, so none is left waiting for the others
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(ConfigError, match="rollout.generation_batch_size.*train.ignore_plan=true"):
@@ -194,3 +195,30 @@ def test_the_plan_sizes_a_checkpoint_at_its_own_depth(tmp_path):
     assert (a.name, a.num_hidden_layers, a.vision_depth) == ("qwen2.5-vl-7b", 2, 2)
     assert count_params(a).total == 1_641_598_064  # 2 layers and 2 vision blocks of the 7B widths
     assert plan(cfg, 1, 80).phases["optimizer step"] < plan(load_config(PAPER), 1, 80).phases["optimizer step"] / 4
+
+
+def test_sft_plans_no_rollout_and_a_plain_launch_holds_what_it_holds(monkeypatch):
+    """One account of what each algorithm and launch holds: SFT generates nothing (the check used
+    to refuse an SFT run over a predicted rollout peak), a plain / DDP launch of full fine-tuning
+    holds fp32 weights whole on every rank and in bf16 is refused (it used to be called 'fits')."""
+    import types
+
+    import torch
+
+    from mgpo.config import ConfigError
+    from mgpo.runtime.memory import startup_line
+
+    rl = plan(load_config(PAPER, ONE_CALL), 8, 80)
+    sft = plan(load_config(PAPER, [*ONE_CALL, "train.algorithm=sft"]), 8, 80)
+    assert not rl.fits and rl.phases["rollout"] > rl.usable_gb
+    assert "rollout" not in sft.phases and sft.fits and sft.verdict.startswith("fits")
+    assert not any("reference" in what and gb > 0 for what, gb, _ in sft.lines), "SFT has no reference model"
+    plain = plan(load_config(PAPER, ["model.dtype=float32"]), 8, 80, deepspeed=False)
+    (params,) = [gb for what, gb, _ in plain.lines if what.startswith("fp32 params (not sharded")]
+    assert params == pytest.approx(4 * 8_292_166_656 / 1e9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80e9))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)  # a DDP launch of the full fine-tuning preset
+    with pytest.raises(ConfigError, match="full fine-tuning outside DeepSpeed"):
+        startup_line(load_config(PAPER))

@@ -80,3 +80,14 @@ def test_published_pixel_keys_do_not_override_the_budget(env, tmp_path):
 
     plain = AutoProcessor.from_pretrained(tmp_path / "saved")
     assert plain.image_processor.size["longest_edge"] == MAX_PX
+
+
+def test_a_model_folder_without_tokenizer_files_is_named_at_load(copy_of_tiny):
+    from mgpo.config import ModelConfig
+    from mgpo.runtime.model import load_processor
+
+    for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json"):
+        (copy_of_tiny / name).unlink()
+    with pytest.raises(CheckpointError, match="missing tokenizer.json \\(or vocab.json with merges.txt\\), "
+                                              "tokenizer_config.json"):
+        load_processor(ModelConfig(path=str(copy_of_tiny)))

@@ -5,6 +5,7 @@ import pytest
 
 from mgpo.config import load_config
 from mgpo.runtime.checkpoint import MARKER, list_checkpoints
+from mgpo.runtime.model import CheckpointError
 from mgpo.runtime.run_folder import RunFolderError, start_run
 
 
@@ -46,3 +47,49 @@ def test_new_run_in_a_folder_without_checkpoints_starts(tmp_path):
     (tmp_path / "notes.txt").write_text("kept")
     assert _start(tmp_path).resume_from is None
     assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def _checkpoint_of(out, step, run_id):
+    """A checkpoint folder whose manifest records the run that wrote it."""
+    import json
+
+    from mgpo.runtime.checkpoint import write_manifest
+
+    ckpt = out / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": 0, "batch": 1}))
+    write_manifest(ckpt, {"run_id": run_id})
+    return ckpt
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed_into_this_one(tmp_path):
+    """A seed-8 run's checkpoint linked into a seed-7 run's folder was resumed from: its weights and
+    optimizer state silently replaced the run's. Each run now has an identity its checkpoints record."""
+    import json
+
+    this, other = tmp_path / "seed7", tmp_path / "seed8"
+    run = _start(this)  # a new run: its identity in run.json
+    mine = json.loads((this / "run.json").read_text())["id"]
+    _checkpoint_of(this, 2, mine)
+    foreign = _checkpoint_of(other, 4, "another-run")
+    (this / "checkpoint-4").symlink_to(foreign, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="written by another run \\(another-run\\)"):
+        _start(this, "train.resume=auto")
+    (this / "checkpoint-4").unlink()
+    assert _start(this, "train.resume=auto").resume_from == this / "checkpoint-2"
+    # continuing the other run, explicitly, in a new folder is allowed, and that run goes on there
+    new = tmp_path / "seed8-continued"
+    assert _start(new, f"train.resume={foreign}").resume_from == foreign
+    assert json.loads((new / "run.json").read_text())["id"] == "another-run"
+    assert run.resume_from is None
+
+
+def test_the_lock_file_is_gone_after_a_normal_end(tmp_path):
+    run = start_run(load_config(None, [f"train.output_dir={tmp_path}", "train.resume=none"]))
+    assert (tmp_path / ".lock").is_file()
+    run.release()
+    assert not (tmp_path / ".lock").exists()
+    run.release()  # twice is harmless
+    second = start_run(load_config(None, [f"train.output_dir={tmp_path}", "train.resume=none",
+                                          "train.overwrite=true"]))  # the folder is free again
+    second.release()

@@ -161,3 +161,20 @@ def test_hugging_face_tooling_finds_the_newest_checkpoint(trained):
     assert "reward/mean" in state["log_history"][-1]
     first = json.loads((trained / "checkpoint-1" / "trainer_state.json").read_text())
     assert [row["step"] for row in first["log_history"]] == [1]
+
+
+@pytest.mark.parametrize("edit, named", [({"batch": 10**9}, "batch=1000000000"), ({"epoch": -5}, "epoch=-5"),
+                                         ({"batch": "3"}, "batch='3'")])
+def test_hand_edited_trainer_state_is_refused_even_with_a_matching_manifest(run_copy, tiny_dir, synth_dir,
+                                                                            edit, named):
+    """Counters a run never writes were accepted once the manifest's checksums were recomputed."""
+    from mgpo.runtime.checkpoint import read_manifest, write_manifest
+
+    ckpt = list_checkpoints(run_copy)[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, **edit}))
+    settings = read_manifest(ckpt)["settings"]
+    (ckpt / "COMPLETE").unlink()
+    write_manifest(ckpt, settings)  # what someone handing over a checkpoint can do
+    rc, text = _train(tiny_dir, synth_dir, run_copy, "train.max_steps=3")
+    assert rc != 0 and "holds values no run writes" in text and named in text

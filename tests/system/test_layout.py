@@ -154,3 +154,10 @@ def test_a_root_script_importing_the_apparatus_is_caught(tmp_path):
     assert _script_problems([script]) == ["train.py imports mgpo.tools.plan: root scripts never import tools/"]
     script.write_text("from mgpo.runtime.memory import startup_line\n")
     assert _script_problems([script]) == []
+
+
+def test_every_core_module_has_its_test_file():
+    """tests/ mirror the package: a reader finds the tests of core/<module>.py in tests/core/test_<module>.py."""
+    modules = sorted(p.stem for p in (PACKAGE / "core").glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if not (REPO / "tests" / "core" / f"test_{m}.py").is_file()]
+    assert len(modules) >= 15 and missing == []

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from launch import ROOT, WORKER, _common, _env, _ranks_agree, _zero3_env, launch, run_worker
+from launch import ROOT, WORKER, _common, _env, _ranks_agree, _zero3_env, run_worker
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -74,6 +74,35 @@ def test_resume_is_exact(tmp_path, tiny_dir, synth_dir):
     b = load_file(str(latest_checkpoint(tmp_path / "b") / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_run_stopped_inside_a_rollout_batch_resumes_to_the_weights_of_an_unbroken_run(tmp_path, tiny_dir, synth_dir):
+    """Two optimizer steps per rollout batch here; train.max_steps=1 stops after the first. Before,
+    the resume started a new rollout batch and the second half of the first was never trained on (27
+    of 57 tensors differed from an unbroken run); the checkpoint now carries the rest of that batch."""
+    args, flags = ("train.save_every=100", "train.weight_decay=0.0"), ["--rewards", "random"]
+    (straight,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "a", "train.max_steps=2", *args, flags=flags)
+    run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "b", "train.max_steps=1", *args, flags=flags)
+    assert (tmp_path / "b" / "checkpoint-1" / "pending" / "rank0.pt").is_file()
+    (resumed,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "b", "train.max_steps=2", *args, flags=flags)
+    assert resumed["steps"] == 2 and resumed["after"] == straight["after"]
+    assert len(resumed["lrs"]) == 1, "the resume takes the one step left of that batch, then stops"
+
+
+def test_a_finite_loss_with_a_nan_gradient_moves_no_weight(tmp_path, tiny_dir, synth_dir):
+    """The plain path stepped AdamW on a NaN gradient: every trainable tensor became NaN and the
+    step counted as good. Now the step is skipped and counted, as DeepSpeed does."""
+    out = tmp_path / "nangrad"
+    record = tmp_path / "record-nangrad.json"
+    cmd = [sys.executable, str(WORKER), str(record), "--rewards", "random", "--nan-grad",
+           *_common(tiny_dir, synth_dir, out, "train.max_steps=4", "train.max_bad_steps=2")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "2 consecutive non-finite losses or gradients" in proc.stdout + proc.stderr
+    assert "non-finite loss or gradient, update skipped" in proc.stdout + proc.stderr
+    (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "one", "train.max_steps=1",
+                        "train.max_bad_steps=5", flags=["--rewards", "random", "--nan-grad"])
+    assert rec["changed"] == [], "a step on a NaN gradient must not move any weight"
+    assert rec["adam"]["steps"] == [], "nor advance AdamW"
 
 
 def test_sigkill_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_dir, synth_dir):
@@ -187,11 +216,12 @@ def test_logged_step_figures_are_the_global_token_mean(tmp_path, tiny_dir, synth
 
 
 def test_cpu_launch_without_cpu_flag_fails_loudly(tmp_path, tiny_dir, synth_dir):
-    """Without ACCELERATE_USE_CPU the launcher's ranks would each train alone; we refuse."""
-    cmd = [*launch("configs/accelerate/cpu_ddp_2proc.yaml"), str(WORKER), str(tmp_path / "r.json"),
-           *_common(tiny_dir, synth_dir, tmp_path / "x", "train.max_steps=1")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "ACCELERATE_USE_CPU=1" in proc.stdout + proc.stderr
+    """Without ACCELERATE_USE_CPU accelerate set up each CPU rank to train alone (the trainer then
+    refused, inside torch-elastic's dump); with no GPU and no DeepSpeed, several processes can only
+    be a CPU DDP launch, so the trainer now sets the variable itself: the ranks train as one job."""
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "x", "train.max_steps=2",
+                         launcher="configs/accelerate/cpu_ddp_2proc.yaml", flags=["--rewards", "random"])
+    _ranks_agree(records)  # two ranks, one job: the same weights on both
 
 
 def test_two_rank_zero3_on_cpu(tmp_path, tiny_dir, synth_dir):

@@ -109,3 +109,14 @@ def test_budget_sweep_layouts_differ_only_in_what_the_down_scale_keeps(processor
              for im in images]
     gaps = [(crops[i]["pixel_values"] - crops[j]["pixel_values"]).abs().mean().item() for i in range(3) for j in range(i)]
     assert min(gaps) > 20 * ONE_LEVEL, "a crop of the target must show its pattern"
+
+
+def test_a_split_name_never_leaves_its_folder(tmp_path):
+    """`beacon --split ../../x` wrote outside its folder."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mgpo.tools.beacon", str(tmp_path / "b"), "--split", "../../x",
+                           "--n", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "a name, not a path" in proc.stderr
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path.parent / "x.jsonl").exists()

@@ -77,6 +77,24 @@ def test_the_training_presets_point_at_the_file_it_writes():
 
 def test_a_file_not_laid_out_as_published_is_one_line(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "bad_lite.json").write_text("{}")
     proc = subprocess.run([sys.executable, "-m", "mgpo.tools.mme_split", "--full", str(tmp_path / "bad.json"),
-                           "--lite", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--lite", str(tmp_path / "bad_lite.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and "expected a JSON list" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_output_never_replaces_a_benchmark_file(tmp_path):
+    """--out at the Lite file replaced the benchmark with training questions (a later Lite evaluation
+    scored training data); at the full set it overwrote it; --lite equal to --full wrote an empty
+    training set. Each is refused, and nothing is written."""
+    full, lite, _, _ = _published(tmp_path)
+    before = {p: p.read_bytes() for p in (full, lite)}
+    for args in (["--out", str(lite)], ["--out", str(full)], ["--lite", str(full)]):
+        given = {"--full": str(full), "--lite": str(lite), **dict(zip(args[::2], args[1::2]))}
+        proc = subprocess.run([sys.executable, "-m", "mgpo.tools.mme_split", *[x for kv in given.items() for x in kv]],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "benchmark file" in proc.stderr or "the same file" in proc.stderr
+    assert {p: p.read_bytes() for p in (full, lite)} == before
+    assert not (full.parent / "MME_RealWorld_train.json").exists()

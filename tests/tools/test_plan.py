@@ -78,3 +78,28 @@ def test_zero3_traffic_on_the_papers_preset_by_hand():
     assert tr.seconds("node", 12.5) == pytest.approx(tr.total / 12.5e9)
     no_kl = zero3_traffic(load_config(PAPER, ["loss.kl_coef=0"]), count_params("qwen2.5-vl-7b"), 8)
     assert no_kl.logprobs == tr.logprobs / 2
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--gpus", "0"], "--gpus: must be at least 1, got 0"),
+    (["--gpus", "-8"], "--gpus: must be at least 1, got -8"),
+    (["--gpus", "8", "--gpu-memory", "nan"], "--gpu-memory: must be a finite number above 0, got nan"),
+    (["--gpus", "8", "--gpu-memory", "inf"], "--gpu-memory: must be a finite number above 0, got inf"),
+    (["--gpus", "8", "--bandwidth", "0"], "--bandwidth: must be a finite number above 0, got 0"),
+    (["--gpus", "8", "--text-tokens", "-5"], "--text-tokens: must be at least 1, got -5"),
+])
+def test_the_plan_refuses_out_of_range_arguments_in_one_line(args, error, capsys):
+    """Each crashed, or printed a plan for a negative number of GPUs."""
+    from mgpo.tools.plan import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", PAPER, "--gpu-memory", "80", *args])
+    assert stopped.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_the_plan_of_a_model_it_cannot_size_is_one_line(tiny_dir):
+    from mgpo.config import ConfigError
+    from mgpo.tools.plan import main
+
+    with pytest.raises(ConfigError, match="hidden_size 64 is none of .*the published Qwen2.5-VL architectures only"):
+        main(["--config", "configs/tiny_cpu.yaml", "--gpus", "1", "--gpu-memory", "80", f"model.path={tiny_dir}"])

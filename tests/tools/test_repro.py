@@ -142,3 +142,19 @@ def test_an_sft_run_folder_is_read_back(tmp_path):
     found = collect(run, "sft", 0)
     assert found["accuracy"] == {30: 34.4} and found["iou"] == {30: 0.0} and found["valid"] == {30: 0.0}
     assert found["reward"] == [] and found["valid_box"] == []
+
+
+def test_the_reproduction_checks_its_arguments_before_it_builds_anything(tmp_path):
+    """`--report-only` built a base model; `--steps` not a multiple of `--eval-every` crashed late."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mgpo.tools.repro", "--base", str(tmp_path / "base"),
+                               "--out", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
+
+    proc = run("--report-only")
+    assert proc.returncode == 2 and "--report-only trains and builds nothing" in proc.stderr
+    proc = run("--steps", "50", "--eval-every", "20")
+    assert proc.returncode == 2 and "must be a multiple of --eval-every" in proc.stderr
+    assert not (tmp_path / "base").exists() and not (tmp_path / "out").exists()

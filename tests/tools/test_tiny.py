@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -94,3 +95,28 @@ def test_tiny_folder_is_laid_out_like_a_published_one(tiny_dir):
     assert (pre["min_pixels"], pre["max_pixels"]) == (3136, 12845056) and "size" not in pre
     gen = json.loads((tiny_dir / "generation_config.json").read_text())
     assert (gen["repetition_penalty"], gen["top_k"], gen["top_p"]) == (1.05, 1, 0.001)
+
+
+def test_a_folder_the_tool_did_not_build_is_never_replaced(tmp_path, monkeypatch):
+    """`tiny OUT` deleted OUT whatever it held (a user's folder was wiped; `tiny ..` from a
+    subfolder emptied the parent). Only a previous build (it holds MGPO_TINY.json) is replaced."""
+    import subprocess
+    import sys
+
+    from mgpo.config import ConfigError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="is not empty and is not a tiny checkpoint this tool built"):
+        build_tiny_checkpoint(mine)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "mgpo.tools.tiny", ".."], cwd=sub, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "not the working folder or one above it" in proc.stderr
+    assert (mine / "thesis.tex").exists() and sub.is_dir()
+    built = build_tiny_checkpoint(tmp_path / "tiny", hidden_size=32, vocab_size=512)
+    assert (built / "MGPO_TINY.json").is_file()
+    build_tiny_checkpoint(built, hidden_size=32, vocab_size=512)  # its own earlier build: replaced

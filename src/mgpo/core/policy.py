@@ -96,15 +96,17 @@ class PolicyForward(nn.Module):
     trainer wraps this module rather than the bare Hugging Face model.
     """
 
-    def __init__(self, policy, temperature: float, suppress_ids):
+    def __init__(self, policy, temperature: float, suppress_ids, chunk_tokens: int = HEAD_CHUNK):
         super().__init__()
         self.policy = policy
         self.temperature = temperature
         self.suppress_ids = list(suppress_ids)
+        self.chunk_tokens = chunk_tokens  # masked positions per lm_head call (its memory is planned)
 
     def forward(self, loss_mask, with_entropy: bool = False, **inputs):
         return masked_token_logprobs(self.policy, inputs, loss_mask, temperature=self.temperature,
-                                     suppress_ids=self.suppress_ids, with_entropy=with_entropy)
+                                     suppress_ids=self.suppress_ids, with_entropy=with_entropy,
+                                     chunk_tokens=self.chunk_tokens)
 
 
 def device_of(model) -> torch.device:

@@ -7,7 +7,7 @@ top level, vision fields under ``vision_config``, ``mrope_section`` under
 repositories (a model-card dump of the 3B config, and the 7B config as printed by a verl
 run and as embedded in a diffusion pipeline's loader), which agree with each other. The
 models built from this table have exactly the parameter counts reported for the loaded
-published checkpoints (3,754,622,976 and 8,292,166,656; ``tests/test_plan.py``).
+published checkpoints (3,754,622,976 and 8,292,166,656; ``tests/runtime/test_memory.py``).
 
 Nothing here downloads anything: ``mgpo.tools.tiny --arch`` builds these widths at reduced
 depth with random weights (``arch_config``), and ``mgpo.runtime.memory`` sizes a launch of them on paper.

@@ -226,7 +226,13 @@ def start_run(cfg: Config, deepspeed: bool = False) -> RunStart:
     ``deepspeed``: this launch runs DeepSpeed (its sharded state resumes on as many ranks)."""
     out = Path(cfg.train.output_dir)
     D.check_shared_folder(out, "train.output_dir")
-    lock = D.on_main(lambda: (lock_run_folder(out), _check_overwrite(cfg, out))[0])
-    ckpt = resolve_resume(cfg.train.resume, out)
-    D.on_main(lambda: _prepare(cfg, out, ckpt, deepspeed))
+    lock = D.on_main(lambda: lock_run_folder(out))
+    try:
+        D.on_main(lambda: _check_overwrite(cfg, out))
+        ckpt = resolve_resume(cfg.train.resume, out)
+        D.on_main(lambda: _prepare(cfg, out, ckpt, deepspeed))
+    except BaseException:
+        if lock is not None:  # refused: the folder is free again (a process that goes on may start another run)
+            lock.close()
+        raise
     return RunStart(ckpt, lock)

@@ -24,8 +24,8 @@ def merge(checkpoint: str | Path, out: str | Path, base: str | Path) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     adapter = check_adapter_dir(checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else checkpoint)
     verify_part(adapter)  # as evaluation does: an adapter that fails its checkpoint's manifest is refused
-    claim_folder(out, "MGPO_MERGED.json", "mgpo.tools.merge")  # never writes over a folder it did not make
     config = json.loads((check_model_dir(base) / "config.json").read_text(encoding="utf-8"))  # local only
+    claim_folder(out, "MGPO_MERGED.json", "mgpo.tools.merge")  # never writes over a folder it did not make
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     model = load_model(ModelConfig(path=str(base), dtype=dtype if dtype in DTYPES else "float32"), adapter=adapter)
     model.save_pretrained(out, safe_serialization=True)
