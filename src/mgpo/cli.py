@@ -32,7 +32,8 @@ def config_fields_help() -> str:
         for f in dataclasses.fields(values):
             value = getattr(values, f.name)
             defaults[f"{section.name}.{f.name}"] = list(value) if isinstance(value, tuple) else value
-    lines, current = ["config fields (override any as section.key=value; default in brackets):"], None
+    lines, current = ["config fields (override any as section.key=value; in brackets the library's default, which "
+                      "a preset given with --config may change: --print-config shows the values in force):"], None
     for key, doc in field_docs().items():
         section = key.split(".", 1)[0]
         if section != current:

@@ -90,3 +90,19 @@ def test_half_precision_full_finetuning_outside_deepspeed_is_refused(tmp_path):
     check_precision(cfg, deepspeed=True, device="cpu")  # DeepSpeed keeps fp32 master weights
     check_precision(load_config(None, ["model.dtype=bfloat16", "train.lora_rank=8"]), deepspeed=False, device="cpu")
     check_precision(load_config(None, ["model.dtype=float32"]), deepspeed=False, device="cpu")
+
+
+@pytest.mark.parametrize("state, named", [({"step": 4, "epoch": 0, "batch": 10**9}, "batch=1000000000"),
+                                          ({"step": 4, "epoch": -5, "batch": 1}, "epoch=-5"),
+                                          ({"step": 4, "epoch": 0, "batch": "3"}, "batch='3'"),
+                                          ({"step": True, "epoch": 0, "batch": 1}, "step=True")])
+def test_resumed_counters_no_run_writes_are_refused(tmp_path, state, named):
+    """Hand-edited trainer_state.json values were accepted once the manifest's checksums were
+    recomputed (the run's own resume path is checked in tests/system/test_checkpoint_runs.py)."""
+    from mgpo.core.setup import check_resumed_state
+    from mgpo.runtime.model import CheckpointError
+
+    with pytest.raises(CheckpointError, match="holds values no run writes") as refused:
+        check_resumed_state(state, 8, tmp_path / "trainer_state.json")
+    assert named in str(refused.value)
+    check_resumed_state({"step": 4, "epoch": 3, "batch": 8}, 8, tmp_path / "trainer_state.json")

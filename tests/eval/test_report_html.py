@@ -82,3 +82,31 @@ def test_a_card_with_absurd_target_boxes_is_drawn_at_once(monkeypatch):
     page = render_html([rec], lambda r: Image.new("RGB", (64, 48)), 4, {}, {"mode": "mgpo"}, {})
     assert "<img alt='original'" in page and len(drawn) == 2
     assert all(abs(v) <= 3 * 64 for xy in drawn for v in xy), drawn
+
+
+def test_cards_show_options_iou_and_crop_with_a_filter_for_right_answers_from_missed_boxes():
+    """The cards lacked the option texts, the case's IoU and crop size, and a way to find right
+    answers whose box missed the target; the IoU histogram counted "no box" as an IoU of 0."""
+    recs = _records()
+    recs[0] = {**recs[0], "crop_size": [448, 448]}
+    recs.append({**recs[1], "id": "4", "pred": "A", "correct": True})  # right, but its box misses the target
+    page = _html(recs)
+    assert "<li>(A) a</li><li>(B) b</li>" in page
+    assert "IoU with the target 0.64, holds it; crop 448 x 448 px" in page
+    assert "IoU with the target 0.00, misses it" in page
+    assert "right answer, box missed (1)" in page and page.count("class='card right missed'") == 1
+    assert "IoU with the target (3 valid boxes, 1 without one)" in page
+
+
+def test_no_empty_chart_for_a_dataset_without_targets_or_boxes():
+    recs = [{**r, "target_boxes": [], "valid": False, "box_original": None} for r in _records()]
+    page = _html(recs)
+    assert "IoU with the target" not in page and "crop area / image area" not in page
+    assert page.count("<svg") == 2  # the valid-box share and the accuracy per category
+
+
+def test_cases_are_spread_over_the_whole_evaluation():
+    """The report showed the first N cases only; now every k-th of each kind."""
+    recs = [{**_records()[0], "id": str(i)} for i in range(100)]
+    shown = pick_cases(recs, 6)
+    assert len(shown) == 6 and int(shown[-1]["id"]) > 50

@@ -92,15 +92,13 @@ def test_a_run_stopped_inside_a_rollout_batch_resumes_to_the_weights_of_an_unbro
 def test_a_finite_loss_with_a_nan_gradient_moves_no_weight(tmp_path, tiny_dir, synth_dir):
     """The plain path stepped AdamW on a NaN gradient: every trainable tensor became NaN and the
     step counted as good. Now the step is skipped and counted, as DeepSpeed does."""
-    out = tmp_path / "nangrad"
     record = tmp_path / "record-nangrad.json"
     cmd = [sys.executable, str(WORKER), str(record), "--rewards", "random", "--nan-grad",
-           *_common(tiny_dir, synth_dir, out, "train.max_steps=4", "train.max_bad_steps=2")]
+           *_common(tiny_dir, synth_dir, tmp_path / "nangrad", "train.max_steps=2", "train.max_bad_steps=5")]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "2 consecutive non-finite losses or gradients" in proc.stdout + proc.stderr
-    assert "non-finite loss or gradient, update skipped" in proc.stdout + proc.stderr
-    (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "one", "train.max_steps=1",
-                        "train.max_bad_steps=5", flags=["--rewards", "random", "--nan-grad"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite loss or gradient, update skipped (2 in a row)" in proc.stdout + proc.stderr
+    rec = json.loads((tmp_path / "record-nangrad.json.rank0").read_text())
     assert rec["changed"] == [], "a step on a NaN gradient must not move any weight"
     assert rec["adam"]["steps"] == [], "nor advance AdamW"
 
@@ -146,7 +144,7 @@ def test_nonfinite_losses_skip_updates_then_stop(tmp_path, tiny_dir, synth_dir):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "non-finite loss, update skipped (1 in a row)" in text
+    assert "non-finite loss or gradient, update skipped (1 in a row)" in text
     assert "3 consecutive non-finite losses" in text
 
 
@@ -219,9 +217,11 @@ def test_cpu_launch_without_cpu_flag_fails_loudly(tmp_path, tiny_dir, synth_dir)
     """Without ACCELERATE_USE_CPU accelerate set up each CPU rank to train alone (the trainer then
     refused, inside torch-elastic's dump); with no GPU and no DeepSpeed, several processes can only
     be a CPU DDP launch, so the trainer now sets the variable itself: the ranks train as one job."""
-    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "x", "train.max_steps=2",
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "x", "train.max_steps=1",
                          launcher="configs/accelerate/cpu_ddp_2proc.yaml", flags=["--rewards", "random"])
-    _ranks_agree(records)  # two ranks, one job: the same weights on both
+    assert [r["steps"] for r in records] == [1, 1]
+    assert records[0]["after"] == records[1]["after"], "two ranks, one job: the same weights on both"
+    assert records[0]["changed"], "and they trained"
 
 
 def test_two_rank_zero3_on_cpu(tmp_path, tiny_dir, synth_dir):

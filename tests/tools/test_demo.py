@@ -22,3 +22,17 @@ def test_before_after_shows_where_the_box_lands(tmp_path):
     assert "| test turn-1 box holds the target % | 34.4 | 100.0 |" in table
     assert "| training share of boxes holding the target | 0.35 | 0.97 |" in table
     assert "| training reward (steps 1-5 -> 26-30) | 0.320 | 0.920 |" in table
+
+
+def test_identical_samples_are_printed_once_and_said_to_teach_nothing(tiny_dir, synth_dir, capsys):
+    """After training, the demo printed eight identical samples with advantage 0 and loss 0."""
+    from mgpo.config import load_config
+    from mgpo.tools.demo import show_one_rollout
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
+                                                "rollout.temperature=0.0001", "rollout.group_size=4",
+                                                "rollout.max_new_tokens_turn1=6", "rollout.max_new_tokens_turn2=4"])
+    show_one_rollout(cfg)
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 1 and "(samples 0, 1, 2, 3: 4 identical)" in out
+    assert "all 4 samples are the same" in out and "teaches nothing" in out

@@ -162,16 +162,26 @@ def _resume(accelerator, wrapped, optimizer, scheduler, resume_from: Path | None
     if resume_from is None:
         return {"step": 0, "epoch": 0, "batch": 0}, None
     state = load_training_state(accelerator, wrapped, optimizer, scheduler, resume_from)
-    bad = [f"{k}={v!r}" for k, v in state.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
-    if not bad and state["batch"] > per_epoch:
-        bad.append(f"batch={state['batch']} (an epoch here has {per_epoch} rollout batches)")
-    if bad:
-        raise CheckpointError(f"{resume_from / 'trainer_state.json'} holds values no run writes ({', '.join(bad)}): "
-                              "hand-edited or damaged; resume from another checkpoint")
+    check_resumed_state(state, per_epoch, resume_from / "trainer_state.json")
     resumed_work = load_pending(resume_from)
     log.info("resumed from %s at step %d%s", resume_from, state["step"],
              " (inside a rollout batch: its remaining steps first)" if resumed_work else "")
     return state, resumed_work
+
+
+def check_resumed_state(state: dict, per_epoch: int, where: Path) -> None:
+    """Refuse counters no run writes (``per_epoch``: rollout batches in an epoch here): a manifest
+    proves only that a checkpoint's files are the ones it lists, and anyone handing one over can
+    recompute it.
+
+    >>> check_resumed_state({"step": 4, "epoch": 0, "batch": 2}, 8, Path("trainer_state.json"))
+    """
+    bad = [f"{k}={v!r}" for k, v in state.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if not bad and state["batch"] > per_epoch:
+        bad.append(f"batch={state['batch']} (an epoch here has {per_epoch} rollout batches)")
+    if bad:
+        raise CheckpointError(f"{where} holds values no run writes ({', '.join(bad)}): hand-edited or damaged; "
+                              "resume from another checkpoint")
 
 
 def load_training_data(cfg: Config, processor):

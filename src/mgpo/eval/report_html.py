@@ -16,6 +16,7 @@ import io
 
 import numpy as np
 
+from ..core.grounding import target_fit
 from .report import fmt, grounding_values
 
 STYLE = """
@@ -132,10 +133,17 @@ def _charts(records: list[dict], metrics: dict) -> str:
     charts = [svg_bars([(n, m["grounding"]["valid_box"]) for n, m in metrics.items()], "valid-box share")]
     for n, m in metrics.items():
         recs = [r for r in records if r["dataset"] == n]
-        ious, _, shares = grounding_values(recs)
+        _, _, shares = grounding_values(recs)
         charts.append(svg_bars(list(m["categories"].items()), f"{n}: accuracy per category"))
-        charts.append(svg_histogram(ious, f"{n}: IoU with the target"))
-        charts.append(svg_histogram(shares, f"{n}: crop area / image area"))
+        # IoU of the valid boxes only (a missing box is no IoU of 0); no panel where nothing can be drawn
+        boxed = [r for r in recs if r.get("target_boxes") and r["valid"]]
+        if boxed:
+            ious = [target_fit(r["box_original"], r["target_boxes"])[0] for r in boxed]
+            missing = sum(1 for r in recs if r.get("target_boxes") and not r["valid"])
+            charts.append(svg_histogram(ious, f"{n}: IoU with the target ({len(ious)} valid boxes, {missing} "
+                                              "without one)"))
+        if shares:
+            charts.append(svg_histogram(shares, f"{n}: crop area / image area"))
     return "<h2>Charts</h2><div class='charts'>" + "".join(charts) + "</div>"
 
 
@@ -168,16 +176,24 @@ def _thumb(image, boxes: list[tuple[list[float], tuple[int, int, int]]], size: i
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def box_missed(r: dict) -> bool:
+    """A record with target boxes whose turn-1 box does not hold them (or that wrote no valid box)."""
+    return bool(r.get("target_boxes")) and not target_fit(r["box_original"] if r["valid"] else None,
+                                                           r["target_boxes"])[1]
+
+
 def pick_cases(records: list[dict], limit: int) -> list[dict]:
-    """Up to ``limit`` cases taken in turn from right, wrong and invalid-box ones, so each filter shows some."""
+    """Up to ``limit`` cases taken in turn from right, wrong and invalid-box ones, so each filter shows
+    some; within each, spread over the whole evaluation (every k-th), not its first questions only."""
     pools = [[r for r in records if r["valid"] and r["correct"]], [r for r in records if r["valid"] and not r["correct"]],
              [r for r in records if not r["valid"]]]
-    out = []
-    while len(out) < limit and any(pools):
-        for pool in pools:
-            if pool and len(out) < limit:
-                out.append(pool.pop(0))
-    return out
+    takes = [0] * len(pools)  # how many of each, in turn, while any has more
+    while sum(takes) < limit and any(n < len(pool) for n, pool in zip(takes, pools)):
+        for k, pool in enumerate(pools):
+            if takes[k] < len(pool) and sum(takes) < limit:
+                takes[k] += 1
+    chosen = [[pool[j * len(pool) // n] for j in range(n)] for pool, n in zip(pools, takes)]
+    return [pick[j] for j in range(max(takes, default=0)) for pick in chosen if j < len(pick)]
 
 
 def _card(r: dict, load_image) -> str:
@@ -198,18 +214,28 @@ def _card(r: dict, load_image) -> str:
                        for k, b in enumerate(zooms))
         texts = "\n\n".join(f"turn {k + 1} ({t['action']}): {_e(t['text'][:300])}" for k, t in enumerate(r["turns"]))
     verdict = "right" if r["correct"] else "wrong"
-    kinds = verdict + ("" if r["valid"] else " invalid")
+    kinds = verdict + ("" if r["valid"] else " invalid") + (" missed" if r["correct"] and box_missed(r) else "")
+    facts = []
+    if r.get("target_boxes"):
+        fit_iou, holds = target_fit(r["box_original"] if r["valid"] else None, r["target_boxes"])
+        facts.append(f"IoU with the target {fit_iou:.2f}" + (", holds it" if holds else ", misses it"))
+    if r.get("crop_size"):
+        facts.append(f"crop {r['crop_size'][0]} x {r['crop_size'][1]} px")
+    options = "".join(f"<li>({chr(65 + k)}) {_e(o)}</li>" for k, o in enumerate(r.get("options") or []))
     return (f"<div class='card {kinds}'><div class='head'><b>{_e(r['id'])}</b> [{_e(r['dataset'])} / "
-            f"{_e(r['category'])}] answer {_e(r['answer'])}, predicted {_e(r['pred'])}: <b>{verdict}</b></div>"
+            f"{_e(r['category'])}] answer {_e(r['answer'])}, predicted {_e(r['pred'])}: <b>{verdict}</b>"
+            f"{'; ' + _e('; '.join(facts)) if facts else ''}</div>"
             f"<img alt='original' src='{_thumb(image, boxes)}'>{crop}<p class='q'>{_e(r['question'])}</p>"
-            f"<pre>{texts}</pre></div>")
+            f"{f'<ol class=opts>{options}</ol>' if options else ''}<pre>{texts}</pre></div>")
 
 
 def _cases(records: list[dict], load_image, limit: int) -> str:
     shown = pick_cases(records, limit)
     counts = {"all": len(shown), "right": sum(r["correct"] for r in shown),
-              "wrong": sum(not r["correct"] for r in shown), "invalid": sum(not r["valid"] for r in shown)}
-    names = {"all": "all", "right": "right", "wrong": "wrong", "invalid": "invalid box"}
+              "wrong": sum(not r["correct"] for r in shown), "invalid": sum(not r["valid"] for r in shown),
+              "missed": sum(r["correct"] and box_missed(r) for r in shown)}
+    names = {"all": "all", "right": "right", "wrong": "wrong", "invalid": "invalid box",
+             "missed": "right answer, box missed"}
     buttons = "".join(f"<button data-kind='{k}' onclick=\"show('{k}')\"{' class=on' if k == 'all' else ''}>"
                       f"{names[k]} ({n})</button>" for k, n in counts.items())
     return (f"<h2>Cases ({len(shown)} of {len(records)})</h2>"

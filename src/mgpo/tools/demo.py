@@ -46,12 +46,20 @@ def show_one_rollout(cfg, sample_index: int = 0) -> dict:
 
     print(f"question [{sample.id}]: {sample.question}  options={list(sample.options)}  answer={sample.answer}")
     print(f"original image {batch.trajectories[0].original_size}, model input {batch.trajectories[0].input_size}")
+    same: dict[tuple, list[int]] = {}  # identical samples (a trained model often writes one answer) once
     for i, t in enumerate(batch.trajectories):
-        print(f"--- sample {i}: reward {rewards[i]:.0f}, advantage {adv[i]:+.3f}")
+        same.setdefault((t.turn1_text, t.turn2_text), []).append(i)
+    for idx in same.values():
+        i, t = idx[0], batch.trajectories[idx[0]]
+        also = f" (samples {', '.join(map(str, idx))}: {len(idx)} identical)" if len(idx) > 1 else ""
+        print(f"--- sample {i}{also}: reward {rewards[i]:.0f}, advantage {adv[i]:+.3f}")
         print(f"  turn 1 ({t.turn1_tokens} tokens{', truncated' if t.turn1_truncated else ''}): {t.turn1_text!r}")
         print(f"  box (input px) {t.box_input}  valid={t.valid}  ({t.box_problem or 'ok'})"
               f"  box (original px) {t.box_original}  crop {t.crop_size}")
         print(f"  turn 2 ({t.turn2_tokens} tokens{', truncated' if t.turn2_truncated else ''}): {t.turn2_text!r}")
+    if len(same) == 1:
+        print(f"all {len(batch)} samples are the same: every reward equal, every advantage 0, so this group "
+              "teaches nothing (GRPO learns from groups whose samples differ)")
     print(f"loss {stats['loss']:.4f} (policy {stats['pg_loss']:.4f}, entropy {stats['entropy']:.3f}); "
           f"masked tokens {int(batch.loss_mask.sum())} of {int(batch.attention_mask.sum())}")
     print(f"timings: rollout {t_rollout:.2f} s for {len(batch)} trajectories, log-probs + backward {t_loss:.2f} s")
