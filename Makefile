@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: install test test-fast demo train eval bench gpu-check lint clean tiny synth base beacon nested demo-base budgets repro repro-nested repro-budgets
+.PHONY: install test test-heavy test-fast demo train eval bench gpu-check lint clean tiny synth base beacon nested demo-base budgets repro repro-nested repro-budgets
 
 install: $(STAMP)
 
@@ -94,9 +94,14 @@ repro-nested: $(STAMP) nested
 
 # Two pytest workers (pytest-xdist): most cases wait on one process's start-up or decoding,
 # so two share 2 cores well; TEST_WORKERS=0 runs them in this process, one after another.
+# `make test` leaves out the two heaviest cases (marker `heavy`: the learning test and the real
+# widths, about 7 minutes of one core together); `make test-heavy` runs them; CI runs both.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not heavy"
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m heavy
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"

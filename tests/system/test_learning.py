@@ -39,7 +39,7 @@ import sys
 import pytest
 from launch import ROOT, WORKER, _env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 STEPS = 30
 WINDOW = 10  # the last optimizer steps averaged
 LR = "5e-4"  # the config's 1e-3 collapses some seeds within 30 steps (see the module docstring)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECK_ONLY = ["train", "eval", "tiny", "synth", "bench", "lint", "test-fast", "budgets", "repro-budgets"]
+CHECK_ONLY = ["train", "eval", "tiny", "synth", "bench", "lint", "test-fast", "test-heavy", "budgets", "repro-budgets"]
 INSTALLING = ["install", "demo", "test"]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 STEPS = ["train.save_every=2", "train.keep_last=3", "train.weight_decay=0.0"]
 
 
-def two_machines(tmp, tiny_dir, synth_dir, out, *overrides, outs=None, timeout=900):
+def two_machines(tmp, tiny_dir, synth_dir, out, *overrides, outs=None, timeout=900, env=None):
     """Both nodes' launchers started together; returns each node's (rc, output) and records.
     ``outs``: a train.output_dir per node (default: ``out`` on both, one shared folder)."""
     head = launch("configs/accelerate/zero3_multinode.yaml")  # a free --main_process_port
@@ -28,7 +28,7 @@ def two_machines(tmp, tiny_dir, synth_dir, out, *overrides, outs=None, timeout=9
                "--main_process_ip", "127.0.0.1", "--deepspeed_config_file", "configs/deepspeed/zero3_cpu.json",
                str(WORKER), str(record), "--rewards", "random",
                *_common(tiny_dir, synth_dir, outs[node] if outs else out, *overrides)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_zero3_env(tmp), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**_zero3_env(tmp), **(env or {})}, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     results = []
     for p in procs:
@@ -72,7 +72,8 @@ def test_a_run_folder_per_node_is_refused_at_start_naming_the_fix(tmp_path, tiny
     """Each node with its own disk at train.output_dir (emulated: a folder per node): refused before
     any model loads, on both nodes, with one line that says what to do."""
     outs = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
-    results = two_machines(tmp_path, tiny_dir, synth_dir, outs[0], "train.max_steps=1", outs=outs, timeout=600)
+    results = two_machines(tmp_path, tiny_dir, synth_dir, outs[0], "train.max_steps=1", outs=outs, timeout=600,
+                           env={"MGPO_SHARED_FOLDER_WAIT_S": "0"})  # (no network filesystem to wait for here)
     for rc, output in results:
         assert rc != 0
         assert "is not one folder shared by every node" in output, output[-3000:]

@@ -22,7 +22,7 @@ from mgpo.core.policy import PolicyForward
 from mgpo.core.rollout import rollout
 from mgpo.data.samples import Sample
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 MIN_PX, MAX_PX = 256 * 28 * 28, 1280 * 28 * 28
 # Input pixels of the 896 x 1120 first image: a 60-px box (its crop is enlarged to the 256-token
 # minimum, which keeps the test's compute down) and a box too small to use.

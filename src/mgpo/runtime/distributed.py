@@ -309,14 +309,17 @@ def check_same(what: str, rows: list[str], fix: str) -> None:
                        f"has {item(a)}, rank {other} has {item(b)}; {fix}")
 
 
-def check_shared_folder(folder: str | Path, what: str, wait_s: float = 30.0) -> None:
+def check_shared_folder(folder: str | Path, what: str, wait_s: float | None = None) -> None:
     """Refuse, on every rank alike, unless every rank sees one and the same ``folder``: each rank
     writes a marker file into it, and rank 0 must see every rank's while every rank sees rank
     0's. Checkpoints (each rank writes its own part, rank 0 seals them), run logs and
     evaluation shards all assume this. A network filesystem may show a new file late, so a
-    missing marker is looked for again for up to ``wait_s`` seconds before the refusal."""
+    missing marker is looked for again for up to ``wait_s`` seconds before the refusal (default: 30,
+    the attribute-cache time of an NFS mount; ``MGPO_SHARED_FOLDER_WAIT_S`` sets it)."""
     if world_size() == 1:
         return
+    if wait_s is None:
+        wait_s = float(os.environ.get("MGPO_SHARED_FOLDER_WAIT_S", "30"))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     token = broadcast_object(uuid.uuid4().hex if is_main() else None)
