@@ -158,3 +158,27 @@ def test_eval_py_compare_refuses_in_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: CompareError: {tmp_path / 'gone'}: no such folder "
                                                 "(pass the eval.output_dir of an evaluation)"]
+
+
+@pytest.mark.slow
+def test_a_run_and_its_evaluation_print_what_they_do_and_nothing_else(tmp_path, tiny_dir, synth_dir):
+    """In a log (no terminal): DeepSpeed's accelerator warning, transformers' cache deprecation and
+    top_k "not valid" warnings, and loading bars filled every run; `done:` came once per rank and did
+    not say where the model is. Now: one done line naming the model folder from_pretrained loads."""
+    out = tmp_path / "run"
+    train = _run("train.py", "--config", "configs/tiny_cpu.yaml", f"model.path={tiny_dir}",
+                 f"data.train={synth_dir / 'train.jsonl'}", f"train.output_dir={out}", "train.max_steps=1",
+                 "rollout.max_new_tokens_turn1=6", "rollout.max_new_tokens_turn2=4")
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluate = _run("eval.py", "--config", "configs/tiny_cpu.yaml", f"model.path={out / 'checkpoint-1' / 'model'}",
+                    f"data.eval={synth_dir / 'train.jsonl'}", f"eval.output_dir={tmp_path / 'eval'}",
+                    "data.max_samples=2", "rollout.max_new_tokens_turn1=6", "rollout.max_new_tokens_turn2=4")
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    for proc in (train, evaluate):
+        text = proc.stdout + proc.stderr
+        for noise in ("Setting accelerator to CPU", "deprecated", "not valid", "Loading weights", "Writing model"):
+            assert noise not in text, f"{noise!r} in the output:\n{text[-2000:]}"
+    done = [line for line in train.stdout.splitlines() if line.startswith("done:")]
+    assert done == [f"done: 1 steps; logs, metrics and checkpoints are in {out}; the trained model (from_pretrained) "
+                    f"is {out / 'checkpoint-1' / 'model'}"]
+    assert not (out / ".lock").exists(), "the lock file is removed at a normal end"

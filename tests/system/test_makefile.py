@@ -90,3 +90,17 @@ def test_make_eval_uses_the_papers_protocol_for_a_real_checkpoint(clone, args, c
     assert line.startswith(f"eval.py --config {config}"), line
     real = config == "configs/eval_qwen2_5_vl_7b.yaml"
     assert ("mgpo.tools.tiny" in calls.read_text()) != real, "a real checkpoint needs no tiny model built"
+
+
+def test_make_eval_after_make_demo_evaluates_the_demos_checkpoint(clone):
+    """The Makefile and eval.py said "the newest demo checkpoint" while `make eval` evaluated the
+    random tiny model; after `make demo` it now evaluates what the demo trained, under its config."""
+    calls = _fake_venv(clone)
+    ckpt = clone / "runs" / "demo" / "checkpoint-30"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("{}")
+    rc, text = _make(clone, "eval")
+    assert rc == 0, text
+    (line,) = [c for c in calls.read_text().splitlines() if c.startswith("eval.py")]
+    assert line.startswith("eval.py --config configs/demo.yaml"), line
+    assert "mgpo.tools.tiny" not in calls.read_text(), "the demo's own model, not the random tiny one"
