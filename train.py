@@ -33,7 +33,7 @@ def main() -> None:
     from mgpo.runtime.memory import startup_line
 
     if line := startup_line(cfg):  # on GPUs: will it fit? (mgpo.runtime.memory; refuses if not)
-        if D.is_main():
+        if D.launched_rank() == 0:  # (no process group yet: the launcher's rank)
             print(line)
     result = train(cfg)
     if D.is_main():

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 USER_ERRORS = ("ConfigError", "RunFolderError", "CheckpointError", "ProtocolMismatchError", "FileNotFoundError",
-               "NotADirectoryError", "CompareError", "BadImageError")
+               "NotADirectoryError", "CompareError", "BadImageError", "ClusterError")
 """Errors a user fixes by changing an argument, a file or a folder (not bugs): matched by class name,
 so that telling them apart imports none of the modules that define them."""
 

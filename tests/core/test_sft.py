@@ -206,3 +206,24 @@ def test_a_control_token_in_a_record_is_trained_as_text_never_as_the_token(env):
     specials = {tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|vision_start|>")}
     assert not specials & set(trained), "no control token among the trained ones (only <|im_end|> closes turns)"
     assert trained.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2
+
+
+def test_k_turn_targets_of_different_lengths_in_one_batch(tiny_dir, tmp_path):
+    """A batch whose first record answers at once (no target box) and whose second zooms twice:
+    the decision "replay the script or let the model write" was taken from the first record's
+    script only, so turn 2 of the second record went to a model there is none of (SFT passes none)."""
+    import dataclasses as dc
+
+    from mgpo.runtime.model import load_processor
+    from mgpo.tools import beacon
+
+    layout = beacon.NESTED
+    samples = list(load_samples(beacon.build_beacon(tmp_path, 2, 0, "test", layout=layout)))
+    samples[0] = dc.replace(samples[0], target_boxes=())  # no target: answers in turn 1
+    processor = load_processor(ModelConfig(path=str(tiny_dir), min_pixels=layout.budget, max_pixels=layout.budget))
+    images = [s.load_image() for s in samples]
+    texts = [sft_texts(s, "mgpo_k", im.size, layout.budget, layout.budget, 3) for s, im in zip(samples, images)]
+    assert [len(t) for t in texts] == [1, 3]
+    r = teacher_forced(processor, samples, texts, RolloutConfig(template="mgpo_k", max_turns=3),
+                       min_pixels=layout.budget, max_pixels=layout.budget, images=images)
+    assert [[rec.action for rec in t.turn_log] for t in r.trajectories] == [["answer"], ["zoom", "zoom", "answer"]]

@@ -399,9 +399,14 @@ def test_an_evaluation_inside_a_checkpoint_folder_is_refused(tiny_dir, tmp_path)
     """Its files would fail the checkpoint's manifest: the checkpoint could no longer be resumed."""
     from mgpo.config import ConfigError
 
+    from mgpo.runtime.checkpoint import enclosing_checkpoint
+
     ckpt = tmp_path / "run" / "checkpoint-4"
     (ckpt / "model").mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("{}")
     for out in (ckpt / "eval", ckpt / "model" / "eval"):
         with pytest.raises(ConfigError, match="lies inside the checkpoint .*checkpoint-4"):
             ev.evaluate(_cfg(tiny_dir, out))
     assert not (ckpt / "eval").exists()
+    # the default folder of a checkpoint's evaluation is only named like one: runs/eval/checkpoint-600/...
+    assert enclosing_checkpoint(tmp_path / "runs" / "eval" / "checkpoint-600" / "vstar_bench") is None

@@ -25,6 +25,7 @@ def _every_collective(rank, tmp_path):
     out["gathered"] = D.all_gather_objects({"rank": rank, "rewards": [0.0, 1.0]})
     out["broadcast"] = D.broadcast_object(("resume", None) if rank == 0 else None)
     D.barrier()
+    D.barrier(timeout_s=60)  # the end of an evaluation
     D.check_same("training records", ["a", "b"], "fix")
     D.check_shared_folder(tmp_path / "run", "train.output_dir")
     return out

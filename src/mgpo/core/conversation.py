@@ -121,8 +121,8 @@ def encode_prompts(ctx: Context, samples: list[Sample], images: list | None, tex
     huge image is refused without allocating it); the encoded length is checked again after."""
     prompts, skipped = [], []
     for k, sample in enumerate(samples):
-        if count is not None and sample.width and (too_long := prompt_length_problem(count(sample),
-                                                                                     max_prompt_tokens)):
+        if count is not None and max_prompt_tokens and sample.width and (
+                too_long := prompt_length_problem(count(sample), max_prompt_tokens)):
             skipped.append((sample.id, too_long))
             continue
         try:
@@ -145,10 +145,10 @@ def write_turn(ctx: Context, prompts: list[Prompt], turn: int, rows: list[int], 
     """Assistant turn ``turn`` (1-based) of trajectories ``rows``: written by the model
     (``generate()``), or, when the prompts carry a script for that turn (teacher forcing: SFT's
     targets, a judge's given turn 1), each row's scripted text. The one place that decides."""
-    script = prompts[0].script
-    if script is None or len(script) < turn:
+    scripts = [prompts[r // ctx.cfg.group_size].script for r in rows]
+    if not scripts or any(s is None or len(s) < turn for s in scripts):  # (K turns: each row's own length)
         return generate()
-    return scripted(ctx, [prompts[r // ctx.cfg.group_size].script[turn - 1] for r in rows])
+    return scripted(ctx, [s[turn - 1] for s in scripts])
 
 
 def generate_turn1(model, ctx: Context, prompts: list[Prompt]) -> Generated:

@@ -105,8 +105,9 @@ def check_not_inherited(gen_cfg: GenerationConfig, model) -> None:
 def cache_arg(module) -> str:
     """The keyword a forward takes its KV cache by: ``cache`` since transformers renamed
     ``past_key_values`` (5.2x; the old name still works there, with a deprecation warning at every
-    call), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    call), ``past_key_values`` before. A peft model's forward takes anything: its base model says."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def output_cache(out):

@@ -167,7 +167,8 @@ def escape_data(processor, text: str) -> str:
 
 def _escaped(processor, question: str, options) -> tuple[str, list[str]]:
     """Question and options with the tokenizer's added tokens (every control token) escaped."""
-    return escape_data(processor, question), [escape_data(processor, str(o)) for o in options]
+    specials = tuple(getattr(processor, "tokenizer", processor).get_added_vocab())
+    return escape_special(question, specials), [escape_special(str(o), specials) for o in options]
 
 
 def _messages(system: str | None, content: list[dict]) -> list[dict]:

@@ -235,7 +235,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
                 os.fsync(mine.fileno())
     finally:
         mine.close()
-    D.barrier()
+    D.barrier(timeout_s=24 * 3600)  # every rank's share written: rank 0 merges them (ranks may end hours apart)
     if not state.is_main_process:
         return {}
     return write_report(cfg, datasets, out)

@@ -130,7 +130,8 @@ def _summary(metrics: dict, protocol: dict, skipped: dict[str, list]) -> str:
 
 
 def _charts(records: list[dict], metrics: dict) -> str:
-    charts = [svg_bars([(n, m["grounding"]["valid_box"]) for n, m in metrics.items()], "valid-box share")]
+    valid = [(n, m["grounding"]["valid_box"]) for n, m in metrics.items() if m["grounding"]["valid_box"] is not None]
+    charts = [svg_bars(valid, "valid-box share")] if valid else []  # (direct mode asks for no box)
     for n, m in metrics.items():
         recs = [r for r in records if r["dataset"] == n]
         _, _, shares = grounding_values(recs)

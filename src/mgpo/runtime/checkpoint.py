@@ -275,12 +275,12 @@ def verify_checkpoint(folder: str | Path, under: str = "", shared: bool = False)
 
 
 def enclosing_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint folder ``path`` lies in (itself or a parent holding a manifest, or named
-    ``checkpoint-<N>``), or None: nothing may be written inside one, or its manifest fails."""
+    """The checkpoint folder ``path`` lies in (itself or a parent holding a manifest, or one being
+    written, ``checkpoint-<N>.tmp``), or None: nothing may be written inside one, or its manifest fails.
+    (A folder merely named ``checkpoint-<N>``, e.g. runs/eval/checkpoint-600/, is no checkpoint.)"""
     path = Path(path).resolve()
     for folder in (path, *path.parents):
-        if (folder / MARKER).is_file() or _STEP_DIR.match(folder.name) or folder.name.endswith(".tmp") and \
-                _STEP_DIR.match(folder.name[:-4]):
+        if (folder / MARKER).is_file() or (folder.name.endswith(".tmp") and _STEP_DIR.match(folder.name[:-4])):
             return folder
     return None
 

@@ -144,6 +144,11 @@ def make_state(timeout_s: float = DEFAULT_TIMEOUT_S):
     return state
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (readable before any process group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_world_size() -> int:
     """Processes started by the launcher (readable before any process group exists)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -194,9 +199,16 @@ def host_group():
     return _HOST["group"]
 
 
-def barrier() -> None:
-    if world_size() > 1:
+def barrier(timeout_s: float | None = None) -> None:
+    """Wait for every rank. ``timeout_s``: a wait longer than the collective timeout is expected here
+    (the end of an evaluation waits for the slowest rank's whole share); a rank that never comes is
+    then named (gloo's monitored barrier)."""
+    if world_size() == 1:
+        return
+    if timeout_s is None:
         dist.barrier(group=host_group())
+    else:
+        dist.monitored_barrier(group=host_group(), timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
 
 
 def finish() -> None:

@@ -36,7 +36,9 @@ STEP = ["train.max_steps=1", "train.save_every=1000", "train.report_to=none", "t
         "train.micro_batch_size=2", "rollout.max_new_tokens_turn1=128", "rollout.max_new_tokens_turn2=64",
         "model.min_pixels=200704", "model.max_pixels=1003520", "model.dtype=bfloat16",
         "train.gradient_checkpointing=true"]
-MODES = {"plain": [], "lora": ["train.lora_rank=16"], "zero3": []}
+# plain: full fine-tuning outside DeepSpeed runs in fp32 (the trainer refuses it in bf16: AdamW on
+# bf16 weights loses most updates); LoRA and ZeRO-3 run in bf16
+MODES = {"plain": ["model.dtype=float32"], "lora": ["train.lora_rank=16"], "zero3": []}
 
 
 def check_gpu() -> str:
@@ -79,7 +81,7 @@ def _planned(mode: str, overrides: list[str], gpu_gb: float) -> dict | None:
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [*STEP, *MODES[mode], *overrides])
     try:
-        return plan(cfg, 1, gpu_gb).phases
+        return plan(cfg, 1, gpu_gb, deepspeed=mode == "zero3").phases
     except (ValueError, KeyError):  # the tiny model is no published architecture
         return None
 
