@@ -398,7 +398,6 @@ def test_a_partial_benchmark_is_evaluated_with_a_warning(tmp_path, caplog):
 def test_an_evaluation_inside_a_checkpoint_folder_is_refused(tiny_dir, tmp_path):
     """Its files would fail the checkpoint's manifest: the checkpoint could no longer be resumed."""
     from mgpo.config import ConfigError
-
     from mgpo.runtime.checkpoint import enclosing_checkpoint
 
     ckpt = tmp_path / "run" / "checkpoint-4"
