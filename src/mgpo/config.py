@@ -35,7 +35,7 @@ TEMPLATES = ("mgpo", "grpo", "direct", "mgpo_k")  # mgpo.core.prompts.TEMPLATES'
 FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")  # the data readers (mgpo.data.samples)
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # train.report_to's choices (mgpo.runtime.logger)
 CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.core.grounding.RESAMPLE's keys (a test checks)
-LOSS_NORMALIZATIONS = ("token", "sequence")  # mgpo.core.loss.loss_weights's rules
+LOSS_NORMALIZATIONS = ("token", "sequence", "constant")  # mgpo.core.loss.loss_weights's rules
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,20 @@ class RolloutConfig:
     continue_turn2: bool = True
     """Turn 2 continues from each sample's turn-1 cache and prefills only the new tokens
     (False: turn 2 re-reads the whole conversation, first image included)."""
+    drop_uniform_groups: bool = False
+    """Leave groups whose rewards are all equal (they carry no advantage) out of the update: their
+    tokens get weight 0, so they add no KL or entropy term and do not count in the step's
+    normalization (DAPO's dynamic sampling without the resampling; the share is logged as
+    train/dropped_groups). The ranks still run every micro-batch, to stay in lock-step."""
+    over_turn: str = "penalize"
+    """"mgpo_k": a trajectory that used all rollout.max_turns without a readable answer. "penalize":
+    it scores 0 like any wrong answer (the default); "mask": it is left out of the loss instead
+    (Mini-o3's over-turn masking), its reward still counted in its group's statistics."""
+    zoom_bonus: float = 0.0
+    """Added to the reward of a right answer per crop it was shown (PyVision-RL's reward for using
+    the tool, against a policy that stops zooming), up to rollout.zoom_bonus_cap. 0 = off (the paper)."""
+    zoom_bonus_cap: float = 0.2
+    """The most rollout.zoom_bonus adds to one trajectory's reward."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,22 @@ class LossConfig:
     """How token losses are averaged within an optimizer step. "token": one mean over every
     masked token of the step, across micro-batches and ranks (DAPO's token-level loss, TRL's
     "dapo"). "sequence": each trajectory's token mean, then the mean over the step's
-    trajectories (GRPO's per-sequence mean). SFT's loss follows the same rule."""
+    trajectories (GRPO's per-sequence mean). "constant": the sum over the step's masked tokens
+    divided by (its trajectories x the most tokens a trajectory can generate: the turn budgets,
+    max_new_tokens_turn1 + (turns - 1) x max_new_tokens_turn2), Dr. GRPO's. SFT's loss follows
+    the same rule."""
+    ratio: str = "token"
+    """The importance ratio: "token" (PPO, per token; the paper), "sequence" (GSPO: exp of the mean
+    token log-ratio over the trajectory's trained tokens, clipped per trajectory; GSPO used clip
+    ranges near 3e-4 / 4e-4) or "geometric" (GMPO: token log-ratios clipped in log space to
+    [-clip_eps, clip_eps_high], then their mean per trajectory; GMPO used 0.4). With K turns a
+    trajectory's trained tokens are those of all its turns."""
+    clip_eps_high: float | None = None
+    """The upper clip of the ratio (DAPO's clip-higher: e.g. 0.28 with clip_eps 0.2); empty = clip_eps."""
+    adv_scale: str = "group"
+    """What the reward minus its group's mean is divided by: "group" (its group's std + adv_eps,
+    GRPO, the paper), "batch" (the std of every reward of the rollout batch, all ranks, + adv_eps)
+    or "none" (not divided: Dr. GRPO)."""
 
 
 @dataclass(frozen=True)
@@ -319,7 +348,7 @@ RANGES = {  # every numeric field: (accepts the value, what is allowed)
     "rollout.max_box_aspect": _range(1, above=True), "rollout.format_reward": (math.isfinite, "a finite number"),
     "rollout.turn_cost": COUNT, "rollout.max_image_tokens": COUNT, "rollout.generation_batch_size": COUNT,
     "loss.clip_eps": POSITIVE, "loss.kl_coef": COUNT, "loss.kl_clamp": POSITIVE,
-    "loss.entropy_coef": COUNT, "loss.adv_eps": POSITIVE,
+    "loss.entropy_coef": COUNT, "loss.adv_eps": POSITIVE, "rollout.zoom_bonus": COUNT, "rollout.zoom_bonus_cap": COUNT,
     "train.seed": COUNT, "train.epochs": SOME, "train.max_steps": COUNT, "train.prompts_per_rollout": SOME,
     "train.prompts_per_step": SOME, "train.micro_batch_size": SOME, "train.ppo_epochs": SOME, "train.lr": POSITIVE,
     "train.warmup_steps": COUNT, "train.weight_decay": COUNT, "train.betas[0]": SHARE, "train.betas[1]": SHARE,
@@ -334,7 +363,8 @@ CHOICES = {  # every field with a fixed set of values
     "data.train_format": ("auto", *FORMATS), "data.eval_format": ("auto", *FORMATS),
     "rollout.template": tuple(sorted(TEMPLATES)), "rollout.crop_resample": CROP_FILTERS,
     "train.algorithm": ("rl", "sft"), "train.report_to": REPORT_TO, "eval.mode": tuple(sorted(TEMPLATES)),
-    "loss.normalization": LOSS_NORMALIZATIONS,
+    "loss.normalization": LOSS_NORMALIZATIONS, "loss.ratio": ("token", "sequence", "geometric"),
+    "loss.adv_scale": ("group", "batch", "none"), "rollout.over_turn": ("penalize", "mask"),
 }
 NOT_EMPTY = ("model.path", "data.train", "train.output_dir", "train.resume")  # (eval.output_dir "": derived)
 
@@ -351,6 +381,9 @@ def _problems(cfg: Config) -> list[str]:
     for key, template, turns in (("rollout", r.template, r.max_turns), ("eval", e.mode, e.max_turns)):
         if template == "mgpo" and turns != 2:
             problems.append(f"{key}.max_turns must be 2 with the paper's mgpo template, got {turns} (use mgpo_k)")
+    high = cfg.loss.clip_eps_high
+    if high is not None and not (math.isfinite(high) and high > 0):
+        problems.append(f"loss.clip_eps_high must be > 0 (or empty: loss.clip_eps), got {high}")
     if m.max_pixels < m.min_pixels:
         problems.append(f"model.max_pixels ({m.max_pixels}) must be >= model.min_pixels ({m.min_pixels})")
     if t.lora_rank > 0 and not t.lora_alpha > 0:

@@ -121,3 +121,89 @@ def test_normalization_choices_are_checked_at_load():
     assert load_config(None, ["loss.normalization=sequence"]).loss.normalization == "sequence"
     with pytest.raises(ConfigError, match="loss.normalization must be one of"):
         load_config(None, ["loss.normalization=sample"])
+
+
+# ---- the objectives researchers compare against (loss.ratio, clip_eps_high, normalization: constant)
+
+def _two_trajectories(log_ratios_0, log_ratios_1):
+    """Two trajectories of 2 and 3 trained tokens (a pad after the first); old log-probs 0."""
+    logp = torch.tensor([[*log_ratios_0, 0.0], log_ratios_1], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    return logp, torch.zeros(2, 3), mask
+
+
+def test_a_sequence_ratio_outside_the_clip_zeroes_that_trajectorys_gradient():
+    """GSPO: s_i = exp(mean of the trajectory's token log-ratios). Trajectory 0: log-ratios 0.3 and
+    0.1, s_0 = e^0.2 = 1.2214 > 1.2, A = +1: clipped, no gradient. Trajectory 1: log-ratios 0, 0.03,
+    0.06, s_1 = e^0.03, A = +2: inside. Token weights, 5 tokens: loss = (2 x -1.2 + 3 x -2 s_1) / 5;
+    d loss / d logp_1t = -2 s_1 / 5 for each of its 3 tokens (s_1 / 3 each, times 3 tokens)."""
+    logp, old, mask = _two_trajectories([0.3, 0.1], [0.0, 0.03, 0.06])
+    loss, clip_frac = clipped_policy_loss(logp, old, torch.tensor([1.0, 2.0]), mask, 0.2, ratio="sequence")
+    s1 = math.exp(0.03)
+    assert loss.item() == pytest.approx((2 * -1.2 + 3 * -2 * s1) / 5, rel=1e-6)
+    assert clip_frac.item() == pytest.approx(2 / 5)
+    loss.backward()
+    assert logp.grad[0].tolist() == [0.0, 0.0, 0.0]
+    assert logp.grad[1].tolist() == pytest.approx([-2 * s1 / 5] * 3, rel=1e-6)
+
+
+def test_the_geometric_objective_equals_the_token_one_when_every_ratio_is_one():
+    cfg = LossConfig(kl_coef=0.0, entropy_coef=0.0)
+    results = []
+    for ratio in ("token", "geometric", "sequence"):
+        for weights in ("token", "sequence"):
+            logp, old, mask = _two_trajectories([0.0, 0.0], [0.0, 0.0, 0.0])
+            w = mask if weights == "token" else mask / mask.sum(1, keepdim=True)
+            loss, _ = policy_loss(logp, old, torch.tensor([1.5, -0.5]), w, LossConfig(**{**cfg.__dict__, "ratio": ratio}),
+                                  denom=w.sum())
+            loss.backward()
+            results.append((ratio, weights, loss.item(), logp.grad.clone()))
+    for ratio, weights, value, grad in results:
+        token = next(r for r in results if r[0] == "token" and r[1] == weights)
+        assert value == pytest.approx(token[2], abs=1e-7) and torch.allclose(grad, token[3]), (ratio, weights)
+
+
+def test_the_geometric_objective_clips_each_log_ratio_in_log_space_hand_computed():
+    """GMPO, A = +1, clip 0.2 in log space: log-ratios 0.5 -> 0.2 (the smaller of it and its clip),
+    -0.5 stays -0.5 (already the smaller): the trajectory's ratio is exp((0.2 - 0.5) / 2)."""
+    logp, old, mask = _two_trajectories([0.5, -0.5], [0.0, 0.0, 0.0])
+    loss, clip_frac = clipped_policy_loss(logp, old, torch.tensor([1.0, 0.0]), mask, 0.2, ratio="geometric")
+    assert loss.item() == pytest.approx(2 * -math.exp(-0.15) / 5, rel=1e-6)
+    assert clip_frac.item() == pytest.approx(1 / 5)
+    # A = -1: the larger of each and its clip: 0.5 stays, -0.5 -> -0.2
+    loss, _ = clipped_policy_loss(logp, old, torch.tensor([-1.0, 0.0]), mask, 0.2, ratio="geometric")
+    assert loss.item() == pytest.approx(2 * math.exp(0.15) / 5, rel=1e-6)
+
+
+def test_clip_higher_lets_a_positive_advantage_raise_its_ratio_further():
+    """DAPO's clip-higher: ratio 1.25, A = +1: clipped at 1.2 by default, kept under clip_eps_high 0.28;
+    the lower end (ratio 0.7, A = -1) is clipped at 0.8 either way."""
+    logp, old, mask = torch.log(torch.tensor([[1.25, 0.7]])), torch.zeros(1, 2), torch.ones(1, 2)
+    base, _ = clipped_policy_loss(logp[:, :1], old[:, :1], torch.tensor([1.0]), mask[:, :1], 0.2)
+    high, _ = clipped_policy_loss(logp[:, :1], old[:, :1], torch.tensor([1.0]), mask[:, :1], 0.2, clip_eps_high=0.28)
+    assert base.item() == pytest.approx(-1.2) and high.item() == pytest.approx(-1.25)
+    low, _ = clipped_policy_loss(logp[:, 1:], old[:, 1:], torch.tensor([-1.0]), mask[:, 1:], 0.2, clip_eps_high=0.28)
+    assert low.item() == pytest.approx(0.8)
+
+
+def test_the_constant_normalization_divides_by_trajectories_times_the_budget():
+    """Dr. GRPO: the step's token sum over (trajectories x the most tokens one can generate): two
+    trajectories of 2 and 3 tokens, a budget of 10, per-token losses 1: 5 / (2 x 10) = 0.25."""
+    from mgpo.core.loss import loss_denominator, loss_weights
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    w = loss_weights(mask, "constant", max_tokens=10)
+    assert masked_mean(torch.ones(2, 3), w, loss_denominator(w, "constant")).item() == pytest.approx(0.25)
+    assert loss_denominator(loss_weights(mask, "token"), "token").item() == 5.0
+    assert loss_denominator(loss_weights(mask, "sequence"), "sequence").item() == 2.0
+
+
+def test_the_defaults_are_the_papers_token_objective_bit_for_bit():
+    torch.manual_seed(0)
+    logp, old = torch.randn(4, 6) * 0.1, torch.randn(4, 6) * 0.1
+    mask, adv = (torch.rand(4, 6) > 0.3).float(), torch.randn(4)
+    before, _ = clipped_policy_loss(logp, old, adv, mask, 0.2)
+    explicit, _ = clipped_policy_loss(logp, old, adv, mask, 0.2, clip_eps_high=0.2, ratio="token")
+    ratio = torch.exp(logp - old)
+    by_hand = masked_mean(torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(0.8, 1.2)), mask)
+    assert before.item() == explicit.item() == by_hand.item()

@@ -103,3 +103,24 @@ def test_turn_cost_charges_each_crop_shown():
     assert score([t], turn_cost=0.25).tolist() == [0.5]
     two = Trajectory("y", 0, "B", ("a", "b"), (10, 10), (10, 10), turn2_text="\\boxed{A}", crop_size=(28, 28))
     assert score([two], turn_cost=0.25).tolist() == [-0.25]
+
+
+def test_adv_scale_none_leaves_the_reward_minus_its_group_mean_and_batch_divides_by_the_batch_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    assert group_advantages(rewards, 4, scale="none").tolist() == [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5]
+    by_batch = group_advantages(rewards, 4, 1e-6, scale="batch", batch_std=0.5)
+    assert by_batch.tolist() == pytest.approx([0.75 / 0.500001, -0.25 / 0.500001] + [-0.25 / 0.500001] * 2
+                                              + [1.0 / 1.000002 * 1.0, 0.999998, -0.999998, -0.999998], rel=1e-5)
+    assert group_advantages(torch.ones(4), 4, scale="none").tolist() == [0.0] * 4
+
+
+def test_the_zoom_bonus_is_paid_on_right_answers_only_and_capped():
+    from mgpo.core.trajectory import Trajectory, TurnRecord
+
+    def traj(answer_text, crops):
+        log = [TurnRecord("z", 3, False, "zoom", crop_size=(28, 28)) for _ in range(crops)]
+        return Trajectory("s", 0, "A", ("x", "y"), (9, 9), (9, 9), turn_log=[*log, TurnRecord(answer_text, 3, False,
+                                                                                               "answer")])
+    trajs = [traj("\\boxed{A}", 1), traj("\\boxed{A}", 3), traj("\\boxed{A}", 9), traj("\\boxed{B}", 3)]
+    assert score(trajs, zoom_bonus=0.05, zoom_bonus_cap=0.2).tolist() == pytest.approx([1.05, 1.15, 1.2, 0.0])
+    assert score(trajs).tolist() == [1.0, 1.0, 1.0, 0.0], "off by default: the paper's reward"

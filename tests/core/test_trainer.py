@@ -157,3 +157,46 @@ def test_the_rl_steps_loss_follows_loss_normalization(tmp_path, tiny_dir, synth_
     got = optimizer_step(run, exp, list(range(8)))
     assert got["loss"] == pytest.approx(float(want), abs=1e-6)
     run.folder.release()
+
+
+def test_left_out_trajectories_are_exactly_the_uniform_groups_and_the_over_turn_ones():
+    from mgpo.core.trainer import trained_trajectories
+    from mgpo.core.trajectory import Trajectory, TurnRecord
+
+    def traj(last):
+        return Trajectory("s", 0, "A", ("x", "y"), (9, 9), (9, 9), turn_log=[TurnRecord("t", 1, False, last)])
+
+    trajs = [traj("answer"), traj("answer"), traj("final"), traj("answer"), traj("answer"), traj("final")]
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])  # groups of 2: uniform, mixed, uniform
+    keep = lambda *o: trained_trajectories(trajs, rewards, load_config(None, ["rollout.group_size=2", *o]))  # noqa: E731
+    assert keep() is None, "the paper's default leaves nothing out"
+    assert keep("rollout.drop_uniform_groups=true").tolist() == [0, 0, 1, 1, 0, 0]
+    assert keep("rollout.over_turn=mask").tolist() == [1, 1, 0, 1, 1, 0]
+    assert keep("rollout.drop_uniform_groups=true", "rollout.over_turn=mask").tolist() == [0, 0, 0, 1, 0, 0]
+
+
+def test_a_step_trains_on_exactly_the_groups_kept_and_normalizes_over_them(tmp_path, tiny_dir, synth_dir):
+    """rollout.drop_uniform_groups: group 0's rewards are all equal, so it is left out; the step's
+    token mean is over group 1's tokens only: -sum(adv_i n_i) / sum(n_i) over group 1."""
+    from mgpo.core.reward import group_advantages
+    from mgpo.core.setup import setup_run
+    from mgpo.core.trainer import _experience, optimizer_step
+
+    cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.prompts_per_rollout=2",
+                             "train.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch_size=4",
+                             "rollout.max_new_tokens_turn1=12", "rollout.max_new_tokens_turn2=12",
+                             "loss.kl_coef=0", "loss.entropy_coef=0", "model.dtype=float32", "train.lr=1e-9",
+                             "rollout.drop_uniform_groups=true"])
+    run = setup_run(cfg)
+    exp = _experience(run).exp
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    exp.advantages_N = group_advantages(rewards, 4)
+    exp.trained_N = torch.tensor([0.0] * 4 + [1.0] * 4)
+    for i, row in enumerate(exp.batch.loss_mask):  # trajectories of different lengths
+        row[row.nonzero()[4 + 2 * i:, 0]] = 0.0
+    n = exp.batch.loss_mask.sum(dim=1).double()[4:]
+    adv = exp.advantages_N.double()[4:]
+    got = optimizer_step(run, exp, list(range(8)))
+    assert got["loss"] == pytest.approx(float(-(adv * n).sum() / n.sum()), abs=1e-6)
+    run.folder.release()

@@ -117,7 +117,8 @@ def scorer_version() -> str:
     return f"{SCORER_REVISION}:{hashlib.sha256(repr(readings).encode()).hexdigest()[:12]}"
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: str = "group",
+                     batch_std: float | None = None) -> torch.Tensor:
     """GRPO advantages: ``(r - group mean) / (group std + eps)``, groups laid out consecutively.
 
     The std is the unbiased one, as in the authors' code. A group whose rewards are all
@@ -127,8 +128,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     that ulp over a std of ~1e-8 plus eps would push the whole group by ~0.05. The
     statistics are computed in float64 for the same reason.
 
+    ``scale`` (``loss.adv_scale``): "group" divides by the group's std + eps (above), "batch" by
+    ``batch_std`` + eps (the std of the whole rollout batch's rewards, every rank's), "none" not
+    at all (Dr. GRPO: the reward minus its group's mean).
+
     >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), 4)
     tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
+    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 4, scale="none")
+    tensor([ 0.7500, -0.2500, -0.2500, -0.2500])
     """
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 for group-relative advantages, got {group_size}")
@@ -136,10 +143,29 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     rewards_BG = rewards.double().view(-1, group_size)
     mean_B1 = rewards_BG.mean(dim=1, keepdim=True)
-    std_B1 = rewards_BG.std(dim=1, keepdim=True, unbiased=True)
-    advantages_BG = (rewards_BG - mean_B1) / (std_B1 + eps)
+    if scale == "group":
+        std = rewards_BG.std(dim=1, keepdim=True, unbiased=True)
+    elif scale == "batch":
+        if batch_std is None:
+            raise ValueError("loss.adv_scale=batch needs the rollout batch's reward std")
+        std = torch.tensor(float(batch_std), dtype=torch.float64)
+    elif scale == "none":
+        std = torch.tensor(1.0 - eps, dtype=torch.float64)  # (+ eps below: exactly 1)
+    else:
+        raise ValueError(f"loss.adv_scale must be 'group', 'batch' or 'none', got {scale!r}")
+    advantages_BG = (rewards_BG - mean_B1) / (std + eps)
     all_equal_B1 = rewards_BG.amax(dim=1, keepdim=True) == rewards_BG.amin(dim=1, keepdim=True)
     return advantages_BG.masked_fill(all_equal_B1, 0.0).float().view(-1)
+
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] True for each group whose rewards are all equal (it carries no advantage).
+
+    >>> uniform_groups(torch.tensor([1., 1., 0., 1.]), 2)
+    tensor([ True, False])
+    """
+    rewards_BG = rewards.view(-1, group_size)
+    return rewards_BG.amax(dim=1) == rewards_BG.amin(dim=1)
 
 
 def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
@@ -148,8 +174,21 @@ def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
     return (rewards_BG.max(dim=1).values == rewards_BG.min(dim=1).values).float().mean().item()
 
 
-def score(trajectories, format_reward: float = 0.0, turn_cost: float = 0.0) -> torch.Tensor:
+def score(trajectories, format_reward: float = 0.0, turn_cost: float = 0.0, zoom_bonus: float = 0.0,
+          zoom_bonus_cap: float = 0.0) -> torch.Tensor:
     """Rewards of a rollout, one per trajectory: accuracy of the final turn (+ an optional
-    valid-box bonus, - an optional cost per crop shown, for short K-turn searches)."""
-    return torch.tensor([float(predicted_letter(traj) == traj.answer) + (format_reward if traj.valid else 0.0)
-                         - turn_cost * traj.crops for traj in trajectories])
+    valid-box bonus, - an optional cost per crop shown, for short K-turn searches, + an optional
+    bonus per crop on a right answer only, at most ``zoom_bonus_cap``, for a policy that keeps zooming).
+
+    >>> from mgpo.core.trajectory import Trajectory
+    >>> right = Trajectory("s", 0, "A", ("x", "y"), (9, 9), (9, 9), turn2_text="\\\\boxed{A}", crop_size=(4, 4))
+    >>> score([right, Trajectory("s", 0, "B", ("x", "y"), (9, 9), (9, 9), crop_size=(4, 4))], zoom_bonus=0.05,
+    ...       zoom_bonus_cap=0.2).tolist()
+    [1.0499999523162842, 0.0]
+    """
+    out = []
+    for traj in trajectories:
+        right = float(predicted_letter(traj) == traj.answer)
+        bonus = min(zoom_bonus * traj.crops, zoom_bonus_cap) * right
+        out.append(right + (format_reward if traj.valid else 0.0) - turn_cost * traj.crops + bonus)
+    return torch.tensor(out)

@@ -23,10 +23,11 @@ from ..config import Config, LossConfig
 from ..data.samples import BadImageError
 from ..runtime import distributed as D
 from ..runtime.checkpoint import latest_checkpoint, save_checkpoint
-from .loss import loss_weights, policy_loss, sft_loss
+from .loss import loss_denominator, loss_weights, policy_loss, sft_loss
 from .metrics import rollout_metrics
 from .policy import rollout_logprobs
-from .reward import group_advantages, score
+from .prompts import get_template
+from .reward import group_advantages, score, uniform_groups
 from .rollout import rollout
 from .setup import Run, check_sampling, setup_run
 from .sft import sft_batch
@@ -56,18 +57,20 @@ class Experience:
     old_logp_NT: torch.Tensor | None  # the sampling policy's log-probs (None: one step per batch, ratio 1)
     ref_logp_NT: torch.Tensor | None  # the reference model's log-probs (None: no KL term)
     timings: dict  # seconds per phase ("time/..."), and on GPUs each phase's peak memory ("memory/...")
+    trained_N: torch.Tensor | None = None  # 1.0 for trajectories the update trains on, 0.0 left out (None: all)
 
     def select(self, keep: list[int]) -> Experience:
         """The experience of trajectories ``keep`` only (whole groups)."""
         def rows(x):
             return None if x is None else x[keep]
         return Experience(self.batch.select(keep), self.group_size, rows(self.advantages_N), rows(self.rewards_N),
-                          rows(self.old_logp_NT), rows(self.ref_logp_NT), dict(self.timings))
+                          rows(self.old_logp_NT), rows(self.ref_logp_NT), dict(self.timings), rows(self.trained_N))
 
     def state(self) -> dict:
         """Tensors and plain values only (a checkpoint reads them back with weights_only=True)."""
         return {**{k: getattr(self, k) for k in ("group_size", "advantages_N", "rewards_N", "old_logp_NT",
-                                                  "ref_logp_NT", "timings")}, "batch": self.batch.state()}
+                                                  "ref_logp_NT", "timings", "trained_N")},
+                "batch": self.batch.state()}
 
     @classmethod
     def from_state(cls, state: dict) -> Experience:
@@ -194,14 +197,35 @@ def _rl_experience(run: Run, prompts, images) -> Experience:
                         synced_gpus=D.zero_stage(run.accelerator) == 3)
     run.wrapped.train()
     t_rollout, memory = time.perf_counter() - t0, D.peak_memory("rollout")
-    # ---- rewards and group-relative advantages
-    rewards_N = score(batch.trajectories, cfg.rollout.format_reward, cfg.rollout.turn_cost)
-    advantages_N = group_advantages(rewards_N, cfg.rollout.group_size, cfg.loss.adv_eps)
+    # ---- rewards, group-relative advantages, and which trajectories the update trains on
+    r = cfg.rollout
+    rewards_N = score(batch.trajectories, r.format_reward, r.turn_cost, r.zoom_bonus, r.zoom_bonus_cap)
+    batch_std = None
+    if cfg.loss.adv_scale == "batch":  # every rank's rewards
+        batch_std = float(torch.tensor([x for g in D.all_gather_objects(rewards_N.tolist()) for x in g]).double().std())
+    advantages_N = group_advantages(rewards_N, r.group_size, cfg.loss.adv_eps, cfg.loss.adv_scale, batch_std)
+    trained_N = trained_trajectories(batch.trajectories, rewards_N, cfg)
     # ---- old and reference log-probs (no grad)
     t0 = time.perf_counter()
     old_logp_NT, ref_logp_NT = _fixed_logprobs(run, batch)
     timings = {"time/rollout_s": t_rollout, "time/logprobs_s": time.perf_counter() - t0, **memory}
-    return Experience(batch, cfg.rollout.group_size, advantages_N, rewards_N, old_logp_NT, ref_logp_NT, timings)
+    return Experience(batch, r.group_size, advantages_N, rewards_N, old_logp_NT, ref_logp_NT, timings, trained_N)
+
+
+def trained_trajectories(trajectories, rewards_N: torch.Tensor, cfg: Config) -> torch.Tensor | None:
+    """1.0 for each trajectory the update trains on, 0.0 for one it leaves out: a group whose rewards
+    are all equal (``rollout.drop_uniform_groups``), a K-turn trajectory that used every turn without
+    a readable answer (``rollout.over_turn: mask``). None when nothing is left out by the config."""
+    r = cfg.rollout
+    if not r.drop_uniform_groups and r.over_turn == "penalize":
+        return None
+    keep_N = torch.ones(len(trajectories))
+    if r.drop_uniform_groups:
+        keep_N *= (~uniform_groups(rewards_N, r.group_size)).float().repeat_interleave(r.group_size)
+    if r.over_turn == "mask":
+        keep_N *= torch.tensor([0.0 if traj.turn_log and traj.turn_log[-1].action == "final" else 1.0
+                                for traj in trajectories])
+    return keep_N
 
 
 def _fixed_logprobs(run: Run, batch: Rollout):
@@ -246,8 +270,12 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     averaged over ranks. The KL term's gradient is that of KL(ref || policy) (see ``loss``).
     """
     cfg, acc, wrapped = run.cfg, run.accelerator, run.wrapped
-    weights_NT = loss_weights(exp.batch.loss_mask[index], cfg.loss.normalization)  # the step's, once
-    denom = D.all_reduce_sum(weights_NT.sum()) / D.world_size()
+    mask_NT = exp.batch.loss_mask[index]
+    if exp.trained_N is not None:  # trajectories left out of the update: no token of theirs counts
+        mask_NT = mask_NT * exp.trained_N[index, None]
+    weights_NT = loss_weights(mask_NT, cfg.loss.normalization, max_generated(cfg))  # the step's, once
+    # (clamped above 0: a step whose every trajectory was left out trains on nothing, loss 0, not 0/0)
+    denom = (D.all_reduce_sum(loss_denominator(weights_NT, cfg.loss.normalization)) / D.world_size()).clamp_min(1e-30)
     size = cfg.train.micro_batch_size
     starts = range(0, len(index), size)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
@@ -283,6 +311,16 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
         run.scheduler.step()
     _count_bad_step(run, finite)
     return D.all_reduce_mean(totals) | {"grad_norm": grad_norm, "lr": lr}
+
+
+def max_generated(cfg: Config) -> int:
+    """The most tokens one trajectory can generate: its turns' budgets (``loss.normalization:
+    constant`` divides by it)."""
+    r = cfg.rollout
+    template = get_template(r.template if cfg.train.algorithm == "rl" else (cfg.train.sft_templates or
+                                                                            (r.template,))[0])
+    turns = r.max_turns if template.zoom_loop else template.turns
+    return r.max_new_tokens_turn1 + (turns - 1) * r.max_new_tokens_turn2
 
 
 def objective(cfg: LossConfig, exp: Experience, part: list[int], logp_NT: torch.Tensor, entropy_NT, weights_NT,
@@ -345,6 +383,8 @@ def _log(run: Run, exp: Experience, bad, steps: list[dict], images: dict) -> dic
     if exp.rewards_N is None:  # SFT: teacher-forced texts, their "reward" says nothing
         batch = {k: v for k, v in batch.items() if not k.startswith("reward/")}
     gen_tokens = sum(tr.turn1_tokens + tr.turn2_tokens for tr in trajs)
+    if exp.trained_N is not None:  # the share of trajectories left out of the update, every rank's
+        batch["train/left_out_share"] = D.all_reduce_mean({"x": float(1.0 - exp.trained_N.mean())})["x"]
     batch.update({
         **exp.timings,
         "data/skipped_images": float(sum(len(g[2]) for g in gathered)),
