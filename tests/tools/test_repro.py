@@ -158,3 +158,16 @@ def test_the_reproduction_checks_its_arguments_before_it_builds_anything(tmp_pat
     proc = run("--steps", "50", "--eval-every", "20")
     assert proc.returncode == 2 and "must be a multiple of --eval-every" in proc.stderr
     assert not (tmp_path / "base").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_objective_variant_trains_with_its_loss_options_and_is_evaluated_as_mgpo(tmp_path, monkeypatch):
+    import mgpo.tools.repro as repro
+
+    commands = []
+    monkeypatch.setattr(repro, "_run", lambda cmd: commands.append(cmd))
+    monkeypatch.setattr(repro, "collect", lambda run, method, seed: {"method": method, "seed": seed})
+    repro.run_seed(0, 4, 2, tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", "mgpo_geo")
+    train, *evals = commands
+    assert "loss.ratio=geometric" in train and "rollout.template=mgpo" in train
+    assert len(evals) == 2 and all("eval.mode=mgpo" in c and "loss.ratio=geometric" not in c for c in evals)
+    assert train[train.index("--config") + 1] == "configs/tiny_beacon.yaml"
