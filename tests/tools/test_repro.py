@@ -166,6 +166,7 @@ def test_an_objective_variant_trains_with_its_loss_options_and_is_evaluated_as_m
     commands = []
     monkeypatch.setattr(repro, "_run", lambda cmd: commands.append(cmd))
     monkeypatch.setattr(repro, "collect", lambda run, method, seed: {"method": method, "seed": seed})
+    monkeypatch.setattr(repro, "_accuracy", lambda eval_dir: 0.0)
     repro.run_seed(0, 4, 2, tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", "mgpo_geo")
     train, *evals = commands
     assert "loss.ratio=geometric" in train and "rollout.template=mgpo" in train
