@@ -14,8 +14,9 @@ def test_console_table_has_every_column():
     table = console_table({"results": {"v": {"questions": 3, "accuracy": 66.666, "grounding":
                                              {"valid_box": 100.0, "mean_iou": None}}}, "skipped": {"v": 1, "w": 4}})
     head, v, w = table.splitlines()
-    assert head.split() == ["dataset", "questions", "accuracy", "%", "valid", "box", "%", "mean", "IoU", "skipped"]
-    assert v.split() == ["v", "3", "66.7", "100.0", "-", "1"] and w.split() == ["w", "0", "-", "-", "-", "4"]
+    assert head.split() == ["dataset", "questions", "accuracy", "%", "95%", "interval", "valid", "box", "%", "mean",
+                            "IoU", "skipped"]
+    assert v.split() == ["v", "3", "66.7", "-", "100.0", "-", "1"] and w.split() == ["w", "0", "-", "-", "-", "-", "4"]
 
 
 def test_iou_and_crop_contains_target_hand_built():
@@ -78,3 +79,49 @@ def test_compare_refuses_malformed_figures_and_lists_every_protocol_key(tmp_path
     write("c", "fifty", {"mode": "mgpo"})
     with pytest.raises(CompareError, match="not what an evaluation writes"):
         compare([tmp_path / "a", tmp_path / "c"])
+
+
+
+def _rec(qid, correct, box=None, target=(10, 10, 50, 50), **kw):
+    return {"id": qid, "dataset": "v", "category": "c", "correct": correct, "pred": "A", "valid": box is not None,
+            "box_original": box, "target_boxes": [list(target)] if target else [], "original_size": [100, 100],
+            "sample": 0, "question": "q", "options": ["a", "b"], "cycle": "", **kw}
+
+
+def test_every_accuracy_carries_its_interval_and_the_method_that_made_it():
+    recs = [_rec(f"q{i}", i < 8) for i in range(10)]
+    m = compute_metrics(recs)["v"]
+    assert m["interval"] == "Wilson" and [round(v, 1) for v in m["accuracy_ci95"]] == [49.0, 94.3]
+    k = compute_metrics([{**r, "sample": s} for r in recs for s in range(3)])["v"]  # three samples each
+    assert k["interval"] == "bootstrap over questions"
+    hr = compute_metrics([_rec(f"q{i}", True, cycle=f"cycle{i}") for i in range(4)])["v"]  # one question, rotated
+    assert hr["interval"] == "bootstrap over questions" and hr["accuracy_ci95"] == [100.0, 100.0]
+
+
+def test_grounding_faithfulness_on_hand_made_predictions():
+    """Target (10, 10, 50, 50), centre (30, 30). Right answers: box = target (IoU 1, centre in), a
+    box holding the centre but too big for IoU 0.5, a box elsewhere, no box; wrong: one covering."""
+    recs = [_rec("a", True, [10, 10, 50, 50]), _rec("b", True, [0, 0, 100, 100]), _rec("c", True, [60, 60, 90, 90]),
+            _rec("d", True, None), _rec("e", False, [12, 12, 48, 48]), _rec("f", False, None, target=None)]
+    f = compute_metrics(recs)["v"]["faithfulness"]
+    assert (f["right_answers"], f["wrong_answers"]) == (4, 1)
+    assert f["right_covered_iou"] == pytest.approx(25.0) and f["right_covered_centre"] == pytest.approx(50.0)
+    assert f["right_without_grounding"] == pytest.approx(50.0)
+    assert f["wrong_covered_iou"] == pytest.approx(100.0) and f["wrong_covered_centre"] == pytest.approx(100.0)
+    assert "faithfulness" not in compute_metrics([_rec("x", True, None, target=None)])["v"]
+
+
+def test_compare_gives_the_paired_difference_with_its_interval_and_mcnemar(tmp_path):
+    from mgpo.eval.report import compare
+
+    def write(name, right):
+        (tmp_path / name).mkdir()
+        recs = [_rec(f"q{i}", i < right) for i in range(20)]
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"protocol": {"mode": "mgpo"},
+                                                                  "results": compute_metrics(recs)}))
+    write("base", 8)
+    write("mgpo", 14)
+    text = compare([tmp_path / "base", tmp_path / "mgpo"])
+    assert "v, mgpo - base: +30.0 points, 95% interval" in text
+    assert "20 questions, paired; right only in base: 0, only in mgpo: 6; McNemar exact p = 0.0312" in text

@@ -110,3 +110,9 @@ def test_cases_are_spread_over_the_whole_evaluation():
     recs = [{**_records()[0], "id": str(i)} for i in range(100)]
     shown = pick_cases(recs, 6)
     assert len(shown) == 6 and int(shown[-1]["id"]) > 50
+
+
+def test_the_report_shows_each_accuracys_interval_and_the_faithfulness_table():
+    page = _html(_records())
+    assert "95% interval" in page and "(Wilson)" in page
+    assert "Grounding faithfulness" in page and "right without grounding %" in page

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.grounding import area_share, target_fit
+from ..core.grounding import area_share, enclosing, target_fit
+from .stats import accuracy_interval, paired, unpaired
 
 
 def fingerprint(ids) -> dict:
@@ -76,6 +77,43 @@ def turn_summary(recs: list[dict]) -> dict:
     return out
 
 
+def question_groups(recs: list[dict]) -> list[list[bool]]:
+    """Each question's outcomes (its k samples), the unit every interval resamples; HR-Bench's
+    rotations of one question (same text, same options in another order) form one group."""
+    groups: dict[tuple, list[bool]] = defaultdict(list)
+    for r in recs:
+        key = ("cycles", r["question"], tuple(sorted(map(str, r.get("options") or ())))) if r.get("cycle") else ("id", r["id"])
+        groups[key].append(bool(r["correct"]))
+    return list(groups.values())
+
+
+def faithfulness(recs: list[dict]) -> dict | None:
+    """How the right (and the wrong) answers relate to the turn-1 box, on records with target boxes:
+    the share whose box covers the target, by IoU >= 0.5 and by the target's centre inside the box,
+    and the share of right answers with neither ("right without grounding"). None without targets."""
+    grounded = [r for r in recs if r.get("target_boxes")]
+    if not grounded:
+        return None
+
+    def covers(r) -> tuple[bool, bool]:
+        box = r["box_original"] if r.get("valid") else None
+        if not box:
+            return False, False
+        x1, y1, x2, y2 = enclosing(r["target_boxes"])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        return target_fit(box, r["target_boxes"])[0] >= 0.5, box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
+
+    out = {}
+    for name, part in (("right", [r for r in grounded if r["correct"]]), ("wrong", [r for r in grounded if not r["correct"]])):
+        fits = [covers(r) for r in part]
+        out[f"{name}_answers"] = len(part)
+        out[f"{name}_covered_iou"] = _acc([f[0] for f in fits]) if fits else None
+        out[f"{name}_covered_centre"] = _acc([f[1] for f in fits]) if fits else None
+        if name == "right":
+            out["right_without_grounding"] = _acc([not (f[0] or f[1]) for f in fits]) if fits else None
+    return out
+
+
 def compute_metrics(records: list[dict], boxes: bool = True) -> dict:
     """Accuracy (Avg@k, pass@k) per dataset and category, and grounding diagnostics (None, shown
     as "-", when the prompt asks for no box: ``boxes=False``, the ``direct`` mode)."""
@@ -91,10 +129,12 @@ def compute_metrics(records: list[dict], boxes: bool = True) -> dict:
         for r in recs:
             cats[r["category"]].append(r["correct"])
         ious, crop_hits, shares = grounding_values(recs)
+        ci, how = accuracy_interval(question_groups(recs))
         out[name] = {
             "questions": len(per_id),
             "samples_per_question": max(len(v) for v in per_id.values()),
             "accuracy": _acc([r["correct"] for r in recs]),  # Avg@k (k = 1: plain accuracy)
+            "accuracy_ci95": list(ci), "interval": how,
             "pass_at_k": _acc([any(x["correct"] for x in v) for v in per_id.values()]),
             "categories": {c: _acc(v) for c, v in sorted(cats.items())},
             "no_answer": _acc([r["pred"] is None for r in recs]),
@@ -107,6 +147,8 @@ def compute_metrics(records: list[dict], boxes: bool = True) -> dict:
             } if boxes else dict.fromkeys(("valid_box", "mean_iou", "crop_contains_target",
                                            "crop_area_share_quantiles")),
         }
+        if boxes and (faith := faithfulness(recs)) is not None:
+            out[name]["faithfulness"] = faith
         if any(r.get("turns") for r in recs):
             out[name]["turns"] = turn_summary(recs)
         if any(r.get("breakdown") for r in recs):
@@ -114,6 +156,15 @@ def compute_metrics(records: list[dict], boxes: bool = True) -> dict:
         if (cycles := per_cycle(recs)) is not None:
             out[name]["per_cycle"] = cycles
     return out
+
+
+def interval(ci) -> str:
+    """A 95% interval as the tables print it.
+
+    >>> interval([69.94, 81.9]), interval(None)
+    ('69.9 - 81.9', '-')
+    """
+    return "-" if not ci or any(v is None or v != v for v in ci) else f"{ci[0]:.1f} - {ci[1]:.1f}"
 
 
 def fmt(v) -> str:
@@ -142,10 +193,13 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
             lines.append(f"| {k} | {md(v)} |")
     for name, fp in protocol.get("datasets", {}).items():
         lines.append(f"| dataset {md(name)} | {fp['count']} questions, ids sha1 {fp['sha1']} |")
-    lines += ["", "## Accuracy (%)", "", "| dataset | overall | pass@k | categories |", "|---|---|---|---|"]
+    lines += ["", "## Accuracy (%)", "", "| dataset | overall | 95% interval | pass@k | categories |",
+              "|---|---|---|---|---|"]
     for name, m in metrics.items():
         cats = ", ".join(f"{md(c)} {fmt(v)}" for c, v in m["categories"].items())
-        lines.append(f"| {md(name)} | {fmt(m['accuracy'])} | {fmt(m['pass_at_k'])} | {cats} |")
+        how = f" ({m['interval']})" if m.get("interval") else ""
+        lines.append(f"| {md(name)} | {fmt(m['accuracy'])} | {interval(m.get('accuracy_ci95'))}{how} | "
+                     f"{fmt(m['pass_at_k'])} | {cats} |")
     for name, m in metrics.items():
         if "breakdown" in m:
             lines += ["", f"### {md(name)}: official breakdown", "", "| level | accuracy | samples |", "|---|---|---|"]
@@ -163,6 +217,16 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
         iou_text = f"{g['mean_iou']:.3f}" if g["mean_iou"] is not None else "-"
         lines.append(f"| {md(name)} | {fmt(g['valid_box'])} | {iou_text} | {fmt(g['crop_contains_target'])} | {q} | "
                      f"{fmt(m['no_answer'])} |")
+    faithful = {name: m["faithfulness"] for name, m in metrics.items() if m.get("faithfulness")}
+    if faithful:
+        lines += ["", "## Grounding faithfulness (records with target boxes)", "",
+                  "Covered: the turn-1 box has IoU >= 0.5 with the target / holds the target's centre.", "",
+                  "| dataset | right answers covered % (IoU / centre) | wrong answers covered % (IoU / centre) | "
+                  "right without grounding % |", "|---|---|---|---|"]
+        for name, f in faithful.items():
+            lines.append(f"| {md(name)} | {fmt(f['right_covered_iou'])} / {fmt(f['right_covered_centre'])} | "
+                         f"{fmt(f['wrong_covered_iou'])} / {fmt(f['wrong_covered_centre'])} | "
+                         f"{fmt(f['right_without_grounding'])} |")
     turned = {name: m["turns"] for name, m in metrics.items() if "turns" in m}
     if turned:
         lines += ["", "## Turns (K-turn mode)", "", "| dataset | turns used | crops | nested zoom % | answer at turn k % "
@@ -182,20 +246,21 @@ def console_table(result: dict) -> str:
     """The accuracy table ``eval.py`` prints when it ends: one row per dataset (accuracy and the
     valid-box share in %, mean IoU with the targets where the dataset has them, records skipped).
 
-    >>> print(console_table({"results": {"vstar": {"questions": 191, "accuracy": 76.44, "grounding":
-    ...     {"valid_box": 95.3, "mean_iou": 0.4123}}}, "skipped": {"vstar": 0}}))
-    dataset  questions  accuracy %  valid box %  mean IoU  skipped
-    vstar          191        76.4         95.3     0.412        0
+    >>> print(console_table({"results": {"vstar": {"questions": 191, "accuracy": 76.44, "accuracy_ci95":
+    ...     [69.94, 81.9], "grounding": {"valid_box": 95.3, "mean_iou": 0.4123}}}, "skipped": {"vstar": 0}}))
+    dataset  questions  accuracy %  95% interval  valid box %  mean IoU  skipped
+    vstar          191        76.4   69.9 - 81.9         95.3     0.412        0
     """
-    head = ("dataset", "questions", "accuracy %", "valid box %", "mean IoU", "skipped")
+    head = ("dataset", "questions", "accuracy %", "95% interval", "valid box %", "mean IoU", "skipped")
     rows = []
     for name, m in result["results"].items():
         iou_ = m["grounding"]["mean_iou"]
-        rows.append((name, str(m["questions"]), fmt(m["accuracy"]), fmt(m["grounding"]["valid_box"]),
-                     "-" if iou_ is None else f"{iou_:.3f}", str(result.get("skipped", {}).get(name, 0))))
+        rows.append((name, str(m["questions"]), fmt(m["accuracy"]), interval(m.get("accuracy_ci95")),
+                     fmt(m["grounding"]["valid_box"]), "-" if iou_ is None else f"{iou_:.3f}",
+                     str(result.get("skipped", {}).get(name, 0))))
     for name, n in result.get("skipped", {}).items():  # a dataset whose every record was skipped
         if name not in result["results"]:
-            rows.append((name, "0", "-", "-", "-", str(n)))
+            rows.append((name, "0", "-", "-", "-", "-", str(n)))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [head, *rows]]
@@ -257,6 +322,37 @@ def read_metrics(run_dir: str | Path) -> dict:
     return metrics
 
 
+def outcomes(run_dir: str | Path) -> dict[str, dict[str, list[bool]]]:
+    """dataset -> question id -> its samples' outcomes, from an evaluation's predictions.jsonl."""
+    out: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    path = Path(run_dir) / "predictions.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        r = json.loads(line)
+        out[r["dataset"]][str(r["id"])].append(bool(r["correct"]))
+    return out
+
+
+def _differences(run_dirs, names: list[str]) -> list[str]:
+    """Each later run against the first, per dataset: paired (the same questions) or unpaired."""
+    first = outcomes(run_dirs[0])
+    lines = []
+    for d, name in zip(run_dirs[1:], names[1:]):
+        for dataset, b in outcomes(d).items():
+            a = first.get(dataset)
+            if not a:
+                continue
+            same = set(a) == set(b)
+            r = paired(a, b) if same else unpaired(a, b)
+            if not r.get("questions"):
+                continue
+            what = (f"{r['questions']} questions, paired; right only in {names[0]}: {r['only_a']}, only in {name}: "
+                    f"{r['only_b']}; McNemar exact p = {r['mcnemar_p']:.3g}" if same else
+                    f"different question sets ({r['questions'][0]} and {r['questions'][1]}): unpaired, so wider")
+            lines.append(f"- {dataset}, {name} - {names[0]}: {r['difference']:+.1f} points, 95% interval "
+                         f"{r['ci95'][0]:+.1f} to {r['ci95'][1]:+.1f} ({what})")
+    return (["", "Differences (bootstrap over questions):", *lines]) if lines else []
+
+
 def compare(run_dirs: list[str | Path]) -> str:
     """Side-by-side accuracy and grounding of several evaluation runs (differences vs the first)."""
     if not run_dirs:
@@ -282,6 +378,7 @@ def compare(run_dirs: list[str | Path]) -> str:
             delta = "" if v is None or vals[0] is None else f" ({v - vals[0]:+.{digits}f})"
             cells.append(show(v) + delta)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += _differences(run_dirs, [n for n, _ in runs])
     protocols = [m["protocol"] for _, m in runs]
     keys = {k for p in protocols for k in p}  # a key only a later run has is a difference too
     differs = sorted(k for k in keys if any(p.get(k) != protocols[0].get(k) for p in protocols[1:]))

@@ -17,7 +17,7 @@ import io
 import numpy as np
 
 from ..core.grounding import target_fit
-from .report import fmt, grounding_values
+from .report import fmt, grounding_values, interval
 
 STYLE = """
 body{font-family:sans-serif;margin:20px;color:#222} table{border-collapse:collapse;margin:6px 0 14px}
@@ -100,9 +100,10 @@ def _summary(metrics: dict, protocol: dict, skipped: dict[str, list]) -> str:
     proto = [[k, v] for k, v in protocol.items() if k != "datasets"]
     proto += [[f"dataset {n}", f"{fp['count']} questions, ids sha1 {fp['sha1']}"]
               for n, fp in protocol.get("datasets", {}).items()]
-    acc = [[n, m["questions"], m["samples_per_question"], m["accuracy"], m["pass_at_k"], m["no_answer"],
+    acc = [[n, m["questions"], m["samples_per_question"], m["accuracy"],
+            f"{interval(m.get('accuracy_ci95'))} ({m.get('interval', '-')})", m["pass_at_k"], m["no_answer"],
             len(skipped.get(n, []))] for n, m in metrics.items()]
-    acc += [[n, 0, "-", None, None, None, len(v)] for n, v in skipped.items() if n not in metrics]
+    acc += [[n, 0, "-", None, "-", None, None, len(v)] for n, v in skipped.items() if n not in metrics]
     ground = []
     for n, m in metrics.items():
         g = m["grounding"]
@@ -111,10 +112,19 @@ def _summary(metrics: dict, protocol: dict, skipped: dict[str, list]) -> str:
                        g["crop_contains_target"], "/".join(f"{x:.3f}" for x in q) if q else "-"])
     out = ["<h2>Protocol</h2>", _table(["setting", "value"], proto, numeric_from=9),
            "<h2>Accuracy (%)</h2>",
-           _table(["dataset", "questions", "k", "accuracy (Avg@k)", "pass@k", "no answer %", "skipped"], acc),
+           _table(["dataset", "questions", "k", "accuracy (Avg@k)", "95% interval", "pass@k", "no answer %", "skipped"],
+                  acc),
            "<h2>Grounding</h2>",
            _table(["dataset", "valid box %", "mean IoU", "crop holds target %", "crop area share p10/p50/p90"],
                   ground)]
+    faithful = [[n, f["right_covered_iou"], f["right_covered_centre"], f["wrong_covered_iou"],
+                 f["wrong_covered_centre"], f["right_without_grounding"]]
+                for n, m in metrics.items() if (f := m.get("faithfulness"))]
+    if faithful:
+        out += ["<h2>Grounding faithfulness</h2><p>Covered: the turn-1 box has IoU &ge; 0.5 with the target / "
+                "holds the target's centre.</p>",
+                _table(["dataset", "right answers covered % (IoU)", "(centre)", "wrong answers covered % (IoU)",
+                        "(centre)", "right without grounding %"], faithful)]
     for n, m in metrics.items():
         out.append(f"<h3>{_e(n)}: per category</h3>" + _table(["category", "accuracy"],
                                                                [[c, v] for c, v in m["categories"].items()]))
