@@ -250,3 +250,11 @@ def test_a_single_item_for_a_list_and_a_whole_float_for_an_integer_are_accepted(
     assert cfg.eval.datasets == ("/data/vstar_bench",) and cfg.train.max_steps == 1000 and cfg.rollout.group_size == 8
     with pytest.raises(ConfigError, match="train.max_steps: expected an integer, got 1.5"):
         load_config(None, ["train.max_steps=1.5"])
+
+
+def test_a_counterfactual_crop_needs_the_two_turn_mode():
+    assert load_config(None, ["eval.crop=black"]).eval.crop == "black"
+    with pytest.raises(ConfigError, match="eval.crop=gold replaces the crop of the two-turn mgpo mode"):
+        load_config(None, ["eval.crop=gold", "eval.mode=direct"])
+    with pytest.raises(ConfigError, match="eval.crop must be one of"):
+        load_config(None, ["eval.crop=white"])

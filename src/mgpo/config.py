@@ -263,6 +263,13 @@ class EvalConfig:
     or mgpo_k (zoom or answer each turn, up to eval.max_turns turns; beyond the paper)."""
     max_turns: int = 2
     """Assistant turns in mgpo_k mode (the rollout's max_turns for evaluation); mgpo is always 2."""
+    crop: str = "model"
+    """What turn 2 shows (mgpo mode): "model", the crop under the model's turn-1 box (the method);
+    the counterfactuals that show whether the answer comes from that crop: "black" (a black image of
+    the crop's exact size: the same tokens and positions), "random" (a crop of the same size at a
+    random place, seeded per question), "full" (the whole original again, as the fallback shows it),
+    "gold" (the crop of the record's annotated target box, where it has one: the upper bound of
+    grounding). Compare each with the plain run: `eval.py compare`."""
     adapter: str = ""
     """Optional LoRA adapter folder applied on top of model.path."""
     datasets: tuple[str, ...] = ()
@@ -275,7 +282,8 @@ class EvalConfig:
     """Questions per generate batch."""
     output_dir: str = ""
     """Where predictions.jsonl, metrics.json, report.md and report.html go ("" = a folder named after
-    the model and the datasets: runs/eval/<model>/<datasets>, so evaluations never share one)."""
+    the model, the datasets, the mode and the protocol: runs/eval/<model>/<datasets>-<mode>-<fingerprint>,
+    so evaluations never share one)."""
     report_examples: int = 24
     """Cases shown in report.html."""
     overwrite: bool = False
@@ -365,6 +373,7 @@ CHOICES = {  # every field with a fixed set of values
     "train.algorithm": ("rl", "sft"), "train.report_to": REPORT_TO, "eval.mode": tuple(sorted(TEMPLATES)),
     "loss.normalization": LOSS_NORMALIZATIONS, "loss.ratio": ("token", "sequence", "geometric"),
     "loss.adv_scale": ("group", "batch", "none"), "rollout.over_turn": ("penalize", "mask"),
+    "eval.crop": ("model", "black", "random", "full", "gold"),
 }
 NOT_EMPTY = ("model.path", "data.train", "train.output_dir", "train.resume")  # (eval.output_dir "": derived)
 
@@ -381,6 +390,8 @@ def _problems(cfg: Config) -> list[str]:
     for key, template, turns in (("rollout", r.template, r.max_turns), ("eval", e.mode, e.max_turns)):
         if template == "mgpo" and turns != 2:
             problems.append(f"{key}.max_turns must be 2 with the paper's mgpo template, got {turns} (use mgpo_k)")
+    if e.crop != "model" and e.mode != "mgpo":
+        problems.append(f"eval.crop={e.crop} replaces the crop of the two-turn mgpo mode; eval.mode is {e.mode}")
     high = cfg.loss.clip_eps_high
     if high is not None and not (math.isfinite(high) and high > 0):
         problems.append(f"loss.clip_eps_high must be > 0 (or empty: loss.clip_eps), got {high}")

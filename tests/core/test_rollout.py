@@ -319,3 +319,33 @@ def test_logprob_parity_and_mrope_with_a_crop(env, shared):
     crop_rows = torch.zeros_like(free)
     crop_rows[cropped] = free[cropped]
     assert (flat[crop_rows] - r.sample_logp[crop_rows]).abs().max() > 1e-3, "1-D positions must differ after a crop"
+
+
+def test_counterfactual_crops_black_is_the_crops_size_and_gold_is_the_target(env, monkeypatch):
+    """eval.crop: "black" shows a black image of exactly the model crop's size, so turn 2 holds the
+    same tokens at the same positions; "gold" shows the crop of the record's target box."""
+    import mgpo.core.rollout as ro
+    from mgpo.core.grounding import Box, crop_original, enclosing, fit_to_budget
+
+    model, processor, samples = env
+    sample = samples[0]
+    probe = _run(model, processor, [sample], group_size=1, max_new_tokens_turn1=2, max_new_tokens_turn2=1)
+    box = _box_in_input(probe.trajectories[0], sample, margin=40)
+    shown, real_encode = {}, ro.encode
+    monkeypatch.setattr(ro, "encode", lambda proc, text, images: (shown.setdefault(len(shown), images[0]),
+                                                                   real_encode(proc, text, images))[1])
+    runs = {}
+    for crop in ("model", "black", "gold"):
+        shown.clear()
+        scripted = ScriptedModel(model, processor.tokenizer, [f'```json\n[{{"bbox_2d": {box}}}]\n```', "\\boxed{A}"])
+        cfg = RolloutConfig(group_size=1, max_new_tokens_turn1=64, max_new_tokens_turn2=8)
+        runs[crop] = (rollout(scripted, processor, [sample], cfg, min_pixels=MIN_PX, max_pixels=MAX_PX, crop=crop),
+                      dict(shown))
+    (plain, plain_images), (black, black_images), (gold, gold_images) = runs["model"], runs["black"], runs["gold"]
+    assert plain.trajectories[0].valid and black.trajectories[0].valid
+    crop_image = plain_images[0]  # the turn-2 block's image (the turn-1 prompt is encoded elsewhere)
+    assert black_images[0].size == crop_image.size and black_images[0].getbbox() is None  # every pixel 0
+    assert black.input_ids.shape == plain.input_ids.shape and torch.equal(black.mm_token_type_ids, plain.mm_token_type_ids)
+    original = sample.load_image()
+    want = fit_to_budget(crop_original(original, Box(*enclosing(sample.target_boxes))), MIN_PX, MAX_PX, "bicubic")
+    assert gold_images[0].size == want.size and list(gold_images[0].getdata()) == list(want.getdata())

@@ -377,6 +377,14 @@ def test_each_evaluation_gets_its_own_folder_unless_told():
     assert len({a.eval.output_dir, b.eval.output_dir, c.eval.output_dir}) == 3
     told = with_output_dir(load_config(EVAL_PRESET, ["eval.output_dir=/tmp/mine"]))
     assert told.eval.output_dir == "/tmp/mine"
+    # two protocols never share a folder; the same protocol finds its own again
+    half = with_output_dir(load_config(EVAL_PRESET, ["model.path=/m/Qwen2.5-VL-7B-Instruct", "eval.datasets=[/d/v]",
+                                                      "model.max_pixels=501760"]))
+    black = with_output_dir(load_config(EVAL_PRESET, ["model.path=/m/Qwen2.5-VL-7B-Instruct", "eval.datasets=[/d/v]",
+                                                       "eval.crop=black"]))
+    assert len({a.eval.output_dir, half.eval.output_dir, black.eval.output_dir}) == 3 and "-black-" in black.eval.output_dir
+    assert with_output_dir(load_config(EVAL_PRESET, ["model.path=/m/Qwen2.5-VL-7B-Instruct",
+                                                     "eval.datasets=[/d/v]"])).eval.output_dir == a.eval.output_dir
 
 
 def test_a_partial_benchmark_is_evaluated_with_a_warning(tmp_path, caplog):

@@ -65,6 +65,7 @@ class Context:
     min_pixels: int
     max_pixels: int
     synced_gpus: bool
+    crop: str = "model"  # what turn 2 shows in the crop's place (evaluation's counterfactuals)
     images: list[ImagePatches] = field(default_factory=list)
 
     @property

@@ -263,3 +263,36 @@ def fit_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resample
 def crop_original(original: Image.Image, box_in_original: Box) -> Image.Image:
     """The region of the original image under the box, pixels untouched."""
     return original.crop(pixel_box(box_in_original, original.size))
+
+
+COUNTERFACTUALS = ("model", "black", "random", "full", "gold")
+"""What turn 2 shows in place of the crop under the model's box (evaluation only; training always
+shows the model's crop). Does the model answer from its crop? A model that does falls to chance
+when its crop is black or elsewhere, and is unchanged or better when shown the target itself."""
+
+
+def counterfactual_region(kind: str, box: Box | None, targets, size: tuple[int, int], key: str) -> Box | None:
+    """The region of the original turn 2 crops from, by ``kind``: the model's box ("model", and
+    "black", which blanks that crop afterwards), a box of the same size at a random place inside
+    the original ("random", drawn from ``key``, so a rerun draws the same), the target boxes'
+    enclosing box ("gold", where the record has targets; None without), or None for "full" (the
+    whole original is shown) and for a missing box (the fallback).
+
+    >>> counterfactual_region("gold", None, [[10, 20, 30, 40], [50, 5, 60, 35]], (100, 100), "q")
+    Box(x1=10, y1=5, x2=60, y2=40)
+    >>> r = counterfactual_region("random", Box(0, 0, 40, 20), [], (100, 50), "q")
+    >>> (r.x2 - r.x1, r.y2 - r.y1), 0 <= r.x1 <= 60 and 0 <= r.y1 <= 30
+    ((40.0, 20.0), True)
+    """
+    if kind == "gold":
+        return Box(*enclosing(targets)) if targets else None
+    if box is None or kind == "full":
+        return None
+    if kind == "random":
+        import random
+
+        rng = random.Random(f"random-crop-{key}")
+        w, h = box.x2 - box.x1, box.y2 - box.y1
+        x1, y1 = rng.uniform(0, max(0, size[0] - w)), rng.uniform(0, max(0, size[1] - h))
+        return Box(x1, y1, x1 + w, y1 + h)
+    return box

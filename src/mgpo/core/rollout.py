@@ -27,6 +27,7 @@ turn), which is what keeps ZeRO-3 ranks in lock-step.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from ..config import RolloutConfig
 from ..data.samples import Sample
@@ -49,6 +50,7 @@ from .grounding import (
     FACTOR,
     Box,
     box_problem,
+    counterfactual_region,
     crop_original,
     find_box,
     fit_to_budget,
@@ -78,14 +80,15 @@ def prompt_tokens(processor, template_name: str, sample: Sample, min_pixels: int
 @torch.no_grad()
 def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_pixels: int, max_pixels: int,
             greedy: bool = False, record_logprobs: bool = False, synced_gpus: bool = False,
-            images: list | None = None, max_prompt_tokens: int = 0) -> Rollout:
+            images: list | None = None, max_prompt_tokens: int = 0, crop: str = "model") -> Rollout:
     """Sample ``cfg.group_size`` conversations per prompt, in the template's turns.
 
     ``images`` are the samples' decoded originals when the caller has them already. A prompt
     longer than ``max_prompt_tokens`` (0 = no limit) is skipped like an unreadable image.
+    ``crop``: what turn 2 shows (``grounding.COUNTERFACTUALS``; evaluation's counterfactuals).
     """
     ctx = Context(processor, get_template(cfg.template), cfg, special_ids(processor), greedy, record_logprobs,
-                   min_pixels, max_pixels, synced_gpus)
+                   min_pixels, max_pixels, synced_gpus, crop=crop)
     prompts, skipped = encode_prompts(ctx, samples, images, max_prompt_tokens=max_prompt_tokens,
                                       count=lambda s: prompt_tokens(processor, cfg.template, s, min_pixels, max_pixels))
     was_training = model.training
@@ -179,10 +182,8 @@ def _turn2_blocks(ctx: Context, prompts: list[Prompt], trajectories: list[Trajec
         g = i // ctx.cfg.group_size
         p = prompts[g]
         q, options = p.sample.question, p.sample.options
-        if traj.valid:
-            box = Box(*traj.box_original)  # mapped when turn 1 was closed
-            crop = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
-                                 ctx.cfg.crop_resample)
+        crop = _shown_image(ctx, p, traj, f"{p.sample.id}-{i}")
+        if crop is not None:
             traj.crop_size = crop.size
             if g not in crop_text:  # the same words for every crop of the group
                 crop_text[g] = second_turn_text(ctx.processor, ctx.template, q, options, True)
@@ -194,6 +195,21 @@ def _turn2_blocks(ctx: Context, prompts: list[Prompt], trajectories: list[Trajec
                                                                            False), [p.original])
             blocks.append((fallback[g], p.image))
     return blocks
+
+
+def _shown_image(ctx: Context, p: Prompt, traj: Trajectory, key: str):
+    """The image turn 2 shows in the crop's place, or None for the fallback: the original's region
+    under the model's box, enlarged into the pixel budget; or, in evaluation's counterfactuals
+    (``ctx.crop``), a black image of that crop's size, a same-size crop elsewhere, the whole
+    original, or the target's crop (``grounding.counterfactual_region``)."""
+    if ctx.crop == "full":
+        return p.original if traj.valid else None  # the processor resizes it, as the fallback's
+    box = Box(*traj.box_original) if traj.valid else None  # mapped when turn 1 was closed
+    region = counterfactual_region(ctx.crop, box, p.sample.target_boxes, p.original.size, key)
+    if region is None:
+        return None
+    crop = fit_to_budget(crop_original(p.original, region), ctx.min_pixels, ctx.max_pixels, ctx.cfg.crop_resample)
+    return Image.new("RGB", crop.size) if ctx.crop == "black" else crop
 
 
 def _generate_turn2(model, ctx: Context, prompts, conversations, blocks, turn1: Generated) -> Generated:

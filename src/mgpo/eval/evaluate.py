@@ -17,6 +17,7 @@ The crop is computed by ``mgpo.core.rollout``, the same code the trainer uses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -123,19 +124,24 @@ def model_label(path: str) -> str:
 
 
 def with_output_dir(cfg: Config) -> Config:
-    """``cfg`` with ``eval.output_dir`` filled when it is empty: runs/eval/<model>/<datasets>
-    (the adapter's name added to the model's), computed once, before anything is written.
+    """``cfg`` with ``eval.output_dir`` filled when it is empty, computed once, before anything is
+    written: runs/eval/<model>/<datasets>-<mode>[-<crop>]-<protocol fingerprint> (the adapter's name
+    added to the model's), so an evaluation under another protocol (another pixel budget, say) never
+    lands on this one's predictions, and a rerun under the same one finds and resumes them.
 
     >>> from mgpo.config import load_config
-    >>> with_output_dir(load_config(None, ["model.path=/m/Qwen2.5-VL-7B-Instruct",
+    >>> out = with_output_dir(load_config(None, ["model.path=/m/Qwen2.5-VL-7B-Instruct",
     ...     "eval.datasets=[/d/vstar_bench,/d/MME-RealWorld-Lite.json]"])).eval.output_dir
-    'runs/eval/Qwen2.5-VL-7B-Instruct/vstar_bench+MME-RealWorld-Lite'
+    >>> out.startswith("runs/eval/Qwen2.5-VL-7B-Instruct/vstar_bench+MME-RealWorld-Lite-mgpo-"), len(out.split("-")[-1])
+    (True, 8)
     """
     if cfg.eval.output_dir:
         return cfg
     model = model_label(cfg.model.path) + (f"+{model_label(cfg.eval.adapter)}" if cfg.eval.adapter else "")
     data = "+".join(n.replace("/", "_") for n in dataset_names(cfg.eval.datasets or (cfg.data.eval,)))
-    return replace(cfg, eval=replace(cfg.eval, output_dir=str(Path("runs/eval") / model / data)))
+    fp = hashlib.sha256(json.dumps(protocol(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    leaf = f"{data}-{cfg.eval.mode}" + (f"-{cfg.eval.crop}" if cfg.eval.crop != "model" else "") + f"-{fp}"
+    return replace(cfg, eval=replace(cfg.eval, output_dir=str(Path("runs/eval") / model / leaf)))
 
 
 def _prepare_output(cfg: Config, datasets: dict[str, SampleSet]) -> None:
@@ -223,7 +229,7 @@ def evaluate(cfg: Config, model=None, processor=None) -> dict:
                 try:
                     batch = rollout(model, processor, samples, rcfg, min_pixels=cfg.model.min_pixels,
                                     max_pixels=cfg.model.max_pixels, greedy=greedy,
-                                    max_prompt_tokens=cfg.data.max_prompt_tokens)
+                                    max_prompt_tokens=cfg.data.max_prompt_tokens, crop=e.crop)
                     records = _records(batch, {s.id: s for s in samples}, name, e.group_size)
                     failed = batch.skipped
                 except BadImageError as err:  # every prompt of the batch was refused; the reasons are in err

@@ -51,7 +51,7 @@ def protocol(cfg: Config) -> dict:
         "crop_resample": r.crop_resample, "box_rule": f"sides > {r.min_box_side}, aspect < {r.max_box_aspect}",
         "answer_match": "exact option letter in the last \\boxed{}" + (
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
-        "scorer": scorer_version(),
+        "scorer": scorer_version(), "crop": e.crop,
     } | ({"max_turns": e.max_turns,
           "max_image_tokens": image_token_cap(replace(r, max_turns=e.max_turns), cfg.model.max_pixels),
           "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
