@@ -342,7 +342,7 @@ def test_counterfactual_crops_black_is_the_crops_size_and_gold_is_the_target(env
         runs[crop] = (rollout(scripted, processor, [sample], cfg, min_pixels=MIN_PX, max_pixels=MAX_PX, crop=crop),
                       dict(shown))
     (plain, plain_images), (black, black_images), (gold, gold_images) = runs["model"], runs["black"], runs["gold"]
-    assert plain.trajectories[0].valid and black.trajectories[0].valid
+    assert plain.trajectories[0].valid and black.trajectories[0].valid and gold.trajectories[0].crop_size is not None
     crop_image = plain_images[0]  # the turn-2 block's image (the turn-1 prompt is encoded elsewhere)
     assert black_images[0].size == crop_image.size and black_images[0].getbbox() is None  # every pixel 0
     assert black.input_ids.shape == plain.input_ids.shape and torch.equal(black.mm_token_type_ids, plain.mm_token_type_ids)
