@@ -125,15 +125,15 @@ train: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)
 
 # `make eval` evaluates what `make demo` trained (runs/demo's newest checkpoint, under the demo's
-# config) once it exists, else the tiny model on the synthetic test set (configs/tiny_cpu.yaml);
-# `make eval MODEL=/models/ckpt DATA=/data/vstar_bench` evaluates a real one under the paper's
-# protocol (EVAL_PRESET) unless CONFIG= is given. A MODEL under build/ or runs/tiny_* is one of
-# the project's own tiny models and keeps CONFIG's default.
-EVAL_PRESET := configs/eval_qwen2_5_vl_7b.yaml
+# config) once it exists, else the tiny model on the synthetic test set (configs/tiny_cpu.yaml).
+# `make eval MODEL=/models/ckpt DATA=/data/vstar_bench`: the protocol comes from the model (eval.py):
+# a checkpoint written by train.py is evaluated under its run's settings, any other folder under the
+# paper's protocol (configs/eval_qwen2_5_vl_7b.yaml); CONFIG= names a preset instead. A MODEL under
+# build/ or runs/tiny_* is one of the project's own tiny models and keeps CONFIG's default.
 EVAL_DEFAULT := $(if $(wildcard runs/demo/checkpoint-*/COMPLETE),$(DEMO_CONFIG),$(CONFIG))
-EVAL_CONFIG := $(if $(filter file,$(origin CONFIG)),$(if $(and $(MODEL),$(filter-out build/% ./build/% runs/tiny_% ./runs/tiny_%,$(MODEL))),$(EVAL_PRESET),$(EVAL_DEFAULT)),$(CONFIG))
+EVAL_CONFIG := $(if $(filter file,$(origin CONFIG)),$(if $(MODEL),$(if $(filter build/% ./build/% runs/tiny_% ./runs/tiny_%,$(MODEL)),$(CONFIG)),$(EVAL_DEFAULT)),$(CONFIG))
 eval: $(STAMP) $(if $(filter $(CONFIG),$(EVAL_CONFIG)),tiny synth)
-	$(PY) eval.py --config $(EVAL_CONFIG) $(if $(MODEL),model.path=$(MODEL)) $(if $(DATA),eval.datasets=[$(DATA)]) $(ARGS)
+	$(PY) eval.py $(if $(EVAL_CONFIG),--config $(EVAL_CONFIG)) $(if $(MODEL),model.path=$(MODEL)) $(if $(DATA),eval.datasets=[$(DATA)]) $(ARGS)
 
 # TRL is installed here only, as the peer to measure against; the trainer never imports it.
 # The figures of this machine replace those in $(BENCH_OUT) (BENCH_OUT=... writes elsewhere).

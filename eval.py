@@ -58,22 +58,21 @@ def main() -> None:
         return crops_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, epilog=config_fields_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML preset")
+    parser.add_argument("--config", default=None,
+                        help="YAML preset; without it the protocol comes from the model: a checkpoint's own run "
+                             "config, else the paper's protocol (configs/eval_qwen2_5_vl_7b.yaml); with no model "
+                             "given, configs/tiny_cpu.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
-    from mgpo.config import load_config
+    from mgpo.eval.evaluate import newest_run_model, protocol_config, protocol_lines, with_output_dir
 
     overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    cfg, source = protocol_config(args.config, overrides)
     if cfg.model.path.startswith("build/") and not any(o.startswith("model.path=") for o in overrides):
         # A project preset: evaluate what its run (train.output_dir) trained, when it exists.
-        from mgpo.eval.evaluate import newest_run_model
-
         if newest := newest_run_model(cfg.train.output_dir):
-            cfg = load_config(args.config, [*overrides, f"model.path={newest}"])
-    from mgpo.eval.evaluate import with_output_dir
-
+            cfg, source = protocol_config(args.config, [*overrides, f"model.path={newest}"])
     cfg = with_output_dir(cfg)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -82,7 +81,8 @@ def main() -> None:
     from mgpo.eval.report import console_table
     from mgpo.runtime import distributed as D
 
-    print(f"evaluating {cfg.model.path} ({cfg.eval.mode} mode) into {cfg.eval.output_dir}")
+    print(f"evaluating {cfg.model.path} into {cfg.eval.output_dir}")
+    print(protocol_lines(cfg, source))
     result = evaluate(cfg)
     if result:
         print(console_table(result))

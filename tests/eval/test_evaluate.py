@@ -417,3 +417,28 @@ def test_an_evaluation_inside_a_checkpoint_folder_is_refused(tiny_dir, tmp_path)
     assert not (ckpt / "eval").exists()
     # the default folder of a checkpoint's evaluation is only named like one: runs/eval/checkpoint-600/...
     assert enclosing_checkpoint(tmp_path / "runs" / "eval" / "checkpoint-600" / "vstar_bench") is None
+
+
+def test_the_protocol_comes_from_the_model_unless_a_preset_is_named(tmp_path, tiny_dir):
+    """`make eval MODEL=runs/demo/checkpoint-30/model` evaluated the demo's tiny model under the 7B
+    preset (50% accuracy, 0% valid boxes, for a model at 100% under its own settings)."""
+    from mgpo.config import save_config
+    from mgpo.eval.evaluate import protocol_config, protocol_lines
+
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    ckpt_model = tmp_path / "checkpoint-30" / "model"
+    ckpt_model.mkdir(parents=True)
+    save_config(demo, ckpt_model / "mgpo_config.yaml")  # what train.py writes into every checkpoint
+    cfg, source = protocol_config(None, [f"model.path={ckpt_model}"])
+    assert (cfg.model.min_pixels, cfg.model.max_pixels) == (demo.model.min_pixels, demo.model.max_pixels)
+    assert cfg.rollout.max_new_tokens_turn1 == demo.rollout.max_new_tokens_turn1 and cfg.model.path == str(ckpt_model)
+    line = protocol_lines(cfg, source)
+    assert line.startswith(f"protocol (the run config saved with {ckpt_model}): mode mgpo")
+    assert f"pixels {demo.model.min_pixels}..{demo.model.max_pixels}" in line
+    assert f"new tokens per turn {demo.rollout.max_new_tokens_turn1}/{demo.rollout.max_new_tokens_turn2}" in line
+    published, source = protocol_config(None, [f"model.path={tiny_dir}"])  # no run config: the paper's protocol
+    assert (published.model.max_pixels, published.model.dtype) == (1280 * 28 * 28, "bfloat16")
+    assert "the paper's protocol" in source and "carries no run config" in source
+    named, source = protocol_config("configs/tiny_cpu.yaml", [f"model.path={ckpt_model}"])  # a preset wins
+    assert named.model.max_pixels == load_config("configs/tiny_cpu.yaml").model.max_pixels
+    assert source == "preset configs/tiny_cpu.yaml"

@@ -217,3 +217,17 @@ def test_a_prediction_line_without_its_dataset_is_ignored_not_fatal(tmp_path, ca
     assert [r["id"] for r in records] == ["q1"]
     assert done_questions(records, 1) == {("v", "q1")}
     assert "line 2 is not a prediction record" in caplog.text and "line 3" in caplog.text
+
+
+def test_one_fingerprint_for_a_question_set_everywhere(tiny_dir, synth_dir, tmp_path, loaded):
+    """report.md and protocol.json showed two different hashes for the same questions."""
+    model, processor = loaded
+    out = tmp_path / "e"
+    ev.evaluate(load_config("configs/tiny_cpu.yaml", [f"model.path={tiny_dir}", f"eval.output_dir={out}",
+                                                      f"eval.datasets=[{synth_dir / 'train.jsonl'}]",
+                                                      "data.max_samples=2", "rollout.max_new_tokens_turn1=4",
+                                                      "rollout.max_new_tokens_turn2=4"]), model, processor)
+    stored = json.loads((out / "predictions" / "protocol.json").read_text())["protocol"]["questions"]["train"]
+    reported = json.loads((out / "metrics.json").read_text())["protocol"]["datasets"]["train"]
+    assert stored == reported and stored["count"] == 2
+    assert f"sha256 {stored['sha256']}" in (out / "report.md").read_text()

@@ -27,7 +27,7 @@ def _records():
 
 def _html(records):
     metrics = compute_metrics(records)
-    protocol = {"model": "tiny", "mode": "mgpo", "datasets": {"vstar": {"count": 3, "sha1": "abc123abc123"}}}
+    protocol = {"model": "tiny", "mode": "mgpo", "datasets": {"vstar": {"count": 3, "sha256": "abc123abc123"}}}
     skipped = {"vstar": [("9", "image file not found: x.jpg")]}
     return render_html(records, lambda r: Image.new("RGB", (200, 100), (120, 30, 30)), 10, metrics, protocol, skipped)
 

@@ -69,6 +69,10 @@ def test_complete_marker_lists_every_file_with_its_sha256(trained):
         for rel, digest in marker["files"].items():
             assert hashlib.sha256((ckpt / rel).read_bytes()).hexdigest() == digest
         assert marker["settings"]["lora_rank"] == 0 and marker["settings"]["freeze_vision"] is True
+        # the run's config travels with its weights: evaluation takes its protocol from there
+        from mgpo.config import load_config
+
+        assert load_config(ckpt / "model" / "mgpo_config.yaml").train.output_dir == str(trained)
 
 
 @pytest.mark.parametrize("damage, name", [

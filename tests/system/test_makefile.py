@@ -76,8 +76,9 @@ def test_up_to_date_venv_runs_the_target(clone):
 
 @pytest.mark.parametrize("args, config", [
     ((), "configs/tiny_cpu.yaml"),  # the embedded default
-    (("MODEL=/models/Qwen2.5-VL-7B-Instruct", "DATA=/data/vstar_bench"), "configs/eval_qwen2_5_vl_7b.yaml"),
-    (("MODEL=runs/qwen2_5_vl_7b_mgpo/checkpoint-600/model",), "configs/eval_qwen2_5_vl_7b.yaml"),
+    # a real checkpoint: no preset, eval.py takes the protocol from the model (its run's, or the paper's)
+    (("MODEL=/models/Qwen2.5-VL-7B-Instruct", "DATA=/data/vstar_bench"), None),
+    (("MODEL=runs/qwen2_5_vl_7b_mgpo/checkpoint-600/model",), None),
     (("MODEL=build/tiny-qwen2.5-vl",), "configs/tiny_cpu.yaml"),  # the project's own tiny models
     (("MODEL=runs/tiny_beacon/checkpoint-150/model",), "configs/tiny_cpu.yaml"),
     (("MODEL=/models/ckpt", "CONFIG=configs/mine.yaml"), "configs/mine.yaml"),  # CONFIG= always wins
@@ -87,9 +88,11 @@ def test_make_eval_uses_the_papers_protocol_for_a_real_checkpoint(clone, args, c
     rc, text = _make(clone, "eval", *args)
     assert rc == 0, text
     (line,) = [c for c in calls.read_text().splitlines() if c.startswith("eval.py")]
-    assert line.startswith(f"eval.py --config {config}"), line
-    real = config == "configs/eval_qwen2_5_vl_7b.yaml"
-    assert ("mgpo.tools.tiny" in calls.read_text()) != real, "a real checkpoint needs no tiny model built"
+    if config is None:
+        assert "--config" not in line and line.startswith("eval.py  model.path="), line
+    else:
+        assert line.startswith(f"eval.py --config {config}"), line
+    assert ("mgpo.tools.tiny" in calls.read_text()) != (config is None), "a real checkpoint needs no tiny model built"
 
 
 def test_make_eval_after_make_demo_evaluates_the_demos_checkpoint(clone):

@@ -134,7 +134,8 @@ def train(cfg: Config) -> TrainResult:
             path = save_checkpoint(run.accelerator, run.wrapped, run.optimizer, run.scheduler, run.processor,
                                    run.out, step, {**run.state, "metrics": metrics}, tcfg.keep_last,
                                    lora=tcfg.lora_rank > 0,
-                                   pending=(pending.exp.state(), pending.slices) if pending else None)
+                                   pending=(pending.exp.state(), pending.slices) if pending else None,
+                                   run_config=cfg.to_yaml())
             log.info("step %d: checkpoint %s", step, path)
     run.logger.close()
     D.barrier()

@@ -34,7 +34,7 @@ from ..core.rollout import rollout
 from ..data.benchmarks import published_count
 from ..data.samples import BadImageError, SampleSet, detect_format, load_samples
 from ..runtime import distributed as D
-from ..runtime.checkpoint import enclosing_checkpoint
+from ..runtime.checkpoint import RUN_CONFIG, enclosing_checkpoint
 from ..runtime.model import CheckpointError, check_adapter_dir, check_model_dir, load_model, load_processor
 from .protocol import (
     PROTOCOL_FILE,
@@ -42,11 +42,12 @@ from .protocol import (
     cut_torn_tail,
     done_questions,
     protocol,
+    questions_stamp,
     read_predictions,
     run_protocol,
     weights_identity,
 )
-from .report import compute_metrics, fingerprint, render_markdown
+from .report import compute_metrics, render_markdown
 from .report_html import render_html
 
 log = logging.getLogger("mgpo")
@@ -121,6 +122,41 @@ def model_label(path: str) -> str:
     if len(parts) >= 2 and name.startswith("checkpoint-"):
         return f"{parts[-2]}-{name}"
     return name
+
+
+PAPER_PROTOCOL = Path(__file__).resolve().parents[3] / "configs" / "eval_qwen2_5_vl_7b.yaml"
+DEFAULT_PRESET = "configs/tiny_cpu.yaml"
+
+
+def protocol_config(preset: str | None, overrides: list[str]) -> tuple[Config, str]:
+    """The config an evaluation runs under, and where it came from. A preset named with --config
+    wins. Otherwise the model decides: a folder a training run wrote (``model/`` or ``adapter/`` of a
+    checkpoint, holding ``mgpo_config.yaml``) is evaluated under that run's model, rollout and pixel
+    settings; any other model folder (a published checkpoint) under the paper's protocol
+    (``configs/eval_qwen2_5_vl_7b.yaml``); with no model given, the embedded default preset."""
+    given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
+    if preset:
+        return load_config(preset, overrides), f"preset {preset}"
+    folders = [given[k] for k in ("eval.adapter", "model.path") if given.get(k)]
+    if not folders:
+        return load_config(DEFAULT_PRESET, overrides), f"preset {DEFAULT_PRESET}"
+    for folder in folders:
+        saved = Path(folder) / RUN_CONFIG
+        if saved.is_file():
+            # the run's own settings; its output folder and its training-only choices are not the evaluation's
+            return (load_config(saved, ["eval.output_dir=", "eval.overwrite=false", *overrides]),
+                    f"the run config saved with {folder}")
+    return load_config(PAPER_PROTOCOL, overrides), \
+        f"the paper's protocol ({PAPER_PROTOCOL.name}): {folders[0]} carries no run config"
+
+
+def protocol_lines(cfg: Config, source: str) -> str:
+    """What an evaluation prints first: the protocol in force and where it came from."""
+    e, m, r = cfg.eval, cfg.model, cfg.rollout
+    sampling = "greedy" if e.temperature == 0 else f"sampling at T={e.temperature}, {e.group_size} per question"
+    return (f"protocol ({source}): mode {e.mode}" + (f", crop {e.crop}" if e.crop != "model" else "")
+            + f", pixels {m.min_pixels}..{m.max_pixels}, new tokens per turn {r.max_new_tokens_turn1}/"
+            f"{r.max_new_tokens_turn2}, dtype {m.dtype}, {sampling}")
 
 
 def with_output_dir(cfg: Config) -> Config:
@@ -264,8 +300,7 @@ def write_report(cfg: Config, datasets: dict[str, SampleSet], out: Path) -> dict
     good.sort(key=lambda r: (r["dataset"], r["id"], r["sample"]))
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
     metrics = compute_metrics(good, boxes=cfg.eval.mode != "direct")  # the direct prompt asks for no box
-    proto = protocol(cfg) | {"datasets": {n: fingerprint(ds[i].id for i in range(len(ds)))
-                                          for n, ds in datasets.items()}}
+    proto = protocol(cfg) | {"datasets": {n: questions_stamp(ds) for n, ds in datasets.items()}}
     stored = out / "predictions" / PROTOCOL_FILE
     digest = json.loads(stored.read_text())["sha256"] if stored.exists() else None
     result = {"protocol": proto, "protocol_sha256": digest, "results": metrics,

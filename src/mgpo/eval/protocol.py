@@ -142,8 +142,9 @@ def weights_identity(folder: str | Path) -> str:
     return _IDENTITIES[key]
 
 
-def _questions_stamp(ds: SampleSet) -> dict:
-    """Count and hash of every question as the model sees it (id, image, text, options, answer)."""
+def questions_stamp(ds: SampleSet) -> dict:
+    """Count and hash of every question as the model sees it (id, image, text, options, answer): the
+    one fingerprint of a question set, in protocol.json, metrics.json and both reports."""
     digest = hashlib.sha256()
     for s in ds:
         digest.update(json.dumps([s.id, s.image, s.question, list(s.options), s.answer]).encode() + b"\n")
@@ -155,7 +156,7 @@ def run_protocol(cfg: Config, datasets: dict[str, SampleSet]) -> dict:
     proto = protocol(cfg) | {
         "model_files": weights_identity(cfg.model.path),
         "adapter_files": weights_identity(cfg.eval.adapter) if cfg.eval.adapter else "none",
-        "questions": {name: _questions_stamp(ds) for name, ds in datasets.items()},
+        "questions": {name: questions_stamp(ds) for name, ds in datasets.items()},
     }
     if cfg.eval.temperature > 0:  # sampled predictions depend on the per-batch seeds
         proto["sampling_seeds"] = f"train.seed={cfg.train.seed}, eval.batch_size={cfg.eval.batch_size}"

@@ -6,7 +6,6 @@ recomputed (and checked) from the file, and two runs compared line by line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -15,12 +14,6 @@ import numpy as np
 
 from ..core.grounding import area_share, enclosing, target_fit
 from .stats import accuracy_interval, paired, unpaired
-
-
-def fingerprint(ids) -> dict:
-    """Count and hash of a dataset's ids: two reports on the same questions share it."""
-    ids = sorted(str(i) for i in ids)
-    return {"count": len(ids), "sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]}
 
 
 def _acc(values) -> float:
@@ -192,7 +185,7 @@ def render_markdown(metrics: dict, protocol: dict, skipped: dict[str, list]) -> 
         if k != "datasets":
             lines.append(f"| {k} | {md(v)} |")
     for name, fp in protocol.get("datasets", {}).items():
-        lines.append(f"| dataset {md(name)} | {fp['count']} questions, ids sha1 {fp['sha1']} |")
+        lines.append(f"| dataset {md(name)} | {fp['count']} questions, sha256 {fp['sha256']} |")
     lines += ["", "## Accuracy (%)", "", "| dataset | overall | 95% interval | pass@k | categories |",
               "|---|---|---|---|---|"]
     for name, m in metrics.items():

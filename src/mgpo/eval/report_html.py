@@ -98,7 +98,7 @@ def svg_histogram(values: list[float], title: str, bins: int = 10, lo: float = 0
 
 def _summary(metrics: dict, protocol: dict, skipped: dict[str, list]) -> str:
     proto = [[k, v] for k, v in protocol.items() if k != "datasets"]
-    proto += [[f"dataset {n}", f"{fp['count']} questions, ids sha1 {fp['sha1']}"]
+    proto += [[f"dataset {n}", f"{fp['count']} questions, sha256 {fp['sha256']}"]
               for n, fp in protocol.get("datasets", {}).items()]
     acc = [[n, m["questions"], m["samples_per_question"], m["accuracy"],
             f"{interval(m.get('accuracy_ci95'))} ({m.get('interval', '-')})", m["pass_at_k"], m["no_answer"],

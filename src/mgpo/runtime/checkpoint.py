@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoint-50/`` (the name Hugging Face's ``get_last_checkpoint``
 looks for):
 
-    model/            Hugging Face folder (safetensors + processor): from_pretrained loads it
+    model/            Hugging Face folder (safetensors + processor): from_pretrained loads it;
+                      with mgpo_config.yaml, the run's config (evaluation's protocol comes from it)
     adapter/          instead of model/ when training LoRA (see ``python -m mgpo.tools.merge``)
     optimizer.pt      optimizer and scheduler state (weights_only-safe), or
     deepspeed/        DeepSpeed's own sharded engine state under ZeRO
@@ -58,6 +59,7 @@ from .model import CheckpointError, save_processor
 log = logging.getLogger("mgpo")
 
 MARKER = "COMPLETE"
+RUN_CONFIG = "mgpo_config.yaml"  # in model/ (adapter/): the run's config, whose protocol evaluation uses
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -462,13 +464,14 @@ _FULL_DISK_TEXT = ("unexpected pos", "file write failed", "No space left", "Stor
 
 
 def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
-                    trainer_state: dict, keep_last: int, lora: bool, pending: tuple[dict, list] | None = None) -> Path:
+                    trainer_state: dict, keep_last: int, lora: bool, pending: tuple[dict, list] | None = None,
+                    run_config: str | None = None) -> Path:
     """Write a whole checkpoint atomically (every rank calls this). A write that fails for want of
     space (or a file-size limit) is reported as such, naming the folder; the half-written folder
     is removed and the previous checkpoint, never touched, stays the one a resume takes."""
     try:
         return _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir, step,
-                                 trainer_state, keep_last, lora, pending)
+                                 trainer_state, keep_last, lora, pending, run_config)
     except Exception as e:
         if not ((isinstance(e, OSError) and e.errno in _FULL_DISK) or any(t in str(e) for t in _FULL_DISK_TEXT)):
             raise
@@ -481,7 +484,8 @@ def save_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, outpu
 
 
 def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, output_dir: str | Path, step: int,
-                      trainer_state: dict, keep_last: int, lora: bool, pending: tuple[dict, list] | None) -> Path:
+                      trainer_state: dict, keep_last: int, lora: bool, pending: tuple[dict, list] | None,
+                      run_config: str | None) -> Path:
     root = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")  # not a name get_last_checkpoint or a resume takes
@@ -498,6 +502,8 @@ def _write_checkpoint(accelerator, wrapped, optimizer, scheduler, processor, out
         folder = tmp / ("adapter" if lora else "model")
         policy.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         save_processor(processor, folder)
+        if run_config is not None:  # evaluation reads the run's own protocol from here
+            (folder / RUN_CONFIG).write_text(run_config)
 
     if D.is_deepspeed(accelerator):
         wrapped.save_checkpoint(str(tmp / "deepspeed"), tag="state")
