@@ -1,5 +1,8 @@
 """The reproduction report: one block per task between its markers, the rest of the page kept."""
 
+import json
+from pathlib import Path
+
 from mgpo.tools.repro import write_report
 
 
@@ -52,7 +55,6 @@ def test_table3_column_only_where_measured(tmp_path):
 
 def test_collect_reads_a_run_folder_back(tmp_path):
     """--report-only rebuilds the figures from a run folder: curves, each evaluated step, Table 3."""
-    import json
     import os
 
     from mgpo.tools.repro import collect
@@ -100,7 +102,6 @@ def test_sft_baseline_row_is_judged_in_the_one_turn_conversation(tmp_path):
 
 
 def test_answers_only_drops_the_boxes_and_keeps_the_rest(tmp_path):
-    import json
 
     from mgpo.tools.repro import answers_only
 
@@ -128,7 +129,6 @@ def test_budget_block_has_each_factor_and_the_margin(tmp_path):
 
 def test_an_sft_run_folder_is_read_back(tmp_path):
     """An SFT run logs no reward and no grounding of rollouts: collect still reads its figures."""
-    import json
 
     from mgpo.tools.repro import collect
 
@@ -157,6 +157,8 @@ def test_the_reproduction_checks_its_arguments_before_it_builds_anything(tmp_pat
     assert proc.returncode == 2 and "--report-only trains and builds nothing" in proc.stderr
     proc = run("--steps", "50", "--eval-every", "20")
     assert proc.returncode == 2 and "must be a multiple of --eval-every" in proc.stderr
+    proc = run("--task", "beacon", "--methods", "grpo", "--counterfactuals")
+    assert proc.returncode == 2 and "with mgpo among --methods" in proc.stderr
     assert not (tmp_path / "base").exists() and not (tmp_path / "out").exists()
 
 
@@ -172,3 +174,34 @@ def test_an_objective_variant_trains_with_its_loss_options_and_is_evaluated_as_m
     assert "loss.ratio=geometric" in train and "rollout.template=mgpo" in train
     assert len(evals) == 2 and all("eval.mode=mgpo" in c and "loss.ratio=geometric" not in c for c in evals)
     assert train[train.index("--config") + 1] == "configs/tiny_beacon.yaml"
+
+
+def test_counterfactuals_evaluate_each_model_under_each_crop_and_tabulate_them(tmp_path, monkeypatch):
+    import mgpo.tools.repro as repro
+
+    commands = []
+    accuracy = {"model": 90.0, "black": 25.0, "random": 30.0, "full": 40.0, "gold": 95.0}
+
+    def fake_run(cmd):
+        commands.append(cmd)
+        out = Path(next(a for a in cmd if a.startswith("eval.output_dir=")).split("=", 1)[1])
+        crop = next(a for a in cmd if a.startswith("eval.crop=")).split("=", 1)[1]
+        bump = 0.0 if "base" in out.name else float(out.name[4])  # seed s scores s points more
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"results": {"test": {
+            "questions": 64, "accuracy": accuracy[crop] - 20 * ("base" in out.name) + bump,
+            "accuracy_ci95": [1.0, 2.0]}}}))
+
+    monkeypatch.setattr(repro, "_run", fake_run)
+    found = repro.counterfactuals(tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", [0, 2], 60)
+    assert len(commands) == 3 * 5 and all("eval.mode=mgpo" in c for c in commands)
+    seed2 = [c for c in commands if "checkpoint-60" in " ".join(c) and "mgpo-seed2" in " ".join(c)]
+    assert sorted(next(a for a in c if a.startswith("eval.crop=")) for c in seed2) == sorted(
+        f"eval.crop={k}" for k in accuracy)
+    assert found["seed 2", "black"]["accuracy"] == 27.0 and found["base", "gold"]["accuracy"] == 75.0
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "reproduction.md").write_text("# Reproduction\n")
+    page = repro.write_counterfactuals(found, tmp_path / "docs", "cmd").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| black"))
+    assert row.split(" | ")[1:] == ["5.0", "1.0 - 2.0", "26.0 (25.0-27.0)", "25.0", "27.0 |"]
+    assert page.startswith("# Reproduction\n") and "repro-counterfactuals" in page
