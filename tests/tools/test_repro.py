@@ -180,28 +180,33 @@ def test_counterfactuals_evaluate_each_model_under_each_crop_and_tabulate_them(t
     import mgpo.tools.repro as repro
 
     commands = []
-    accuracy = {"model": 90.0, "black": 25.0, "random": 30.0, "full": 40.0, "gold": 95.0}
+    accuracy = {"model": 90.0, "black": 25.0, "random": 30.0, "full": 40.0, "gold": 95.0, "direct": 35.0}
 
     def fake_run(cmd):
         commands.append(cmd)
         out = Path(next(a for a in cmd if a.startswith("eval.output_dir=")).split("=", 1)[1])
-        crop = next(a for a in cmd if a.startswith("eval.crop=")).split("=", 1)[1]
-        bump = 0.0 if "base" in out.name else float(out.name[4])  # seed s scores s points more
+        condition = out.name.rsplit("-", 1)[1]
+        score = accuracy[condition] - 20 * out.name.startswith("base") + out.name.startswith("grpo")
+        score += float(out.name.split("-seed")[1][0]) if "-seed" in out.name else 0.0  # seed s: s points more
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"results": {"test": {
-            "questions": 64, "accuracy": accuracy[crop] - 20 * ("base" in out.name) + bump,
-            "accuracy_ci95": [1.0, 2.0]}}}))
+            "questions": 64, "accuracy": score, "accuracy_ci95": [1.0, 2.0]}}}))
 
     monkeypatch.setattr(repro, "_run", fake_run)
-    found = repro.counterfactuals(tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", [0, 2], 60)
-    assert len(commands) == 3 * 5 and all("eval.mode=mgpo" in c for c in commands)
-    seed2 = [c for c in commands if "checkpoint-60" in " ".join(c) and "mgpo-seed2" in " ".join(c)]
-    assert sorted(next(a for a in c if a.startswith("eval.crop=")) for c in seed2) == sorted(
-        f"eval.crop={k}" for k in accuracy)
-    assert found["seed 2", "black"]["accuracy"] == 27.0 and found["base", "gold"]["accuracy"] == 75.0
+    found = repro.counterfactuals(tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml",
+                                  ["mgpo", "grpo"], [0, 2], 60)
+    assert len(commands) == 5 * 6
+    seed2 = [" ".join(c) for c in commands if "mgpo-seed2/checkpoint-60/model" in " ".join(c)]
+    assert len(seed2) == 6 and all("rollout.template=mgpo" in c for c in seed2)
+    assert sum("eval.crop=black" in c for c in seed2) == 1 and sum(c.endswith("eval.overwrite=true") for c in seed2) == 6
+    direct = next(c for c in seed2 if "counterfactuals/mgpo-seed2-direct" in c)
+    assert direct.index("eval.mode=direct") > direct.index("eval.mode=mgpo")  # the later override wins
+    assert found["mgpo seed 2", "black"]["accuracy"] == 27.0 and found["base", "gold"]["accuracy"] == 75.0
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "reproduction.md").write_text("# Reproduction\n")
     page = repro.write_counterfactuals(found, tmp_path / "docs", "cmd").read_text()
-    row = next(line for line in page.splitlines() if line.startswith("| black"))
-    assert row.split(" | ")[1:] == ["5.0", "1.0 - 2.0", "26.0 (25.0-27.0)", "25.0", "27.0 |"]
     assert page.startswith("# Reproduction\n") and "repro-counterfactuals" in page
+    row = next(line for line in page.splitlines() if line.startswith("| black"))
+    # base; MGPO and GRPO mean (lowest-highest seed); each one's change from its plain run
+    assert row.split(" | ")[1:] == ["5.0", "26.0 (25.0-27.0)", "27.0 (26.0-28.0)", "-65.0", "-65.0 |"]
+    assert "| MGPO seed 2 | 92.0 (1.0 - 2.0) | 27.0 (1.0 - 2.0) |" in page
