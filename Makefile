@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: install test test-heavy test-fast demo train eval bench gpu-check lint clean tiny synth base beacon nested demo-base budgets repro repro-nested repro-budgets
+.PHONY: install test test-heavy test-fast demo train eval bench gpu-check lint clean tiny synth base beacon nested demo-base budgets repro repro-nested repro-budgets repro-objectives
 
 install: $(STAMP)
 
@@ -73,11 +73,17 @@ $(NESTED)/base.json: | $(STAMP)
 
 # The miniature reproduction (src/mgpo/tools/repro.py): MGPO from the colours base over 3 seeds;
 # then from the beacon base MGPO, the one-turn GRPO baseline and SFT on the answers only, 3
-# seeds each, evaluated every 30 steps, with the paper's Table 3; writes docs/reproduction.md
-# and its figures. The bases included (built when missing).
+# seeds each, evaluated every 30 steps, with the paper's Table 3 and the counterfactual crops;
+# writes docs/reproduction.md and its figures. The bases included (built when missing).
 repro: $(STAMP) base beacon
 	$(PY) -m mgpo.tools.repro --seeds 0 1 2 --steps 60
-	$(PY) -m mgpo.tools.repro --task beacon --seeds 0 1 2 --steps 60 --eval-every 30
+	$(PY) -m mgpo.tools.repro --task beacon --seeds 0 1 2 --steps 60 --eval-every 30 --counterfactuals
+
+# The objectives beside MGPO's on the beacon task (GSPO's sequence ratio, GMPO's geometric one,
+# Dr. GRPO's unscaled advantages), 3 seeds each.
+repro-objectives: $(STAMP) beacon
+	$(PY) -m mgpo.tools.repro --task beacon --methods mgpo mgpo_seq mgpo_geo mgpo_noscale --block objectives \
+		--seeds 0 1 2 --steps 60 --eval-every 30
 
 # The paper's Table 2 in miniature: MGPO and GRPO at three pixel budgets (the beacon scene at
 # 1x, 2x and 4x the model's view), from one base, 3 seeds each.
