@@ -89,7 +89,7 @@ def test_make_eval_uses_the_papers_protocol_for_a_real_checkpoint(clone, args, c
     assert rc == 0, text
     (line,) = [c for c in calls.read_text().splitlines() if c.startswith("eval.py")]
     if config is None:
-        assert "--config" not in line and line.startswith("eval.py  model.path="), line
+        assert "--config" not in line and line.startswith("eval.py model.path="), line
     else:
         assert line.startswith(f"eval.py --config {config}"), line
     assert ("mgpo.tools.tiny" in calls.read_text()) != (config is None), "a real checkpoint needs no tiny model built"
