@@ -76,3 +76,14 @@ def test_turn_metrics_of_k_turn_rollouts():
     assert "turns/valid_box_share_turn3" not in m
     two = Trajectory("x", 0, "A", ("a", "b"), (10, 10), (10, 10))
     assert not any(k.startswith("turns/") for k in rollout_metrics([two, two], [0, 1], group_size=2))
+
+
+def test_turn_lengths_mean_p95_and_longest():
+    """The lengths a run's time depends on: 19 rows of 10 tokens and one of 410 in turn 1."""
+    trajs = [_traj(True) for _ in range(20)]
+    trajs[7].turn1_tokens, trajs[3].turn2_tokens = 410, 0
+    m = rollout_metrics(trajs, [0.0] * 20, group_size=4)
+    assert m["length/turn1_tokens"] == 30.0 and m["length/turn1_tokens_max"] == 410.0
+    # numpy's linear quantile: position 0.95 x 19 = 18.05 between the sorted 10 and 410
+    assert m["length/turn1_tokens_p95"] == pytest.approx(10 + 0.05 * 400)
+    assert m["length/turn2_tokens"] == pytest.approx(95 / 20) and m["length/turn2_tokens_max"] == 5.0

@@ -27,12 +27,22 @@ def rollout_metrics(trajectories, rewards, group_size: int) -> dict[str, float]:
         "grounding/valid_box_share": float(np.mean([traj.valid for traj in trajectories])),
         "grounding/any_box_share": float(np.mean([traj.box_input is not None for traj in trajectories])),
         "grounding/crop_area_share": float(np.mean(crop_share)) if crop_share else 0.0,
-        "length/turn1_tokens": float(np.mean([traj.turn1_tokens for traj in trajectories])),
-        "length/turn2_tokens": float(np.mean([traj.turn2_tokens for traj in trajectories])),
+        **length_metrics(trajectories),
         "length/turn1_truncated": float(np.mean([traj.turn1_truncated for traj in trajectories])),
         "length/turn2_truncated": float(np.mean([traj.turn2_truncated for traj in trajectories])),
         "rollout/trajectories": float(n),
     } | target_metrics(trajectories) | turn_metrics(trajectories)
+
+
+def length_metrics(trajectories) -> dict[str, float]:
+    """Generated tokens per turn: the mean, the 95th percentile and the longest (what a run's
+    time depends on: ``mgpo.tools.plan --pilot`` reads them back)."""
+    out = {}
+    for turn in (1, 2):
+        n = np.array([getattr(traj, f"turn{turn}_tokens") for traj in trajectories], dtype=float)
+        out |= {f"length/turn{turn}_tokens": float(n.mean()), f"length/turn{turn}_tokens_p95": float(np.quantile(n, 0.95)),
+                f"length/turn{turn}_tokens_max": float(n.max())}
+    return out
 
 
 def target_metrics(trajectories) -> dict[str, float]:

@@ -15,6 +15,7 @@ import torch
 
 from ..config import Config, ConfigError, TrainConfig
 from ..data.samples import BadImageError, drop_long_prompts, load_samples
+from ..runtime import cost
 from ..runtime import distributed as D
 from ..runtime.checkpoint import load_pending, load_training_state
 from ..runtime.logger import RunLogger, external_trackers, setup_logging, start_trackers
@@ -148,6 +149,8 @@ def setup_run(cfg: Config) -> Run:
     log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batch%s of %d "
              "per step", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else
              cfg.rollout.group_size, world, plan.grad_accum, "" if plan.grad_accum == 1 else "es", tcfg.micro_batch_size)
+    if D.is_main() and (line := cost.startup_line(cfg, world, len(data))):  # on GPUs: how long? (mgpo.runtime.cost)
+        log.info(line)
     start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())
     logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
                        tensorboard=tcfg.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)

@@ -312,14 +312,16 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
                 held.states + held.step + held.layer_buf)
 
 
-def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int, bandwidth_tbs: float) -> float:
+def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int, bandwidth_tbs: float,
+                   turn_lengths: tuple[float, float] | None = None) -> float:
     """Lower bound on one generate batch's decode time: every step reads the language
-    model's weights once and every row's KV cache so far, at the GPU's HBM bandwidth."""
+    model's weights once and every row's KV cache so far, at the GPU's HBM bandwidth; each
+    turn runs to its token budget, or to ``turn_lengths`` (turn 1, turn 2) when given."""
     r = cfg.rollout
     weights = BF16 * (p.total - p.vision - (0 if a.tie_word_embeddings else p.embedding))  # a lookup reads one row
     image = cfg.model.max_pixels // (28 * 28)
     seconds, prefix = 0.0, text_tokens // 2 + image
-    turns = [r.max_new_tokens_turn1] + ([] if r.template == "grpo" else [r.max_new_tokens_turn2])
+    turns = list(turn_lengths or (r.max_new_tokens_turn1, r.max_new_tokens_turn2))[:1 if r.template == "grpo" else 2]
     for n in turns:
         kv_read = rows * kv_bytes_per_token(a) * (n * prefix + n * (n - 1) / 2)  # sum over steps of the cache length
         seconds += (n * weights + kv_read) / (bandwidth_tbs * 1e12)

@@ -1,9 +1,11 @@
 """Will it fit, and what will it cost? The plan of a config on a given number of GPUs: per-GPU
 memory by phase (``mgpo.runtime.memory``, the check ``train.py`` applies at start-up), the
-decode-time floor, the GPU counts the trainer accepts, ZeRO-3's traffic, and DeepSpeed's own
-memory estimate beside ours.
+decode-time floor, the run's time at the lengths its turns run to (``mgpo.runtime.cost``), the
+GPU counts the trainer accepts, ZeRO-3's traffic, and DeepSpeed's own memory estimate beside ours.
 
     python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo.yaml --gpus 8 --gpu-memory 80
+    python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo.yaml --gpus 8 --gpu-memory 80 --turn-lengths 64,256
+    python -m mgpo.tools.plan --config ... --gpus 8 --gpu-memory 80 --pilot runs/pilot/metrics.jsonl
     python -m mgpo.tools.plan --config configs/qwen2_5_vl_7b_mgpo_lora_1gpu.yaml --gpus 1 --gpu-memory 80
 
 GB = 10^9 bytes; GB/s and TB/s likewise.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from ..config import Config, ConfigError, load_config
 from ..runtime.archs import ARCHS
+from ..runtime.cost import PEAK_TFLOPS, UTILIZATION, given_lengths, pilot_lengths, render_run_time, run_time
 from ..runtime.memory import BANDWIDTH_TBS, BF16, GB, HEADROOM, Params, Plan, arch_for, count_params, plan
 from .args import positive_float, positive_int
 
@@ -167,6 +170,29 @@ def _deepspeed_says(cfg: Config, world: int) -> str:
         return ""
 
 
+PAPER_QUESTIONS = 21_690
+"""The paper's training set: MME-RealWorld without its Lite split."""
+
+
+def training_questions(cfg: Config, given: int | None) -> tuple[int, str]:
+    """(training questions, where the number comes from): given, else data.train's records when
+    it is a JSON list or a JSONL file on this machine, else the paper's training set."""
+    import json
+    from pathlib import Path
+
+    if given:
+        return given, "--questions"
+    path = Path(cfg.data.train)
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        text = path.read_text()
+        try:
+            n = len(json.loads(text)) if path.suffix == ".json" else sum(1 for line in text.splitlines() if line.strip())
+            return n, f"records in {path}"
+        except (json.JSONDecodeError, TypeError):
+            pass
+    return PAPER_QUESTIONS, f"the paper's set, MME-RealWorld without Lite; {path} is not here: pass --questions"
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..cli import config_fields_help
 
@@ -180,10 +206,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="HBM TB/s (H100 SXM 3.35, H200 4.8)")
     parser.add_argument("--text-tokens", type=positive_int, default=300,
                         help="prompt text of both turns, per trajectory")
+    parser.add_argument("--turn-lengths", metavar="T1,T2", help="generated tokens of turn 1 and turn 2 to time the "
+                        "run at (default: each turn's whole budget, the floor's assumption)")
+    parser.add_argument("--pilot", metavar="METRICS_JSONL", help="time the run at the lengths a pilot run logged "
+                        "(its metrics.jsonl: each turn's mean, and its 95th percentile as a call's longest row)")
+    parser.add_argument("--questions", type=positive_int, default=None,
+                        help="training questions (default: data.train's record count when it is a JSON or JSONL file "
+                             f"here, else the paper's {PAPER_QUESTIONS:,})")
+    parser.add_argument("--tflops", type=positive_float, default=PEAK_TFLOPS["h100"],
+                        help="dense bf16 TFLOP/s per GPU (H100 and H200 SXM: 989)")
+    parser.add_argument("--utilization", type=positive_float, default=UTILIZATION,
+                        help="share of --tflops the compute-bound parts reach")
     parser.add_argument("--launch", choices=["deepspeed", "plain"], default="deepspeed",
                         help="full fine-tuning under DeepSpeed ZeRO-3 (the presets' launch), or plain / DDP")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    if args.turn_lengths and args.pilot:
+        parser.error("--turn-lengths and --pilot both give the turn lengths: pass one")
+    if args.utilization > 1:
+        parser.error(f"--utilization is a share of the peak, at most 1, got {args.utilization:g}")
     cfg = load_config(args.config, args.overrides)
     check_gpu_count(cfg, args.gpus)
     deepspeed = args.launch == "deepspeed"
@@ -194,6 +235,17 @@ def main(argv: list[str] | None = None) -> None:
     pl = plan(cfg, args.gpus, args.gpu_memory, arch=args.arch, text_tokens=args.text_tokens,
               bandwidth_tbs=args.bandwidth, deepspeed=deepspeed)
     print(render(cfg, pl, args.gpus, args.gpu_memory, args.bandwidth, args.text_tokens, deepspeed))
+    if cfg.train.algorithm == "rl":
+        r = cfg.rollout
+        lengths = (pilot_lengths(args.pilot) if args.pilot else given_lengths(args.turn_lengths) if args.turn_lengths
+                   else given_lengths(f"{r.max_new_tokens_turn1},{r.max_new_tokens_turn2}",
+                                      f"every turn's whole budget ({r.max_new_tokens_turn1} and {r.max_new_tokens_turn2} "
+                                      "tokens: --turn-lengths or --pilot for the lengths a run has)"))
+        questions, where = training_questions(cfg, args.questions)
+        rt = run_time(cfg, args.gpus, questions, lengths, arch=args.arch, text_tokens=args.text_tokens,
+                      bandwidth_tbs=args.bandwidth, peak_tflops=args.tflops, utilization=args.utilization)
+        print("\n".join(["", *render_run_time(rt, lengths, f"{questions:,} training questions ({where})", args.tflops,
+                                               args.utilization, args.bandwidth)]))
     works = [n for n in gpu_counts(cfg) if n >= args.gpus]
     print(f"GPU counts the trainer accepts for these batch sizes, from {args.gpus} up: "
           + ", ".join(map(str, works[:12])) + (" ..." if len(works) > 12 else "") + f" (largest: {works[-1]})")
