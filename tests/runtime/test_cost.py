@@ -141,3 +141,33 @@ def test_the_trainers_startup_line_on_gpus_only(monkeypatch):
     # a model the estimate cannot size: a line, not an error
     assert startup_line(load_config(PAPER, ["model.path=/models/mystery"]), 8, 21_690).startswith(
         "run time estimate unavailable: cannot tell the architecture")
+
+
+def test_lora_backward_carries_only_the_inputs_gradient():
+    cfg = load_config(None, [*SMALL, "train.lora_rank=8"])
+    p = Params(total=1000, vision=100, embedding=50, lora=0, largest_module=0)
+    lengths = TurnLengths((3.0, 5.0), (9.0, 9.0), "test")
+    # as in the hand-computed case above, with a backward of 2 x (800 x 48 + 50 x 8) = 77,600
+    assert flops_per_rollout_batch(cfg, p, False, 2, lengths, text_tokens=20)[1] == 4 * (93_600 + 77_600)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_mgpo", "qwen2_5_vl_7b_grpo", "qwen2_5_vl_7b_mgpo_lora_1gpu"])
+def test_every_gpu_presets_header_states_the_plans_run_time(name):
+    """The header's run time (its '# time: --turn-lengths T1,T2' line) is the plan's own figure."""
+    import re
+    from pathlib import Path
+
+    from mgpo.tools.plan import training_questions
+
+    text = Path(f"configs/{name}.yaml").read_text()
+    gpus = int(re.search(r"^# plan: --gpus (\d+)", text, re.M).group(1))
+    lengths = re.search(r"^# time: --turn-lengths (\S+)", text, re.M).group(1)
+    cfg = load_config(f"configs/{name}.yaml")
+    questions, _ = training_questions(cfg, None)
+    rt = run_time(cfg, gpus, questions, given_lengths(lengths))
+    r = cfg.rollout
+    full = run_time(cfg, gpus, questions, given_lengths(f"{r.max_new_tokens_turn1},{r.max_new_tokens_turn2}"))
+    flat = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    parts = (f"{rt.batches} rollout batches, {rt.hours:.1f} h (decode {rt.batches * rt.decode_s / 3600:.1f} h, vision + "
+             f"prefill {rt.batches * rt.vision_prefill_s / 3600:.1f} h, update {rt.batches * rt.update_s / 3600:.1f} h)")
+    assert parts in flat and f"{full.hours:.1f} h if every turn ran to its budget" in flat, (parts, full.hours)

@@ -12,7 +12,8 @@ Each part of a rollout batch is bound by one resource of the GPU, and is timed a
   cache so far (``memory.decode_floor_s``). A generate call lasts as long as its longest row,
   so decode is timed at the longest row's length, not the mean.
 - update (compute): 6 FLOPs per trained parameter per token (forward and backward; 2 for a
-  frozen part's forward), 2 more per parameter with gradient checkpointing's recompute, and a
+  frozen vision tower's forward, 4 for a language model frozen under LoRA, whose backward
+  still carries the input's gradient), 2 more with gradient checkpointing's recompute, and a
   2-FLOP forward for each fixed pass (the old policy's when a rollout batch feeds several
   steps, the reference model's when ``loss.kl_coef`` > 0); the head only over the generated
   tokens (``masked_token_logprobs``).
@@ -149,8 +150,10 @@ def flops_per_rollout_batch(cfg: Config, p: Params, tied: bool, world: int, leng
     tokens = (2 * chunk if two_turns else chunk) + generated  # one trajectory in the training forward
     images = 2 if two_turns else 1
     forward = 2 * (p.vision * patches * images + body * tokens + head * generated)  # one forward, FLOPs
-    vision_trained = 0 if t.freeze_vision else p.vision
-    backward = 4 * (vision_trained * patches * images + body * tokens + head * generated)
+    vision_trained = 0 if t.freeze_vision or t.lora_rank else p.vision
+    # backward: 2 FLOPs a parameter for the input's gradient and 2 for the weight's; a frozen
+    # language model under LoRA needs the first only (the adapters' own are negligible)
+    backward = (2 if t.lora_rank else 4) * (body * tokens + head * generated) + 4 * vision_trained * patches * images
     recompute = forward if t.gradient_checkpointing else 0
     fixed = int(t.prompts_per_rollout > t.prompts_per_step or t.ppo_epochs > 1) + int(cfg.loss.kl_coef > 0)
     update = rows * (t.ppo_epochs * (forward + backward + recompute) + fixed * forward)
