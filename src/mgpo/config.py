@@ -201,6 +201,10 @@ class TrainConfig:
     """Prompts per optimizer step, over all ranks (the paper's run: 128, so 4 steps per rollout batch)."""
     micro_batch_size: int = 4
     """Trajectories per forward/backward on one rank; gradients accumulate to a step."""
+    micro_batch_tokens: int = 0
+    """When > 0, the update's micro-batches are packed by tokens instead: the step's trajectories,
+    longest first, as many to a micro-batch as fit this many tokens with their padding (rows x
+    the longest row); a longer trajectory goes alone. 0: ``micro_batch_size`` trajectories each."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     lr: float = 1e-6
@@ -358,7 +362,7 @@ RANGES = {  # every numeric field: (accepts the value, what is allowed)
     "loss.clip_eps": POSITIVE, "loss.kl_coef": COUNT, "loss.kl_clamp": POSITIVE,
     "loss.entropy_coef": COUNT, "loss.adv_eps": POSITIVE, "rollout.zoom_bonus": COUNT, "rollout.zoom_bonus_cap": COUNT,
     "train.seed": COUNT, "train.epochs": SOME, "train.max_steps": COUNT, "train.prompts_per_rollout": SOME,
-    "train.prompts_per_step": SOME, "train.micro_batch_size": SOME, "train.ppo_epochs": SOME, "train.lr": POSITIVE,
+    "train.prompts_per_step": SOME, "train.micro_batch_size": SOME, "train.micro_batch_tokens": COUNT, "train.ppo_epochs": SOME, "train.lr": POSITIVE,
     "train.warmup_steps": COUNT, "train.weight_decay": COUNT, "train.betas[0]": SHARE, "train.betas[1]": SHARE,
     "train.grad_clip": POSITIVE, "train.lora_rank": COUNT, "train.save_every": SOME, "train.keep_last": COUNT,
     "train.log_every": SOME, "train.max_bad_steps": SOME, "train.collective_timeout_s": _range(10),

@@ -15,12 +15,13 @@ def test_step_slices_are_whole_groups_every_epoch():
     assert slices == [list(range(0, 6)), list(range(6, 12))] * 2
 
 
-def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="token"):
-    """The figures of one SFT optimizer step over the same 4 records, in micro-batches of the given size."""
+def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="token", tokens=0, spy=None):
+    """The figures of one SFT optimizer step over the same 4 records, in micro-batches of the given
+    size (or packed by ``tokens``; ``spy`` collects each micro-batch's shape)."""
     from mgpo.core.setup import setup_run
     from mgpo.core.trainer import _next_prompts, _sft_experience, optimizer_step
 
-    out = tmp_path / f"run-{micro_batch_size}-{normalization}"
+    out = tmp_path / f"run-{micro_batch_size}-{normalization}-{tokens}"
     data = tmp_path / "train.jsonl"
     if not data.exists():  # the synthetic records with one short label, so the targets differ in length
         recs = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
@@ -30,7 +31,8 @@ def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="to
     cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={data}",
                              f"train.output_dir={out}", "train.algorithm=sft", "train.prompts_per_rollout=4",
                              "train.prompts_per_step=4", f"train.micro_batch_size={micro_batch_size}",
-                             f"loss.normalization={normalization}", "model.dtype=float32"])
+                             f"loss.normalization={normalization}", "model.dtype=float32",
+                             f"train.micro_batch_tokens={tokens}"])
     run = setup_run(cfg)
     assert run.plan.grad_accum == 4 // micro_batch_size
     prompts, images, _ = _next_prompts(run)
@@ -39,7 +41,11 @@ def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="to
         r = exp.batch
         logp_NT, _ = run.wrapped(loss_mask=r.loss_mask, **r.model_inputs())
         nll_N, tokens_N = -(logp_NT * r.loss_mask).sum(1).double(), r.loss_mask.sum(1).double()
-    hand = {"token": (nll_N.sum() / tokens_N.sum()).item(), "sequence": (nll_N / tokens_N).mean().item()}
+    hand = {"token": (nll_N.sum() / tokens_N.sum()).item(), "sequence": (nll_N / tokens_N).mean().item(),
+            "lengths": r.attention_mask.sum(dim=1).tolist()}
+    if spy is not None:
+        forward = run.wrapped.forward
+        run.wrapped.forward = lambda **kw: spy.append(tuple(kw["input_ids"].shape)) or forward(**kw)
     return optimizer_step(run, exp, list(range(4))), hand
 
 
@@ -53,6 +59,57 @@ def test_step_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, tiny_d
         assert token[m]["loss"] == pytest.approx(token[4]["loss"], rel=1e-5)
         assert token[m]["grad_norm"] == pytest.approx(token[4]["grad_norm"], rel=1e-4)
 
+
+
+def test_micro_batches_packed_by_tokens_give_the_same_step_within_their_budget(tmp_path, tiny_dir, synth_dir):
+    """train.micro_batch_tokens: the same 4 trajectories packed by a token budget (longest first,
+    padding counted) give the loss and gradient of micro-batches by count, every micro-batch
+    within its budget, and log the padded-token share."""
+    by_count, hand = _one_step(tmp_path, tiny_dir, synth_dir, 4)
+    lengths = sorted(hand["lengths"], reverse=True)
+    budget = 2 * lengths[0]  # two of the longest fit, so 2 micro-batches of 2
+    shapes = []
+    packed, _ = _one_step(tmp_path, tiny_dir, synth_dir, 4, tokens=budget, spy=shapes)
+    assert len(shapes) == 2 and all(rows * width <= budget for rows, width in shapes), shapes
+    assert packed["loss"] == pytest.approx(by_count["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(by_count["grad_norm"], rel=1e-4)
+    # padding: each micro-batch is as wide as its longest row
+    want = 1 - sum(lengths) / (2 * lengths[0] + 2 * lengths[2])
+    assert packed["padded_share"] == pytest.approx(want) and by_count["padded_share"] == pytest.approx(
+        1 - sum(lengths) / (4 * lengths[0]))
+
+
+def test_a_rank_with_fewer_packs_splits_to_the_most_any_rank_has(tmp_path, tiny_dir, synth_dir, monkeypatch):
+    """Under ZeRO-3 every rank must make as many forward calls: when another rank packed its
+    trajectories into 2 more micro-batches, this rank splits its own to match, and the step's loss
+    and gradient are unchanged."""
+    from mgpo.runtime import distributed as D
+
+    by_count, hand = _one_step(tmp_path, tiny_dir, synth_dir, 4)
+    real = D.all_gather_objects
+    monkeypatch.setattr(D, "all_gather_objects", lambda obj: [obj, obj + 2] if isinstance(obj, int) else real(obj))
+    shapes = []
+    budget = 4 * max(hand["lengths"])  # one micro-batch here; the other rank has 3
+    packed, _ = _one_step(tmp_path, tiny_dir, synth_dir, 4, tokens=budget, spy=shapes)
+    assert [rows for rows, _ in shapes] == [1, 1, 2], shapes
+    assert packed["loss"] == pytest.approx(by_count["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(by_count["grad_norm"], rel=1e-4)
+
+
+def test_packing_by_tokens_hand_computed():
+    from mgpo.core.trainer import micro_batches, split_to
+
+    lengths = [100, 40, 700, 90, 35, 300, 38]
+    packs = micro_batches(lengths, 4, tokens=400)
+    # longest first: 700 alone (over the budget), 300 alone (2 x 300 > 400), then 100, 90, 40, 38
+    # fit 4 x 100 = 400, and 35 starts the next
+    assert packs == [[2], [5], [0, 3, 1, 6], [4]]
+    assert sorted(i for p in packs for i in p) == list(range(7))
+    assert all(len(p) == 1 or len(p) * lengths[p[0]] <= 400 for p in packs)
+    assert split_to(packs, 6) == [[2], [5], [0], [3], [1, 6], [4]]
+    with pytest.raises(ValueError, match="cannot make 8 micro-batches of 7"):
+        split_to(packs, 8)
+    assert micro_batches(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_sequence_normalization_over_the_whole_step(tmp_path, tiny_dir, synth_dir):

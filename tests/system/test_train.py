@@ -265,6 +265,21 @@ def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, tiny_dir, synth_dir
     assert metrics[-1]["grounding/valid_box_share"] == pytest.approx(0.5)
 
 
+@pytest.mark.heavy
+def test_zero3_steps_with_micro_batches_packed_by_tokens(tmp_path, tiny_dir, synth_dir):
+    """train.micro_batch_tokens under ZeRO-3, rank 0's rows long (crops), rank 1's short: every
+    trajectory its own micro-batch, more than the accumulation steps DeepSpeed was configured
+    with, and the engine still steps once per optimizer step on both ranks."""
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "packed", "train.max_steps=2",
+                         "rollout.max_new_tokens_turn1=64", "train.micro_batch_tokens=1", "train.lr=1e-4",
+                         launcher="configs/accelerate/cpu_zero3_2proc.yaml", flags=["--boxes", "split"],
+                         env=_zero3_env(tmp_path), timeout=900)
+    assert [r["steps"] for r in records] == [2, 2]
+    assert all(r["changed"] for r in records), "the weights moved"
+    metrics = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train/padded_share"] for m in metrics if "train/padded_share" in m] == [0.0, 0.0]
+
+
 def test_zero3_k_turns_lock_step(tmp_path, tiny_dir, synth_dir):
     """mgpo_k, K = 3 under ZeRO-3: rank 0's trajectories all answer at turn 1, rank 1's zoom to
     the last turn. Both ranks run exactly K generate calls per rollout (rank 0 joins turns 2

@@ -277,21 +277,23 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     weights_NT = loss_weights(mask_NT, cfg.loss.normalization, max_generated(cfg))  # the step's, once
     # (clamped above 0: a step whose every trajectory was left out trains on nothing, loss 0, not 0/0)
     denom = (D.all_reduce_sum(loss_denominator(weights_NT, cfg.loss.normalization)) / D.world_size()).clamp_min(1e-30)
-    size = cfg.train.micro_batch_size
-    starts = range(0, len(index), size)
+    lengths = exp.batch.attention_mask[index].sum(dim=1).tolist()
+    packs = micro_batches(lengths, cfg.train.micro_batch_size, cfg.train.micro_batch_tokens)
+    if cfg.train.micro_batch_tokens:  # every rank makes as many forward calls (ZeRO-3's collectives)
+        packs = split_to(packs, max(D.all_gather_objects(len(packs))))
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     totals, finite, grad_norm = {}, True, float("nan")
     with_entropy = cfg.loss.entropy_coef > 0 and exp.advantages_N is not None
-    for k, lo in enumerate(starts):
-        part = index[lo: lo + size]
+    for k, pack in enumerate(packs):
+        part = [index[i] for i in pack]
         mb = exp.batch.select(part)
-        with acc.accumulate(wrapped):
+        last = k == len(packs) - 1
+        with D.micro_batch(acc, wrapped, last):
             logp_NT, entropy_NT = wrapped(with_entropy=with_entropy, loss_mask=mb.loss_mask.to(acc.device),
                                           **mb.model_inputs(acc.device))
-            loss, stats = objective(cfg.loss, exp, part, logp_NT, entropy_NT, weights_NT[lo: lo + size],
+            loss, stats = objective(cfg.loss, exp, part, logp_NT, entropy_NT, weights_NT[pack],
                                     denom.to(logp_NT.device))
             finite = finite and _all_finite(loss)
-            last = k == len(starts) - 1
             if not finite:
                 loss = _skip_loss(logp_NT) if last and D.is_deepspeed(acc) else _zero_loss(logp_NT)
             # accelerate (or DeepSpeed) divides each micro-batch loss by grad_accum; ours already
@@ -311,7 +313,48 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     if finite:
         run.scheduler.step()
     _count_bad_step(run, finite)
+    padded = sum(len(pack) * max(lengths[i] for i in pack) for pack in packs)
+    totals["padded_share"] = 1.0 - sum(lengths) / padded  # this rank's micro-batches' padding tokens
     return D.all_reduce_mean(totals) | {"grad_norm": grad_norm, "lr": lr}
+
+
+def micro_batches(lengths: list[int], size: int, tokens: int = 0) -> list[list[int]]:
+    """The positions of one step's trajectories (of these ``lengths``) in each micro-batch:
+    ``size`` at a time in order, or with a token budget (``tokens`` > 0), longest first, as
+    many to a micro-batch as fit ``tokens`` counted with their padding (rows x the longest
+    row), so rows of like length train together; a longer trajectory goes alone.
+
+    >>> micro_batches([5, 3, 9, 2], 2)
+    [[0, 1], [2, 3]]
+    >>> micro_batches([5, 3, 9, 2], 2, tokens=12)
+    [[2], [0, 1], [3]]
+    """
+    if not tokens:
+        return [list(range(lo, min(lo + size, len(lengths)))) for lo in range(0, len(lengths), size)]
+    packs: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if packs and (len(packs[-1]) + 1) * lengths[packs[-1][0]] <= tokens:  # its first row is its longest
+            packs[-1].append(i)
+        else:
+            packs.append([i])
+    return packs
+
+
+def split_to(packs: list[list[int]], count: int) -> list[list[int]]:
+    """``packs`` split until there are ``count`` (the most any rank has): the largest in half
+    each time, so each micro-batch stays within its budget.
+
+    >>> split_to([[2], [0, 1, 3]], 3)
+    [[2], [0], [1, 3]]
+    """
+    packs = [list(p) for p in packs]
+    while len(packs) < count:
+        k = max(range(len(packs)), key=lambda k: len(packs[k]))
+        if len(packs[k]) < 2:
+            raise ValueError(f"cannot make {count} micro-batches of {sum(map(len, packs))} trajectories")
+        half = len(packs[k]) // 2
+        packs[k:k + 1] = [packs[k][:half], packs[k][half:]]
+    return packs
 
 
 def max_generated(cfg: Config) -> int:

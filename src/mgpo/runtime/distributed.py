@@ -233,6 +233,17 @@ def finish() -> None:
     os._exit(0)
 
 
+@contextlib.contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """One micro-batch of an optimizer step whose micro-batch count may vary from step to step
+    (``train.micro_batch_tokens``): gradients sync, and DeepSpeed steps, after the ``last`` one
+    only. accelerate hands ``sync_gradients`` to DeepSpeed as its accumulation boundary, and its
+    ``no_sync`` holds DDP's all-reduce back (a no-op under ZeRO-3, which reduces every backward)."""
+    accelerator.sync_gradients = last
+    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        yield
+
+
 def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor:
     """``x`` (a scalar, on any device) summed over ranks, as a CPU tensor (unchanged outside
     distributed runs)."""

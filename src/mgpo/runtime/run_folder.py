@@ -54,7 +54,7 @@ SAVED = "config.yaml"
 FREE_ON_RESUME = frozenset({
     "train.output_dir", "train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.save_every",
     "train.keep_last", "train.log_every", "train.max_bad_steps", "train.collective_timeout_s",
-    "train.allow_config_change", "train.micro_batch_size",
+    "train.allow_config_change", "train.micro_batch_size", "train.micro_batch_tokens",
     "train.gradient_checkpointing", "model.attn_implementation", "rollout.shared_prefill", "rollout.continue_turn2",
     "data.eval", "data.eval_format",
 })
