@@ -80,10 +80,11 @@ repro: $(STAMP) base beacon
 	$(PY) -m mgpo.tools.repro --task beacon --seeds 0 1 2 --steps 60 --eval-every 30 --counterfactuals
 
 # The objectives beside MGPO's on the beacon task (GSPO's sequence ratio, GMPO's geometric one,
-# Dr. GRPO's unscaled advantages), 3 seeds each.
+# Dr. GRPO's unscaled advantages), 3 seeds each; each rollout batch feeds two optimizer steps, so the
+# ratios depart from 1 (with one step per batch the ratio objectives all train as PPO's).
 repro-objectives: $(STAMP) beacon
 	$(PY) -m mgpo.tools.repro --task beacon --methods mgpo mgpo_seq mgpo_geo mgpo_noscale --block objectives \
-		--seeds 0 1 2 --steps 60 --eval-every 30
+		--seeds 0 1 2 --steps 60 --eval-every 30 --set train.prompts_per_rollout=16
 
 # The paper's Table 2 in miniature: MGPO and GRPO at three pixel budgets (the beacon scene at
 # 1x, 2x and 4x the model's view), from one base, 3 seeds each.

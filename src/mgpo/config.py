@@ -123,11 +123,12 @@ class RolloutConfig:
     """Leave groups whose rewards are all equal (they carry no advantage) out of the update: their
     tokens get weight 0, so they add no KL or entropy term and do not count in the step's
     normalization (DAPO's dynamic sampling without the resampling; the share is logged as
-    train/dropped_groups). The ranks still run every micro-batch, to stay in lock-step."""
+    train/left_out_share). The ranks still run every micro-batch, to stay in lock-step."""
     over_turn: str = "penalize"
     """"mgpo_k": a trajectory that used all rollout.max_turns without a readable answer. "penalize":
     it scores 0 like any wrong answer (the default); "mask": it is left out of the loss instead
-    (Mini-o3's over-turn masking), its reward still counted in its group's statistics."""
+    (Mini-o3's over-turn masking), its reward still counted in its group's statistics. A trajectory
+    made to answer early by rollout.max_image_tokens that wrote no readable answer counts as one."""
     zoom_bonus: float = 0.0
     """Added to the reward of a right answer per crop it was shown (PyVision-RL's reward for using
     the tool, against a policy that stops zooming), up to rollout.zoom_bonus_cap. 0 = off (the paper)."""
@@ -160,7 +161,10 @@ class LossConfig:
     token log-ratio over the trajectory's trained tokens, clipped per trajectory; GSPO used clip
     ranges near 3e-4 / 4e-4) or "geometric" (GMPO: token log-ratios clipped in log space to
     [-clip_eps, clip_eps_high], then their mean per trajectory; GMPO used 0.4). With K turns a
-    trajectory's trained tokens are those of all its turns."""
+    trajectory's trained tokens are those of all its turns. The ratio departs from 1 only on
+    off-policy steps: with one optimizer step per rollout batch (prompts_per_rollout =
+    prompts_per_step) and train.ppo_epochs 1, every choice here (and clip_eps_high) trains as
+    "token" does, and the trainer warns at start-up."""
     clip_eps_high: float | None = None
     """The upper clip of the ratio (DAPO's clip-higher: e.g. 0.28 with clip_eps 0.2); empty = clip_eps."""
     adv_scale: str = "group"

@@ -198,6 +198,18 @@ def test_the_constant_normalization_divides_by_trajectories_times_the_budget():
     assert loss_denominator(loss_weights(mask, "sequence"), "sequence").item() == 2.0
 
 
+def test_the_constant_normalization_counts_only_the_trajectories_that_train():
+    """A trajectory left out of the update (its mask zeroed: a uniform group dropped, an over-turn
+    one masked) does not count among the step's trajectories: one trajectory of 2 tokens and one
+    left out, a budget of 10, per-token losses 1: 2 / (1 x 10) = 0.2, as if it had never been there."""
+    from mgpo.core.loss import loss_denominator, loss_weights
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]) * torch.tensor([[1.0], [0.0]])
+    w = loss_weights(mask, "constant", max_tokens=10)
+    assert loss_denominator(w, "constant").item() == 1.0
+    assert masked_mean(torch.ones(2, 3), w, loss_denominator(w, "constant")).item() == pytest.approx(0.2)
+
+
 def test_the_defaults_are_the_papers_token_objective_bit_for_bit():
     torch.manual_seed(0)
     logp, old = torch.randn(4, 6) * 0.1, torch.randn(4, 6) * 0.1

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from mgpo.config import TrainConfig, load_config
-from mgpo.core.setup import check_sampling, plan_batches
+from mgpo.core.setup import check_sampling, inert_ratio_settings, plan_batches
 from mgpo.core.trainer import train
 
 
@@ -27,6 +27,22 @@ def test_plan_batches_names_every_mismatch():
     assert "prompts_per_rollout (10)" in msg and "number of processes (3)" in msg
     with pytest.raises(ValueError, match="micro_batch_size"):
         plan_batches(TrainConfig(prompts_per_rollout=4, prompts_per_step=2, micro_batch_size=3), 4, 1)
+
+
+@pytest.mark.parametrize("loss", [["loss.ratio=sequence"], ["loss.ratio=geometric"], ["loss.clip_eps_high=0.28"]])
+def test_ratio_settings_that_cannot_act_are_warned_of(loss):
+    """One optimizer step per rollout batch, one pass: every ratio is 1, so GSPO, GMPO and
+    clip-higher train as PPO does; said at start-up. Off-policy steps (a rollout batch feeding two
+    steps, or two PPO epochs) and the plain token ratio get no warning."""
+    on_policy = ["train.prompts_per_rollout=8", "train.prompts_per_step=8", "train.micro_batch_size=8"]
+    cfg = load_config(None, [*on_policy, *loss])
+    warning = inert_ratio_settings(cfg, plan_batches(cfg.train, 8, 1))
+    assert warning and "every ratio is 1" in warning and loss[0].split("=")[1] in warning
+    for off_policy in (["train.prompts_per_rollout=16"], ["train.ppo_epochs=2"]):
+        cfg = load_config(None, [*on_policy, *loss, *off_policy])
+        assert inert_ratio_settings(cfg, plan_batches(cfg.train, 8, 1)) is None
+    cfg = load_config(None, on_policy)
+    assert inert_ratio_settings(cfg, plan_batches(cfg.train, 8, 1)) is None
 
 
 def test_training_refuses_a_truncated_sampling_distribution():

@@ -77,6 +77,13 @@ def test_micro_batches_packed_by_tokens_give_the_same_step_within_their_budget(t
     want = 1 - sum(lengths) / (2 * lengths[0] + 2 * lengths[2])
     assert packed["padded_share"] == pytest.approx(want) and by_count["padded_share"] == pytest.approx(
         1 - sum(lengths) / (4 * lengths[0]))
+    # more micro-batches than the accumulation steps the accelerator was made with (2 of 2 rows):
+    # a budget of 1 token puts every trajectory alone, 4 calls, one step, the same loss and gradient
+    shapes = []
+    alone, _ = _one_step(tmp_path, tiny_dir, synth_dir, 2, tokens=1, spy=shapes)
+    assert [rows for rows, _ in shapes] == [1, 1, 1, 1], shapes
+    assert alone["loss"] == pytest.approx(by_count["loss"], rel=1e-5)
+    assert alone["grad_norm"] == pytest.approx(by_count["grad_norm"], rel=1e-4)
 
 
 def test_a_rank_with_fewer_packs_splits_to_the_most_any_rank_has(tmp_path, tiny_dir, synth_dir, monkeypatch):

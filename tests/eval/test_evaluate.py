@@ -422,16 +422,20 @@ def test_an_evaluation_inside_a_checkpoint_folder_is_refused(tiny_dir, tmp_path)
 def test_the_protocol_comes_from_the_model_unless_a_preset_is_named(tmp_path, tiny_dir):
     """`make eval MODEL=runs/demo/checkpoint-30/model` evaluated the demo's tiny model under the 7B
     preset (50% accuracy, 0% valid boxes, for a model at 100% under its own settings)."""
+    from dataclasses import replace
+
     from mgpo.config import save_config
     from mgpo.eval.evaluate import protocol_config, protocol_lines
 
     demo = load_config(ROOT / "configs" / "demo.yaml")
     ckpt_model = tmp_path / "checkpoint-30" / "model"
     ckpt_model.mkdir(parents=True)
-    save_config(demo, ckpt_model / "mgpo_config.yaml")  # what train.py writes into every checkpoint
+    save_config(replace(demo, data=replace(demo.data, max_samples=12)),  # what train.py writes into every
+                ckpt_model / "mgpo_config.yaml")  # checkpoint (a run on its first 12 records)
     cfg, source = protocol_config(None, [f"model.path={ckpt_model}"])
     assert (cfg.model.min_pixels, cfg.model.max_pixels) == (demo.model.min_pixels, demo.model.max_pixels)
     assert cfg.rollout.max_new_tokens_turn1 == demo.rollout.max_new_tokens_turn1 and cfg.model.path == str(ckpt_model)
+    assert cfg.data.max_samples == 0, "the run's cap on its training records does not cut the evaluation"
     line = protocol_lines(cfg, source)
     assert line.startswith(f"protocol (the run config saved with {ckpt_model}): mode mgpo")
     assert f"pixels {demo.model.min_pixels}..{demo.model.max_pixels}" in line

@@ -125,3 +125,28 @@ def test_compare_gives_the_paired_difference_with_its_interval_and_mcnemar(tmp_p
     text = compare([tmp_path / "base", tmp_path / "mgpo"])
     assert "v, mgpo - base: +30.0 points, 95% interval" in text
     assert "20 questions, paired; right only in base: 0, only in mgpo: 6; McNemar exact p = 0.0312" in text
+
+
+def test_compare_pairs_hr_bench_rotations_as_one_question(tmp_path):
+    """HR-Bench asks each question 4 times with its options rotated: a comparison treated the
+    rotations as 4 independent questions (McNemar and the paired interval too confident)."""
+    from mgpo.eval.report import compare
+
+    def write(name, right):
+        (tmp_path / name).mkdir()
+        recs = []
+        for q in range(5):  # 5 questions x 4 rotations; the first `right` questions right in every rotation
+            for k in range(4):
+                r = _rec(f"q{q}-r{k}", q < right)
+                r.update(question=f"question {q}?", options=["w", "x", "y", "z"][k:] + ["w", "x", "y", "z"][:k],
+                         cycle=k + 1)
+                recs.append(r)
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"protocol": {"mode": "mgpo"},
+                                                                  "results": compute_metrics(recs)}))
+    write("base", 1)
+    write("mgpo", 4)
+    text = compare([tmp_path / "base", tmp_path / "mgpo"])
+    assert "v, mgpo - base: +60.0 points" in text
+    # 5 questions, 3 discordant: p = 2 x (1/2)^3 = 0.25, not 2 x (1/2)^12 over 20 "questions"
+    assert "5 questions, paired; right only in base: 0, only in mgpo: 3; McNemar exact p = 0.25" in text

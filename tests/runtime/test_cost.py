@@ -171,3 +171,16 @@ def test_every_gpu_presets_header_states_the_plans_run_time(name):
     parts = (f"{rt.batches} rollout batches, {rt.hours:.1f} h (decode {rt.batches * rt.decode_s / 3600:.1f} h, vision + "
              f"prefill {rt.batches * rt.vision_prefill_s / 3600:.1f} h, update {rt.batches * rt.update_s / 3600:.1f} h)")
     assert parts in flat and f"{full.hours:.1f} h if every turn ran to its budget" in flat, (parts, full.hours)
+
+
+def test_the_plan_counts_no_more_questions_than_the_trainer_reads(tmp_path):
+    """data.max_samples caps the records the trainer reads, so the plan's run counts that many."""
+    from mgpo.tools.plan import training_questions
+
+    records = tmp_path / "train.jsonl"
+    records.write_text("".join('{"question": "q"}\n' for _ in range(100)))
+    assert training_questions(load_config(None, [f"data.train={records}"]), None) == (100, f"records in {records}")
+    n, where = training_questions(load_config(None, [f"data.train={records}", "data.max_samples=30"]), None)
+    assert n == 30 and "data.max_samples" in where
+    assert training_questions(load_config(None, ["data.max_samples=30"]), 2000)[0] == 30
+    assert training_questions(load_config(None, ["data.max_samples=3000"]), 2000)[0] == 2000

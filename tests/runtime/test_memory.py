@@ -83,6 +83,27 @@ def test_too_large_a_micro_batch_is_named_with_the_largest_that_fits():
                 ).phases["update"] > ok.usable_gb
 
 
+def test_micro_batches_packed_by_tokens_hold_their_budget_in_the_plan():
+    """train.micro_batch_tokens caps a micro-batch's padded tokens at the budget (or one trajectory
+    past it): the update's activations are those of that many tokens, not micro_batch_size
+    trajectories at their longest."""
+    wide = ["train.prompts_per_rollout=64", "train.micro_batch_size=64", "train.prompts_per_step=64"]
+    by_count = plan(load_config(PAPER, SHORT + wide), 8, 80)
+    T = None
+    for what, _, _ in by_count.lines:
+        if what.startswith("activations, micro-batch 64 x "):
+            T = int(what.split(" x ")[1].split()[0])
+    assert T is not None, by_count.lines
+    packed = plan(load_config(PAPER, SHORT + wide + [f"train.micro_batch_tokens={4 * T}"]), 8, 80)
+    ckpt = " (checkpointed)" if load_config(PAPER).train.gradient_checkpointing else ""
+    assert [w for w, _, _ in packed.lines if w.startswith("activations")] == [
+        f"activations, micro-batch 64 x {T} tokens packed to {4 * T}{ckpt}"]
+    assert packed.phases["update"] < by_count.phases["update"]
+    # a budget under one trajectory still holds that trajectory
+    one = plan(load_config(PAPER, SHORT + wide + ["train.micro_batch_tokens=1"]), 8, 80)
+    assert any(w.endswith(f"packed to {T}{ckpt}") for w, _, _ in one.lines)
+
+
 def test_full_finetuning_on_one_small_gpu_names_the_model_states():
     line = verdict(load_config(PAPER), 1, 24)
     assert line.startswith("does not fit") and "model states alone do not fit" in line and "\n" not in line

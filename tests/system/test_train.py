@@ -276,6 +276,7 @@ def test_zero3_steps_with_micro_batches_packed_by_tokens(tmp_path, tiny_dir, syn
                          env=_zero3_env(tmp_path), timeout=900)
     assert [r["steps"] for r in records] == [2, 2]
     assert all(r["changed"] for r in records), "the weights moved"
+    assert all(r["adam"]["steps"] == [2.0] for r in records), [r["adam"] for r in records]  # once per step
     metrics = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
     assert [m["train/padded_share"] for m in metrics if "train/padded_share" in m] == [0.0, 0.0]
 

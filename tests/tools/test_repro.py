@@ -169,10 +169,13 @@ def test_an_objective_variant_trains_with_its_loss_options_and_is_evaluated_as_m
     monkeypatch.setattr(repro, "_run", lambda cmd: commands.append(cmd))
     monkeypatch.setattr(repro, "collect", lambda run, method, seed: {"method": method, "seed": seed})
     monkeypatch.setattr(repro, "_accuracy", lambda eval_dir: 0.0)
-    repro.run_seed(0, 4, 2, tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", "mgpo_geo")
+    repro.run_seed(0, 4, 2, tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", "mgpo_geo",
+                   settings=("train.prompts_per_rollout=16",))
     train, *evals = commands
     assert "loss.ratio=geometric" in train and "rollout.template=mgpo" in train
+    assert "train.prompts_per_rollout=16" in train  # --set: the training run's, not the evaluation's
     assert len(evals) == 2 and all("eval.mode=mgpo" in c and "loss.ratio=geometric" not in c for c in evals)
+    assert not any("train.prompts_per_rollout=16" in c for c in evals)
     assert train[train.index("--config") + 1] == "configs/tiny_beacon.yaml"
 
 

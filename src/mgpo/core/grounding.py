@@ -274,9 +274,11 @@ when its crop is black or elsewhere, and is unchanged or better when shown the t
 def counterfactual_region(kind: str, box: Box | None, targets, size: tuple[int, int], key: str) -> Box | None:
     """The region of the original turn 2 crops from, by ``kind``: the model's box ("model", and
     "black", which blanks that crop afterwards), a box of the same size at a random place inside
-    the original ("random", drawn from ``key``, so a rerun draws the same), the target boxes'
-    enclosing box ("gold", where the record has targets; None without), or None for "full" (the
-    whole original is shown) and for a missing box (the fallback).
+    the original ("random", drawn from ``key``, the question and sample, so a rerun draws the same
+    whatever the batching), or None for "full" (the whole original is shown) and for a missing
+    box (the fallback). "gold" is the target boxes' enclosing box whatever turn 1 wrote, a
+    missing box included (the upper bound of grounding: every trajectory shown the target), and
+    None where the record has no targets.
 
     >>> counterfactual_region("gold", None, [[10, 20, 30, 40], [50, 5, 60, 35]], (100, 100), "q")
     Box(x1=10, y1=5, x2=60, y2=40)

@@ -75,13 +75,13 @@ def loss_weights(mask_NT: torch.Tensor, normalization: str = "token", max_tokens
 
 def loss_denominator(weights_NT: torch.Tensor, normalization: str = "token") -> torch.Tensor:
     """This rank's share of the step's denominator: the sum of its weights, or for "constant" the
-    number of its trajectories (rows), whatever their lengths.
+    number of its trajectories that train (rows with any weight), whatever their lengths.
 
-    >>> loss_denominator(torch.tensor([[0.5, 0.5], [0.5, 0.]]), "constant")
+    >>> loss_denominator(torch.tensor([[0.5, 0.5], [0.5, 0.], [0., 0.]]), "constant")
     tensor(2.)
     """
     if normalization == "constant":
-        return torch.tensor(float(weights_NT.shape[0]))
+        return (weights_NT > 0).any(dim=1).sum().float()
     return weights_NT.sum()
 
 

@@ -182,7 +182,7 @@ def _turn2_blocks(ctx: Context, prompts: list[Prompt], trajectories: list[Trajec
         g = i // ctx.cfg.group_size
         p = prompts[g]
         q, options = p.sample.question, p.sample.options
-        crop = _shown_image(ctx, p, traj, f"{p.sample.id}-{i}")
+        crop = _shown_image(ctx, p, traj, f"{p.sample.id}-{i % ctx.cfg.group_size}")  # question, sample
         if crop is not None:
             traj.crop_size = crop.size
             if g not in crop_text:  # the same words for every crop of the group

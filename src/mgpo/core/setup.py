@@ -73,6 +73,22 @@ def check_sampling(cfg: Config) -> None:
                          "(evaluation may use them)")
 
 
+def inert_ratio_settings(cfg: Config, plan: BatchPlan) -> str | None:
+    """A warning when the loss's ratio settings cannot act: with one optimizer step per rollout
+    batch and one pass over it, the policy that is trained is the one that sampled, every
+    importance ratio is exactly 1, and GSPO's, GMPO's and clip-higher's objectives give the
+    gradient of PPO's own. None when they can act or are not set."""
+    loss = cfg.loss
+    if cfg.train.algorithm != "rl" or (loss.ratio == "token" and loss.clip_eps_high is None):
+        return None
+    if plan.steps_per_rollout > 1 or cfg.train.ppo_epochs > 1:
+        return None
+    return (f"loss.ratio={loss.ratio}, loss.clip_eps_high={loss.clip_eps_high} change nothing here: each rollout "
+            f"batch feeds one optimizer step (train.prompts_per_rollout = train.prompts_per_step = "
+            f"{cfg.train.prompts_per_step}, train.ppo_epochs = 1), so every ratio is 1 and the loss's gradient is "
+            "PPO's; raise train.prompts_per_rollout or train.ppo_epochs for off-policy steps")
+
+
 @dataclass
 class Run:
     """What the loop works with, built once by ``setup_run``."""
@@ -147,8 +163,11 @@ def setup_run(cfg: Config) -> Run:
     total = tcfg.epochs * (len(data) // tcfg.prompts_per_rollout) * plan.steps_per_rollout * tcfg.ppo_epochs
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
     log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batch%s of %d "
-             "per step", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else
-             cfg.rollout.group_size, world, plan.grad_accum, "" if plan.grad_accum == 1 else "es", tcfg.micro_batch_size)
+             "per step%s", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else
+             cfg.rollout.group_size, world, plan.grad_accum, "" if plan.grad_accum == 1 else "es", tcfg.micro_batch_size,
+             f", packed to at most {tcfg.micro_batch_tokens} tokens" if tcfg.micro_batch_tokens else "")
+    if warning := inert_ratio_settings(cfg, plan):
+        log.warning(warning)
     if D.is_main() and (line := cost.startup_line(cfg, world, len(data))):  # on GPUs: how long? (mgpo.runtime.cost)
         log.info(line)
     start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())

@@ -275,7 +275,8 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     if exp.trained_N is not None:  # trajectories left out of the update: no token of theirs counts
         mask_NT = mask_NT * exp.trained_N[index, None]
     weights_NT = loss_weights(mask_NT, cfg.loss.normalization, max_generated(cfg))  # the step's, once
-    # (clamped above 0: a step whose every trajectory was left out trains on nothing, loss 0, not 0/0)
+    # (clamped above 0: a step whose every trajectory was left out has loss 0, not 0/0; its gradient
+    # is 0, though AdamW still decays the weights and moves them along its momentum)
     denom = (D.all_reduce_sum(loss_denominator(weights_NT, cfg.loss.normalization)) / D.world_size()).clamp_min(1e-30)
     lengths = exp.batch.attention_mask[index].sum(dim=1).tolist()
     packs = micro_batches(lengths, cfg.train.micro_batch_size, cfg.train.micro_batch_tokens)
@@ -299,12 +300,11 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
             # accelerate (or DeepSpeed) divides each micro-batch loss by grad_accum; ours already
             # is this micro-batch's share of the step's token mean, so undo that division.
             acc.backward(loss * run.plan.grad_accum)
-            if last:
-                if acc.sync_gradients:
-                    grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.train.grad_clip))
-                    # a finite loss can still give a non-finite gradient, and one AdamW step on it
-                    # turns every weight NaN: skipped, as DeepSpeed's own check skips it
-                    finite = finite and _all_finite(torch.tensor(grad_norm))
+            if last:  # the gradients are synchronized (D.micro_batch): clip, then step
+                grad_norm = float(acc.clip_grad_norm_(run.trainable, cfg.train.grad_clip))
+                # a finite loss can still give a non-finite gradient, and one AdamW step on it
+                # turns every weight NaN: skipped, as DeepSpeed's own check skips it
+                finite = finite and _all_finite(torch.tensor(grad_norm))
                 if finite and not D.is_deepspeed(acc):
                     run.optimizer.step()  # (DeepSpeed stepped inside backward)
                 run.optimizer.zero_grad()

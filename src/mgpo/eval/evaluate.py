@@ -143,8 +143,9 @@ def protocol_config(preset: str | None, overrides: list[str]) -> tuple[Config, s
     for folder in folders:
         saved = Path(folder) / RUN_CONFIG
         if saved.is_file():
-            # the run's own settings; its output folder and its training-only choices are not the evaluation's
-            return (load_config(saved, ["eval.output_dir=", "eval.overwrite=false", *overrides]),
+            # the run's own settings; its output folder and its cap on the training records are not the
+            # evaluation's (a run trained on its first N records is still evaluated on every question)
+            return (load_config(saved, ["eval.output_dir=", "eval.overwrite=false", "data.max_samples=0", *overrides]),
                     f"the run config saved with {folder}")
     return load_config(PAPER_PROTOCOL, overrides), \
         f"the paper's protocol ({PAPER_PROTOCOL.name}): {folders[0]} carries no run config"

@@ -70,13 +70,18 @@ def turn_summary(recs: list[dict]) -> dict:
     return out
 
 
+def question_key(r: dict) -> tuple:
+    """The unit a record's outcome belongs to: its question, except that HR-Bench's rotations of
+    one question (same text, same options in another order) are one unit."""
+    return ("cycles", r["question"], tuple(sorted(map(str, r.get("options") or ())))) if r.get("cycle") \
+        else ("id", str(r["id"]))
+
+
 def question_groups(recs: list[dict]) -> list[list[bool]]:
-    """Each question's outcomes (its k samples), the unit every interval resamples; HR-Bench's
-    rotations of one question (same text, same options in another order) form one group."""
+    """Each question's outcomes (its k samples, its rotations), the unit every interval resamples."""
     groups: dict[tuple, list[bool]] = defaultdict(list)
     for r in recs:
-        key = ("cycles", r["question"], tuple(sorted(map(str, r.get("options") or ())))) if r.get("cycle") else ("id", r["id"])
-        groups[key].append(bool(r["correct"]))
+        groups[question_key(r)].append(bool(r["correct"]))
     return list(groups.values())
 
 
@@ -315,13 +320,14 @@ def read_metrics(run_dir: str | Path) -> dict:
     return metrics
 
 
-def outcomes(run_dir: str | Path) -> dict[str, dict[str, list[bool]]]:
-    """dataset -> question id -> its samples' outcomes, from an evaluation's predictions.jsonl."""
-    out: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+def outcomes(run_dir: str | Path) -> dict[str, dict[tuple, list[bool]]]:
+    """dataset -> question (``question_key``: HR-Bench's rotations together) -> its outcomes, from
+    an evaluation's predictions.jsonl."""
+    out: dict[str, dict[tuple, list[bool]]] = defaultdict(lambda: defaultdict(list))
     path = Path(run_dir) / "predictions.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         r = json.loads(line)
-        out[r["dataset"]][str(r["id"])].append(bool(r["correct"]))
+        out[r["dataset"]][question_key(r)].append(bool(r["correct"]))
     return out
 
 

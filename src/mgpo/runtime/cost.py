@@ -21,7 +21,8 @@ Each part of a rollout batch is bound by one resource of the GPU, and is timed a
 Every rank does its own share of each part at once, so a rollout batch takes one rank's time.
 Images are counted at the pixel budget (``model.max_pixels``), as high-resolution originals
 and their enlarged crops are; ZeRO-3's traffic is not counted here (``mgpo.tools.plan``
-prints it beside).
+prints it beside). Every template but "grpo" is timed as two turns, "mgpo_k" included: its
+later turns, when a trajectory takes them, are not counted.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def given_lengths(text: str, source: str = "") -> TurnLengths:
 def pilot_lengths(path: str | Path) -> TurnLengths:
     """The lengths a pilot run logged (its ``metrics.jsonl``): the mean over its rollout batches
     of each turn's mean, and of each turn's 95th percentile as a call's longest row (a call of
-    16-20 rows waits on about the 1 - 1/16 quantile of them)."""
+    16-20 rows waits on about the 1 - 1/16 quantile of them; a call of 32-64 rows on a higher
+    one, toward the logged maximum, so for those the p95 underestimates decode)."""
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if line.strip():

@@ -289,10 +289,13 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
                       rows * turn2_prefill_bytes(a, cfg, text_tokens), "measured per-token layer peak x chunk")
         phases["rollout"] = held.states + held.gathered + held.ref + max(kv + decode_logits, prefill)
     M = t.micro_batch_size
-    act = add(f"activations, micro-batch {M} x {T} tokens" + (" (checkpointed)" if t.gradient_checkpointing else ""),
-              activation_bytes(a, M * T, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
+    # packed by tokens, a micro-batch holds at most the budget, padding counted (or one trajectory past it)
+    width = min(M * T, max(t.micro_batch_tokens, T)) if t.micro_batch_tokens else M * T
+    act = add(f"activations, micro-batch {M} x {T} tokens" + (f" packed to {width}" if width < M * T else "") +
+              (" (checkpointed)" if t.gradient_checkpointing else ""),
+              activation_bytes(a, width, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
     logits = add(f"masked-logits buffer (one chunk of {M} x {new} generated)",
-                 masked_logits_bytes(a, M * new, cfg.loss.entropy_coef > 0), "masked_token_logprobs")
+                 masked_logits_bytes(a, min(M * new, width), cfg.loss.entropy_coef > 0), "masked_token_logprobs")
     phases["update"] = held.states + held.layer_buf + held.ref + act + logits
     phases["optimizer step"] = held.states + held.step
     usable = HEADROOM * gpu_memory_gb

@@ -561,6 +561,65 @@ def _trl_lines(trl: dict | None, ours: dict) -> list[str]:
             f"**{ours['time/step_s'] / trl['step_s']:.2f}** (target at most 1)."]
 
 
+def bench_packing(workdir: Path, reps: int = 3) -> dict:
+    """The update's micro-batches by count and packed by tokens, on the same trajectories:
+    teacher-forced MGPO conversations (the synthetic set's boxes, their crops of every size from
+    16 to 256 image tokens beside originals of 256) on the embedded tiny model, one optimizer
+    step over 32 trajectories each way, timed ``reps`` times alternately; the padded share is
+    the padding tokens' share of what the micro-batches computed."""
+    import dataclasses
+
+    from ..config import load_config
+    from ..core.setup import setup_run
+    from ..core.trainer import _next_prompts, _sft_experience, micro_batches, optimizer_step
+    from .synth import build_synth
+    from .tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(workdir / "pack-tiny", seed=0)
+    data = build_synth(workdir / "pack-synth", n=32, seed=1)
+    cfg = load_config(None, [f"model.path={ckpt}", f"data.train={data}", f"train.output_dir={workdir / 'pack-run'}",
+                             "model.min_pixels=12544", "model.max_pixels=200704", "model.dtype=float32",
+                             "train.algorithm=sft", "train.sft_templates=[mgpo]", "train.prompts_per_rollout=32",
+                             "train.prompts_per_step=32", "train.micro_batch_size=4", "train.lr=1e-9",
+                             "train.overwrite=true", "train.resume=none"])
+    run = setup_run(cfg)
+    prompts, images, _ = _next_prompts(run)
+    exp = _sft_experience(run, prompts, images)
+    index = list(range(len(exp.batch.trajectories)))
+    lengths = exp.batch.attention_mask.sum(dim=1).tolist()
+    budget = 4 * int(statistics.median(lengths))  # as many tokens as 4 trajectories of the median length
+    ways = {"by count": dataclasses.replace(cfg.train, micro_batch_size=4),
+            "by tokens": dataclasses.replace(cfg.train, micro_batch_tokens=budget)}
+    out = {name: {"seconds": []} for name in ways}
+    for _ in range(reps):
+        for name, tcfg in ways.items():
+            run.cfg = dataclasses.replace(cfg, train=tcfg)
+            t0 = time.perf_counter()
+            figures = optimizer_step(run, exp, index)
+            out[name]["seconds"].append(time.perf_counter() - t0)
+            out[name]["padded_share"] = figures["padded_share"]
+            out[name]["micro_batches"] = len(micro_batches(lengths, tcfg.micro_batch_size, tcfg.micro_batch_tokens))
+    run.folder.release()
+    return {"trajectories": len(lengths), "budget": budget, "lengths": (min(lengths), int(statistics.median(lengths)),
+                                                                          max(lengths)), **out}
+
+
+def packing_section(p: dict) -> str:
+    lo, mid, hi = p["lengths"]
+    lines = ["## 7. The update's micro-batches: by count vs packed by tokens", "",
+             f"One optimizer step over {p['trajectories']} teacher-forced MGPO trajectories (embedded tiny model, "
+             f"fp32 on CPU; {lo} to {hi} tokens, median {mid}: turn-2 crops of 16 to 256 image tokens), micro-batches "
+             f"of 4 trajectories vs `train.micro_batch_tokens={p['budget']}` (4 x the median length); the step's "
+             "loss and gradient are the same either way (`tests/core/test_trainer.py`). Median of the timed steps.",
+             "", "| micro-batches | count | padded share | seconds per step |", "|---|---|---|---|"]
+    for name in ("by count", "by tokens"):
+        x = p[name]
+        lines.append(f"| {name} | {x['micro_batches']} | {x['padded_share']:.1%} | "
+                     f"{statistics.median(x['seconds']):.2f} |")
+    lines += ["", "Target: padded share under 15%."]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict, path: Path) -> str:
     r, m, st = results["rollout"], results["memory"], results["step"]
     lines = [
@@ -610,8 +669,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mgpo.tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--only", choices=["all", "real-widths"], default="all",
-                        help="real-widths: only section 4, spliced into the existing file")
+    parser.add_argument("--only", choices=["all", "real-widths", "packing"], default="all",
+                        help="real-widths: only section 4, packing: only section 7, spliced into the existing file")
     parser.add_argument("--turns-only", action="store_true", help="only the K-turn figures (K = 2, 3, 4), printed")
     args = parser.parse_args(argv)
     if args.turns_only:
@@ -620,16 +679,23 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(bench_turns(Path(tmp)), indent=1))
         return
+    if args.only == "packing":
+        with tempfile.TemporaryDirectory() as tmp:
+            splice_section(Path(args.out), packing_section(bench_packing(Path(tmp))))
+        print(Path(args.out).read_text())
+        return
     with tempfile.TemporaryDirectory() as tmp:
         results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
         if args.only == "all":
             results |= {"rollout": bench_rollout(Path(tmp)), "step": bench_train_step(Path(tmp)),
                         "trl": bench_trl_step(Path(tmp)), "memory": bench_host_memory(Path(tmp), args.samples)}
+            results["packing"] = bench_packing(Path(tmp))
         results["layers"] = bench_layers()
         results["real"] = [bench_real_widths(Path(tmp), "qwen2.5-vl-3b", train_step=True),
                            bench_real_widths(Path(tmp), "qwen2.5-vl-7b", train_step=False)]
     if args.only == "all":
         write_report(results, Path(args.out))
+        splice_section(Path(args.out), packing_section(results["packing"]))
     splice_section(Path(args.out), real_width_section(results))
     print(Path(args.out).read_text())
 

@@ -14,8 +14,10 @@ GB = 10^9 bytes; GB/s and TB/s likewise.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
 from ..runtime.archs import ARCHS
@@ -176,13 +178,16 @@ PAPER_QUESTIONS = 21_690
 
 def training_questions(cfg: Config, given: int | None) -> tuple[int, str]:
     """(training questions, where the number comes from): given, else data.train's records when
-    it is a JSON list or a JSONL file on this machine, else the paper's training set."""
-    import json
-    from pathlib import Path
+    it is a JSON list or a JSONL file on this machine, else the paper's training set; at most
+    data.max_samples when set, as the trainer reads no more."""
+    n, where = given, "--questions"
+    if not given:
+        n, where = _records_in(Path(cfg.data.train))
+    cap = cfg.data.max_samples
+    return (cap, f"data.max_samples of {n:,} ({where})") if cap and cap < n else (n, where)
 
-    if given:
-        return given, "--questions"
-    path = Path(cfg.data.train)
+
+def _records_in(path: Path) -> tuple[int, str]:
     if path.is_file() and path.suffix in (".json", ".jsonl"):
         text = path.read_text()
         try:

@@ -63,13 +63,15 @@ TASK_DEFAULTS = {  # task -> (default base folder, config, methods)
 
 
 def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, config: str, method: str = "mgpo",
-             judge: str | None = None, data: tuple[Path, Path] | None = None, name: str | None = None) -> dict:
+             judge: str | None = None, data: tuple[Path, Path] | None = None, name: str | None = None,
+             settings: tuple[str, ...] = ()) -> dict:
     """Train one seed of ``method`` from the base and evaluate its checkpoints (``collect`` reads
     the figures back). With ``judge``, also the share of the last checkpoint's test questions
     the judge answers from their turn-1 crops (the paper's Table 3). ``data``: the (train,
     test) files, by default the base's own. ``method`` "sft" is the paper's SFT baseline: the
     same training questions with their answers only (no box), one turn, as many examples as
-    an RL run of as many steps takes."""
+    an RL run of as many steps takes. ``settings``: config overrides for the training run only.
+    """
     run = out / (name or f"{method}-seed{seed}")
     train_file, test_file = data or (base / "data" / "train.jsonl", base / "data" / "test.jsonl")
     common = [f"model.path={base / 'model'}", f"data.eval={test_file}", *method_overrides(METHOD_OF.get(method, method))]
@@ -80,7 +82,7 @@ def run_seed(seed: int, steps: int, eval_every: int, base: Path, out: Path, conf
                f"data.image_root={train_file.parent.resolve()}"]
     else:
         fit = [f"data.train={train_file}", *VARIANTS.get(method, [])]
-    _run([sys.executable, "train.py", "--config", config, *common, *fit, f"train.output_dir={run}",
+    _run([sys.executable, "train.py", "--config", config, *common, *fit, *settings, f"train.output_dir={run}",
           f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={eval_every}", "train.keep_last=100",
           "train.resume=none", "train.overwrite=true"])
     for step in range(eval_every, steps + 1, eval_every):
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=positive_int, default=20)
     parser.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="colours")
     parser.add_argument("--base", help="default: build/<task> (build/base for colours)")
-    parser.add_argument("--out", help="default: runs/repro, runs/repro-<task>")
+    parser.add_argument("--out", help="default: runs/repro-<block> with --block, else runs/repro (colours), runs/repro-<task>")
     parser.add_argument("--config", help="default: configs/tiny_<task>.yaml (tiny_beacon.yaml for budgets)")
     parser.add_argument("--methods", nargs="+", choices=sorted([*METHODS, "sft", *VARIANTS]),
                         help="default: mgpo (colours), mgpo grpo sft (beacon), mgpo grpo (budgets), mgpo_k2 mgpo_k3 "
@@ -462,6 +464,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=plain_name, default=None,
                         help="write the report to this block of docs/reproduction.md (and runs/repro-<block>), "
                              "beside the task's own: e.g. objectives, for --methods mgpo mgpo_seq mgpo_geo mgpo_noscale")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="config overrides for every method's training runs (not their evaluation): e.g. "
+                             "train.prompts_per_rollout=16, so each rollout batch feeds two optimizer steps and the "
+                             "objectives' importance ratios depart from 1")
     parser.add_argument("--counterfactuals", action="store_true",
                         help="also evaluate the base and each seed's last checkpoint in the MGPO conversation with "
                              "turn 2 showing a counterfactual crop (eval.crop black, random, full, gold) beside its "
@@ -481,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds must be whole numbers >= 0, got {args.seeds}")
     default_base, default_config, default_methods = TASK_DEFAULTS[args.task]
     base = Path(args.base or default_base)
-    out = Path(args.out or ("runs/repro" if args.task == "colours" else f"runs/repro-{args.block or args.task}"))
+    out = Path(args.out or ("runs/repro" if args.task == "colours" and not args.block
+                            else f"runs/repro-{args.block or args.task}"))
     config = args.config or default_config
     if not (base / "base.json").exists():
         if args.report_only:
@@ -506,8 +513,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         runs = [collect(out / f"{m}-seed{s}", m, s) for m in methods for s in args.seeds]
     else:
-        runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge) for m in methods for s in args.seeds]
+        runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge, settings=tuple(args.settings))
+                for m in methods for s in args.seeds]
     command += f" --block {args.block}" if args.block else ""
+    command += f" --set {' '.join(args.settings)}" if args.settings else ""
     print(f"wrote {write_report(summary, runs, Path(args.docs), command, args.task, args.block)}")
     if args.counterfactuals:
         found = counterfactuals(base, out, config, [m for m in methods if m != "sft"], args.seeds, args.steps,
