@@ -208,7 +208,8 @@ class TrainConfig:
     micro_batch_tokens: int = 0
     """When > 0, the update's micro-batches are packed by tokens instead: the step's trajectories,
     longest first, as many to a micro-batch as fit this many tokens with their padding (rows x
-    the longest row); a longer trajectory goes alone. 0: ``micro_batch_size`` trajectories each."""
+    the longest row); a longer trajectory goes alone. The old-policy and reference log-prob
+    passes are packed the same way. 0: ``micro_batch_size`` trajectories each."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     lr: float = 1e-6

@@ -7,6 +7,7 @@ import torch
 from mgpo.config import ModelConfig, RolloutConfig
 from mgpo.core.generation import suppressed_ids
 from mgpo.core.policy import PolicyForward, rollout_logprobs
+from mgpo.core.trainer import micro_batches
 from mgpo.core.rollout import rollout
 from mgpo.data.samples import load_samples
 
@@ -29,7 +30,8 @@ def _run(model, processor, samples, **kw):
 
 
 def _train_logp(model, processor, batch):
-    return rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), batch, micro_batch_size=4)
+    return rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), batch,
+                            micro_batches([0] * len(batch), 4))  # 4 at a time, in order
 
 
 def test_shipped_generation_config_does_not_leak_into_sampling(env):

@@ -14,6 +14,7 @@ from mgpo.config import ModelConfig, RolloutConfig
 from mgpo.core.conversation import encode
 from mgpo.core.generation import VISION_TOKENS, generation_config, special_ids, suppressed_ids
 from mgpo.core.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
+from mgpo.core.trainer import micro_batches
 from mgpo.core.prompts import CROP_LEAD, FALLBACK_LEAD, first_prompt_text, get_template
 from mgpo.core.reward import extract_answer
 from mgpo.core.rollout import prompt_tokens, rollout
@@ -42,7 +43,8 @@ def _run(model, processor, samples, **kw):
 
 def _logp(model, processor, batch):
     """The trainer's log-probs of every trajectory (the one log-prob function)."""
-    return rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), batch, micro_batch_size=8)
+    return rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), batch,
+                            micro_batches([0] * len(batch), 8))  # 8 at a time, in order
 
 
 def _box_in_input(traj, sample, margin=20):

@@ -18,8 +18,19 @@ def test_step_slices_are_whole_groups_every_epoch():
 def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="token", tokens=0, spy=None):
     """The figures of one SFT optimizer step over the same 4 records, in micro-batches of the given
     size (or packed by ``tokens``; ``spy`` collects each micro-batch's shape)."""
+    from mgpo.core.trainer import optimizer_step
+
+    run, exp, hand = _sft_run(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization, tokens)
+    if spy is not None:
+        forward = run.wrapped.forward
+        run.wrapped.forward = lambda **kw: spy.append(tuple(kw["input_ids"].shape)) or forward(**kw)
+    return optimizer_step(run, exp, list(range(4))), hand
+
+
+def _sft_run(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="token", tokens=0):
+    """A run over 4 SFT records (one label shorter than the rest), its batch, and the step's loss by hand."""
     from mgpo.core.setup import setup_run
-    from mgpo.core.trainer import _next_prompts, _sft_experience, optimizer_step
+    from mgpo.core.trainer import _next_prompts, _sft_experience
 
     out = tmp_path / f"run-{micro_batch_size}-{normalization}-{tokens}"
     data = tmp_path / "train.jsonl"
@@ -43,10 +54,33 @@ def _one_step(tmp_path, tiny_dir, synth_dir, micro_batch_size, normalization="to
         nll_N, tokens_N = -(logp_NT * r.loss_mask).sum(1).double(), r.loss_mask.sum(1).double()
     hand = {"token": (nll_N.sum() / tokens_N.sum()).item(), "sequence": (nll_N / tokens_N).mean().item(),
             "lengths": r.attention_mask.sum(dim=1).tolist()}
-    if spy is not None:
-        forward = run.wrapped.forward
-        run.wrapped.forward = lambda **kw: spy.append(tuple(kw["input_ids"].shape)) or forward(**kw)
-    return optimizer_step(run, exp, list(range(4))), hand
+    return run, exp, hand
+
+
+def test_the_fixed_log_prob_passes_are_packed_as_the_update(tmp_path, tiny_dir, synth_dir):
+    """With train.micro_batch_tokens the old-policy pass (as the reference one) is packed by the
+    same budget as the update: every forward within it, and the same log-probs as by count."""
+    import dataclasses
+
+    from mgpo.core.trainer import _fixed_logprobs
+
+    run, exp, hand = _sft_run(tmp_path, tiny_dir, synth_dir, 4)
+    shapes = []
+    forward = run.wrapped.forward
+    run.wrapped.forward = lambda **kw: shapes.append(tuple(kw["input_ids"].shape)) or forward(**kw)
+
+    def old_logprobs(tokens: int):  # two PPO epochs: the old policy's pass runs; no KL: no reference
+        train = dataclasses.replace(run.cfg.train, ppo_epochs=2, micro_batch_tokens=tokens)
+        run.cfg = dataclasses.replace(run.cfg, train=train, loss=dataclasses.replace(run.cfg.loss, kl_coef=0.0))
+        shapes.clear()
+        return _fixed_logprobs(run, exp.batch)[0]
+
+    by_count = old_logprobs(0)
+    assert shapes == [(4, max(hand["lengths"]))]
+    budget = 2 * max(hand["lengths"])
+    packed = old_logprobs(budget)
+    assert len(shapes) == 2 and all(rows * width <= budget for rows, width in shapes), shapes
+    assert torch.allclose(packed, by_count, atol=1e-5)
 
 
 def test_step_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, tiny_dir, synth_dir):

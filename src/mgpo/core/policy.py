@@ -114,13 +114,13 @@ def device_of(model) -> torch.device:
 
 
 @torch.no_grad()
-def rollout_logprobs(forward: nn.Module, batch, micro_batch_size: int) -> torch.Tensor:
-    """Log-probs of every trajectory of a ``Rollout`` (no grad), micro-batch by micro-batch,
-    on CPU, padded to the rollout's width: the old-policy and reference-model figures."""
+def rollout_logprobs(forward: nn.Module, batch, micro_batches: list[list[int]]) -> torch.Tensor:
+    """Log-probs of every trajectory of a ``Rollout`` (no grad), one forward per micro-batch (a
+    list of trajectory indices each; every trajectory in one of them), on CPU, padded to the
+    rollout's width: the old-policy and reference-model figures."""
     out_NT = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     device = device_of(forward)
-    for lo in range(0, len(batch), micro_batch_size):
-        part = list(range(lo, min(lo + micro_batch_size, len(batch))))
+    for part in micro_batches:
         mb = batch.select(part)
         logp, _ = forward(loss_mask=mb.loss_mask.to(device), **mb.model_inputs(device))
         out_NT[part, : logp.shape[1]] = logp.float().cpu()

@@ -231,15 +231,16 @@ def trained_trajectories(trajectories, rewards_N: torch.Tensor, cfg: Config) -> 
 
 def _fixed_logprobs(run: Run, batch: Rollout):
     """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
-    tcfg, mb = run.cfg.train, run.cfg.train.micro_batch_size
-    old = rollout_logprobs(run.wrapped, batch, mb) if run.plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1 else None
+    tcfg = run.cfg.train
+    packs = pass_micro_batches(tcfg, batch.attention_mask.sum(dim=1).tolist())  # as the update's, by count or tokens
+    old = rollout_logprobs(run.wrapped, batch, packs) if run.plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1 else None
     ref = None
     if run.cfg.loss.kl_coef > 0:
         if run.reference is not None:
-            ref = rollout_logprobs(run.reference, batch, mb)
+            ref = rollout_logprobs(run.reference, batch, packs)
         else:  # LoRA: the base model, adapters off, is the frozen initial model
             with run.accelerator.unwrap_model(run.wrapped).policy.disable_adapter():
-                ref = rollout_logprobs(run.wrapped, batch, mb)
+                ref = rollout_logprobs(run.wrapped, batch, packs)
     return old, ref
 
 
@@ -279,9 +280,7 @@ def optimizer_step(run: Run, exp: Experience, index: list[int]) -> dict[str, flo
     # is 0, though AdamW still decays the weights and moves them along its momentum)
     denom = (D.all_reduce_sum(loss_denominator(weights_NT, cfg.loss.normalization)) / D.world_size()).clamp_min(1e-30)
     lengths = exp.batch.attention_mask[index].sum(dim=1).tolist()
-    packs = micro_batches(lengths, cfg.train.micro_batch_size, cfg.train.micro_batch_tokens)
-    if cfg.train.micro_batch_tokens:  # every rank makes as many forward calls (ZeRO-3's collectives)
-        packs = split_to(packs, max(D.all_gather_objects(len(packs))))
+    packs = pass_micro_batches(cfg.train, lengths)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
     totals, finite, grad_norm = {}, True, float("nan")
     with_entropy = cfg.loss.entropy_coef > 0 and exp.advantages_N is not None
@@ -337,6 +336,17 @@ def micro_batches(lengths: list[int], size: int, tokens: int = 0) -> list[list[i
             packs[-1].append(i)
         else:
             packs.append([i])
+    return packs
+
+
+def pass_micro_batches(tcfg, lengths: list[int]) -> list[list[int]]:
+    """The micro-batches of one pass (an update step, or a fixed log-prob pass) over trajectories
+    of these ``lengths``: ``micro_batches`` by count or by ``train.micro_batch_tokens``; by tokens,
+    split until every rank has as many as the rank with the most, since ZeRO-3 needs the same
+    number of forward calls on every rank."""
+    packs = micro_batches(lengths, tcfg.micro_batch_size, tcfg.micro_batch_tokens)
+    if tcfg.micro_batch_tokens:
+        packs = split_to(packs, max(D.all_gather_objects(len(packs))))
     return packs
 
 
