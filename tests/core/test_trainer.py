@@ -234,7 +234,7 @@ def test_the_rl_steps_loss_follows_loss_normalization(tmp_path, tiny_dir, synth_
     (the raw mask as weights) passed every loss, trainer and correctness test."""
     from mgpo.core.reward import group_advantages
     from mgpo.core.setup import setup_run
-    from mgpo.core.trainer import _experience, optimizer_step
+    from mgpo.core.trainer import next_experience, optimizer_step
 
     cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
                              f"train.output_dir={tmp_path / 'run'}", "train.prompts_per_rollout=2",
@@ -243,7 +243,7 @@ def test_the_rl_steps_loss_follows_loss_normalization(tmp_path, tiny_dir, synth_
                              f"loss.normalization={normalization}", "loss.kl_coef=0", "loss.entropy_coef=0",
                              "model.dtype=float32", "train.lr=1e-9"])
     run = setup_run(cfg)
-    work = _experience(run)
+    work = next_experience(run)
     exp = work.exp
     exp.advantages_N = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]), 4)
     for i, row in enumerate(exp.batch.loss_mask):  # trajectories of 4, 6, ... 18 trained tokens
@@ -278,7 +278,7 @@ def test_a_step_trains_on_exactly_the_groups_kept_and_normalizes_over_them(tmp_p
     token mean is over group 1's tokens only: -sum(adv_i n_i) / sum(n_i) over group 1."""
     from mgpo.core.reward import group_advantages
     from mgpo.core.setup import setup_run
-    from mgpo.core.trainer import _experience, optimizer_step
+    from mgpo.core.trainer import next_experience, optimizer_step
 
     cfg = load_config(None, [f"model.path={tiny_dir}", f"data.train={synth_dir / 'train.jsonl'}",
                              f"train.output_dir={tmp_path / 'run'}", "train.prompts_per_rollout=2",
@@ -287,7 +287,7 @@ def test_a_step_trains_on_exactly_the_groups_kept_and_normalizes_over_them(tmp_p
                              "loss.kl_coef=0", "loss.entropy_coef=0", "model.dtype=float32", "train.lr=1e-9",
                              "rollout.drop_uniform_groups=true"])
     run = setup_run(cfg)
-    exp = _experience(run).exp
+    exp = next_experience(run).exp
     rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
     exp.advantages_N = group_advantages(rewards, 4)
     exp.trained_N = torch.tensor([0.0] * 4 + [1.0] * 4)

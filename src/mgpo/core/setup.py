@@ -162,19 +162,25 @@ def setup_run(cfg: Config) -> Run:
 
     total = tcfg.epochs * (len(data) // tcfg.prompts_per_rollout) * plan.steps_per_rollout * tcfg.ppo_epochs
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
+    _announce(cfg, plan, total, world, len(data))
+    start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())
+    logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
+                       tensorboard=tcfg.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
+    return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
+               _decodable_reserve(data), logger, out, total, folder=folder, state={**state}, resumed_work=resumed_work)
+
+
+def _announce(cfg: Config, plan: BatchPlan, total: int, world: int, questions: int) -> None:
+    """The start-up lines: the run's shape, ratio settings that cannot act, and on GPUs its time."""
+    tcfg = cfg.train
     log.info("training (%s) %d steps: %d prompts x %d samples per rollout over %d rank(s), %d micro-batch%s of %d "
              "per step%s", tcfg.algorithm, total, tcfg.prompts_per_rollout, 1 if tcfg.algorithm == "sft" else
              cfg.rollout.group_size, world, plan.grad_accum, "" if plan.grad_accum == 1 else "es", tcfg.micro_batch_size,
              f", packed to at most {tcfg.micro_batch_tokens} tokens" if tcfg.micro_batch_tokens else "")
     if warning := inert_ratio_settings(cfg, plan):
         log.warning(warning)
-    if D.is_main() and (line := cost.startup_line(cfg, world, len(data))):  # on GPUs: how long? (mgpo.runtime.cost)
+    if D.is_main() and (line := cost.startup_line(cfg, world, questions)):  # on GPUs: how long? (mgpo.runtime.cost)
         log.info(line)
-    start_trackers(accelerator, trackers, "mgpo", out.name, cfg.to_dict())
-    logger = RunLogger(out, total, resume_step=state["step"] if resume_from else None,
-                       tensorboard=tcfg.report_to in ("tensorboard", "all"), accelerator=accelerator if trackers else None)
-    return Run(cfg, plan, accelerator, wrapped, optimizer, scheduler, trainable, reference, processor, data,
-               _decodable_reserve(data), logger, out, total, folder=folder, state={**state}, resumed_work=resumed_work)
 
 
 def _resume(accelerator, wrapped, optimizer, scheduler, resume_from: Path | None, per_epoch: int):

@@ -110,7 +110,7 @@ def train(cfg: Config) -> TrainResult:
     while run.state["step"] < run.total:
         # ---- experience: prompts -> rollout, rewards, advantages, old/reference log-probs (RL), or
         #      the target conversations (SFT); or the rest of a batch a stop cut short
-        work = pending or _experience(run)
+        work = pending or next_experience(run)
 
         # ---- updates: steps_per_rollout optimizer steps per PPO epoch, whole groups each
         t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def train(cfg: Config) -> TrainResult:
                        newest / part if newest is not None else None)
 
 
-def _experience(run: Run) -> Work:
+def next_experience(run: Run) -> Work:
     """The next rollout batch: this rank's prompts, their experience, and the optimizer steps to take."""
     t0 = time.perf_counter()
     prompts, images, bad = _next_prompts(run)

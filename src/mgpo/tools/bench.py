@@ -571,7 +571,7 @@ def bench_packing(workdir: Path, reps: int = 3) -> dict:
 
     from ..config import load_config
     from ..core.setup import setup_run
-    from ..core.trainer import _next_prompts, _sft_experience, micro_batches, optimizer_step
+    from ..core.trainer import micro_batches, next_experience, optimizer_step
     from .synth import build_synth
     from .tiny import build_tiny_checkpoint
 
@@ -583,8 +583,7 @@ def bench_packing(workdir: Path, reps: int = 3) -> dict:
                              "train.prompts_per_step=32", "train.micro_batch_size=4", "train.lr=1e-9",
                              "train.overwrite=true", "train.resume=none"])
     run = setup_run(cfg)
-    prompts, images, _ = _next_prompts(run)
-    exp = _sft_experience(run, prompts, images)
+    exp = next_experience(run).exp
     index = list(range(len(exp.batch.trajectories)))
     lengths = exp.batch.attention_mask.sum(dim=1).tolist()
     budget = 4 * int(statistics.median(lengths))  # as many tokens as 4 trajectories of the median length
