@@ -83,7 +83,9 @@ def inert_ratio_settings(cfg: Config, plan: BatchPlan) -> str | None:
         return None
     if plan.steps_per_rollout > 1 or cfg.train.ppo_epochs > 1:
         return None
-    return (f"loss.ratio={loss.ratio}, loss.clip_eps_high={loss.clip_eps_high} change nothing here: each rollout "
+    named = [f"loss.ratio={loss.ratio}"] * (loss.ratio != "token") + \
+        [f"loss.clip_eps_high={loss.clip_eps_high}"] * (loss.clip_eps_high is not None)
+    return (f"{' and '.join(named)} change{'s' if len(named) == 1 else ''} nothing here: each rollout "
             f"batch feeds one optimizer step (train.prompts_per_rollout = train.prompts_per_step = "
             f"{cfg.train.prompts_per_step}, train.ppo_epochs = 1), so every ratio is 1 and the loss's gradient is "
             "PPO's; raise train.prompts_per_rollout or train.ppo_epochs for off-policy steps")
