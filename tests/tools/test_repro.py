@@ -204,6 +204,8 @@ def test_counterfactuals_evaluate_each_model_under_each_crop_and_tabulate_them(t
     assert sum("eval.crop=black" in c for c in seed2) == 1 and sum(c.endswith("eval.overwrite=true") for c in seed2) == 6
     direct = next(c for c in seed2 if "counterfactuals/mgpo-seed2-direct" in c)
     assert direct.index("eval.mode=direct") > direct.index("eval.mode=mgpo")  # the later override wins
+    assert "rollout.max_new_tokens_turn1=52" in direct  # both turns' tokens (40 + 12) in its one turn
+    assert not any("max_new_tokens_turn1" in c for c in seed2 if c is not direct)
     assert found["mgpo seed 2", "black"]["accuracy"] == 27.0 and found["base", "gold"]["accuracy"] == 75.0
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "reproduction.md").write_text("# Reproduction\n")

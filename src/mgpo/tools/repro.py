@@ -35,6 +35,7 @@ from statistics import fmean
 
 from PIL import Image, ImageDraw
 
+from ..config import load_config
 from .args import plain_name, positive_int
 from .base import METHODS, method_overrides
 
@@ -331,7 +332,7 @@ CONDITIONS = {  # name -> (eval overrides on top of the MGPO conversation, what 
     "random": (("eval.crop=random",), "a crop of that size elsewhere in the image"),
     "full": (("eval.crop=full",), "the whole original again"),
     "gold": (("eval.crop=gold",), "the crop of the annotated target box"),
-    "direct": (("eval.mode=direct",), "nothing: one turn, question and choices only"),
+    "direct": (("eval.mode=direct",), "nothing: one turn, question and choices only, with both turns' tokens"),
 }
 
 
@@ -343,12 +344,16 @@ def counterfactuals(base: Path, out: Path, config: str, methods: list[str], seed
     metrics; the model "base" or "<method> seed <s>"."""
     models = {"base": base / "model", **{f"{m} seed {s}": out / f"{m}-seed{s}" / f"checkpoint-{steps}" / "model"
                                          for m in methods for s in seeds}}
+    r = load_config(config).rollout
+    # the one turn gets both turns' tokens: a model that writes its box first still has room to answer
+    whole = (f"rollout.max_new_tokens_turn1={r.max_new_tokens_turn1 + r.max_new_tokens_turn2}",)
     found = {}
     for name, model in models.items():
         for condition, (overrides, _) in CONDITIONS.items():
             at = out / "counterfactuals" / f"{name.replace(' seed ', '-seed')}-{condition}"
             if not report_only:
-                _evaluate(model, base / "data" / "test.jsonl", config, "mgpo", at, overrides)
+                _evaluate(model, base / "data" / "test.jsonl", config, "mgpo", at,
+                          overrides + (whole if condition == "direct" else ()))
             found[name, condition] = _result(at)
     return found
 
