@@ -153,7 +153,7 @@ class LossConfig:
     masked token of the step, across micro-batches and ranks (DAPO's token-level loss, TRL's
     "dapo"). "sequence": each trajectory's token mean, then the mean over the step's
     trajectories (GRPO's per-sequence mean). "constant": the sum over the step's masked tokens
-    divided by (its trajectories x the most tokens a trajectory can generate: the turn budgets,
+    divided by (its trajectories that train x the most tokens one can generate: the turn budgets,
     max_new_tokens_turn1 + (turns - 1) x max_new_tokens_turn2), Dr. GRPO's. SFT's loss follows
     the same rule."""
     ratio: str = "token"

@@ -12,6 +12,7 @@ from mgpo.core.generation import suppressed_ids
 from mgpo.core.policy import PolicyForward, rollout_logprobs
 from mgpo.core.prompts import ZOOM_CAPPED, ZOOM_CROP_LEAD, ZOOM_FALLBACK_LEAD
 from mgpo.core.rollout import rollout
+from mgpo.core.trainer import micro_batches
 from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
@@ -114,7 +115,7 @@ def test_k_turn_mask_and_logprob_parity(env, K):
         full = tok.decode(r.input_ids[i][r.attention_mask[i].bool()], skip_special_tokens=False)
         assert full.count("<|vision_start|>") == len(r.image_index[i]) == 1 + sum(
             rec.action in ("zoom", "fallback") for rec in t.turn_log[:-1])
-    logp = rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), r, micro_batch_size=4)
+    logp = rollout_logprobs(PolicyForward(model, 1.0, suppressed_ids(processor)), r, micro_batches([0] * len(r), 4))
     # the forced turns (the scripted boxes) have log-prob 0 under the forcing; the free ones,
     # every turn after the second image, are compared
     sampled = ~torch.isnan(r.sample_logp) & (r.sample_logp != 0)

@@ -215,3 +215,18 @@ def test_counterfactuals_evaluate_each_model_under_each_crop_and_tabulate_them(t
     # base; MGPO and GRPO mean (lowest-highest seed); each one's change from its plain run
     assert row.split(" | ")[1:] == ["5.0", "26.0 (25.0-27.0)", "27.0 (26.0-28.0)", "-65.0", "-65.0 |"]
     assert "| MGPO seed 2 | 92.0 (1.0 - 2.0) | 27.0 (1.0 - 2.0) |" in page
+
+
+def test_the_budget_sweep_passes_set_to_every_training_run(tmp_path, monkeypatch):
+    """--set reaches the training runs of --task budgets as it does the other tasks'."""
+    import mgpo.tools.repro as repro
+
+    (tmp_path / "base" / "data").mkdir(parents=True)
+    for factor in (1, 2):
+        (tmp_path / "base" / "data" / f"test-x{factor}.jsonl").write_text("")
+    seen = []
+    monkeypatch.setattr(repro, "_evaluate", lambda *a, **kw: 0.0)
+    monkeypatch.setattr(repro, "run_seed", lambda *a, **kw: seen.append(kw.get("settings")) or {"method": a[6]})
+    repro.budget_sweep(tmp_path / "base", tmp_path / "out", "configs/tiny_beacon.yaml", ["mgpo"], [0], 4,
+                       settings=("train.lr=1e-4",))
+    assert seen == [("train.lr=1e-4",)] * 2

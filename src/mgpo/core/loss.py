@@ -17,7 +17,7 @@ then its exact share of the step's mean, and the step's figures are their sums.
   trajectory's token mean, then the mean over the step's trajectories.
 - ``loss.normalization: constant``: Dr. GRPO's normalizer (Liu et al. 2025, "Understanding
   R1-Zero-Like Training: A Critical Perspective", arXiv:2503.20783): the sum over every masked
-  token of the step divided by (the step's trajectories x the most tokens a trajectory can
+  token of the step divided by (the step's trajectories that train x the most tokens one can
   generate), a constant that does not depend on how long the answers were.
 
 The importance ratio (``loss.ratio``) is PPO's per token (Schulman et al. 2017), GSPO's per
@@ -58,7 +58,7 @@ def loss_weights(mask_NT: torch.Tensor, normalization: str = "token", max_tokens
     "token": 1 per masked token (the step's denominator is its token count). "sequence": 1 / (its
     trajectory's masked tokens), so each trajectory's mean counts once (the denominator is the
     number of trajectories with a masked token). "constant": 1 / ``max_tokens`` (the most tokens a
-    trajectory can generate), over a denominator of the step's trajectories.
+    trajectory can generate), over a denominator of the step's trajectories that train.
 
     >>> loss_weights(torch.tensor([[1., 1., 0.], [1., 0., 0.]]), "sequence")
     tensor([[0.5000, 0.5000, 0.0000],

@@ -232,8 +232,11 @@ def trained_trajectories(trajectories, rewards_N: torch.Tensor, cfg: Config) -> 
 def _fixed_logprobs(run: Run, batch: Rollout):
     """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
     tcfg = run.cfg.train
+    off_policy = run.plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1
+    if not off_policy and run.cfg.loss.kl_coef <= 0:
+        return None, None
     packs = pass_micro_batches(tcfg, batch.attention_mask.sum(dim=1).tolist())  # as the update's, by count or tokens
-    old = rollout_logprobs(run.wrapped, batch, packs) if run.plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1 else None
+    old = rollout_logprobs(run.wrapped, batch, packs) if off_policy else None
     ref = None
     if run.cfg.loss.kl_coef > 0:
         if run.reference is not None:

@@ -289,13 +289,14 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
                       rows * turn2_prefill_bytes(a, cfg, text_tokens), "measured per-token layer peak x chunk")
         phases["rollout"] = held.states + held.gathered + held.ref + max(kv + decode_logits, prefill)
     M = t.micro_batch_size
-    # packed by tokens, a micro-batch holds at most the budget, padding counted (or one trajectory past it)
-    width = min(M * T, max(t.micro_batch_tokens, T)) if t.micro_batch_tokens else M * T
-    act = add(f"activations, micro-batch {M} x {T} tokens" + (f" packed to {width}" if width < M * T else "") +
-              (" (checkpointed)" if t.gradient_checkpointing else ""),
+    # packed by tokens, a micro-batch holds at most the budget, padding counted (or one trajectory
+    # past it), however many trajectories that is; its generated tokens are fewer than its tokens
+    width, generated = (max(t.micro_batch_tokens, T),) * 2 if t.micro_batch_tokens else (M * T, M * new)
+    shape = f"packed to at most {width} tokens" if t.micro_batch_tokens else f"{M} x {T} tokens"
+    act = add(f"activations, micro-batch {shape}" + (" (checkpointed)" if t.gradient_checkpointing else ""),
               activation_bytes(a, width, t.gradient_checkpointing), "per-layer figures measured on CPU x layers")
-    logits = add(f"masked-logits buffer (one chunk of {M} x {new} generated)",
-                 masked_logits_bytes(a, min(M * new, width), cfg.loss.entropy_coef > 0), "masked_token_logprobs")
+    logits = add(f"masked-logits buffer (one chunk of at most {generated} generated)",
+                 masked_logits_bytes(a, generated, cfg.loss.entropy_coef > 0), "masked_token_logprobs")
     phases["update"] = held.states + held.layer_buf + held.ref + act + logits
     phases["optimizer step"] = held.states + held.step
     usable = HEADROOM * gpu_memory_gb
@@ -310,7 +311,7 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
                                 turn2_prefill_bytes(a, cfg, text_tokens)) / GB
         max_groups = max(0, math.floor((usable - (held.states + held.gathered + held.ref)) / per_group_gen))
         floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
-    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups)
+    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups, T)
     return Plan(lines, phases, usable, fits, verdict, max_micro, max_groups, floor_s,
                 held.states + held.step + held.layer_buf)
 
@@ -332,11 +333,13 @@ def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int,
     return seconds
 
 
-def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups) -> str:
+def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups, tokens_per_trajectory) -> str:
     worst = max(phases, key=phases.get)
     head = f"{phases[worst]:.1f} GB peak ({worst}) of {usable:.0f} GB usable on {gpu_gb:g} GB x {world}"
+    largest = (f"train.micro_batch_tokens {max_micro * tokens_per_trajectory}" if cfg.train.micro_batch_tokens
+               else f"train.micro_batch_size {max_micro}")
     if phases[worst] <= usable:
-        return f"fits: {head}; largest train.micro_batch_size {max_micro}"
+        return f"fits: {head}; largest {largest}"
     todo = []
     if phases.get("rollout", 0.0) > usable:
         if max_groups >= 1:
@@ -349,7 +352,7 @@ def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups) 
                         "or use more GPUs")
     if phases["update"] > usable:
         if max_micro >= 1:
-            todo.append(f"update: train.micro_batch_size at most {max_micro}")
+            todo.append(f"update: {largest.replace(' ', ' at most ', 1)}")
         else:
             todo.append("update: not even one trajectory fits; lower rollout.max_new_tokens_turn1/2 (the "
                         "masked-logits buffer and the activations grow with them) or model.max_pixels")

@@ -393,7 +393,7 @@ def write_counterfactuals(found: dict[tuple[str, str], dict], docs: Path, comman
 
 
 def budget_sweep(base: Path, out: Path, config: str, methods: list[str], seeds: list[int], steps: int,
-                 report_only: bool = False) -> tuple[dict, list[dict]]:
+                 report_only: bool = False, settings: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
     """The pixel-budget sweep (the paper's Table 2 in miniature): at each down-scale factor the
     base model (in each method's conversation) and each method trained from it, over seeds, on
     that factor's questions; each run evaluated once, at its last step."""
@@ -408,7 +408,8 @@ def budget_sweep(base: Path, out: Path, config: str, methods: list[str], seeds: 
             for seed in seeds:
                 name = f"x{factor}-{method}-seed{seed}"
                 run = (collect(out / name, method, seed) if report_only else
-                       run_seed(seed, steps, steps, base, out, config, method, data=data, name=name))
+                       run_seed(seed, steps, steps, base, out, config, method, data=data, name=name,
+                                settings=settings))
                 runs.append({**run, "factor": factor})
     return at_base, runs
 
@@ -503,9 +504,10 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods or default_methods
     command = (f"python -m mgpo.tools.repro{'' if args.task == 'colours' else ' --task ' + args.task} --seeds {' '.join(map(str, args.seeds))} "
                f"--steps {args.steps}{'' if args.task == 'budgets' else f' --eval-every {args.eval_every}'} "
-               f"--methods {' '.join(methods)}")
+               f"--methods {' '.join(methods)}") + (f" --set {' '.join(args.settings)}" if args.settings else "")
     if args.task == "budgets":
-        at_base, runs = budget_sweep(base, out, config, methods, args.seeds, args.steps, args.report_only)
+        at_base, runs = budget_sweep(base, out, config, methods, args.seeds, args.steps, args.report_only,
+                                     tuple(args.settings))
         print(f"wrote {write_budgets(at_base, runs, methods, Path(args.docs), command)}")
         return
     summary = json.loads((base / "base.json").read_text())
@@ -521,7 +523,6 @@ def main(argv: list[str] | None = None) -> None:
         runs = [run_seed(s, args.steps, args.eval_every, base, out, config, m, judge, settings=tuple(args.settings))
                 for m in methods for s in args.seeds]
     command += f" --block {args.block}" if args.block else ""
-    command += f" --set {' '.join(args.settings)}" if args.settings else ""
     print(f"wrote {write_report(summary, runs, Path(args.docs), command, args.task, args.block)}")
     if args.counterfactuals:
         found = counterfactuals(base, out, config, [m for m in methods if m != "sft"], args.seeds, args.steps,
