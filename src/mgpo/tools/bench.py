@@ -599,8 +599,8 @@ def bench_packing(workdir: Path, reps: int = 3) -> dict:
             out[name]["padded_share"] = figures["padded_share"]
             out[name]["micro_batches"] = len(micro_batches(lengths, tcfg.micro_batch_size, tcfg.micro_batch_tokens))
     run.folder.release()
-    return {"trajectories": len(lengths), "budget": budget, "lengths": (min(lengths), int(statistics.median(lengths)),
-                                                                          max(lengths)), **out}
+    return {"trajectories": len(lengths), "budget": budget, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "lengths": (min(lengths), int(statistics.median(lengths)), max(lengths)), **out}
 
 
 def packing_section(p: dict) -> str:
@@ -610,6 +610,8 @@ def packing_section(p: dict) -> str:
              f"fp32 on CPU; {lo} to {hi} tokens, median {mid}: turn-2 crops of 16 to 256 image tokens), micro-batches "
              f"of 4 trajectories vs `train.micro_batch_tokens={p['budget']}` (4 x the median length); the step's "
              "loss and gradient are the same either way (`tests/core/test_trainer.py`). Median of the timed steps.",
+             "", f"Machine: {p['machine']}. Command: `python -m mgpo.tools.bench --only packing` (part of `make bench`), "
+             f"{p['date']}.",
              "", "| micro-batches | count | padded share | seconds per step |", "|---|---|---|---|"]
     for name in ("by count", "by tokens"):
         x = p[name]
