@@ -276,7 +276,7 @@ class EvalConfig:
     """What turn 2 shows (mgpo mode): "model", the crop under the model's turn-1 box (the method);
     the counterfactuals that show whether the answer comes from that crop: "black" (a black image of
     the crop's exact size: the same tokens and positions), "random" (a crop of the same size at a
-    random place, seeded per question), "full" (the whole original again, as the fallback shows it),
+    random place, seeded per question and sample), "full" (the whole original again, as the fallback shows it),
     "gold" (the crop of the record's annotated target box, where it has one: the upper bound of
     grounding). Compare each with the plain run: `eval.py compare`."""
     adapter: str = ""
