@@ -36,6 +36,7 @@ FORMATS = ("jsonl", "chat", "vstar", "mme_realworld", "hrbench")  # the data rea
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # train.report_to's choices (mgpo.runtime.logger)
 CROP_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")  # mgpo.core.grounding.RESAMPLE's keys (a test checks)
 LOSS_NORMALIZATIONS = ("token", "sequence", "constant")  # mgpo.core.loss.loss_weights's rules
+EVAL_CROPS = ("model", "black", "random", "full", "gold")  # mgpo.core.grounding.counterfactual_region's kinds
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,7 @@ CHOICES = {  # every field with a fixed set of values
     "train.algorithm": ("rl", "sft"), "train.report_to": REPORT_TO, "eval.mode": tuple(sorted(TEMPLATES)),
     "loss.normalization": LOSS_NORMALIZATIONS, "loss.ratio": ("token", "sequence", "geometric"),
     "loss.adv_scale": ("group", "batch", "none"), "rollout.over_turn": ("penalize", "mask"),
-    "eval.crop": ("model", "black", "random", "full", "gold"),
+    "eval.crop": EVAL_CROPS,
 }
 NOT_EMPTY = ("model.path", "data.train", "train.output_dir", "train.resume")  # (eval.output_dir "": derived)
 

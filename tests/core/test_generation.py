@@ -7,8 +7,8 @@ import torch
 from mgpo.config import ModelConfig, RolloutConfig
 from mgpo.core.generation import suppressed_ids
 from mgpo.core.policy import PolicyForward, rollout_logprobs
-from mgpo.core.trainer import micro_batches
 from mgpo.core.rollout import rollout
+from mgpo.core.trainer import micro_batches
 from mgpo.data.samples import load_samples
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28

@@ -14,10 +14,10 @@ from mgpo.config import ModelConfig, RolloutConfig
 from mgpo.core.conversation import encode
 from mgpo.core.generation import VISION_TOKENS, generation_config, special_ids, suppressed_ids
 from mgpo.core.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
-from mgpo.core.trainer import micro_batches
 from mgpo.core.prompts import CROP_LEAD, FALLBACK_LEAD, first_prompt_text, get_template
 from mgpo.core.reward import extract_answer
 from mgpo.core.rollout import prompt_tokens, rollout
+from mgpo.core.trainer import micro_batches
 from mgpo.data.samples import load_samples
 from mgpo.runtime.model import load_processor
 

@@ -265,14 +265,12 @@ def crop_original(original: Image.Image, box_in_original: Box) -> Image.Image:
     return original.crop(pixel_box(box_in_original, original.size))
 
 
-COUNTERFACTUALS = ("model", "black", "random", "full", "gold")
-"""What turn 2 shows in place of the crop under the model's box (evaluation only; training always
-shows the model's crop). Does the model answer from its crop? A model that does falls to chance
-when its crop is black or elsewhere, and is unchanged or better when shown the target itself."""
-
-
 def counterfactual_region(kind: str, box: Box | None, targets, size: tuple[int, int], key: str) -> Box | None:
-    """The region of the original turn 2 crops from, by ``kind``: the model's box ("model", and
+    """What turn 2 shows in place of the crop under the model's box (``eval.crop``; evaluation only,
+    training always shows the model's crop). A model that answers from its crop falls to chance when
+    its crop is black or elsewhere, and is unchanged or better when shown the target itself.
+
+    The region of the original turn 2 crops from, by ``kind``: the model's box ("model", and
     "black", which blanks that crop afterwards), a box of the same size at a random place inside
     the original ("random", drawn from ``key``, the question and sample, so a rerun draws the same
     whatever the batching), or None for "full" (the whole original is shown) and for a missing

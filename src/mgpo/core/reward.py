@@ -144,18 +144,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     rewards_BG = rewards.double().view(-1, group_size)
     mean_B1 = rewards_BG.mean(dim=1, keepdim=True)
     if scale == "group":
-        std = rewards_BG.std(dim=1, keepdim=True, unbiased=True)
+        divisor = rewards_BG.std(dim=1, keepdim=True, unbiased=True) + eps
     elif scale == "batch":
         if batch_std is None:
             raise ValueError("loss.adv_scale=batch needs the rollout batch's reward std")
-        std = torch.tensor(float(batch_std), dtype=torch.float64)
+        divisor = float(batch_std) + eps
     elif scale == "none":
-        std = torch.tensor(1.0 - eps, dtype=torch.float64)  # (+ eps below: exactly 1)
+        divisor = 1.0
     else:
         raise ValueError(f"loss.adv_scale must be 'group', 'batch' or 'none', got {scale!r}")
-    advantages_BG = (rewards_BG - mean_B1) / (std + eps)
-    all_equal_B1 = rewards_BG.amax(dim=1, keepdim=True) == rewards_BG.amin(dim=1, keepdim=True)
-    return advantages_BG.masked_fill(all_equal_B1, 0.0).float().view(-1)
+    advantages_BG = (rewards_BG - mean_B1) / divisor
+    return advantages_BG.masked_fill(uniform_groups(rewards_BG, group_size)[:, None], 0.0).float().view(-1)
 
 
 def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -170,8 +169,7 @@ def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def zero_variance_share(rewards: torch.Tensor, group_size: int) -> float:
     """Share of groups whose rewards are all equal (they teach nothing)."""
-    rewards_BG = rewards.float().view(-1, group_size)
-    return (rewards_BG.max(dim=1).values == rewards_BG.min(dim=1).values).float().mean().item()
+    return uniform_groups(rewards.float(), group_size).float().mean().item()
 
 
 def score(trajectories, format_reward: float = 0.0, turn_cost: float = 0.0, zoom_bonus: float = 0.0,

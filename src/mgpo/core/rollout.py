@@ -85,7 +85,7 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
 
     ``images`` are the samples' decoded originals when the caller has them already. A prompt
     longer than ``max_prompt_tokens`` (0 = no limit) is skipped like an unreadable image.
-    ``crop``: what turn 2 shows (``grounding.COUNTERFACTUALS``; evaluation's counterfactuals).
+    ``crop``: what turn 2 shows (``eval.crop``; ``grounding.counterfactual_region``).
     """
     ctx = Context(processor, get_template(cfg.template), cfg, special_ids(processor), greedy, record_logprobs,
                    min_pixels, max_pixels, synced_gpus, crop=crop)

@@ -73,6 +73,13 @@ def check_sampling(cfg: Config) -> None:
                          "(evaluation may use them)")
 
 
+def off_policy(plan: BatchPlan, tcfg: TrainConfig) -> bool:
+    """Whether a rollout batch feeds more than one optimizer step (several steps per batch, or
+    several PPO epochs): the later ones train a policy that is no longer the one that sampled,
+    against the sampling policy's log-probs. Otherwise every importance ratio is exactly 1."""
+    return plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1
+
+
 def inert_ratio_settings(cfg: Config, plan: BatchPlan) -> str | None:
     """A warning when the loss's ratio settings cannot act: with one optimizer step per rollout
     batch and one pass over it, the policy that is trained is the one that sampled, every
@@ -81,7 +88,7 @@ def inert_ratio_settings(cfg: Config, plan: BatchPlan) -> str | None:
     loss = cfg.loss
     if cfg.train.algorithm != "rl" or (loss.ratio == "token" and loss.clip_eps_high is None):
         return None
-    if plan.steps_per_rollout > 1 or cfg.train.ppo_epochs > 1:
+    if off_policy(plan, cfg.train):
         return None
     named = [f"loss.ratio={loss.ratio}"] * (loss.ratio != "token") + \
         [f"loss.clip_eps_high={loss.clip_eps_high}"] * (loss.clip_eps_high is not None)

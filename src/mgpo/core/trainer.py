@@ -29,7 +29,7 @@ from .policy import rollout_logprobs
 from .prompts import get_template
 from .reward import group_advantages, score, uniform_groups
 from .rollout import rollout
-from .setup import Run, check_sampling, setup_run
+from .setup import Run, check_sampling, off_policy, setup_run
 from .sft import sft_batch
 from .trajectory import Rollout
 
@@ -232,11 +232,11 @@ def trained_trajectories(trajectories, rewards_N: torch.Tensor, cfg: Config) -> 
 def _fixed_logprobs(run: Run, batch: Rollout):
     """Old-policy log-probs (when a rollout batch feeds more than one step) and reference ones."""
     tcfg = run.cfg.train
-    off_policy = run.plan.steps_per_rollout > 1 or tcfg.ppo_epochs > 1
-    if not off_policy and run.cfg.loss.kl_coef <= 0:
+    stale = off_policy(run.plan, tcfg)
+    if not stale and run.cfg.loss.kl_coef <= 0:
         return None, None
     packs = pass_micro_batches(tcfg, batch.attention_mask.sum(dim=1).tolist())  # as the update's, by count or tokens
-    old = rollout_logprobs(run.wrapped, batch, packs) if off_policy else None
+    old = rollout_logprobs(run.wrapped, batch, packs) if stale else None
     ref = None
     if run.cfg.loss.kl_coef > 0:
         if run.reference is not None:

@@ -17,7 +17,6 @@ The crop is computed by ``mgpo.core.rollout``, the same code the trainer uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from .protocol import (
     cut_torn_tail,
     done_questions,
     protocol,
+    protocol_digest,
     questions_stamp,
     read_predictions,
     run_protocol,
@@ -176,7 +176,7 @@ def with_output_dir(cfg: Config) -> Config:
         return cfg
     model = model_label(cfg.model.path) + (f"+{model_label(cfg.eval.adapter)}" if cfg.eval.adapter else "")
     data = "+".join(n.replace("/", "_") for n in dataset_names(cfg.eval.datasets or (cfg.data.eval,)))
-    fp = hashlib.sha256(json.dumps(protocol(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    fp = protocol_digest(protocol(cfg))[:8]
     leaf = f"{data}-{cfg.eval.mode}" + (f"-{cfg.eval.crop}" if cfg.eval.crop != "model" else "") + f"-{fp}"
     return replace(cfg, eval=replace(cfg.eval, output_dir=str(Path("runs/eval") / model / leaf)))
 

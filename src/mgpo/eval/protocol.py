@@ -163,6 +163,11 @@ def run_protocol(cfg: Config, datasets: dict[str, SampleSet]) -> dict:
     return proto
 
 
+def protocol_digest(proto: dict) -> str:
+    """The sha256 of a protocol (its keys in order): the same settings, the same digest."""
+    return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()
+
+
 def check_protocol(pred_dir: Path, proto: dict, overwrite: bool) -> None:
     """Keep stored predictions only when made under ``proto``; refuse (or, with ``overwrite``,
     discard them) otherwise. Then store ``proto`` and its hash beside the predictions."""
@@ -185,5 +190,4 @@ def check_protocol(pred_dir: Path, proto: dict, overwrite: bool) -> None:
         log.warning("eval.overwrite: discarding the predictions in %s (%s)", pred_dir, "; ".join(differ))
         for f in old:
             f.unlink()
-    digest = hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()
-    stored_file.write_text(json.dumps({"protocol": proto, "sha256": digest}, indent=2) + "\n")
+    stored_file.write_text(json.dumps({"protocol": proto, "sha256": protocol_digest(proto)}, indent=2) + "\n")

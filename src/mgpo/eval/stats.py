@@ -39,16 +39,20 @@ def wilson(right: int, n: int) -> tuple[float, float]:
     return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
 
 
+def _resampled_means(groups: Sequence[Sequence[float]], rng: np.random.Generator) -> np.ndarray:
+    """[RESAMPLES] the mean of every value, each time over groups drawn with replacement."""
+    sums = np.array([sum(g) for g in groups], dtype=float)
+    counts = np.array([len(g) for g in groups], dtype=float)
+    pick = rng.integers(0, len(groups), size=(RESAMPLES, len(groups)))
+    return sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+
+
 def bootstrap(groups: Sequence[Sequence[float]], seed: int = 0) -> tuple[float, float]:
     """95% percentile interval, in %, of the mean of every value, resampling whole groups (a
     question's samples, or HR-Bench's rotations of one question) with replacement."""
     if not groups:
         return float("nan"), float("nan")
-    sums = np.array([sum(g) for g in groups], dtype=float)
-    counts = np.array([len(g) for g in groups], dtype=float)
-    pick = np.random.default_rng(seed).integers(0, len(groups), size=(RESAMPLES, len(groups)))
-    means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    lo, hi = np.percentile(_resampled_means(groups, np.random.default_rng(seed)), [2.5, 97.5])
     return 100 * float(lo), 100 * float(hi)
 
 
@@ -101,14 +105,7 @@ def unpaired(a: dict[str, list[bool]], b: dict[str, list[bool]], seed: int = 0) 
     if not ga or not gb:
         return {"questions": 0}
     rng = np.random.default_rng(seed)
-
-    def means(groups):
-        sums = np.array([sum(g) for g in groups])
-        counts = np.array([len(g) for g in groups], dtype=float)
-        pick = rng.integers(0, len(groups), size=(RESAMPLES, len(groups)))
-        return sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
-
-    diffs = means(gb) - means(ga)
+    diffs = _resampled_means(gb, rng) - _resampled_means(ga, rng)
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     mean = lambda g: sum(map(sum, g)) / sum(map(len, g))  # noqa: E731
     return {"questions": [len(ga), len(gb)], "difference": 100 * (mean(gb) - mean(ga)),

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, ConfigError
-from .memory import BANDWIDTH_TBS, Params, arch_for, count_params, decode_floor_s
+from .memory import BANDWIDTH_TBS, Params, arch_for, count_params, decode_floor_s, image_tokens
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0}
 """Dense bf16 tensor-core peak of an H100 SXM and an H200 (NVIDIA's data sheets; the same
@@ -69,6 +69,12 @@ def given_lengths(text: str, source: str = "") -> TurnLengths:
     if min(t1, t2) < 0:
         raise ConfigError(f"--turn-lengths must be >= 0, got {text!r}")
     return TurnLengths((t1, t2), (t1, t2), source or f"given lengths: turn 1 {t1:g}, turn 2 {t2:g} tokens")
+
+
+def budget_lengths(cfg: Config, source: str = "") -> TurnLengths:
+    """Every turn at its whole token budget (an upper bound: what is known before a run)."""
+    r = cfg.rollout
+    return given_lengths(f"{r.max_new_tokens_turn1},{r.max_new_tokens_turn2}", source)
 
 
 def pilot_lengths(path: str | Path) -> TurnLengths:
@@ -127,11 +133,6 @@ class RunTime:
     @property
     def hours(self) -> float:
         return self.batches * self.batch_s / 3600
-
-
-def image_tokens(cfg: Config) -> int:
-    """Tokens of one image at the pixel budget: one per 28 x 28 pixels."""
-    return cfg.model.max_pixels // (28 * 28)
 
 
 def flops_per_rollout_batch(cfg: Config, p: Params, tied: bool, world: int, lengths: TurnLengths,
@@ -207,10 +208,9 @@ def startup_line(cfg: Config, world: int, questions: int) -> str | None:
     if not torch.cuda.is_available() or cfg.train.algorithm != "rl":
         return None
     chip = "h200" if "H200" in torch.cuda.get_device_name(0) else "h100"
-    r = cfg.rollout
     try:
-        rt = run_time(cfg, world, questions, given_lengths(f"{r.max_new_tokens_turn1},{r.max_new_tokens_turn2}"),
-                      bandwidth_tbs=BANDWIDTH_TBS[chip], peak_tflops=PEAK_TFLOPS[chip])
+        rt = run_time(cfg, world, questions, budget_lengths(cfg), bandwidth_tbs=BANDWIDTH_TBS[chip],
+                      peak_tflops=PEAK_TFLOPS[chip])
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a launch
         return f"run time estimate unavailable: {e}"
     return (f"run time estimate: {rt.batches} rollout batches, at most {rt.hours:,.1f} h on {chip.upper()}s with "

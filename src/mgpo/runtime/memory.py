@@ -114,6 +114,11 @@ def arch_for(cfg: Config, name: str | None = None) -> Arch:
 
 # ----------------------------------------------------------------------------- formulas
 
+def image_tokens(cfg: Config) -> int:
+    """Tokens of one image at the pixel budget: one per 28 x 28 pixels."""
+    return cfg.model.max_pixels // (28 * 28)
+
+
 def tokens_per_trajectory(cfg: Config, text_tokens: int) -> tuple[int, int]:
     """(all tokens, generated tokens) of the longest possible trajectory.
 
@@ -121,7 +126,7 @@ def tokens_per_trajectory(cfg: Config, text_tokens: int) -> tuple[int, int]:
     original again) for the two-turn template, one for the single-turn one.
     """
     r = cfg.rollout
-    image = cfg.model.max_pixels // (28 * 28)
+    image = image_tokens(cfg)
     if r.template == "grpo":
         return text_tokens + image + r.max_new_tokens_turn1, r.max_new_tokens_turn1
     new = r.max_new_tokens_turn1 + r.max_new_tokens_turn2
@@ -154,7 +159,7 @@ def turn2_prefill_bytes(a: Arch, cfg: Config, text_tokens: int) -> int:
     r = cfg.rollout
     if r.template == "grpo":
         return 0
-    image = cfg.model.max_pixels // (28 * 28)
+    image = image_tokens(cfg)
     chunk = text_tokens // 2 + image
     turn1 = text_tokens // 2 + image + r.max_new_tokens_turn1
     lm = chunk * MEASURED_ACT[a.name]["prefill"]
@@ -323,7 +328,7 @@ def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int,
     turn runs to its token budget, or to ``turn_lengths`` (turn 1, turn 2) when given."""
     r = cfg.rollout
     weights = BF16 * (p.total - p.vision - (0 if a.tie_word_embeddings else p.embedding))  # a lookup reads one row
-    image = cfg.model.max_pixels // (28 * 28)
+    image = image_tokens(cfg)
     seconds, prefix = 0.0, text_tokens // 2 + image
     turns = list(turn_lengths or (r.max_new_tokens_turn1, r.max_new_tokens_turn2))[:1 if r.template == "grpo" else 2]
     for n in turns:

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
 from ..runtime.archs import ARCHS
-from ..runtime.cost import PEAK_TFLOPS, UTILIZATION, given_lengths, pilot_lengths, render_run_time, run_time
+from ..runtime.cost import (
+    PEAK_TFLOPS,
+    UTILIZATION,
+    budget_lengths,
+    given_lengths,
+    pilot_lengths,
+    render_run_time,
+    run_time,
+)
 from ..runtime.memory import BANDWIDTH_TBS, BF16, GB, HEADROOM, Params, Plan, arch_for, count_params, plan
 from .args import positive_float, positive_int
 
@@ -243,9 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.train.algorithm == "rl":
         r = cfg.rollout
         lengths = (pilot_lengths(args.pilot) if args.pilot else given_lengths(args.turn_lengths) if args.turn_lengths
-                   else given_lengths(f"{r.max_new_tokens_turn1},{r.max_new_tokens_turn2}",
-                                      f"every turn's whole budget ({r.max_new_tokens_turn1} and {r.max_new_tokens_turn2} "
-                                      "tokens: --turn-lengths or --pilot for the lengths a run has)"))
+                   else budget_lengths(cfg, f"every turn's whole budget ({r.max_new_tokens_turn1} and "
+                                       f"{r.max_new_tokens_turn2} tokens: --turn-lengths or --pilot for the lengths a "
+                                       "run has)"))
         questions, where = training_questions(cfg, args.questions)
         rt = run_time(cfg, args.gpus, questions, lengths, arch=args.arch, text_tokens=args.text_tokens,
                       bandwidth_tbs=args.bandwidth, peak_tflops=args.tflops, utilization=args.utilization)
