@@ -25,6 +25,20 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl", seed=0)
 
 
+FAMILIES = ("qwen2.5-vl", "qwen3-vl")  # every model family the trainer supports
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_dir(request, tiny_dir, tmp_path_factory):
+    """The tiny checkpoint of each family in turn: a test that takes it runs once per family."""
+    from mgpo.tools.tiny import build_tiny_checkpoint
+
+    if request.param == "qwen2.5-vl":
+        return tiny_dir
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / f"tiny-{request.param}", seed=0,
+                                 arch=request.param)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     from mgpo.tools.synth import build_synth

@@ -1,4 +1,5 @@
-"""The two-turn rollout on the real tiny model: mask, log-prob parity, mRoPE, batching, traps."""
+"""The two-turn rollout on the real tiny model of each family: mask, log-prob parity, mRoPE,
+batching, traps."""
 
 import dataclasses
 import json
@@ -13,27 +14,33 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from mgpo.config import ModelConfig, RolloutConfig
 from mgpo.core.conversation import encode
 from mgpo.core.generation import VISION_TOKENS, generation_config, special_ids, suppressed_ids
+from mgpo.core.grounding import Box
 from mgpo.core.policy import PolicyForward, masked_token_logprobs, rollout_logprobs
 from mgpo.core.prompts import CROP_LEAD, FALLBACK_LEAD, first_prompt_text, get_template
 from mgpo.core.reward import extract_answer
 from mgpo.core.rollout import prompt_tokens, rollout
+from mgpo.core.sft import written
 from mgpo.core.trainer import micro_batches
 from mgpo.data.samples import load_samples
+from mgpo.runtime.family import processor_family
 from mgpo.runtime.model import load_processor
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
 
-@pytest.fixture(scope="module")
-def env(tiny_dir, synth_dir):
-    from mgpo.config import ModelConfig
-    from mgpo.runtime.model import load_model, load_processor
+def _env(folder, synth_dir):
+    from mgpo.runtime.model import load_model
 
-    mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
+    mcfg = ModelConfig(path=str(folder), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     processor = load_processor(mcfg)
     model = load_model(mcfg)
     samples = list(load_samples(synth_dir / "train.jsonl"))
     return model, processor, samples
+
+
+@pytest.fixture(scope="module")
+def env(family_dir, synth_dir):
+    return _env(family_dir, synth_dir)
 
 
 def _run(model, processor, samples, **kw):
@@ -47,12 +54,25 @@ def _logp(model, processor, batch):
                             micro_batches([0] * len(batch), 8))  # 8 at a time, in order
 
 
-def _box_in_input(traj, sample, margin=20):
-    """The sample's first target box in model-input pixels, padded by ``margin``."""
+def _without_mrope(model, processor, r):
+    """The control of the parity tests: log-probs without ``mm_token_type_ids``. Qwen2.5-VL then
+    silently falls back to 1-D positions (returned, to show they differ); Qwen3-VL refuses (None)."""
+    flat_inputs = {k: v for k, v in r.model_inputs().items() if k != "mm_token_type_ids"}
+    if processor_family(processor).name == "qwen3-vl":
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            masked_token_logprobs(model, flat_inputs, r.loss_mask, suppress_ids=suppressed_ids(processor))
+        return None
+    return masked_token_logprobs(model, flat_inputs, r.loss_mask, suppress_ids=suppressed_ids(processor))[0]
+
+
+def _box_in_input(traj, sample, processor, margin=20):
+    """The sample's first target box padded by ``margin`` model-input pixels, as the family writes
+    it (input pixels, or the 0-1000 grid)."""
     (W, H), (w, h) = traj.original_size, traj.input_size
     x1, y1, x2, y2 = sample.target_boxes[0]
-    return [max(0, int(x1 * w / W) - margin), max(0, int(y1 * h / H) - margin),
-            min(w, int(x2 * w / W) + margin), min(h, int(y2 * h / H) + margin)]
+    box = Box(max(0, int(x1 * w / W) - margin), max(0, int(y1 * h / H) - margin),
+              min(w, int(x2 * w / W) + margin), min(h, int(y2 * h / H) + margin))
+    return [int(v) for v in written(box, (w, h), processor_family(processor).box_grid).as_list()]
 
 
 def test_mask_covers_exactly_the_models_tokens(env):
@@ -60,7 +80,7 @@ def test_mask_covers_exactly_the_models_tokens(env):
     tok = processor.tokenizer
     sample = samples[0]
     probe = _run(model, processor, [sample], group_size=1, max_new_tokens_turn1=2, max_new_tokens_turn2=1)
-    box = _box_in_input(probe.trajectories[0], sample)
+    box = _box_in_input(probe.trajectories[0], sample, processor)
     turn1 = f'The key area: ```json\n[{{"bbox_2d": {box}, "label": "target"}}]\n``` and more text after'
     scripted = ScriptedModel(model, tok, [turn1, "It is \\boxed{B}"])
     r = _run(scripted, processor, [sample], group_size=2, max_new_tokens_turn1=96)
@@ -95,9 +115,9 @@ def test_logprob_parity_and_mrope(env, shared):
     assert sampled.sum() > 0.95 * r.loss_mask.sum()
     logp = _logp(model, processor, r)
     assert (logp[sampled] - r.sample_logp[sampled]).abs().max() < 1e-4
-    flat_inputs = {k: v for k, v in r.model_inputs().items() if k != "mm_token_type_ids"}
-    flat, _ = masked_token_logprobs(model, flat_inputs, r.loss_mask, suppress_ids=suppressed_ids(processor))
-    assert (flat[sampled] - r.sample_logp[sampled]).abs().max() > 1e-3, "1-D positions must differ from mRoPE"
+    flat = _without_mrope(model, processor, r)
+    if flat is not None:
+        assert (flat[sampled] - r.sample_logp[sampled]).abs().max() > 1e-3, "1-D positions must differ from mRoPE"
 
 
 def test_batch_invariance(env):
@@ -220,8 +240,11 @@ def test_optimized_paths_match_naive_path_token_for_token(env, monkeypatch, shar
             return _real(*a, **kw)
         monkeypatch.setattr(module, name, counted)
     tok = processor.tokenizer
-    # x2 = 400 fits the 588-px-wide input of samples[0] and not the 364-px one of samples[1].
+    # Pixels: x2 = 400 fits the 588-px-wide input of samples[0] and not the 364-px one of samples[1].
+    # The 0-1000 grid is the same on every image: the second sample's rows write an inverted box.
     script = '```json\n[{"bbox_2d": [30, 30, 400, 200]}]\n```'
+    if processor_family(processor).box_grid:
+        script = [script if i // 3 != 1 else script.replace("30, 30, 400", "400, 30, 30") for i in range(9)]
     runs = {}
     for optimized in (True, False):
         scripted = ScriptedModel(model, tok, [script, None])
@@ -238,7 +261,7 @@ def test_optimized_paths_match_naive_path_token_for_token(env, monkeypatch, shar
     assert [t.turn1_text for t in a.trajectories] == [t.turn1_text for t in b.trajectories]
 
 
-def test_two_turns_reproduce_the_recorded_rollouts(env):
+def test_two_turns_reproduce_the_recorded_rollouts(tiny_dir, synth_dir):
     """``rollout.max_turns = 2`` is the paper's template token for token: ids, masks, texts,
     images and log-probs equal those the code wrote before the K-turn loop existed
     (tests/fixtures/k2_reference.json, written by tests/k2_reference.py)."""
@@ -247,7 +270,7 @@ def test_two_turns_reproduce_the_recorded_rollouts(env):
 
     from k2_reference import run_all
 
-    model, processor, samples = env
+    model, processor, samples = _env(tiny_dir, synth_dir)  # recorded on the Qwen2.5-VL tiny model
     want = json.loads((Path(__file__).parents[1] / "fixtures" / "k2_reference.json").read_text())
     got = json.loads(json.dumps(run_all(model, processor, samples)))
     for name in want:
@@ -259,8 +282,8 @@ def test_two_turns_reproduce_the_recorded_rollouts(env):
             assert max((abs(x - y) for x, y in zip(a, b) if x is not None), default=0) < 1e-4, name
 
 
-def test_prompt_tokens_without_the_image_equal_the_encoded_length(tiny_dir, synth_dir):
-    processor = load_processor(ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX))
+def test_prompt_tokens_without_the_image_equal_the_encoded_length(family_dir, synth_dir):
+    processor = load_processor(ModelConfig(path=str(family_dir), min_pixels=MIN_PX, max_pixels=MAX_PX))
     samples = list(load_samples(synth_dir / "train.jsonl"))[:4]
     samples.append(replace(samples[0], question="word " * 500))
     for name in ("mgpo", "grpo", "direct"):
@@ -274,12 +297,13 @@ QWEN_DEFAULT = (56 * 56, 28 * 28 * 1280)  # the published processor's min_pixels
 
 @pytest.mark.parametrize("budget", [QWEN_DEFAULT, (MIN_PX, MAX_PX)])
 @pytest.mark.parametrize("size", [(1, 28), (28, 1), (3, 28), (10, 40), (2, 56), (1, 200), (5, 1000), (1, 1), (27, 27)])
-def test_small_images_follow_qwen_resize_and_prompt_tokens_agree(tmp_path, tiny_dir, size, budget):
+def test_small_images_follow_qwen_resize_and_prompt_tokens_agree(tmp_path, family_dir, size, budget):
     """An image with a side under 28 px goes to the processor as it is (Qwen's smart_resize
     enlarges it), and the length ``prompt_tokens`` predicts from the header is what the real
     processor produces."""
     lo, hi = budget
-    processor = load_processor(ModelConfig(path=str(tiny_dir), min_pixels=lo, max_pixels=hi))
+    processor = load_processor(ModelConfig(path=str(family_dir), min_pixels=lo, max_pixels=hi))
+    family = processor_family(processor)
     Image.new("RGB", size, (90, 20, 200)).save(tmp_path / "s.png")
     rec = {"id": "s", "image": str(tmp_path / "s.png"), "question": "Which colour?", "options": ["red", "blue"],
            "answer": "B"}
@@ -289,7 +313,7 @@ def test_small_images_follow_qwen_resize_and_prompt_tokens_agree(tmp_path, tiny_
     assert image.size == size  # decoded as it is: the processor does the resizing
     enc = encode(processor, first_prompt_text(processor, get_template("mgpo"), sample.question, sample.options), [image])
     _, gh, gw = enc.image.grid[0].tolist()
-    assert (gh * 14, gw * 14) == smart_resize(size[1], size[0], 28, lo, hi)
+    assert (gh * family.patch, gw * family.patch) == smart_resize(size[1], size[0], family.factor, lo, hi)
     assert prompt_tokens(processor, "mgpo", sample, lo, hi) == len(enc.ids)
 
 
@@ -301,7 +325,7 @@ def test_logprob_parity_and_mrope_with_a_crop(env, shared):
     turn 2 after the crop included, must match the training forward."""
     model, processor, samples = env
     probes = _run(model, processor, samples[:3], group_size=1, max_new_tokens_turn1=2, max_new_tokens_turn2=1)
-    boxes = [_box_in_input(t, s) for t, s in zip(probes.trajectories, samples[:3])]
+    boxes = [_box_in_input(t, s, processor) for t, s in zip(probes.trajectories, samples[:3])]
     per_row = [f'```json\n[{{"bbox_2d": {boxes[i // 2]}, "label": "target"}}]\n```' if i % 2 == 0 else None
                for i in range(6)]
     torch.manual_seed(0)
@@ -316,8 +340,9 @@ def test_logprob_parity_and_mrope_with_a_crop(env, shared):
         assert free[i].sum() >= 2, "turn 2 after the crop was sampled"
     logp = _logp(model, processor, r)
     assert (logp[free] - r.sample_logp[free]).abs().max() < 1e-4
-    flat_inputs = {k: v for k, v in r.model_inputs().items() if k != "mm_token_type_ids"}
-    flat, _ = masked_token_logprobs(model, flat_inputs, r.loss_mask, suppress_ids=suppressed_ids(processor))
+    flat = _without_mrope(model, processor, r)
+    if flat is None:
+        return
     crop_rows = torch.zeros_like(free)
     crop_rows[cropped] = free[cropped]
     assert (flat[crop_rows] - r.sample_logp[crop_rows]).abs().max() > 1e-3, "1-D positions must differ after a crop"
@@ -327,12 +352,12 @@ def test_counterfactual_crops_black_is_the_crops_size_and_gold_is_the_target(env
     """eval.crop: "black" shows a black image of exactly the model crop's size, so turn 2 holds the
     same tokens at the same positions; "gold" shows the crop of the record's target box."""
     import mgpo.core.rollout as ro
-    from mgpo.core.grounding import Box, crop_original, enclosing, fit_to_budget
+    from mgpo.core.grounding import crop_original, enclosing, fit_to_budget
 
     model, processor, samples = env
     sample = samples[0]
     probe = _run(model, processor, [sample], group_size=1, max_new_tokens_turn1=2, max_new_tokens_turn2=1)
-    box = _box_in_input(probe.trajectories[0], sample, margin=40)
+    box = _box_in_input(probe.trajectories[0], sample, processor, margin=40)
     shown, real_encode = {}, ro.encode
     monkeypatch.setattr(ro, "encode", lambda proc, text, images: (shown.setdefault(len(shown), images[0]),
                                                                    real_encode(proc, text, images))[1])
@@ -349,5 +374,6 @@ def test_counterfactual_crops_black_is_the_crops_size_and_gold_is_the_target(env
     assert black_images[0].size == crop_image.size and black_images[0].getbbox() is None  # every pixel 0
     assert black.input_ids.shape == plain.input_ids.shape and torch.equal(black.mm_token_type_ids, plain.mm_token_type_ids)
     original = sample.load_image()
-    want = fit_to_budget(crop_original(original, Box(*enclosing(sample.target_boxes))), MIN_PX, MAX_PX, "bicubic")
+    want = fit_to_budget(crop_original(original, Box(*enclosing(sample.target_boxes))), MIN_PX, MAX_PX, "bicubic",
+                         processor_family(processor).factor)
     assert gold_images[0].size == want.size and list(gold_images[0].getdata()) == list(want.getdata())

@@ -1,7 +1,8 @@
-"""The K-turn rollout (``mgpo_k``) on the real tiny model: equivalence of the
+"""The K-turn rollout (``mgpo_k``) on the real tiny model of each family: equivalence of the
 cache-continued and naive paths, the one loss mask, log-prob parity, the image-token cap."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,16 +15,17 @@ from mgpo.core.prompts import ZOOM_CAPPED, ZOOM_CROP_LEAD, ZOOM_FALLBACK_LEAD
 from mgpo.core.rollout import rollout
 from mgpo.core.trainer import micro_batches
 from mgpo.data.samples import load_samples
+from mgpo.runtime.family import processor_family
 
 MIN_PX, MAX_PX = 64 * 28 * 28, 256 * 28 * 28
 
 
 @pytest.fixture(scope="module")
-def env(tiny_dir, synth_dir):
+def env(family_dir, synth_dir):
     from mgpo.config import ModelConfig
     from mgpo.runtime.model import load_model, load_processor
 
-    mcfg = ModelConfig(path=str(tiny_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
+    mcfg = ModelConfig(path=str(family_dir), min_pixels=MIN_PX, max_pixels=MAX_PX, dtype="float32")
     return load_model(mcfg), load_processor(mcfg), list(load_samples(synth_dir / "train.jsonl"))
 
 
@@ -31,9 +33,30 @@ def _box(x1, y1, x2, y2):
     return f'```json\n[{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}]\n```'
 
 
+GRID_SCALE = (4, 5)  # a scripted box's numbers, written for a ~250 x 200 px view, on a 0-1000 grid
+
+
+def _in_family(box, family):
+    """A scripted box (numbers for a pixel-writing model) as the family writes the same intent."""
+    if not family.box_grid:
+        return list(box)
+    sx, sy = GRID_SCALE
+    return [min(family.box_grid, v * (sx, sy)[i % 2]) for i, v in enumerate(box)]
+
+
+def _scripts_in_family(scripts, family):
+    """Every bbox_2d of the scripts rewritten by ``_in_family``."""
+    def convert(text):
+        return text if text is None else re.sub(
+            r'"bbox_2d": \[([^\]]*)\]',
+            lambda m: f'"bbox_2d": {_in_family([int(v) for v in m.group(1).split(",")], family)}', text)
+    return [[convert(t) for t in call] if isinstance(call, list) else convert(call) for call in scripts]
+
+
 def _run(model, processor, samples, scripts, greedy=False, **kw):
     cfg = RolloutConfig(**{"template": "mgpo_k", "group_size": 2, "max_new_tokens_turn1": 40,
                            "max_new_tokens_turn2": 40, **kw})
+    scripts = _scripts_in_family(scripts, processor_family(processor))
     scripted = ScriptedModel(model, processor.tokenizer, scripts)
     r = rollout(scripted, processor, samples, cfg, min_pixels=MIN_PX, max_pixels=MAX_PX, greedy=greedy,
                 record_logprobs=True)
@@ -79,18 +102,27 @@ def test_k_turns_optimized_match_naive_token_for_token(env, shared, cont):
 
 def test_nested_zoom_reaches_original_pixels(env):
     """The second box is drawn on the first crop; its original-pixel box lies inside the first
-    one and is the hand-mapped region (offset + box * region / shown size)."""
+    one and is the hand-mapped region (offset + box * region / shown size; a grid family's box is
+    on a 0-1000 scale whatever the shown size)."""
     model, processor, samples = env
+    family = processor_family(processor)
     r, _ = _run(model, processor, samples[:1], [_box(20, 20, 200, 150), _box(10, 10, 250, 180), "\\boxed{A}"],
                 greedy=True, max_turns=3)
     first, second = r.trajectories[0].turn_log[:2]
     (W, H), (w, h) = r.trajectories[0].original_size, r.trajectories[0].input_size
-    assert first.box_original == pytest.approx([20 * W / w, 20 * H / h, 200 * W / w, 150 * H / h])
+    if family.box_grid:
+        w = h = family.box_grid
+    a1, b1, a2, b2 = _in_family((20, 20, 200, 150), family)
+    assert first.box_original == pytest.approx([a1 * W / w, b1 * H / h, a2 * W / w, b2 * H / h])
     b = first.box_original
     x1, y1, x2, y2 = math.floor(b[0]), math.floor(b[1]), math.ceil(b[2]), math.ceil(b[3])  # the crop's pixel bounds
-    cw, ch = r.images[r.image_index[0][1]].grid[0, 2].item() * 14, r.images[r.image_index[0][1]].grid[0, 1].item() * 14
-    assert second.box_original == pytest.approx([x1 + 10 * (x2 - x1) / cw, y1 + 10 * (y2 - y1) / ch,
-                                                 x1 + 250 * (x2 - x1) / cw, y1 + 180 * (y2 - y1) / ch])
+    grid = r.images[r.image_index[0][1]].grid[0]
+    cw, ch = grid[2].item() * family.patch, grid[1].item() * family.patch
+    if family.box_grid:
+        cw = ch = family.box_grid
+    a1, b1, a2, b2 = _in_family((10, 10, 250, 180), family)
+    assert second.box_original == pytest.approx([x1 + a1 * (x2 - x1) / cw, y1 + b1 * (y2 - y1) / ch,
+                                                 x1 + a2 * (x2 - x1) / cw, y1 + b2 * (y2 - y1) / ch])
     assert second.nested and second.crop_size is not None
 
 
@@ -106,8 +138,10 @@ def test_k_turn_mask_and_logprob_parity(env, K):
     assert max(len(t.turn_log) for t in r.trajectories) == K
     for i, t in enumerate(r.trajectories):
         masked = tok.decode(r.input_ids[i][r.loss_mask[i].bool()], skip_special_tokens=False)
-        for forbidden in ("<|im_start|>", "<|image_pad|>", "<|vision_start|>", "Question:", ZOOM_CROP_LEAD):
+        for forbidden in ("<|image_pad|>", "<|vision_start|>", "Question:", ZOOM_CROP_LEAD):
             assert forbidden not in masked
+        # a random model may sample <|im_start|> itself; none comes from a user block
+        assert masked.count("<|im_start|>") == sum(rec.text.count("<|im_start|>") for rec in t.turn_log)
         pos = 0
         for rec in t.turn_log[:-1]:  # every non-final turn, closed by <|im_end|>, in order
             pos = masked.index(rec.text + "<|im_end|>", pos) + len(rec.text)

@@ -14,7 +14,7 @@ def test_merge_requires_a_local_base_folder(tmp_path, capsys, base):
         main([str(tmp_path / "checkpoint-1"), str(tmp_path / "merged"), "--base", base])
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and len(err.splitlines()) == 1
-    assert f"no Qwen2.5-VL checkpoint at {base}: not a local folder" in err and "nothing is downloaded" in err
+    assert f"no model checkpoint at {base}: not a local folder" in err and "nothing is downloaded" in err
     assert not (tmp_path / "merged").exists()
 
 

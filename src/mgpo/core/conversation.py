@@ -16,6 +16,7 @@ import torch
 
 from ..config import RolloutConfig
 from ..data.samples import BadImageError, Sample, prompt_length_problem
+from ..runtime.family import Family, processor_family
 from .generation import Generated, generate_batch, generation_config
 from .prompts import Template, escape_data, first_prompt_text
 from .trajectory import ImagePatches, Rollout
@@ -67,6 +68,11 @@ class Context:
     synced_gpus: bool
     crop: str = "model"  # what turn 2 shows in the crop's place (evaluation's counterfactuals)
     images: list[ImagePatches] = field(default_factory=list)
+
+    @property
+    def family(self) -> Family:
+        """The model family: its resize factor, patch side and box convention."""
+        return processor_family(self.processor)
 
     @property
     def stops(self) -> set[int]:

@@ -15,9 +15,10 @@ import torch
 from ..config import RolloutConfig
 from ..data.images import image_size, load_image
 from ..data.samples import BadImageError, Sample
+from ..runtime.family import processor_family
 from .conversation import Context, Conversation, Piece, assemble, encode_prompts
 from .generation import special_ids
-from .grounding import FACTOR, input_size_from_grid, smart_resize
+from .grounding import input_size_from_grid, smart_resize
 from .prompts import chat_pieces, get_template
 from .rollout import rollout_groups
 from .trajectory import ImagePatches, Rollout, Trajectory
@@ -98,7 +99,7 @@ def chat_forced(processor, samples: list[Sample], *, min_pixels: int, max_pixels
                     shown.append(ctx.add_image(ImagePatches(pixels, grid)))
             pieces.append(Piece(out["input_ids"][0], False))
         traj = Trajectory(sample.id, len(conversations), "", (), loaded[0].size,
-                       input_size_from_grid(ctx.images[shown[0]].grid[0]), turns=len(targets))
+                       input_size_from_grid(ctx.images[shown[0]].grid[0], ctx.family.patch), turns=len(targets))
         traj.turn1_text, traj.turn2_text = targets[0], targets[-1] if len(targets) > 1 else ""
         trajectories.append(traj)
         conversations.append(Conversation(pieces, shown))
@@ -116,8 +117,8 @@ def chat_tokens(processor, sample: Sample, *, min_pixels: int, max_pixels: int) 
                  for text, target in pieces)
     paths = [value for _, parts in sample.messages for kind, value in parts if kind == "image"]
     sizes = [(sample.width, sample.height)] + [image_size(path, sample.id) for path in paths[1:]]
-    n_image = 0
+    n_image, factor = 0, processor_family(processor).factor
     for w, h in sizes:
-        rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)  # as the processor resizes it
-        n_image += (rh // FACTOR) * (rw // FACTOR) - 1  # (the placeholder token is in n_text)
+        rh, rw = smart_resize(h, w, factor, min_pixels, max_pixels)  # as the processor resizes it
+        n_image += (rh // factor) * (rw // factor) - 1  # (the placeholder token is in n_text)
     return n_text + n_image

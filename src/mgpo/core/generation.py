@@ -43,7 +43,7 @@ def special_ids(processor) -> dict[str, int]:
     ids = {name: tok.convert_tokens_to_ids(name) for name in names}
     missing = [n for n, i in ids.items() if i is None or i == tok.unk_token_id]
     if missing:
-        raise ValueError(f"tokenizer lacks Qwen2.5-VL special tokens {missing}")
+        raise ValueError(f"tokenizer lacks the Qwen-VL special tokens {missing}")
     return ids
 
 
@@ -233,7 +233,7 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     ``spare_image`` (pixels, grid): under ZeRO-3 every rank must run the vision tower as
     often as the others; when no row brings a new image it is run on this one, unused."""
     device = model.device
-    inner = rope_owner(model)  # the Qwen2_5_VLModel: embeddings, vision tower, language model
+    inner = rope_owner(model)  # the Qwen2_5_VLModel / Qwen3VLModel: embeddings, vision tower, language model
     spans = [previous.cached_tokens(r.row, r.kept) for r in rows]  # cache columns per row
     prefix = max(len(cols) for cols in spans)
     fresh = max(len(r.ids) - len(cols) for r, cols in zip(rows, spans))
@@ -267,15 +267,21 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     # Embed the new chunk (all but its last column), with the new images' features.
     chunk = ids[:, prefix: prefix + fresh - 1].to(device)
     embeds = inner.get_input_embeddings()(chunk)
+    visual = {}
     if (chunk == image_token_id).any():
         pixels = torch.cat([r.new_pixels for r in rows if r.new_pixels is not None]).to(device)
         new_grids = torch.cat([r.new_grid for r in rows if r.new_grid is not None]).to(device)
-        features = torch.cat(inner.get_image_features(pixels, new_grids).pooler_output).to(embeds.dtype)
-        embeds = embeds.masked_scatter((chunk == image_token_id)[..., None].expand_as(embeds), features)
+        vision = inner.get_image_features(pixels, new_grids)
+        image_mask = chunk == image_token_id
+        embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds),
+                                       torch.cat(vision.pooler_output).to(embeds.dtype))
+        if getattr(vision, "deepstack_features", None):  # Qwen3-VL: vision features added in early layers too
+            visual = {"visual_pos_masks": image_mask,
+                      "deepstack_visual_embeds": [torch.cat(f).to(embeds.dtype) for f in vision.deepstack_features]}
     elif spare_image is not None:  # lock-step: the other ranks run the vision tower now
         inner.get_image_features(spare_image[0].to(device), spare_image[1].to(device))
     inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : prefix + fresh - 1].to(device),
                          position_ids=positions[:, :, prefix: prefix + fresh - 1], use_cache=True,
-                         **{cache_arg(inner.language_model): previous.cache})
+                         **visual, **{cache_arg(inner.language_model): previous.cache})
     inner.rope_deltas = deltas  # decode positions = real-token count + delta, per row
     return Prepared(ids, mask, mm, previous.cache)

@@ -1,9 +1,11 @@
 """Grounding: parse the turn-1 box, check it, map it to the original image, crop.
 
-Qwen2.5-VL grounds in absolute pixels of the *resized* image it was shown, whose size is
-``(grid_w * 14, grid_h * 14)`` from ``image_grid_thw``. The crop must come from the
-original file, so every box goes through ``to_original_box`` first (taken as original
-pixels unmapped, a box lands ~12% off on a 4032-px photo, as one public implementation did).
+A model writes a box on the image it was shown, in its family's convention: Qwen2.5-VL in
+absolute pixels of the *resized* input (``(grid_w * 14, grid_h * 14)`` from
+``image_grid_thw``), Qwen3-VL on a 0-1000 grid over it (``grid``: 1000). The crop must come
+from the original file, so every box goes through ``to_original_box`` / ``view_to_original``
+first (taken as original pixels unmapped, a Qwen2.5-VL box lands ~12% off on a 4032-px photo,
+as one public implementation did).
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from dataclasses import dataclass
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-PATCH = 14  # ViT patch side in pixels
-FACTOR = 28  # patch side x spatial merge: resized sides are multiples of this
 MAX_ASPECT = 200  # smart_resize refuses a long/short side ratio above this
 
 RESAMPLE = {
@@ -134,15 +134,33 @@ def parse_box(text: str) -> Box | None:
 
 # ----------------------------------------------------------------------------- geometry
 
+def on_input(box: Box, input_size: tuple[int, int], grid: int | None = None) -> Box:
+    """A box as written by the model, in pixels of the ``(width, height)`` input it was shown:
+    the box itself when the model writes pixels (``grid`` None), else scaled from its 0..grid grid.
+
+    >>> on_input(Box(500, 0, 1000, 500), (640, 480), grid=1000)
+    Box(x1=320.0, y1=0.0, x2=640.0, y2=240.0)
+    """
+    if grid is None:
+        return box
+    w, h = input_size
+    return Box(box.x1 * w / grid, box.y1 * h / grid, box.x2 * w / grid, box.y2 * h / grid)
+
+
 def box_problem(box: Box | None, input_size: tuple[int, int], min_side: float = 28,
-                max_aspect: float = 100.0) -> str | None:
+                max_aspect: float = 100.0, grid: int | None = None) -> str | None:
     """Why ``box`` is unusable on a ``(width, height)`` input, or None if it is valid.
 
-    The rules are the authors' code's: inside the input, not inverted,
-    both sides longer than ``min_side``, long/short side ratio below ``max_aspect``.
+    The rules are the authors' code's, in input pixels (a ``grid`` box is scaled first): inside
+    the input, not inverted, both sides longer than ``min_side``, long/short side ratio below
+    ``max_aspect``.
     """
     if box is None:
         return "no box"
+    if grid is not None:  # the grid's own edges, not the scaled ones: 1000 is the edge exactly
+        if not (0 <= box.x1 < box.x2 <= grid and 0 <= box.y1 < box.y2 <= grid):
+            return "outside the image or inverted"
+        box = on_input(box, input_size, grid)
     w, h = input_size
     if not (0 <= box.x1 < box.x2 <= w and 0 <= box.y1 < box.y2 <= h):
         return "outside the image or inverted"
@@ -153,13 +171,17 @@ def box_problem(box: Box | None, input_size: tuple[int, int], min_side: float = 
     return None
 
 
-def to_original_box(box: Box, input_size: tuple[int, int], original_size: tuple[int, int]) -> Box:
-    """Map a box from the resized model input to the original image; sizes are (width, height).
+def to_original_box(box: Box, input_size: tuple[int, int], original_size: tuple[int, int],
+                    grid: int | None = None) -> Box:
+    """Map a box from the resized model input (pixels, or its 0..``grid`` grid) to the original
+    image; sizes are (width, height).
 
     >>> to_original_box(Box(0, 0, 448, 336), (448, 336), (4032, 3024))
     Box(x1=0.0, y1=0.0, x2=4032.0, y2=3024.0)
+    >>> to_original_box(Box(500, 0, 1000, 500), (640, 480), (4000, 3000), grid=1000)
+    Box(x1=2000.0, y1=0.0, x2=4000.0, y2=1500.0)
     """
-    (wi, hi), (wo, ho) = input_size, original_size
+    (wi, hi), (wo, ho) = (grid, grid) if grid else input_size, original_size
     # x * W_orig / W_in, multiplying first: the input's edge lands exactly on the original's.
     return Box(box.x1 * wo / wi, box.y1 * ho / hi, box.x2 * wo / wi, box.y2 * ho / hi)
 
@@ -173,23 +195,25 @@ class View:
     input_size: tuple[int, int]
 
 
-def view_to_original(box: Box, view: View) -> Box:
-    """Map a box drawn on a shown image back to original pixels: undo the view's resize, then
-    add its offset. Chained over crops of crops, a nested zoom lands on full-resolution pixels.
+def view_to_original(box: Box, view: View, grid: int | None = None) -> Box:
+    """Map a box drawn on a shown image (its pixels, or its 0..``grid`` grid) back to original
+    pixels: undo the view's resize, then add its offset. Chained over crops of crops, a nested
+    zoom lands on full-resolution pixels.
 
     >>> view_to_original(Box(280, 210, 560, 420), View(Box(1000, 750, 2000, 1500), (560, 420)))
     Box(x1=1500.0, y1=1125.0, x2=2000.0, y2=1500.0)
     """
-    (wi, hi), r = view.input_size, view.region
+    (wi, hi), r = (grid, grid) if grid else view.input_size, view.region
     # multiply first, as in to_original_box: the view's edge lands exactly on its region's edge
     return Box(r.x1 + box.x1 * r.width / wi, r.y1 + box.y1 * r.height / hi,
                r.x1 + box.x2 * r.width / wi, r.y1 + box.y2 * r.height / hi)
 
 
-def input_size_from_grid(grid_thw) -> tuple[int, int]:
-    """(width, height) of the resized image the model saw, from one ``image_grid_thw`` row."""
+def input_size_from_grid(grid_thw, patch: int = 14) -> tuple[int, int]:
+    """(width, height) of the resized image the model saw, from one ``image_grid_thw`` row
+    (``patch``: the family's patch side, 14 for Qwen2.5-VL, 16 for Qwen3-VL)."""
     _, gh, gw = (int(v) for v in grid_thw)
-    return gw * PATCH, gh * PATCH
+    return gw * patch, gh * patch
 
 
 def iou(a, b) -> float:
@@ -245,8 +269,10 @@ def pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-def fit_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resample: str = "bicubic") -> Image.Image:
-    """Resize into [min_pixels, max_pixels] with sides multiple of 28, keeping the aspect ratio.
+def fit_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resample: str = "bicubic",
+                  factor: int = 28) -> Image.Image:
+    """Resize into [min_pixels, max_pixels] with sides multiple of ``factor`` (the family's: 28
+    for Qwen2.5-VL, 32 for Qwen3-VL), keeping the aspect ratio.
 
     Uses Qwen's own ``smart_resize`` rule, so the processor leaves the result as it is;
     small crops are enlarged, which is the point of the method.
@@ -254,7 +280,7 @@ def fit_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, resample
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):  # a sliver of a sliver-shaped original: Qwen's rule refuses it
         w, h = max(w, math.ceil(h / MAX_ASPECT)), max(h, math.ceil(w / MAX_ASPECT))
-    h, w = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
+    h, w = smart_resize(h, w, factor, min_pixels, max_pixels)
     if (w, h) == image.size:
         return image
     return image.resize((w, h), RESAMPLE[resample])

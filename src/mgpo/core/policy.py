@@ -33,13 +33,14 @@ def unwrap(model):
 
 
 def rope_owner(model):
-    """The Qwen2_5_VLModel that keeps ``rope_deltas`` (the mRoPE offsets decode steps read)."""
+    """The inner model (Qwen2_5_VLModel, Qwen3VLModel) that keeps ``rope_deltas`` (the mRoPE
+    offsets decode steps read)."""
     m = unwrap(model)
     for _ in range(5):
         if "rope_deltas" in vars(m):
             return m
         m = m.model
-    raise AttributeError("cannot find the Qwen2.5-VL module that holds rope_deltas")
+    raise AttributeError("cannot find the Qwen-VL module that holds rope_deltas")
 
 
 def _head(lm_head: nn.Module, hidden_KH, tokens_K, temperature: float, suppress_ids, with_entropy: bool):

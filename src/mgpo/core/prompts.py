@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..data.records import LETTERS
+from ..runtime.family import processor_family
 
 MGPO_SYSTEM = (
     "You are a helpful assistant. Given an image and one question. First, identify the "
@@ -53,11 +54,13 @@ DIRECT_SUFFIX = "Answer with the option's letter from the given choices directly
 ZOOM_SYSTEM = (
     "You are a helpful assistant. You are given an image and a multiple-choice question. Before "
     "answering you may look closer: write the coordinates of one image region in JSON format, as "
-    '{"bbox_2d": [x1, y1, x2, y2]} in pixels of the latest image you were shown, and stop. That region '
+    '{"bbox_2d": [x1, y1, x2, y2]} {units} of the latest image you were shown, and stop. That region '
     "is then cut from the full-resolution image, enlarged and shown to you, and you may zoom into it "
     "again the same way. As soon as you are sure, give the final answer (A, B, C, D, or E) enclosed "
     "within \\boxed{} instead of coordinates."
 )
+# How ZOOM_SYSTEM names the coordinates: the family's own convention (pixels, or a 0..N grid).
+ZOOM_UNITS = {None: "in pixels", 1000: "on a 0-1000 scale"}
 ZOOM_ASK = "Either give the coordinates of a region to enlarge in JSON format, or the final answer within \\boxed{}."
 ZOOM_CROP_LEAD = "Here is the region you asked for, enlarged:"
 ZOOM_FALLBACK_LEAD = "The coordinates were missing or unusable, so here is the previous image again:"
@@ -176,10 +179,18 @@ def _messages(system: str | None, content: list[dict]) -> list[dict]:
     return msgs + [{"role": "user", "content": content}]
 
 
+def system_text(processor, template: Template) -> str | None:
+    """The template's system prompt, its coordinates named in the model family's convention."""
+    if template.system is None or "{units}" not in template.system:
+        return template.system
+    return template.system.replace("{units}", ZOOM_UNITS[processor_family(processor).box_grid])
+
+
 def first_prompt_text(processor, template: Template, question: str, options) -> str:
     """The whole turn-1 prompt, ending with the assistant generation header."""
     question, options = _escaped(processor, question, options)
-    return processor.apply_chat_template(_messages(template.system, template.first_user(question, options)),
+    return processor.apply_chat_template(_messages(system_text(processor, template),
+                                                   template.first_user(question, options)),
                                          add_generation_prompt=True, tokenize=False)
 
 
@@ -187,7 +198,7 @@ def _next_user_text(processor, template: Template, content: list[dict]) -> str:
     """What follows an assistant turn's ``<|im_end|>``: newline, the user block ``content``,
     the next assistant header. Rendered by the chat template (system + user, minus the
     system part), so it is exactly what the template would produce for the whole conversation."""
-    system = template.system or "You are a helpful assistant."
+    system = system_text(processor, template) or "You are a helpful assistant."
     head = processor.apply_chat_template(_messages(system, []), tokenize=False)
     head = head[: head.rfind("<|im_start|>user")]
     full = processor.apply_chat_template(_messages(system, content), add_generation_prompt=True, tokenize=False)

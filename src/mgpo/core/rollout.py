@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..config import RolloutConfig
 from ..data.samples import Sample
+from ..runtime.family import processor_family
 from .conversation import (
     Context,
     Conversation,
@@ -47,7 +48,6 @@ from .conversation import (
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch, special_ids
 from .grounding import (
-    FACTOR,
     Box,
     box_problem,
     counterfactual_region,
@@ -67,12 +67,14 @@ from .zoom import zoom_turns
 
 def prompt_tokens(processor, template_name: str, sample: Sample, min_pixels: int, max_pixels: int) -> int:
     """Length of ``sample``'s turn-1 prompt as `encode` makes it, without decoding the image:
-    the text's tokens with the one image placeholder expanded to (h/28)*(w/28) tokens of the
-    header size resized by Qwen's rule. Lets training drop over-long prompts at load."""
+    the text's tokens with the one image placeholder expanded to (h/f)*(w/f) tokens of the
+    header size resized by Qwen's rule (f: the family's factor, 28 or 32). Lets training drop
+    over-long prompts at load."""
     text = first_prompt_text(processor, get_template(template_name), sample.question, sample.options)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    h, w = smart_resize(sample.height, sample.width, FACTOR, min_pixels, max_pixels)
-    return n_text - 1 + (h // FACTOR) * (w // FACTOR)
+    factor = processor_family(processor).factor
+    h, w = smart_resize(sample.height, sample.width, factor, min_pixels, max_pixels)
+    return n_text - 1 + (h // factor) * (w // factor)
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -109,7 +111,8 @@ def rollout_groups(model, ctx: Context, prompts: list[Prompt], first_group: int)
     """Turn 1 -> ground -> turn 2 for a chunk of whole groups."""
     group_size = ctx.cfg.group_size
     trajectories = [Trajectory(p.sample.id, first_group + g, p.sample.answer, tuple(p.sample.options),
-                               p.original.size, input_size_from_grid(p.enc.image.grid[0]), turns=ctx.template.turns,
+                               p.original.size, input_size_from_grid(p.enc.image.grid[0], ctx.family.patch),
+                               turns=ctx.template.turns,
                                bare_letter=ctx.template.bare_letter,
                                target_boxes=tuple(tuple(b) for b in p.sample.target_boxes))
                     for g, p in enumerate(prompts) for _ in range(group_size)]
@@ -151,13 +154,14 @@ def _close_turn1(ctx: Context, traj: Trajectory, prompt: Prompt, turn1: Generate
     text = tok.decode(body, skip_special_tokens=False)
     found = find_box(text)
     keep = len(body)
+    grid = ctx.family.box_grid
     if found is not None:
         box, end = found
         traj.box_input = box.as_list()
-        traj.box_problem = box_problem(box, traj.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
+        traj.box_problem = box_problem(box, traj.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect, grid)
         traj.valid = traj.box_problem is None
         if traj.valid:  # in original pixels: the crop's region, or (one turn) the grounding figures' box
-            traj.box_original = to_original_box(box, traj.input_size, traj.original_size).as_list()
+            traj.box_original = to_original_box(box, traj.input_size, traj.original_size, grid).as_list()
         if traj.turns == 2:
             keep = cut_after(tok, body, text, end)
     traj.turn1_truncated = not closed and (found is None or traj.turns == 1)
@@ -208,7 +212,8 @@ def _shown_image(ctx: Context, p: Prompt, traj: Trajectory, key: str):
     region = counterfactual_region(ctx.crop, box, p.sample.target_boxes, p.original.size, key)
     if region is None:
         return None
-    crop = fit_to_budget(crop_original(p.original, region), ctx.min_pixels, ctx.max_pixels, ctx.cfg.crop_resample)
+    crop = fit_to_budget(crop_original(p.original, region), ctx.min_pixels, ctx.max_pixels, ctx.cfg.crop_resample,
+                         ctx.family.factor)
     return Image.new("RGB", crop.size) if ctx.crop == "black" else crop
 
 

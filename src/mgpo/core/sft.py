@@ -10,8 +10,9 @@ Targets per template, and what each teaches:
   ``\\boxed{LETTER}``. On records without boxes (the paper's data has none) the target is the
   answer alone: the paper's SFT baseline, which answers in one turn.
 - ``direct``: the bare letter, one turn: answering without any grounding format.
-- ``mgpo``: turn 1 is a Qwen-style grounding block around the record's target (in input
-  pixels, widened to a valid box), turn 2 ``\\boxed{LETTER}`` after the crop: it teaches
+- ``mgpo``: turn 1 is a Qwen-style grounding block around the record's target (widened to a
+  valid box in input pixels, written in the family's convention: input pixels for Qwen2.5-VL,
+  the 0-1000 grid for Qwen3-VL), turn 2 ``\\boxed{LETTER}`` after the crop: it teaches
   the two-turn format, grounding then answering from the crop, and so needs target boxes.
   A record without one would train an empty turn 1 (just ``<|im_end|>``, then the fallback),
   teaching the model never to ground: ``check_sft_targets`` refuses data where no record
@@ -29,8 +30,9 @@ import logging
 from dataclasses import replace
 
 from ..config import Config
+from ..runtime.family import DEFAULT, Family, processor_family
 from .forced import chat_forced, chat_tokens, teacher_forced
-from .grounding import Box, View, pixel_box, view_to_original
+from .grounding import Box, View, pixel_box, smart_resize, view_to_original
 from .prompts import get_template
 from .rollout import prompt_tokens
 from .trajectory import Rollout
@@ -52,7 +54,8 @@ def sft_batch(cfg: Config, processor, samples, images, batch_index: int, reserve
     turns = cfg.train.sft_max_turns or (cfg.rollout.max_turns,)
     rollout_cfg = replace(cfg.rollout, template=templates[batch_index % len(templates)],
                           max_turns=turns[batch_index % len(turns)])
-    texts = [sft_texts(s, rollout_cfg.template, im.size, m.min_pixels, m.max_pixels, rollout_cfg.max_turns)
+    family = processor_family(processor)
+    texts = [sft_texts(s, rollout_cfg.template, im.size, m.min_pixels, m.max_pixels, rollout_cfg.max_turns, family)
              for s, im in zip(samples, images)]
     return teacher_forced(processor, samples, texts, rollout_cfg, min_pixels=m.min_pixels, max_pixels=m.max_pixels,
                           images=images)
@@ -94,12 +97,11 @@ def check_sft_targets(samples, templates, source) -> None:
                     "(it teaches not to ground)", source, missing, len(samples))
 
 
-def input_size(original_size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of the image the model sees, as Qwen's processor resizes it."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
+def input_size(original_size: tuple[int, int], min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """(width, height) of the image the model sees, as Qwen's processor resizes it (``factor``:
+    the family's, 28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
     w, h = original_size
-    rh, rw = smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+    rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return rw, rh
 
 
@@ -121,39 +123,53 @@ def target_box(sample, original_size, size_in, region: Box | None = None) -> Box
     return Box(bx1, by1, bx2, by2)
 
 
+def written(box: Box, size_in: tuple[int, int], grid: int | None) -> Box:
+    """An input-pixel box as the family writes it: as is (pixels), or on its 0..``grid`` grid, rounded.
+
+    >>> written(Box(320, 0, 640, 240), (640, 480), 1000)
+    Box(x1=500, y1=0, x2=1000, y2=500)
+    """
+    if grid is None:
+        return box
+    w, h = size_in
+    return Box(round(box.x1 * grid / w), round(box.y1 * grid / h), round(box.x2 * grid / w), round(box.y2 * grid / h))
+
+
 def grounding_block(box: Box, label: str) -> str:
-    """Qwen2.5-VL's native grounding output: a fenced JSON list of ``{"bbox_2d", "label"}``."""
+    """Qwen's native grounding output: a fenced JSON list of ``{"bbox_2d", "label"}``."""
     item = {"bbox_2d": [int(v) for v in box.as_list()], "label": label or "target"}
     return "```json\n" + json.dumps([item]) + "\n```"
 
 
-def zoom_path(sample, original_size, min_pixels: int, max_pixels: int, max_zooms: int) -> list[Box]:
-    """``mgpo_k``'s boxes towards the target: each on the latest view, in its input pixels,
-    until the target is shown at full resolution (or ``max_zooms`` are used)."""
-    region, boxes = Box(0, 0, *original_size), []
+def zoom_path(sample, original_size, min_pixels: int, max_pixels: int, max_zooms: int,
+              family: Family = DEFAULT) -> list[Box]:
+    """``mgpo_k``'s boxes towards the target: each on the latest view, as the family writes it
+    there, until the target is shown at full resolution (or ``max_zooms`` are used)."""
+    region, boxes, grid = Box(0, 0, *original_size), [], family.box_grid
     while len(boxes) < max_zooms:
-        size_in = input_size((round(region.width), round(region.height)), min_pixels, max_pixels)
+        size_in = input_size((round(region.width), round(region.height)), min_pixels, max_pixels, family.factor)
         box = target_box(sample, original_size, size_in, region)
         if box is None or region.width <= size_in[0]:  # already at full resolution (or no target)
             break
-        boxes.append(box)
-        region = Box(*map(float, pixel_box(view_to_original(box, View(region, size_in)), original_size)))
+        boxes.append(written(box, size_in, grid))
+        region = Box(*map(float, pixel_box(view_to_original(boxes[-1], View(region, size_in), grid), original_size)))
     return boxes
 
 
 def sft_texts(sample, template: str, original_size, min_pixels: int, max_pixels: int,
-              max_turns: int = 2) -> tuple[str, ...]:
-    """The assistant text of each turn for one record."""
+              max_turns: int = 2, family: Family = DEFAULT) -> tuple[str, ...]:
+    """The assistant text of each turn for one record, boxes in ``family``'s convention."""
     tmpl = get_template(template)
     answer = f"\\boxed{{{sample.answer}}}"
     if tmpl.bare_letter:
         return (sample.answer,)
     if tmpl.zoom_loop:
         label = sample.category.replace("_", " ")
-        path = zoom_path(sample, original_size, min_pixels, max_pixels, max_turns - 1)
+        path = zoom_path(sample, original_size, min_pixels, max_pixels, max_turns - 1, family)
         return (*(grounding_block(b, label) for b in path), answer)
-    box = target_box(sample, original_size, input_size(original_size, min_pixels, max_pixels))
-    block = grounding_block(box, sample.category.replace("_", " ")) if box is not None else ""
+    size_in = input_size(original_size, min_pixels, max_pixels, family.factor)
+    box = target_box(sample, original_size, size_in)
+    block = grounding_block(written(box, size_in, family.box_grid), sample.category.replace("_", " ")) if box is not None else ""
     if tmpl.turns == 1:
         return ((block + " " + answer).strip(),)
     return (block, answer)

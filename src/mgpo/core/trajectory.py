@@ -26,7 +26,8 @@ class TurnRecord:
     previous image again), "answer" (a ``\\boxed{}`` answer ended the conversation), "final" (the last
     turn, forced to answer, which wrote no readable answer)."""
     box_input: list[float] | None = None
-    """The box as written, in pixels of the image the model was looking at."""
+    """The box as written, on the image the model was looking at, in its family's convention
+    (Qwen2.5-VL: that image's pixels; Qwen3-VL: its 0-1000 grid)."""
     box_original: list[float] | None = None
     """The box mapped to original-image pixels (valid boxes only)."""
     valid: bool = False

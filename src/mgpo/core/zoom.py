@@ -36,7 +36,6 @@ from .conversation import (
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch
 from .grounding import (
-    FACTOR,
     Box,
     View,
     box_problem,
@@ -54,16 +53,17 @@ from .trajectory import Trajectory, TurnRecord
 DEFAULT_CAP_IMAGES = 4  # rollout.max_image_tokens = 0: at most this many full-budget images' tokens
 
 
-def image_token_cap(cfg: RolloutConfig, max_pixels: int) -> int:
+def image_token_cap(cfg: RolloutConfig, max_pixels: int, factor: int = 28) -> int:
     """A trajectory's image-token cap: ``rollout.max_image_tokens``, or when 0 the tokens of
-    min(max_turns, 4) images at the full pixel budget (one token per 28x28 block). K <= 4 is
+    min(max_turns, 4) images at the full pixel budget (one token per ``factor`` x ``factor``
+    block: 28 for Qwen2.5-VL, 32 for Qwen3-VL). K <= 4 is
     then never capped (K turns show at most K images); a larger K stops showing crops after
     four images' worth, so its memory cannot grow with K.
 
     >>> image_token_cap(RolloutConfig(max_turns=50), 1280 * 28 * 28), image_token_cap(RolloutConfig(max_turns=3), 784)
     (5120, 3)
     """
-    return cfg.max_image_tokens or min(cfg.max_turns, DEFAULT_CAP_IMAGES) * (max_pixels // (FACTOR * FACTOR))
+    return cfg.max_image_tokens or min(cfg.max_turns, DEFAULT_CAP_IMAGES) * (max_pixels // (factor * factor))
 
 
 @dataclass
@@ -150,13 +150,15 @@ def _read_turn(ctx: Context, traj: Trajectory, st: _State, conv: Conversation, g
     keep = len(body)
     if found is not None:
         box, end = found
+        grid = ctx.family.box_grid
         record.box_input = box.as_list()
-        record.box_problem = box_problem(box, st.view.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect)
+        record.box_problem = box_problem(box, st.view.input_size, ctx.cfg.min_box_side, ctx.cfg.max_box_aspect,
+                                         grid)
         record.valid = record.box_problem is None
         keep = cut_after(tok, body, text, end)
         if record.valid:
             record.action, record.nested = "zoom", st.depth > 0
-            record.box_original = view_to_original(box, st.view).as_list()
+            record.box_original = view_to_original(box, st.view, grid).as_list()
     else:
         record.box_problem = "no box"
     tokens, logp = close_at_box(sampled, logp, keep, closed, im_end)
@@ -178,11 +180,11 @@ def _next_block(ctx: Context, traj: Trajectory, st: _State, last: bool):
     if record.action == "zoom":
         box = Box(*record.box_original)
         picture = fit_to_budget(crop_original(p.original, box), ctx.min_pixels, ctx.max_pixels,
-                                ctx.cfg.crop_resample)
+                                ctx.cfg.crop_resample, ctx.family.factor)
     block = encode(ctx.processor, zoom_turn_text(ctx.processor, ctx.template, question, options,
                                                   "crop" if record.action == "zoom" else "fallback", last), [picture])
     cost = _image_tokens(block.image.grid)
-    if st.image_tokens + cost > image_token_cap(ctx.cfg, ctx.max_pixels):
+    if st.image_tokens + cost > image_token_cap(ctx.cfg, ctx.max_pixels, ctx.family.factor):
         record.capped, st.forced = record.action == "zoom", True
         text = zoom_turn_text(ctx.processor, ctx.template, question, options, "capped", True)
         return ctx.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0], None
@@ -191,7 +193,7 @@ def _next_block(ctx: Context, traj: Trajectory, st: _State, last: bool):
         return block.ids, st.image  # the same picture: its patches are stored once
     record.crop_size = picture.size
     st.view = View(Box(*map(float, pixel_box(Box(*record.box_original), p.original.size))),
-                   input_size_from_grid(block.image.grid[0]))
+                   input_size_from_grid(block.image.grid[0], ctx.family.patch))
     st.picture, st.depth = picture, st.depth + 1
     st.image = ctx.add_image(block.image)
     return block.ids, st.image

@@ -23,6 +23,7 @@ from ..core.reward import scorer_version
 from ..core.zoom import image_token_cap
 from ..data.samples import SampleSet
 from ..runtime.checkpoint import sha256_file, verify_part
+from ..runtime.family import path_family
 from ..runtime.model import resolve_dtype
 
 log = logging.getLogger("mgpo")
@@ -53,7 +54,8 @@ def protocol(cfg: Config) -> dict:
             ", else a bare letter reply (B, (B), B.)" if get_template(e.mode).bare_letter else ""),
         "scorer": scorer_version(), "crop": e.crop,
     } | ({"max_turns": e.max_turns,
-          "max_image_tokens": image_token_cap(replace(r, max_turns=e.max_turns), cfg.model.max_pixels),
+          "max_image_tokens": image_token_cap(replace(r, max_turns=e.max_turns), cfg.model.max_pixels,
+                                             path_family(m.path).factor),
           "template_wording": "mgpo_k: this project's K-turn prompts, not the paper's"}
          if get_template(e.mode).zoom_loop else {})
 

@@ -1,7 +1,8 @@
-"""Loading the policy and its processor from a local Qwen2.5-VL directory.
+"""Loading the policy and its processor from a local checkpoint folder.
 
-The same code reads the tiny embedded checkpoint and a real Qwen2.5-VL-7B folder: both
-go through ``from_pretrained``; nothing here names a hub id or downloads anything.
+The same code reads the tiny embedded checkpoints and a real Qwen2.5-VL-7B or Qwen3-VL-8B
+folder: the class comes from the folder's config.json (``runtime.family``), the weights
+through ``from_pretrained``; nothing here names a hub id or downloads anything.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from .family import family_of, model_class
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -39,7 +41,7 @@ def check_model_dir(path: str | Path, weights: bool = False) -> Path:
     config = path / "config.json"
     if not config.is_file():
         hint = " (run `make tiny` to build the embedded one)" if "tiny" in path.name else ""
-        raise FileNotFoundError(f"no Qwen2.5-VL checkpoint at {path}: not a local folder with a config.json "
+        raise FileNotFoundError(f"no model checkpoint at {path}: not a local folder with a config.json "
                                 f"(models are read from local folders only, nothing is downloaded){hint}")
     try:
         if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
@@ -99,6 +101,12 @@ def load_processor(cfg: ModelConfig):
     if (got["shortest_edge"], got["longest_edge"]) != (cfg.min_pixels, cfg.max_pixels):
         raise RuntimeError(f"{path}: the image processor's pixel budget is {got['shortest_edge']}..."
                            f"{got['longest_edge']}, not the config's {cfg.min_pixels}...{cfg.max_pixels}")
+    family = family_of(path)
+    ip = processor.image_processor
+    if (ip.patch_size, ip.merge_size) != (family.patch, family.merge):
+        raise CheckpointError(f"{path}: the image processor cuts {ip.patch_size}-px patches merged {ip.merge_size}x"
+                              f"{ip.merge_size}, but a {family.name} model takes {family.patch}-px patches merged "
+                              f"{family.merge}x{family.merge}; copy the base model's preprocessor_config.json")
     return processor
 
 
@@ -114,7 +122,7 @@ def _check_processor_files(path: Path) -> None:
         missing.append("preprocessor_config.json (or processor_config.json)")
     if missing:
         raise CheckpointError(f"{path}: no tokenizer or image processor to read: missing {', '.join(missing)}; copy "
-                              "them from the base model's folder (a Qwen2.5-VL folder carries them)")
+                              "them from the base model's folder (a published Qwen-VL folder carries them)")
 
 
 def save_processor(processor, folder: str | Path) -> None:
@@ -158,12 +166,11 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", path: str |
     """The policy (or a reference copy) in eval mode, weights from safetensors. With
     ``adapter`` (a local LoRA folder) the adapter is merged into the weights: the one place
     a LoRA checkpoint becomes a plain model (evaluation, ``mgpo.tools.merge``)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     adapter = check_adapter_dir(adapter) if adapter is not None else None  # before the slow load
     path = check_model_dir(path or cfg.path, weights=True)
+    family = family_of(path)  # an unsupported model type is refused here, before the slow load
     quiet_progress_bars()
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = model_class(family).from_pretrained(
         path,
         dtype=resolve_dtype(cfg.dtype, device),
         attn_implementation=cfg.attn_implementation,

@@ -54,7 +54,7 @@ def show_one_rollout(cfg, sample_index: int = 0) -> dict:
         also = f" (samples {', '.join(map(str, idx))}: {len(idx)} identical)" if len(idx) > 1 else ""
         print(f"--- sample {i}{also}: reward {rewards[i]:.0f}, advantage {adv[i]:+.3f}")
         print(f"  turn 1 ({t.turn1_tokens} tokens{', truncated' if t.turn1_truncated else ''}): {t.turn1_text!r}")
-        print(f"  box (input px) {t.box_input}  valid={t.valid}  ({t.box_problem or 'ok'})"
+        print(f"  box as written {t.box_input}  valid={t.valid}  ({t.box_problem or 'ok'})"
               f"  box (original px) {t.box_original}  crop {t.crop_size}")
         print(f"  turn 2 ({t.turn2_tokens} tokens{', truncated' if t.turn2_truncated else ''}): {t.turn2_text!r}")
     if len(same) == 1:
