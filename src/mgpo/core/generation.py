@@ -264,24 +264,29 @@ def continue_cache(model, previous: Generated, rows: list[Continuation], image_t
     positions, deltas = inner.get_rope_index(ids.to(device), mm_token_type_ids=mm.to(device),
                                              image_grid_thw=torch.cat([r.grids for r in rows]).to(device),
                                              attention_mask=mask.to(device))
-    # Embed the new chunk (all but its last column), with the new images' features.
-    chunk = ids[:, prefix: prefix + fresh - 1].to(device)
-    embeds = inner.get_input_embeddings()(chunk)
-    visual = {}
-    if (chunk == image_token_id).any():
-        pixels = torch.cat([r.new_pixels for r in rows if r.new_pixels is not None]).to(device)
-        new_grids = torch.cat([r.new_grid for r in rows if r.new_grid is not None]).to(device)
-        vision = inner.get_image_features(pixels, new_grids)
-        image_mask = chunk == image_token_id
-        embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds),
-                                       torch.cat(vision.pooler_output).to(embeds.dtype))
-        if getattr(vision, "deepstack_features", None):  # Qwen3-VL: vision features added in early layers too
-            visual = {"visual_pos_masks": image_mask,
-                      "deepstack_visual_embeds": [torch.cat(f).to(embeds.dtype) for f in vision.deepstack_features]}
-    elif spare_image is not None:  # lock-step: the other ranks run the vision tower now
-        inner.get_image_features(spare_image[0].to(device), spare_image[1].to(device))
+    chunk = ids[:, prefix: prefix + fresh - 1].to(device)  # the new chunk, all but its last column
+    embeds, visual = _embed_chunk(inner, chunk, rows, image_token_id, spare_image)
     inner.language_model(inputs_embeds=embeds, attention_mask=mask[:, : prefix + fresh - 1].to(device),
                          position_ids=positions[:, :, prefix: prefix + fresh - 1], use_cache=True,
                          **visual, **{cache_arg(inner.language_model): previous.cache})
     inner.rope_deltas = deltas  # decode positions = real-token count + delta, per row
     return Prepared(ids, mask, mm, previous.cache)
+
+
+def _embed_chunk(inner, chunk, rows: list[Continuation], image_token_id: int, spare_image):
+    """Embeddings of a continued chunk with its new images' features, and the extra inputs the
+    language model takes for them (Qwen3-VL's DeepStack: vision features added in early layers)."""
+    embeds, visual = inner.get_input_embeddings()(chunk), {}
+    image_mask = chunk == image_token_id
+    if image_mask.any():
+        pixels = torch.cat([r.new_pixels for r in rows if r.new_pixels is not None]).to(chunk.device)
+        grids = torch.cat([r.new_grid for r in rows if r.new_grid is not None]).to(chunk.device)
+        vision = inner.get_image_features(pixels, grids)
+        embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds),
+                                       torch.cat(vision.pooler_output).to(embeds.dtype))
+        if getattr(vision, "deepstack_features", None):
+            visual = {"visual_pos_masks": image_mask,
+                      "deepstack_visual_embeds": [torch.cat(f).to(embeds.dtype) for f in vision.deepstack_features]}
+    elif spare_image is not None:  # lock-step: the other ranks run the vision tower now
+        inner.get_image_features(spare_image[0].to(chunk.device), spare_image[1].to(chunk.device))
+    return embeds, visual
