@@ -30,6 +30,24 @@ def test_parameter_counts_are_the_published_models():
     p3, p7 = count_params("qwen2.5-vl-3b"), count_params("qwen2.5-vl-7b")
     assert (p3.total, p3.embedding) == (3_754_622_976, 311_164_928)
     assert (p7.total, p7.vision, p7.embedding) == (8_292_166_656, 676_550_144, 544_997_376)
+    # Qwen3-VL-8B-Instruct: 8.77 B as its model page reports (the table's widths build 8,767,123,696)
+    assert round(count_params("qwen3-vl-8b").total / 1e7) == 877
+
+
+def test_a_checkpoint_is_matched_to_an_architecture_of_its_own_family(tmp_path):
+    """Qwen2.5-VL-3B and Qwen3-VL-2B share a 2048 hidden size; config.json's model_type tells them
+    apart, and a Qwen3-VL folder of the 8B widths is planned as Qwen3-VL-8B."""
+    import json
+
+    from mgpo.runtime.memory import arch_for
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "text_config": {
+        "hidden_size": 4096, "num_hidden_layers": 2}, "vision_config": {"depth": 2}}))
+    assert arch_for(load_config(PAPER, [f"model.path={tmp_path}"])).name == "qwen3-vl-8b"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "text_config": {
+        "hidden_size": 3584}}))
+    with pytest.raises(ValueError, match="hidden_size 3584"):
+        arch_for(load_config(PAPER, [f"model.path={tmp_path}"]))
 
 
 def test_kv_and_activation_figures_match_a_cpu_measurement():

@@ -120,3 +120,28 @@ def test_a_folder_the_tool_did_not_build_is_never_replaced(tmp_path, monkeypatch
     built = build_tiny_checkpoint(tmp_path / "tiny", hidden_size=32, vocab_size=512)
     assert (built / "MGPO_TINY.json").is_file()
     build_tiny_checkpoint(built, hidden_size=32, vocab_size=512)  # its own earlier build: replaced
+
+
+def test_a_qwen3_vl_build_is_laid_out_like_the_published_one(tmp_path, capsys):
+    """``--arch qwen3-vl``: the Qwen3-VL class and config, its published image-processor file (patch
+    16, ``size`` keys) and sampling (top_k 20, top_p 0.8, temperature 0.7), a chat template without a
+    default system prompt, and a special-token layout the model and processor agree on."""
+    from mgpo.tools.tiny import main
+
+    main([str(tmp_path / "q3"), "--arch", "qwen3-vl"])
+    assert "tiny qwen3-vl" in capsys.readouterr().out
+    folder = tmp_path / "q3"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl" and config["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    assert config["vision_config"]["patch_size"] == 16 and config["vision_config"]["deepstack_visual_indexes"]
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    assert pre["patch_size"] == 16 and pre["size"] == {"longest_edge": 16777216, "shortest_edge": 65536}
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert (gen["top_k"], gen["top_p"], gen["temperature"]) == (20, 0.8, 0.7)
+    model, processor = _load(folder)
+    assert type(processor).__name__ == "Qwen3VLProcessor" and processor.image_processor.patch_size == 16
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n"
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")

@@ -77,6 +77,11 @@ class Arch:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def factor(self) -> int:
+        """Side of one image token in input pixels (patch x merge): 28, or 32 for Qwen3-VL."""
+        return self.patch_size * self.spatial_merge_size
+
     def __post_init__(self):
         assert self.hidden_size % self.num_attention_heads == 0, "heads must divide the hidden size"
         assert sum(self.mrope_section) * 2 == self.head_dim, "mrope_section must sum to head_dim / 2"

@@ -136,12 +136,13 @@ class RunTime:
 
 
 def flops_per_rollout_batch(cfg: Config, p: Params, tied: bool, world: int, lengths: TurnLengths,
-                            text_tokens: int) -> tuple[float, float]:
-    """(vision + prefill FLOPs, update FLOPs) of one rank's share of a rollout batch."""
+                            text_tokens: int, factor: int = 28) -> tuple[float, float]:
+    """(vision + prefill FLOPs, update FLOPs) of one rank's share of a rollout batch (``factor``:
+    the architecture's image-token side in pixels)."""
     t, r = cfg.train, cfg.rollout
     prompts = t.prompts_per_rollout / world
     rows = prompts * r.group_size
-    image = image_tokens(cfg)
+    image = image_tokens(cfg, factor)
     patches = 4 * image
     head = p.embedding  # the lm_head: vocabulary x hidden, the embedding's shape (the same tensor when tied)
     body = p.total - p.vision - p.embedding - (0 if tied else head)  # the decoder layers and norms
@@ -175,7 +176,7 @@ def run_time(cfg: Config, world: int, questions: int, lengths: TurnLengths, *, a
     calls = math.ceil(prompts / min(groups, prompts))
     rows = min(groups, prompts) * cfg.rollout.group_size
     decode = calls * decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs, turn_lengths=lengths.longest)
-    prefill, update = flops_per_rollout_batch(cfg, p, a.tie_word_embeddings, world, lengths, text_tokens)
+    prefill, update = flops_per_rollout_batch(cfg, p, a.tie_word_embeddings, world, lengths, text_tokens, a.factor)
     rate = peak_tflops * 1e12 * utilization
     per_epoch, batches = rollout_batches(cfg, questions)
     return RunTime(prefill / rate, decode, update / rate, per_epoch, batches)

@@ -34,6 +34,8 @@ class Family:
     """The transformers class that loads it."""
     config_class: str
     processor_class: str
+    text_class: str
+    """The decoder alone (what the plan's per-layer measurements build)."""
     patch: int
     """Vision patch side in input pixels."""
     merge: int
@@ -50,9 +52,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "qwen2.5-vl": Family("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
-                         "Qwen2_5_VLProcessor", patch=14, merge=2, box_grid=None),
+                         "Qwen2_5_VLProcessor", "Qwen2_5_VLTextModel", patch=14, merge=2, box_grid=None),
     "qwen3-vl": Family("qwen3-vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig",
-                       "Qwen3VLProcessor", patch=16, merge=2, box_grid=1000),
+                       "Qwen3VLProcessor", "Qwen3VLTextModel", patch=16, merge=2, box_grid=1000),
 }
 DEFAULT = FAMILIES["qwen2.5-vl"]
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from .archs import ARCHS, Arch, arch_config
+from .family import FAMILIES, family_of, model_class
 
 HEAD_CHUNK = 2048
 """Masked tokens per lm_head chunk in the training forward (``mgpo.core.policy``): a 152k
@@ -53,6 +54,7 @@ BANDWIDTH_TBS = {"h100": 3.35, "h200": 4.8}
 MEASURED_ACT = {
     "qwen2.5-vl-3b": {"act": 130_205, "act_ckpt": 4_181, "prefill": 83_274},
     "qwen2.5-vl-7b": {"act": 225_512, "act_ckpt": 7_247, "prefill": 134_977},
+    "qwen3-vl-8b": {"act": 215_454, "act_ckpt": 8_304, "prefill": 100_976},
 }
 
 
@@ -72,12 +74,11 @@ def count_params(arch: str | Arch, lora_rank: int = 0, lora_targets: tuple[str, 
     """Exact counts from the real module tree, built on the meta device (no memory); ``arch``
     a published architecture's name, or an ``Arch`` (one at reduced depth, say)."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     a = ARCHS[arch] if isinstance(arch, str) else arch
     arch_name = a.name
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(
+        model = model_class(FAMILIES[a.family])(
             arch_config(arch_name, layers=a.num_hidden_layers, vision_depth=a.vision_depth))
     unique = {id(p): p.numel() for p in model.parameters()}
     vision = sum(p.numel() for p in model.model.visual.parameters())
@@ -100,8 +101,9 @@ def arch_for(cfg: Config, name: str | None = None) -> Arch:
         c = json.loads(path.read_text())
         text = c.get("text_config", c)
         hidden = text.get("hidden_size", c.get("hidden_size"))
+        family = family_of(c).name if "model_type" in c else None
         for a in ARCHS.values():
-            if a.hidden_size == hidden:  # at the checkpoint's own depth (a 2-layer build of the widths)
+            if a.hidden_size == hidden and family in (None, a.family):  # at the checkpoint's own depth (a 2-layer build of the widths)
                 return replace(a, num_hidden_layers=text.get("num_hidden_layers", a.num_hidden_layers),
                                vision_depth=c.get("vision_config", {}).get("depth", a.vision_depth))
         raise ValueError(f"{path}: hidden_size {hidden} is none of {sorted(ARCHS)}; pass --arch")
@@ -114,19 +116,20 @@ def arch_for(cfg: Config, name: str | None = None) -> Arch:
 
 # ----------------------------------------------------------------------------- formulas
 
-def image_tokens(cfg: Config) -> int:
-    """Tokens of one image at the pixel budget: one per 28 x 28 pixels."""
-    return cfg.model.max_pixels // (28 * 28)
+def image_tokens(cfg: Config, factor: int = 28) -> int:
+    """Tokens of one image at the pixel budget: one per ``factor`` x ``factor`` pixels (the
+    architecture's patch x merge: 28, or 32 for Qwen3-VL)."""
+    return cfg.model.max_pixels // (factor * factor)
 
 
-def tokens_per_trajectory(cfg: Config, text_tokens: int) -> tuple[int, int]:
+def tokens_per_trajectory(cfg: Config, text_tokens: int, factor: int = 28) -> tuple[int, int]:
     """(all tokens, generated tokens) of the longest possible trajectory.
 
-    Two images of at most max_pixels / 28^2 tokens each (the original, then the crop or the
+    Two images of at most max_pixels / factor^2 tokens each (the original, then the crop or the
     original again) for the two-turn template, one for the single-turn one.
     """
     r = cfg.rollout
-    image = image_tokens(cfg)
+    image = image_tokens(cfg, factor)
     if r.template == "grpo":
         return text_tokens + image + r.max_new_tokens_turn1, r.max_new_tokens_turn1
     new = r.max_new_tokens_turn1 + r.max_new_tokens_turn2
@@ -159,7 +162,7 @@ def turn2_prefill_bytes(a: Arch, cfg: Config, text_tokens: int) -> int:
     r = cfg.rollout
     if r.template == "grpo":
         return 0
-    image = image_tokens(cfg)
+    image = image_tokens(cfg, a.factor)
     chunk = text_tokens // 2 + image
     turn1 = text_tokens // 2 + image + r.max_new_tokens_turn1
     lm = chunk * MEASURED_ACT[a.name]["prefill"]
@@ -274,7 +277,7 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
     if problem := precision_problem(cfg, deepspeed):
         raise ConfigError(problem)
     p = count_params(a, t.lora_rank, tuple(t.lora_target_modules) if t.lora_rank else ())
-    G, T, new = r.group_size, *tokens_per_trajectory(cfg, text_tokens)
+    G, T, new = r.group_size, *tokens_per_trajectory(cfg, text_tokens, a.factor)
     prompts_per_rank = max(1, t.prompts_per_rollout // world)
     groups = _generation_groups(cfg, prompts_per_rank)
     lines = []
@@ -328,7 +331,7 @@ def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int,
     turn runs to its token budget, or to ``turn_lengths`` (turn 1, turn 2) when given."""
     r = cfg.rollout
     weights = BF16 * (p.total - p.vision - (0 if a.tie_word_embeddings else p.embedding))  # a lookup reads one row
-    image = image_tokens(cfg)
+    image = image_tokens(cfg, a.factor)
     seconds, prefix = 0.0, text_tokens // 2 + image
     turns = list(turn_lengths or (r.max_new_tokens_turn1, r.max_new_tokens_turn2))[:1 if r.template == "grpo" else 2]
     for n in turns:

@@ -104,14 +104,16 @@ def _heap_bytes() -> int:
 def _lm_of_width(arch: str, layers: int, dtype: torch.dtype):
     """The decoder of ``arch`` at ``layers`` layers with a 1k vocabulary (the
     vocabulary only sizes the embedding, not a layer), random weights."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+    import transformers
 
+    from ..runtime.archs import ARCHS
+    from ..runtime.family import FAMILIES
     from .tiny import arch_config
 
     text = arch_config(arch, layers=layers, vision_depth=1).text_config
     text.vocab_size, text.pad_token_id = 1024, 0
     with torch.device("meta"):
-        model = Qwen2_5_VLTextModel(text)
+        model = getattr(transformers, FAMILIES[ARCHS[arch].family].text_class)(text)
     model = model.to_empty(device="cpu").to(dtype)
     with torch.no_grad():
         for p in model.parameters():
