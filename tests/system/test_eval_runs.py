@@ -42,11 +42,11 @@ def test_killed_evaluation_resumes_to_the_same_metrics(tiny_dir, synth_dir, tmp_
 
 
 @pytest.mark.slow
-def test_two_rank_sharded_evaluation_equals_one_process(tiny_dir, synth_dir, tmp_path):
+def test_two_rank_sharded_evaluation_equals_one_process(family_dir, synth_dir, tmp_path):
     import os
 
     def cmd(out, two_ranks):
-        args = [str(ROOT / "eval.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"), f"model.path={tiny_dir}",
+        args = [str(ROOT / "eval.py"), "--config", str(ROOT / "configs/tiny_cpu.yaml"), f"model.path={family_dir}",
                 f"eval.output_dir={out}", f"eval.datasets=[{synth_dir / 'train.jsonl'}]", "eval.batch_size=2",
                 "rollout.max_new_tokens_turn1=16", "rollout.max_new_tokens_turn2=8"]
         if not two_ranks:
@@ -58,3 +58,4 @@ def test_two_rank_sharded_evaluation_equals_one_process(tiny_dir, synth_dir, tmp
     shards = sorted((tmp_path / "two" / "predictions").glob("rank*.jsonl"))
     assert len(shards) == 2 and all(s.read_text() for s in shards), "each rank evaluates its own shard"
     assert _predictions(tmp_path / "one") == _predictions(tmp_path / "two")
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["results"], "and it scored them"

@@ -41,7 +41,7 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tmp_path, 
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
-def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path, tiny_dir, synth_dir):
+def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path, family_dir, synth_dir):
     from train_worker import _checksums
 
     from mgpo.config import ModelConfig, RolloutConfig
@@ -49,7 +49,7 @@ def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path, tiny_dir,
     from mgpo.data.samples import load_samples
     from mgpo.runtime.model import load_model, load_processor
 
-    (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "run", "train.max_steps=2",
+    (rec,) = run_worker(tmp_path, family_dir, synth_dir, tmp_path / "run", "train.max_steps=2",
                         flags=["--rewards", "random"])
     ckpt = latest_checkpoint(tmp_path / "run")
     mcfg = ModelConfig(path=str(ckpt / "model"), min_pixels=64 * 28 * 28, max_pixels=256 * 28 * 28)
@@ -62,12 +62,12 @@ def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path, tiny_dir,
     assert len(r) == 2 and all(t.turn1_tokens > 0 for t in r.trajectories)
 
 
-def test_resume_is_exact(tmp_path, tiny_dir, synth_dir):
+def test_resume_is_exact(tmp_path, family_dir, synth_dir):
     args = ("train.save_every=2", "train.keep_last=5")
     flags = ["--rewards", "random"]
-    (straight,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "a", "train.max_steps=4", *args, flags=flags)
-    run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "b", "train.max_steps=2", *args, flags=flags)
-    (resumed,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "b", "train.max_steps=4", *args, flags=flags)
+    (straight,) = run_worker(tmp_path, family_dir, synth_dir, tmp_path / "a", "train.max_steps=4", *args, flags=flags)
+    run_worker(tmp_path, family_dir, synth_dir, tmp_path / "b", "train.max_steps=2", *args, flags=flags)
+    (resumed,) = run_worker(tmp_path, family_dir, synth_dir, tmp_path / "b", "train.max_steps=4", *args, flags=flags)
     assert resumed["steps"] == 4
     assert resumed["after"] == straight["after"]
     a = load_file(str(latest_checkpoint(tmp_path / "a") / "model" / "model.safetensors"))
@@ -148,8 +148,8 @@ def test_nonfinite_losses_skip_updates_then_stop(tmp_path, tiny_dir, synth_dir):
     assert "3 consecutive non-finite losses" in text
 
 
-def test_lora_changes_only_adapter_weights(tmp_path, tiny_dir, synth_dir):
-    (rec,) = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "run", "train.max_steps=2", "train.lora_rank=4",
+def test_lora_changes_only_adapter_weights(tmp_path, family_dir, synth_dir):
+    (rec,) = run_worker(tmp_path, family_dir, synth_dir, tmp_path / "run", "train.max_steps=2", "train.lora_rank=4",
                         "train.weight_decay=0.0", flags=["--rewards", "random"])
     changed, trainable = set(rec["changed"]), set(rec["trainable"])
     assert trainable and all("lora_" in n for n in trainable)
@@ -159,12 +159,12 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_dir, synth_dir):
     ckpt = latest_checkpoint(tmp_path / "run")
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
     # The merge command writes a full model that differs from the base only by the adapters.
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    from mgpo.runtime.family import family_of, model_class
     from mgpo.tools.merge import merge
 
-    merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(merge(ckpt, tmp_path / "merged", tiny_dir))
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir)
+    cls = model_class(family_of(family_dir))
+    merged = cls.from_pretrained(merge(ckpt, tmp_path / "merged", family_dir))
+    base = cls.from_pretrained(family_dir)
     diff = {n for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(a, b)}
     assert diff and all("language_model" in n and n.endswith("proj.weight") for n in diff)
 
@@ -224,10 +224,10 @@ def test_cpu_launch_without_cpu_flag_fails_loudly(tmp_path, tiny_dir, synth_dir)
     assert records[0]["changed"], "and they trained"
 
 
-def test_two_rank_zero3_on_cpu(tmp_path, tiny_dir, synth_dir):
+def test_two_rank_zero3_on_cpu(tmp_path, family_dir, synth_dir):
     """Ranks agree, and the warm-up's rate reaches the optimizer DeepSpeed steps once per
     optimizer step (not once per rank, not stuck at its first value)."""
-    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "z3", "train.max_steps=2",
+    records = run_worker(tmp_path, family_dir, synth_dir, tmp_path / "z3", "train.max_steps=2",
                          "train.warmup_steps=4", "train.lr=1e-4",
                          launcher="configs/accelerate/cpu_zero3_2proc.yaml", flags=["--rewards", "random"],
                          env=_zero3_env(tmp_path))
@@ -255,9 +255,9 @@ def test_zero3_nonfinite_step_moves_no_weight(tmp_path, tiny_dir, synth_dir):
     assert all(r["adam"] == {"steps": [], "moments": 0.0} for r in records), [r["adam"] for r in records]
 
 
-def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, tiny_dir, synth_dir):
+def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, family_dir, synth_dir):
     """Rank 0's boxes are all valid, rank 1's all invalid: the run must still finish (no deadlock)."""
-    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "split", "train.max_steps=2",
+    records = run_worker(tmp_path, family_dir, synth_dir, tmp_path / "split", "train.max_steps=2",
                          "rollout.max_new_tokens_turn1=64", launcher="configs/accelerate/cpu_zero3_2proc.yaml",
                          flags=["--boxes", "split"], env=_zero3_env(tmp_path), timeout=900)
     assert [r["steps"] for r in records] == [2, 2]
