@@ -13,10 +13,19 @@ SYNTH := build/synth
 BASE := build/base
 BEACON := build/beacon
 NESTED := build/nested
-DEMO := build/demo
 BUDGETS := build/budgets
 CONFIG ?= configs/tiny_cpu.yaml
+# The demo's model family: qwen2.5-vl (the paper's), or qwen3-vl (`make demo FAMILY=qwen3-vl`)
+FAMILY ?= qwen2.5-vl
+ifeq ($(FAMILY),qwen2.5-vl)
+DEMO := build/demo
 DEMO_CONFIG ?= configs/demo.yaml
+DEMO_RUN := runs/demo
+else
+DEMO := build/demo-$(FAMILY)
+DEMO_CONFIG ?= configs/demo_$(subst -,_,$(subst .,_,$(FAMILY))).yaml
+DEMO_RUN := runs/demo-$(FAMILY)
+endif
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
@@ -119,14 +128,14 @@ test-fast: $(STAMP)
 # show one two-turn rollout and the before/after table. 3.5 minutes on 2 cores.
 demo-base: $(DEMO)/base.json
 $(DEMO)/base.json: | $(STAMP)
-	$(PY) -m mgpo.tools.base $(DEMO) --task demo
+	$(PY) -m mgpo.tools.base $(DEMO) --task demo --family $(FAMILY)
 
 demo: $(STAMP) demo-base
-	@echo "demo: base model $(DEMO) is built (rm -rf $(DEMO) rebuilds it); a finished run in runs/demo is not retrained"
+	@echo "demo: base model $(DEMO) is built (rm -rf $(DEMO) rebuilds it); a finished run in $(DEMO_RUN) is not retrained"
 	$(PY) train.py --config $(DEMO_CONFIG) $(ARGS)
 	$(PY) eval.py --config $(DEMO_CONFIG) eval.overwrite=true
 	$(PY) -m mgpo.tools.demo --config $(DEMO_CONFIG) --from-run --before $(DEMO)/base.json
-	@echo "demo done: TensorBoard logs and checkpoints in runs/demo, report in runs/demo/eval/report.html"
+	@echo "demo done: TensorBoard logs and checkpoints in $(DEMO_RUN), report in $(DEMO_RUN)/eval/report.html"
 
 train: $(STAMP) tiny synth
 	$(PY) train.py --config $(CONFIG) $(ARGS)

@@ -107,3 +107,18 @@ def test_make_eval_after_make_demo_evaluates_the_demos_checkpoint(clone):
     (line,) = [c for c in calls.read_text().splitlines() if c.startswith("eval.py")]
     assert line.startswith("eval.py --config configs/demo.yaml"), line
     assert "mgpo.tools.tiny" not in calls.read_text(), "the demo's own model, not the random tiny one"
+
+
+def test_make_demo_family_builds_and_runs_that_familys_demo(clone):
+    """`make demo FAMILY=qwen3-vl` builds a tiny Qwen3-VL base in its own folder and runs the
+    Qwen3-VL demo config into its own run folder; the default is the Qwen2.5-VL demo."""
+    calls = _fake_venv(clone)
+    rc, text = _make(clone, "demo", "FAMILY=qwen3-vl")
+    assert rc == 0, text
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "-m mgpo.tools.base build/demo-qwen3-vl --task demo --family qwen3-vl", lines
+    assert "train.py --config configs/demo_qwen3_vl.yaml" in lines[1]
+    assert (ROOT / "configs" / "demo_qwen3_vl.yaml").is_file()
+    calls.unlink()
+    rc, text = _make(clone, "demo")
+    assert rc == 0 and calls.read_text().splitlines()[0] == "-m mgpo.tools.base build/demo --task demo --family qwen2.5-vl"

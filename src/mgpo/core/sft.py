@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 
 from ..config import Config
@@ -107,7 +108,8 @@ def input_size(original_size: tuple[int, int], min_pixels: int, max_pixels: int,
 
 def target_box(sample, original_size, size_in, region: Box | None = None) -> Box | None:
     """The box enclosing every target, mapped to input pixels of the view of ``region`` (default:
-    the whole original) and widened to at least ``MIN_TARGET_SIDE`` on each side (clamped)."""
+    the whole original) and widened to at least ``MIN_TARGET_SIDE`` on each side (clamped);
+    fractional (``written`` rounds it as the family writes boxes)."""
     if not sample.target_boxes:
         return None
     region = region or Box(0, 0, *original_size)
@@ -118,21 +120,25 @@ def target_box(sample, original_size, size_in, region: Box | None = None) -> Box
     for lo, hi, limit in ((x1, x2, w), (y1, y2, h)):
         side = min(limit, max(hi - lo, MIN_TARGET_SIDE))
         start = min(max(0.0, (lo + hi) / 2 - side / 2), limit - side)
-        sides.append((round(start), round(start + side)))
+        sides.append((start, start + side))
     (bx1, bx2), (by1, by2) = sides
     return Box(bx1, by1, bx2, by2)
 
 
 def written(box: Box, size_in: tuple[int, int], grid: int | None) -> Box:
-    """An input-pixel box as the family writes it: as is (pixels), or on its 0..``grid`` grid, rounded.
+    """An input-pixel box as the family writes it: in whole pixels (rounded), or on its 0..``grid``
+    grid rounded outwards (a grid step can be wider than a pixel: the written box still holds the box).
 
-    >>> written(Box(320, 0, 640, 240), (640, 480), 1000)
-    Box(x1=500, y1=0, x2=1000, y2=500)
+    >>> written(Box(320, 0, 640, 240), (640, 480), 1000), written(Box(1, 1, 2, 2), (3000, 3000), 1000)
+    (Box(x1=500, y1=0, x2=1000, y2=500), Box(x1=0, y1=0, x2=1, y2=1))
+    >>> written(Box(10.4, 0.5, 99.6, 50), (640, 480), None)
+    Box(x1=10, y1=0, x2=100, y2=50)
     """
     if grid is None:
-        return box
+        return Box(round(box.x1), round(box.y1), round(box.x2), round(box.y2))
     w, h = size_in
-    return Box(round(box.x1 * grid / w), round(box.y1 * grid / h), round(box.x2 * grid / w), round(box.y2 * grid / h))
+    return Box(math.floor(box.x1 * grid / w), math.floor(box.y1 * grid / h),
+               math.ceil(box.x2 * grid / w), math.ceil(box.y2 * grid / h))
 
 
 def grounding_block(box: Box, label: str) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..config import ConfigError
+from ..runtime.family import FAMILIES
 from .args import claim_folder, positive_int
 
 MARKER = "MGPO_BASE.json"  # in every folder this tool builds: only such a folder is ever rebuilt
@@ -194,9 +195,27 @@ def build_budgets(data: Path, seed: int, task: Task) -> None:
         shutil.copy(data / f"{split}-x{max(task.factors)}.jsonl", data / f"{split}.jsonl")
 
 
+# The pixel budget a family sees the tasks' images at. Qwen2.5-VL's 50,176 px show the beacon's
+# 1792 x 448 originals at 448 x 112 (64 tokens of 28 px); with Qwen3-VL's 32-px tokens the same budget
+# would round the height down to 96 px, so it gets 65,536 px: 512 x 128, again 64 tokens.
+FAMILY_BUDGET = {"qwen3-vl": {50176: 65536}}
+
+
+def family_overrides(task: Task, family: str) -> list[str]:
+    """The task's settings, its pixel budget moved to the family's equivalent."""
+    moved = FAMILY_BUDGET.get(family, {})
+    out = []
+    for item in task.overrides:
+        key, _, value = item.partition("=")
+        if key in ("model.min_pixels", "model.max_pixels") and int(value) in moved:
+            item = f"{key}={moved[int(value)]}"
+        out.append(item)
+    return out
+
+
 def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, task: str = "colours",
-               config: str = "configs/tiny_cpu.yaml"):
-    """Data, SFT and the starting point; returns the model folder."""
+               config: str = "configs/tiny_cpu.yaml", family: str = "qwen2.5-vl"):
+    """Data, SFT and the starting point (a tiny model of ``family``); returns the model folder."""
     from ..config import load_config
     from ..core.trainer import train
     from ..eval.evaluate import evaluate
@@ -210,8 +229,9 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     start = time.time()
     data = out / "data"
     build_data(data, seed, spec)
-    init = build_tiny_checkpoint(out / "init", seed=seed)
-    cfg = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
+    init = build_tiny_checkpoint(out / "init", seed=seed, arch=family)
+    overrides = family_overrides(spec, family)
+    cfg = load_config(config, [*base_overrides(out), *overrides, f"model.path={init}", f"data.train={data / 'sft.jsonl'}",
                                "train.algorithm=sft", f"train.output_dir={out / 'sft'}", "train.resume=none",
                                "train.overwrite=true", f"train.seed={seed}", "train.epochs=1000",
                                f"train.max_steps={sft_steps}", "train.prompts_per_rollout=16",
@@ -225,14 +245,14 @@ def build_base(out: str | Path, seed: int = 0, sft_steps: int | None = None, tas
     shutil.copytree(result.output_dir / f"checkpoint-{sft_steps}" / "model", model)
     modes = {}
     for mode in spec.methods:
-        ev = load_config(config, [*base_overrides(out), *spec.overrides, f"model.path={model}",
+        ev = load_config(config, [*base_overrides(out), *overrides, f"model.path={model}",
                                   *method_overrides(mode), f"eval.output_dir={out / 'eval' / mode}",
                                   "eval.overwrite=true"])
         metrics = evaluate(ev)["results"]["test"]
         modes[mode] = {"test_accuracy": metrics["accuracy"], "valid_box": metrics["grounding"]["valid_box"],
                        "mean_iou": metrics["grounding"]["mean_iou"],
                        "holds": metrics["grounding"]["crop_contains_target"] or 0.0}
-    summary = {"task": task, "seed": seed, "sft_steps": sft_steps, "methods": list(spec.sft_methods or spec.methods),
+    summary = {"task": task, "family": family, "seed": seed, "sft_steps": sft_steps, "methods": list(spec.sft_methods or spec.methods),
                "minutes": (time.time() - start) / 60, **modes[spec.methods[0]], "modes": modes}
     if task == "colours":
         summary["label_noise"] = LABEL_NOISE
@@ -250,9 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="colours")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2.5-vl",
+                        help="the model family of the tiny starting point (its box convention and resize)")
     parser.add_argument("--sft-steps", type=positive_int, default=None, help="default: 300 (colours), 400 (demo), 1000 (beacon, nested)")
     args = parser.parse_args(argv)
-    build_base(args.out_dir, args.seed, args.sft_steps, args.task)
+    build_base(args.out_dir, args.seed, args.sft_steps, args.task, family=args.family)
 
 
 if __name__ == "__main__":
