@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         data = build_synth(work / "data", n=4, seed=0, split="train")
         models = {"tiny": build_tiny_checkpoint(work / "tiny"),
-                  "qwen2.5-vl-7b widths, 2 layers": build_tiny_checkpoint(work / "w7b", arch="qwen2.5-vl-7b")}
+                  "tiny qwen3-vl": build_tiny_checkpoint(work / "tiny3", arch="qwen3-vl"),
+                  "qwen2.5-vl-7b widths, 2 layers": build_tiny_checkpoint(work / "w7b", arch="qwen2.5-vl-7b"),
+                  "qwen3-vl-8b widths, 2 layers": build_tiny_checkpoint(work / "w8b", arch="qwen3-vl-8b")}
         for name, model in models.items():
-            for attn in attns if name != "tiny" else ["sdpa"]:
+            for attn in attns if not name.startswith("tiny") else ["sdpa"]:
                 for mode in MODES:
                     row = run_step(mode, model, data, attn, work / f"run-{len(rows)}", gpu_gb) | {"model": name}
                     print(f"{name} / {mode} / {attn}: {row['result']}", flush=True)
