@@ -28,6 +28,15 @@ def tiny_dir(tmp_path_factory):
 FAMILIES = ("qwen2.5-vl", "qwen3-vl")  # every model family the trainer supports
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end (slow) cases run for Qwen2.5-VL in `make test` and for the other families in
+    `make test-heavy` (CI runs both): the unit cases run for every family in both."""
+    for item in items:
+        family = getattr(item, "callspec", None) and item.callspec.params.get("family_dir")
+        if family and family != FAMILIES[0] and item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.heavy)
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def family_dir(request, tiny_dir, tmp_path_factory):
     """The tiny checkpoint of each family in turn: a test that takes it runs once per family."""
