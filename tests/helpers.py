@@ -47,6 +47,23 @@ class ScriptedModel:
             kwargs["logits_processor"] = LogitsProcessorList([_Force(ids, kwargs["input_ids"].shape[1])])
         return self.model.generate(**kwargs)
 
+    def steer(self, rows, scores):
+        """The same scripts for the continuous-batching stream (``mgpo.core.stream``): a row of turn
+        k (its key: (k, the request's first row)) follows ``scripts[k - 1]``, or its own entry of it."""
+        scores = scores.clone()
+        for r, row in enumerate(rows):
+            turn, first = row.key
+            script = self.scripts[turn - 1] if turn - 1 < len(self.scripts) else None
+            if isinstance(script, list):
+                script = script[first + row.copy] if first + row.copy < len(script) else None
+            if script is None:
+                continue
+            ids = self.tokenizer.encode(script, add_special_tokens=False)
+            if len(row.tokens) < len(ids):
+                scores[r] = float("-inf")
+                scores[r, ids[len(row.tokens)]] = 0.0
+        return scores
+
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 

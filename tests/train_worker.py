@@ -2,7 +2,7 @@
 what the tests check: per-rank parameter checksums, which parameters changed.
 
     python tests/train_worker.py OUT.json --config configs/tiny_cpu.yaml [--rewards random]
-        [--boxes valid|invalid|split] [--zoom split] key=value ...
+        [--boxes valid|invalid|split] [--zoom split] [--stop split] key=value ...
 """
 
 import argparse
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--config", default="configs/tiny_cpu.yaml")
     ap.add_argument("--rewards", default="real", choices=["real", "random"])
     ap.add_argument("--boxes", default="free", choices=["free", "valid", "invalid", "split"])
+    ap.add_argument("--stop", default="free", choices=["free", "split"],
+                    help="rank 0's rows stop at once in both turns, rank 1's write to their token limits")
     ap.add_argument("--zoom", default="free", choices=["free", "split"],
                     help="mgpo_k: rank 0's trajectories all answer at turn 1, rank 1's zoom at every turn")
     ap.add_argument("--nan-loss", action="store_true", help="every loss is NaN (fault injection)")
@@ -98,6 +100,25 @@ def main():
             adv = true_advantages(*a, **kw)
             return adv[torch.randperm(len(adv), generator=shuffle)]
         trainer.group_advantages = _shuffled
+
+    streams = []  # per rollout: this rank's stream (prefill calls, decode calls, row-steps)
+    if args.stop == "split":
+        from helpers import ScriptedModel
+
+        import mgpo.core.rollout as ro
+
+        real_stream, real_rollout = ro.decode_stream, trainer.rollout
+
+        def _counted(*a, **kw):
+            c = real_stream(*a, **kw)
+            streams.append([c.prefill_calls, c.decode_calls, c.row_steps])
+            return c
+        ro.decode_stream = _counted
+
+        def _rollout(model, processor, *a, **kw):
+            scripts = ["\\boxed{A}<|im_end|>"] * 2 if D.rank() == 0 else [None, None]
+            return real_rollout(ScriptedModel(model, processor.tokenizer, scripts), processor, *a, **kw)
+        trainer.rollout = _rollout
 
     generate_calls = []  # per rollout, this rank's generate calls
     if args.zoom == "split":
@@ -169,6 +190,7 @@ def main():
         "changed": [n for n in after if after[n] != before[n]],
         "loss_inputs": loss_inputs,
         "generate_calls": generate_calls,
+        "streams": streams,
         "lrs": lrs,
         "adam": _adam_state(runs[0].optimizer) if runs else None,
     }

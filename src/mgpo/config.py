@@ -120,6 +120,14 @@ class RolloutConfig:
     continue_turn2: bool = True
     """Turn 2 continues from each sample's turn-1 cache and prefills only the new tokens
     (False: turn 2 re-reads the whole conversation, first image included)."""
+    continuous_batching: bool = False
+    """Decode a rank's whole rollout batch as one stream (``mgpo.core.stream``): every
+    ``stream_chunk`` tokens the rows that stopped leave, and the next prompt groups, or a finished
+    row's turn 2, join, at most generation_batch_size groups' rows at once; no call waits on its
+    longest row. Turn 2 is prefilled from scratch (continue_turn2 does not apply). The two-turn and
+    one-turn templates; mgpo_k keeps the per-turn calls."""
+    stream_chunk: int = 8
+    """continuous_batching: decode steps between two joins (a stopped row waits at most this long)."""
     drop_uniform_groups: bool = False
     """Leave groups whose rewards are all equal (they carry no advantage) out of the update: their
     tokens get weight 0, so they add no KL or entropy term and do not count in the step's
@@ -365,6 +373,7 @@ RANGES = {  # every numeric field: (accepts the value, what is allowed)
     "rollout.max_new_tokens_turn1": SOME, "rollout.max_new_tokens_turn2": SOME, "rollout.min_box_side": COUNT,
     "rollout.max_box_aspect": _range(1, above=True), "rollout.format_reward": (math.isfinite, "a finite number"),
     "rollout.turn_cost": COUNT, "rollout.max_image_tokens": COUNT, "rollout.generation_batch_size": COUNT,
+    "rollout.stream_chunk": SOME,
     "loss.clip_eps": POSITIVE, "loss.kl_coef": COUNT, "loss.kl_clamp": POSITIVE,
     "loss.entropy_coef": COUNT, "loss.adv_eps": POSITIVE, "rollout.zoom_bonus": COUNT, "rollout.zoom_bonus_cap": COUNT,
     "train.seed": COUNT, "train.epochs": SOME, "train.max_steps": COUNT, "train.prompts_per_rollout": SOME,

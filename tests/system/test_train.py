@@ -265,6 +265,23 @@ def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, family_dir, synth_d
     assert metrics[-1]["grounding/valid_box_share"] == pytest.approx(0.5)
 
 
+def test_zero3_continuous_batching_when_one_ranks_rows_stop_at_once(tmp_path, tiny_dir, synth_dir):
+    """rollout.continuous_batching under ZeRO-3: rank 0's rows all stop at their first token in both
+    turns, rank 1's write to their token limits. Rank 0 keeps joining and decoding with dummy rows
+    while rank 1 works (every forward gathers the layers on both), and the run finishes on both."""
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "stream", "train.max_steps=1",
+                         "rollout.continuous_batching=true", "rollout.generation_batch_size=1",
+                         "rollout.stream_chunk=4", launcher="configs/accelerate/cpu_zero3_2proc.yaml",
+                         flags=["--stop", "split", "--rewards", "random"], env=_zero3_env(tmp_path), timeout=900)
+    assert [r["steps"] for r in records] == [1, 1]
+    assert records[0]["after"] == records[1]["after"] and records[0]["changed"]
+    ((prefills0, decodes0, rows0),), ((prefills1, decodes1, rows1),) = (r["streams"] for r in records)
+    assert (prefills0, decodes0) == (prefills1, decodes1), "the same forwards on both ranks"
+    assert rows0 < rows1 / 2, "rank 0's rows stopped at once; it kept in step with dummy forwards"
+    metrics = [json.loads(line) for line in (tmp_path / "stream" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["length/turn1_tokens_max"] == 24 + 1  # rank 1's rows ran to the limit (+ <|im_end|>)
+
+
 @pytest.mark.heavy
 def test_zero3_steps_with_micro_batches_packed_by_tokens(tmp_path, tiny_dir, synth_dir):
     """train.micro_batch_tokens under ZeRO-3, rank 0's rows long (crops), rank 1's short: every

@@ -59,6 +59,7 @@ from .grounding import (
     to_original_box,
 )
 from .prompts import first_prompt_text, get_template, second_turn_text
+from .stream import Finished, Request, decode_stream
 from .trajectory import Rollout, Trajectory
 from .zoom import zoom_turns
 
@@ -98,10 +99,13 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
     trajectories, conversations = [], []
     per_call = cfg.generation_batch_size or len(prompts)
     try:
-        for lo in range(0, len(prompts), per_call):  # whole groups per generate call
-            trajs, convs = rollout_groups(model, ctx, prompts[lo: lo + per_call], first_group=lo)
-            trajectories += trajs
-            conversations += convs
+        if cfg.continuous_batching and not ctx.template.zoom_loop:  # one stream, rows leave and join
+            trajectories, conversations = stream_groups(model, ctx, prompts, capacity=per_call * cfg.group_size)
+        else:
+            for lo in range(0, len(prompts), per_call):  # whole groups per generate call
+                trajs, convs = rollout_groups(model, ctx, prompts[lo: lo + per_call], first_group=lo)
+                trajectories += trajs
+                conversations += convs
     finally:
         model.train(was_training)
     return assemble(ctx, conversations, trajectories, skipped)
@@ -110,37 +114,85 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
 def rollout_groups(model, ctx: Context, prompts: list[Prompt], first_group: int):
     """Turn 1 -> ground -> turn 2 for a chunk of whole groups."""
     group_size = ctx.cfg.group_size
-    trajectories = [Trajectory(p.sample.id, first_group + g, p.sample.answer, tuple(p.sample.options),
-                               p.original.size, input_size_from_grid(p.enc.image.grid[0], ctx.family.patch),
-                               turns=ctx.template.turns,
-                               bare_letter=ctx.template.bare_letter,
-                               target_boxes=tuple(tuple(b) for b in p.sample.target_boxes))
-                    for g, p in enumerate(prompts) for _ in range(group_size)]
+    trajectories = _trajectories(ctx, prompts, first_group)
     if ctx.template.zoom_loop:  # mgpo_k: zoom or answer, turn after turn
         return trajectories, zoom_turns(model, ctx, prompts, trajectories)
     rows = list(range(len(trajectories)))
     turn1 = write_turn(ctx, prompts, 1, rows, lambda: generate_turn1(model, ctx, prompts))
-    conversations = [_close_turn1(ctx, traj, prompts[i // group_size], turn1, i) for i, traj in enumerate(trajectories)]
+    conversations = [_close_turn1(ctx, traj, prompts[i // group_size], turn1.tokens[i], turn1.logps[i])
+                     for i, traj in enumerate(trajectories)]
     if ctx.template.turns == 1:
         return trajectories, conversations
     if not ctx.cfg.continue_turn2:
         turn1.cache = None  # nothing reuses it: free the memory now
     # ---- ground: crop (or fall back) and encode each turn-2 user block
-    blocks = _turn2_blocks(ctx, prompts, trajectories)
+    texts = ({}, {})  # per group: the crop block's words, the fallback block
+    blocks = [_turn2_block(ctx, prompts, traj, i, texts) for i, traj in enumerate(trajectories)]
     # ---- turn 2: one batched generate (also when every box failed: lock-step)
     turn2 = write_turn(ctx, prompts, 2, rows, lambda: _generate_turn2(model, ctx, prompts, conversations, blocks, turn1))
-    for i, (traj, conv, (block, image)) in enumerate(zip(trajectories, conversations, blocks)):
-        out = turn2.tokens[i]
-        traj.turn2_truncated = not is_closed(out, ctx.stops)
-        traj.turn2_text = ctx.processor.tokenizer.decode(out if traj.turn2_truncated else out[:-1],
-                                                      skip_special_tokens=False)
-        traj.turn2_tokens = len(out)
-        conv.pieces += [Piece(block.ids, False), Piece(out, True, turn2.logps[i])]
-        conv.images.append(image)
+    for i, (traj, conv, block) in enumerate(zip(trajectories, conversations, blocks)):
+        _close_turn2(ctx, traj, conv, block, turn2.tokens[i], turn2.logps[i])
     return trajectories, conversations
 
 
-def _close_turn1(ctx: Context, traj: Trajectory, prompt: Prompt, turn1: Generated, i: int) -> Conversation:
+def stream_groups(model, ctx: Context, prompts: list[Prompt], capacity: int):
+    """The same conversations as ``rollout_groups``, decoded as one stream (``decode_stream``):
+    each prompt group joins when there is room, and each row's turn 2 joins as soon as its turn 1
+    has stopped and been cropped, prefilled from scratch (the turn-1 cache is not kept)."""
+    group_size, turn2_max = ctx.cfg.group_size, ctx.cfg.max_new_tokens_turn2
+    trajectories = _trajectories(ctx, prompts, 0)
+    conversations, blocks, texts = [None] * len(trajectories), [None] * len(trajectories), ({}, {})
+
+    def finished(row: Finished) -> list[Request]:
+        turn, i = row.key[0], row.key[1] + row.copy  # key: (turn, the request's first row)
+        traj, p = trajectories[i], prompts[i // group_size]
+        if turn == 2:
+            _close_turn2(ctx, traj, conversations[i], blocks[i], row.tokens, row.logps)
+            return []
+        conversations[i] = conv = _close_turn1(ctx, traj, p, row.tokens, row.logps)
+        if ctx.template.turns == 1:
+            return []
+        blocks[i] = block, _ = _turn2_block(ctx, prompts, traj, i, texts)
+        ids = torch.cat([piece.tokens for piece in conv.pieces] + [block.ids])
+        return [Request((2, i), ids, torch.cat([p.enc.image.pixel_values, block.image.pixel_values]),
+                        torch.cat([p.enc.image.grid, block.image.grid]), 1, turn2_max)]
+
+    requests = [Request((1, g * group_size), p.enc.ids, p.enc.image.pixel_values, p.enc.image.grid, group_size,
+                        ctx.cfg.max_new_tokens_turn1) for g, p in enumerate(prompts)]
+    decode_stream(model, requests, finished, gen_cfg=ctx.generation(max(ctx.cfg.max_new_tokens_turn1, turn2_max)),
+                  image_token_id=ctx.ids["<|image_pad|>"], pad_id=ctx.ids["<|endoftext|>"], capacity=capacity,
+                  chunk=ctx.cfg.stream_chunk, lockstep=_lockstep if ctx.synced_gpus else None,
+                  steer=getattr(model, "steer", None))
+    return trajectories, conversations
+
+
+def _lockstep(n: int) -> int:
+    """``n`` summed over ranks (the stream's agreement on joins, steps and the end)."""
+    from ..runtime.distributed import all_reduce_sum
+
+    return int(all_reduce_sum(n))
+
+
+def _trajectories(ctx: Context, prompts: list[Prompt], first_group: int) -> list[Trajectory]:
+    """One trajectory record per sample, group by group."""
+    return [Trajectory(p.sample.id, first_group + g, p.sample.answer, tuple(p.sample.options), p.original.size,
+                       input_size_from_grid(p.enc.image.grid[0], ctx.family.patch), turns=ctx.template.turns,
+                       bare_letter=ctx.template.bare_letter, target_boxes=tuple(tuple(b) for b in p.sample.target_boxes))
+            for g, p in enumerate(prompts) for _ in range(ctx.cfg.group_size)]
+
+
+def _close_turn2(ctx: Context, traj: Trajectory, conv: Conversation, block, out: torch.Tensor, logp) -> None:
+    """Record turn 2 and append the user block and the answer to the conversation."""
+    (block, image) = block
+    traj.turn2_truncated = not is_closed(out, ctx.stops)
+    traj.turn2_text = ctx.processor.tokenizer.decode(out if traj.turn2_truncated else out[:-1],
+                                                  skip_special_tokens=False)
+    traj.turn2_tokens = len(out)
+    conv.pieces += [Piece(block.ids, False), Piece(out, True, logp)]
+    conv.images.append(image)
+
+
+def _close_turn1(ctx: Context, traj: Trajectory, prompt: Prompt, sampled: torch.Tensor, logp) -> Conversation:
     """Read turn 1's box and decide which tokens stay in the conversation.
 
     Two turns: the turn is cut right after the box block (the authors' code's rule) and always
@@ -148,7 +200,6 @@ def _close_turn1(ctx: Context, traj: Trajectory, prompt: Prompt, turn1: Generate
     otherwise one we add and still train, as the authors' code does). One turn: the whole
     turn stays as sampled; the box is only recorded."""
     tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
-    sampled, logp = turn1.tokens[i], turn1.logps[i]
     closed = is_closed(sampled, ctx.stops)
     body = sampled[:-1] if closed else sampled
     text = tok.decode(body, skip_special_tokens=False)
@@ -174,31 +225,28 @@ def _close_turn1(ctx: Context, traj: Trajectory, prompt: Prompt, turn1: Generate
     return Conversation([Piece(prompt.enc.ids, False), Piece(tokens, True, logp)], [prompt.image], keep)
 
 
-def _turn2_blocks(ctx: Context, prompts: list[Prompt], trajectories: list[Trajectory]):
-    """Per trajectory: the turn-2 user block (lead, image, question) and its image's index.
+def _turn2_block(ctx: Context, prompts: list[Prompt], traj: Trajectory, i: int, texts: tuple[dict, dict]):
+    """Trajectory ``i``'s turn-2 user block (lead, image, question) and its image's index.
 
-    A valid box crops the original (mapped from input pixels) and enlarges the crop into
-    the pixel budget. Otherwise the block is the fallback text with the original again:
-    the same for the whole group, so it is encoded once and its image is the group's
-    first image (identical patches)."""
-    blocks, crop_text, fallback = [], {}, {}
-    for i, traj in enumerate(trajectories):
-        g = i // ctx.cfg.group_size
-        p = prompts[g]
-        q, options = p.sample.question, p.sample.options
-        crop = _shown_image(ctx, p, traj, f"{p.sample.id}-{i % ctx.cfg.group_size}")  # question, sample
-        if crop is not None:
-            traj.crop_size = crop.size
-            if g not in crop_text:  # the same words for every crop of the group
-                crop_text[g] = second_turn_text(ctx.processor, ctx.template, q, options, True)
-            block = encode(ctx.processor, crop_text[g], [crop])
-            blocks.append((block, ctx.add_image(block.image)))
-        else:
-            if g not in fallback:
-                fallback[g] = encode(ctx.processor, second_turn_text(ctx.processor, ctx.template, q, options,
-                                                                           False), [p.original])
-            blocks.append((fallback[g], p.image))
-    return blocks
+    A valid box crops the original (mapped from the model's coordinates) and enlarges the crop
+    into the pixel budget. Otherwise the block is the fallback text with the original again:
+    the same for the whole group, so it is encoded once (``texts``: per group, the crop block's
+    words and the fallback block) and its image is the group's first image (identical patches)."""
+    crop_text, fallback = texts
+    g = i // ctx.cfg.group_size
+    p = prompts[g]
+    q, options = p.sample.question, p.sample.options
+    crop = _shown_image(ctx, p, traj, f"{p.sample.id}-{i % ctx.cfg.group_size}")  # question, sample
+    if crop is not None:
+        traj.crop_size = crop.size
+        if g not in crop_text:  # the same words for every crop of the group
+            crop_text[g] = second_turn_text(ctx.processor, ctx.template, q, options, True)
+        block = encode(ctx.processor, crop_text[g], [crop])
+        return block, ctx.add_image(block.image)
+    if g not in fallback:
+        fallback[g] = encode(ctx.processor, second_turn_text(ctx.processor, ctx.template, q, options, False),
+                             [p.original])
+    return fallback[g], p.image
 
 
 def _shown_image(ctx: Context, p: Prompt, traj: Trajectory, key: str):
