@@ -15,6 +15,10 @@ different images, share one forward. Sampling is ``generate``'s: the same logits
 (suppressed vision tokens, temperature, top-k, top-p), argmax at temperature 0, one multinomial
 draw per row otherwise.
 
+transformers' own continuous batching (``generate_batch`` / ``init_continuous_batching``, 5.25) takes
+token ids only (``add_request(input_ids, ...)``): no pixels, no image grids, no mRoPE offsets, so it
+cannot serve a Qwen-VL conversation with its images; hence this loop.
+
 Under ZeRO-3 every rank must run the same forwards: ``lockstep`` (an all-ranks sum) makes each
 rank join in the same iterations (a rank with nothing to join prefills its spare request,
 unused) and decode the same steps (a rank with no row runs one dummy row) until every rank is done.
