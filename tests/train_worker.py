@@ -105,15 +105,15 @@ def main():
     if args.stop == "split":
         from helpers import ScriptedModel
 
-        import mgpo.core.rollout as ro
+        import mgpo.core.conversation as conversation
 
-        real_stream, real_rollout = ro.decode_stream, trainer.rollout
+        real_stream, real_rollout = conversation.decode_stream, trainer.rollout
 
         def _counted(*a, **kw):
             c = real_stream(*a, **kw)
             streams.append([c.prefill_calls, c.decode_calls, c.row_steps])
             return c
-        ro.decode_stream = _counted
+        conversation.decode_stream = _counted
 
         def _rollout(model, processor, *a, **kw):
             scripts = ["\\boxed{A}<|im_end|>"] * 2 if D.rank() == 0 else [None, None]

@@ -123,9 +123,9 @@ class RolloutConfig:
     continuous_batching: bool = False
     """Decode a rank's whole rollout batch as one stream (``mgpo.core.stream``): every
     ``stream_chunk`` tokens the rows that stopped leave, and the next prompt groups, or a finished
-    row's turn 2, join, at most generation_batch_size groups' rows at once; no call waits on its
-    longest row. Turn 2 is prefilled from scratch (continue_turn2 does not apply). The two-turn and
-    one-turn templates; mgpo_k keeps the per-turn calls."""
+    row's next turn, join, at most generation_batch_size groups' rows at once; no call waits on its
+    longest row. A later turn is prefilled from its whole conversation (continue_turn2 does not
+    apply). Every template, mgpo_k included."""
     stream_chunk: int = 8
     """continuous_batching: decode steps between two joins (a stopped row waits at most this long)."""
     drop_uniform_groups: bool = False

@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import ScriptedModel
 
+import mgpo.core.conversation as conversation
 import mgpo.core.rollout as ro
 from mgpo.config import ModelConfig, RolloutConfig
 from mgpo.data.samples import load_samples
@@ -25,12 +26,12 @@ def env(family_dir, synth_dir):
 def counted(monkeypatch):
     """Every stream's counts, as the rollout ran it."""
     seen = []
-    real = ro.decode_stream
+    real = conversation.decode_stream
 
     def counting(*a, **kw):
         seen.append((kw["capacity"], real(*a, **kw)))
         return seen[-1][1]
-    monkeypatch.setattr(ro, "decode_stream", counting)
+    monkeypatch.setattr(conversation, "decode_stream", counting)
     return seen
 
 
@@ -115,3 +116,27 @@ def test_sampling_draws_from_the_same_distribution(env):
     sampled = ~torch.isnan(r.sample_logp)
     assert sampled.sum() > 0.9 * r.loss_mask.sum()
     assert (logp[sampled] - r.sample_logp[sampled]).abs().max() < 1e-4
+
+
+def test_k_turns_through_the_stream_match_the_per_call_turns(env, counted):
+    """mgpo_k, K = 3, greedy: an early answer, a zoom then a nested zoom, a fallback, a row cut by
+    its limit; each row's next turn joins the stream as soon as its turn is read. The same
+    conversations, images and turn logs as one generate call per turn (scripts per row in turn 1,
+    where every row is running in both paths; one script for every row of turn 2)."""
+    model, processor, samples = env
+    valid, invalid = _box(processor, True), _box(processor, False)
+    nested = valid.replace("30, 30, 200, 200", "10, 10, 150, 150").replace("60, 60, 400, 400", "20, 20, 300, 300")
+    turn1 = ["\\boxed{A}", valid, invalid, None, valid, "\\boxed{B}"]
+    scripts = [turn1, nested, None]
+    kw = dict(template="mgpo_k", max_turns=3, group_size=3, max_new_tokens_turn2=48)
+    a = _rollout(model, processor, samples[:2], scripts, stream=True, generation_batch_size=1, **kw)
+    b = _rollout(model, processor, samples[:2], scripts, stream=False, **kw)
+    logs = [[r.action for r in t.turn_log] for t in a.trajectories]
+    assert logs[0] == ["answer"] and logs[1][:2] == ["zoom", "zoom"] and logs[2][0] == "fallback"
+    assert a.trajectories[1].turn_log[1].nested
+    assert logs == [[r.action for r in t.turn_log] for t in b.trajectories]
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+    assert torch.equal(a.pixel_values, b.pixel_values) and a.images_per_trajectory == b.images_per_trajectory
+    assert [t.texts for t in a.trajectories] == [t.texts for t in b.trajectories]
+    ((capacity, counts),) = counted
+    assert capacity == 3 and counts.widest <= 3

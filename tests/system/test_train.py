@@ -314,6 +314,22 @@ def test_zero3_k_turns_lock_step(tmp_path, tiny_dir, synth_dir):
     assert metrics[-1]["turns/nested_zoom_share"] == pytest.approx(0.5)
 
 
+def test_zero3_k_turns_through_the_stream(tmp_path, tiny_dir, synth_dir):
+    """mgpo_k, K = 3, rollout.continuous_batching under ZeRO-3: rank 0's rows answer at turn 1,
+    rank 1's zoom to the last turn, each next turn joining the stream; both ranks finish with the
+    turn figures of the per-call run."""
+    records = run_worker(tmp_path, tiny_dir, synth_dir, tmp_path / "zoomstream", "train.max_steps=1",
+                         "rollout.template=mgpo_k", "rollout.max_turns=3", "rollout.max_new_tokens_turn1=40",
+                         "rollout.max_new_tokens_turn2=40", "rollout.continuous_batching=true",
+                         launcher="configs/accelerate/cpu_zero3_2proc.yaml", flags=["--zoom", "split"],
+                         env=_zero3_env(tmp_path), timeout=900)
+    assert [r["steps"] for r in records] == [1, 1] and [r["generate_calls"] for r in records] == [[0], [0]]
+    metrics = [json.loads(line) for line in (tmp_path / "zoomstream" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["turns/answer_at_turn1"] == pytest.approx(0.5)
+    assert metrics[-1]["turns/answer_at_turn3"] == pytest.approx(0.5)
+    assert metrics[-1]["turns/nested_zoom_share"] == pytest.approx(0.5)
+
+
 def test_unreadable_first_record_is_not_the_reserve(tmp_path, tiny_dir, synth_dir):
     recs = [json.loads(x) for x in (synth_dir / "train.jsonl").read_text().splitlines()[:4]]
     for r in recs:

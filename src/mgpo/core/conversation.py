@@ -19,6 +19,7 @@ from ..data.samples import BadImageError, Sample, prompt_length_problem
 from ..runtime.family import Family, processor_family
 from .generation import Generated, generate_batch, generation_config
 from .prompts import Template, escape_data, first_prompt_text
+from .stream import Counts, Request, decode_stream
 from .trajectory import ImagePatches, Rollout
 
 
@@ -169,6 +170,25 @@ def generate_turn1(model, ctx: Context, prompts: list[Prompt]) -> Generated:
                           [p.enc.image.grid for p in prompts for _ in range(rows)],
                           ctx.generation(ctx.cfg.max_new_tokens_turn1), ctx.ids["<|image_pad|>"],
                           ctx.synced_gpus, group_size=group_size if shared else 1)
+
+
+def stream_requests(model, ctx: Context, requests: list[Request], finished, capacity: int) -> Counts:
+    """``decode_stream`` with the rollout's settings: its sampling (each request's own token
+    limit), at most ``capacity`` rows at once, the ranks in lock-step under ZeRO-3, and the
+    model's ``steer`` hook when it has one."""
+    cfg = ctx.cfg
+    return decode_stream(model, requests, finished,
+                         gen_cfg=ctx.generation(max(cfg.max_new_tokens_turn1, cfg.max_new_tokens_turn2)),
+                         image_token_id=ctx.ids["<|image_pad|>"], pad_id=ctx.ids["<|endoftext|>"], capacity=capacity,
+                         chunk=cfg.stream_chunk, lockstep=_lockstep if ctx.synced_gpus else None,
+                         steer=getattr(model, "steer", None))
+
+
+def _lockstep(n: int) -> int:
+    """``n`` summed over ranks (the stream's agreement on joins, steps and the end)."""
+    from ..runtime.distributed import all_reduce_sum
+
+    return int(all_reduce_sum(n))
 
 
 def assemble(ctx: Context, conversations: list[Conversation], trajectories, skipped) -> Rollout:

@@ -44,6 +44,7 @@ from .conversation import (
     encode_prompts,
     generate_turn1,
     is_closed,
+    stream_requests,
     write_turn,
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch, special_ids
@@ -59,9 +60,9 @@ from .grounding import (
     to_original_box,
 )
 from .prompts import first_prompt_text, get_template, second_turn_text
-from .stream import Finished, Request, decode_stream
+from .stream import Finished, Request
 from .trajectory import Rollout, Trajectory
-from .zoom import zoom_turns
+from .zoom import zoom_stream, zoom_turns
 
 # ----------------------------------------------------------------------------- hand-overs
 
@@ -99,7 +100,7 @@ def rollout(model, processor, samples: list[Sample], cfg: RolloutConfig, *, min_
     trajectories, conversations = [], []
     per_call = cfg.generation_batch_size or len(prompts)
     try:
-        if cfg.continuous_batching and not ctx.template.zoom_loop:  # one stream, rows leave and join
+        if cfg.continuous_batching:  # one stream: rows leave, groups and next turns join
             trajectories, conversations = stream_groups(model, ctx, prompts, capacity=per_call * cfg.group_size)
         else:
             for lo in range(0, len(prompts), per_call):  # whole groups per generate call
@@ -141,6 +142,8 @@ def stream_groups(model, ctx: Context, prompts: list[Prompt], capacity: int):
     has stopped and been cropped, prefilled from scratch (the turn-1 cache is not kept)."""
     group_size, turn2_max = ctx.cfg.group_size, ctx.cfg.max_new_tokens_turn2
     trajectories = _trajectories(ctx, prompts, 0)
+    if ctx.template.zoom_loop:  # mgpo_k: each row's next turn joins the stream
+        return trajectories, zoom_stream(model, ctx, prompts, trajectories, capacity)
     conversations, blocks, texts = [None] * len(trajectories), [None] * len(trajectories), ({}, {})
 
     def finished(row: Finished) -> list[Request]:
@@ -159,18 +162,8 @@ def stream_groups(model, ctx: Context, prompts: list[Prompt], capacity: int):
 
     requests = [Request((1, g * group_size), p.enc.ids, p.enc.image.pixel_values, p.enc.image.grid, group_size,
                         ctx.cfg.max_new_tokens_turn1) for g, p in enumerate(prompts)]
-    decode_stream(model, requests, finished, gen_cfg=ctx.generation(max(ctx.cfg.max_new_tokens_turn1, turn2_max)),
-                  image_token_id=ctx.ids["<|image_pad|>"], pad_id=ctx.ids["<|endoftext|>"], capacity=capacity,
-                  chunk=ctx.cfg.stream_chunk, lockstep=_lockstep if ctx.synced_gpus else None,
-                  steer=getattr(model, "steer", None))
+    stream_requests(model, ctx, requests, finished, capacity)
     return trajectories, conversations
-
-
-def _lockstep(n: int) -> int:
-    """``n`` summed over ranks (the stream's agreement on joins, steps and the end)."""
-    from ..runtime.distributed import all_reduce_sum
-
-    return int(all_reduce_sum(n))
 
 
 def _trajectories(ctx: Context, prompts: list[Prompt], first_group: int) -> list[Trajectory]:

@@ -13,6 +13,10 @@ every conversation (``continue_turn2 = False``). Under ZeRO-3 (``synced_gpus``) 
 runs exactly ``max_turns`` calls: a rank whose trajectories have all finished still joins
 each one with a dummy row whose output is thrown away. Turn 1 uses
 ``max_new_tokens_turn1``, every later turn ``max_new_tokens_turn2``.
+
+With ``rollout.continuous_batching`` the turns run as one stream instead (``zoom_stream``): a
+row's next turn joins as soon as its previous one has stopped and been read, re-reading its
+whole conversation.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .conversation import (
     encode,
     generate_turn1,
     is_closed,
+    stream_requests,
     write_turn,
 )
 from .generation import Continuation, Generated, continue_cache, generate_batch
@@ -48,6 +53,7 @@ from .grounding import (
 )
 from .prompts import zoom_turn_text
 from .reward import extract_answer
+from .stream import Finished, Request
 from .trajectory import Trajectory, TurnRecord
 
 DEFAULT_CAP_IMAGES = 4  # rollout.max_image_tokens = 0: at most this many full-budget images' tokens
@@ -97,12 +103,7 @@ def _image_tokens(grid: torch.Tensor) -> int:
 def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Trajectory]) -> list[Conversation]:
     """Run up to ``ctx.cfg.max_turns`` turns; return each trajectory's conversation."""
     K, G = ctx.cfg.max_turns, ctx.cfg.group_size
-    states, convs = [], []
-    for i, traj in enumerate(trajectories):
-        p = prompts[i // G]
-        region = Box(0.0, 0.0, float(traj.original_size[0]), float(traj.original_size[1]))
-        states.append(_State(p, View(region, traj.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
-        convs.append(Conversation([Piece(p.enc.ids, False)], [p.image]))
+    states, convs = _start(ctx, prompts, trajectories)
     n = len(trajectories)
     turn1 = write_turn(ctx, prompts, 1, list(range(n)), lambda: generate_turn1(model, ctx, prompts))
     call = _Call(turn1, list(range(n)), [p.enc.ids for p in prompts for _ in range(G)],
@@ -110,7 +111,8 @@ def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Tr
     for turn in range(1, K + 1):
         for row, i in enumerate(call.trajs):
             if i is not None:
-                _read_turn(ctx, trajectories[i], states[i], convs[i], call.gen, row, last=turn == K)
+                _read_turn(ctx, trajectories[i], states[i], convs[i], call.gen.tokens[row], call.gen.logps[row],
+                           last=turn == K)
         running = [i for i in range(n) if not states[i].done]
         if turn == K or not (running or ctx.synced_gpus):
             break
@@ -125,7 +127,46 @@ def zoom_turns(model, ctx: Context, prompts: list[Prompt], trajectories: list[Tr
     return convs
 
 
-def _read_turn(ctx: Context, traj: Trajectory, st: _State, conv: Conversation, gen: Generated, row: int,
+def zoom_stream(model, ctx: Context, prompts: list[Prompt], trajectories: list[Trajectory],
+                capacity: int) -> list[Conversation]:
+    """The same turns as ``zoom_turns``, decoded as one stream (``decode_stream``): each row's
+    next turn joins once its previous turn is read, prefilled from its whole conversation."""
+    K, G = ctx.cfg.max_turns, ctx.cfg.group_size
+    states, convs = _start(ctx, prompts, trajectories)
+
+    def finished(row: Finished) -> list[Request]:
+        turn, i = row.key[0], row.key[1] + row.copy  # key: (turn, the request's first row)
+        traj, st, conv = trajectories[i], states[i], convs[i]
+        _read_turn(ctx, traj, st, conv, row.tokens, row.logps, last=turn == K)
+        if st.done:
+            return []
+        ids, new = _next_block(ctx, traj, st, last=turn + 1 == K)
+        conv.pieces.append(Piece(ids, False))
+        conv.images += [] if new is None else [new]
+        return [Request((turn + 1, i), torch.cat([piece.tokens for piece in conv.pieces]),
+                        torch.cat([ctx.images[j].pixel_values for j in conv.images]),
+                        torch.cat([ctx.images[j].grid for j in conv.images]), 1, ctx.cfg.max_new_tokens_turn2)]
+
+    requests = [Request((1, g * G), p.enc.ids, p.enc.image.pixel_values, p.enc.image.grid, G,
+                        ctx.cfg.max_new_tokens_turn1) for g, p in enumerate(prompts)]
+    stream_requests(model, ctx, requests, finished, capacity)
+    for traj in trajectories:
+        _summarize(traj)
+    return convs
+
+
+def _start(ctx: Context, prompts: list[Prompt], trajectories: list[Trajectory]):
+    """Each trajectory's state and conversation before turn 1: the original, the prompt."""
+    states, convs = [], []
+    for i, traj in enumerate(trajectories):
+        p = prompts[i // ctx.cfg.group_size]
+        region = Box(0.0, 0.0, float(traj.original_size[0]), float(traj.original_size[1]))
+        states.append(_State(p, View(region, traj.input_size), p.original, p.image, _image_tokens(p.enc.image.grid)))
+        convs.append(Conversation([Piece(p.enc.ids, False)], [p.image]))
+    return states, convs
+
+
+def _read_turn(ctx: Context, traj: Trajectory, st: _State, conv: Conversation, sampled: torch.Tensor, logp,
                last: bool) -> None:
     """Decide what one turn did (zoom, fall back, answer) and which of its tokens stay.
 
@@ -134,7 +175,6 @@ def _read_turn(ctx: Context, traj: Trajectory, st: _State, conv: Conversation, g
     conversation. Whichever comes first wins: a box closed before any ``\\boxed{}`` answer
     zooms, an answer written before the box ends the conversation."""
     tok, im_end = ctx.processor.tokenizer, ctx.ids["<|im_end|>"]
-    sampled, logp = gen.tokens[row], gen.logps[row]
     closed = is_closed(sampled, ctx.stops)
     body = sampled[:-1] if closed else sampled
     text = tok.decode(body, skip_special_tokens=False)

@@ -450,7 +450,7 @@ def bench_stream(workdir: Path, prompts: int = 8, group_size: int = 8, reps: int
     turn1 = [None if i % 16 == 5 else "word " * rng.randint(2, 28) + "<|im_end|>" for i in range(rows)]
     turn2 = ["ok " * rng.randint(1, 8) + "\\boxed{A}<|im_end|>" for _ in range(rows)]
     counted = {"row_steps": 0, "tokens": 0, "steps": 0}
-    real_generate, real_stream = conv.generate_batch, ro.decode_stream
+    real_generate, real_stream = conv.generate_batch, conv.decode_stream
 
     def per_call(*a, **kw):
         out = real_generate(*a, **kw)
@@ -466,7 +466,7 @@ def bench_stream(workdir: Path, prompts: int = 8, group_size: int = 8, reps: int
         counted["steps"] += c.decode_calls
         return c
     conv.generate_batch = ro.generate_batch = per_call
-    ro.decode_stream = streamed
+    conv.decode_stream = streamed
     out = {"model": f"tiny Qwen2.5-VL, hidden 256, 4 layers; {px // 784} image tokens per image", "prompts": prompts,
            "group_size": group_size}
     try:
@@ -486,7 +486,7 @@ def bench_stream(workdir: Path, prompts: int = 8, group_size: int = 8, reps: int
                          "long_rows": sum(t.turn1_truncated for t in r.trajectories)}
     finally:
         conv.generate_batch = ro.generate_batch = real_generate
-        ro.decode_stream = real_stream
+        conv.decode_stream = real_stream
     return out | {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
 
 
