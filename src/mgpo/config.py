@@ -128,6 +128,11 @@ class RolloutConfig:
     apply). Every template, mgpo_k included."""
     stream_chunk: int = 8
     """continuous_batching: decode steps between two joins (a stopped row waits at most this long)."""
+    stream_cache_tokens: int = 0
+    """continuous_batching: the most key/value-cache tokens the stream holds (rows x width, padding
+    included; 0 = no cap but generation_batch_size's rows). A request joins only if every running
+    row and its own, each run to its token limit, fit under it, so the cache never passes it: when
+    rows run long, fewer join. ``mgpo.tools.plan`` prints the largest that fits."""
     drop_uniform_groups: bool = False
     """Leave groups whose rewards are all equal (they carry no advantage) out of the update: their
     tokens get weight 0, so they add no KL or entropy term and do not count in the step's
@@ -373,7 +378,7 @@ RANGES = {  # every numeric field: (accepts the value, what is allowed)
     "rollout.max_new_tokens_turn1": SOME, "rollout.max_new_tokens_turn2": SOME, "rollout.min_box_side": COUNT,
     "rollout.max_box_aspect": _range(1, above=True), "rollout.format_reward": (math.isfinite, "a finite number"),
     "rollout.turn_cost": COUNT, "rollout.max_image_tokens": COUNT, "rollout.generation_batch_size": COUNT,
-    "rollout.stream_chunk": SOME,
+    "rollout.stream_chunk": SOME, "rollout.stream_cache_tokens": COUNT,
     "loss.clip_eps": POSITIVE, "loss.kl_coef": COUNT, "loss.kl_clamp": POSITIVE,
     "loss.entropy_coef": COUNT, "loss.adv_eps": POSITIVE, "rollout.zoom_bonus": COUNT, "rollout.zoom_bonus_cap": COUNT,
     "train.seed": COUNT, "train.epochs": SOME, "train.max_steps": COUNT, "train.prompts_per_rollout": SOME,

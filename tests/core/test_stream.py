@@ -140,3 +140,24 @@ def test_k_turns_through_the_stream_match_the_per_call_turns(env, counted):
     assert [t.texts for t in a.trajectories] == [t.texts for t in b.trajectories]
     ((capacity, counts),) = counted
     assert capacity == 3 and counts.widest <= 3
+
+
+def test_the_cache_cap_is_never_passed_and_fewer_rows_join(env, counted):
+    """rollout.stream_cache_tokens: the cache (rows x width) never passes the cap, with rows of
+    every length; a tight cap runs fewer rows at once than a loose one, and both write the same
+    conversations as the uncapped stream (greedy)."""
+    model, processor, samples = env
+    turn1 = [None if i % 4 == 0 else "\\boxed{A}<|im_end|>" for i in range(9)]
+    base = _rollout(model, processor, samples[:3], [turn1, None], stream=True, generation_batch_size=3)
+    prompt = max(int(r) for r in base.attention_mask.sum(1))  # longer than any turn-1 or turn-2 input
+    runs = {}
+    for cap in (3 * (prompt + 48), 9 * (prompt + 48)):
+        counted.clear()
+        r = _rollout(model, processor, samples[:3], [turn1, None], stream=True, generation_batch_size=3,
+                     stream_cache_tokens=cap)
+        ((_, counts),) = counted
+        assert 0 < counts.largest_cache <= cap, (counts, cap)
+        assert torch.equal(r.input_ids, base.input_ids) and torch.equal(r.loss_mask, base.loss_mask)
+        runs[cap] = counts.widest
+    tight, loose = runs.values()
+    assert tight < loose

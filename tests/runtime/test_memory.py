@@ -264,3 +264,18 @@ def test_sft_plans_no_rollout_and_a_plain_launch_holds_what_it_holds(monkeypatch
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)  # a DDP launch of the full fine-tuning preset
     with pytest.raises(ConfigError, match="full fine-tuning outside DeepSpeed"):
         startup_line(load_config(PAPER))
+
+
+def test_the_plan_sizes_the_streams_cache_cap():
+    """With rollout.continuous_batching the rollout holds at most rollout.stream_cache_tokens of
+    cache: the plan counts the cap (not rows x the whole budget), prints the largest cap that fits,
+    that cap fits, a cap 5% larger does not, and the verdict names the field to lower."""
+    on = ["rollout.continuous_batching=true"]
+    largest = plan(load_config(PAPER, on), 8, 80).max_cache_tokens
+    a = ARCHS["qwen2.5-vl-7b"]
+    at = plan(load_config(PAPER, [*on, f"rollout.stream_cache_tokens={largest}"]), 8, 80)
+    (kv,) = [gb for what, gb, _ in at.lines if what.startswith("KV cache")]
+    assert kv == pytest.approx(largest * kv_bytes_per_token(a) / 1e9, rel=1e-6)
+    assert at.fits and at.phases["rollout"] == pytest.approx(at.usable_gb, rel=0.01)
+    over = plan(load_config(PAPER, [*on, f"rollout.stream_cache_tokens={int(largest * 1.05)}"]), 8, 80)
+    assert not over.fits and f"rollout.stream_cache_tokens at most {largest}" in over.verdict

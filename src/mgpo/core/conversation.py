@@ -174,13 +174,14 @@ def generate_turn1(model, ctx: Context, prompts: list[Prompt]) -> Generated:
 
 def stream_requests(model, ctx: Context, requests: list[Request], finished, capacity: int) -> Counts:
     """``decode_stream`` with the rollout's settings: its sampling (each request's own token
-    limit), at most ``capacity`` rows at once, the ranks in lock-step under ZeRO-3, and the
-    model's ``steer`` hook when it has one."""
+    limit), at most ``capacity`` rows and ``rollout.stream_cache_tokens`` cache tokens at once, the
+    ranks in lock-step under ZeRO-3, and the model's ``steer`` hook when it has one."""
     cfg = ctx.cfg
     return decode_stream(model, requests, finished,
                          gen_cfg=ctx.generation(max(cfg.max_new_tokens_turn1, cfg.max_new_tokens_turn2)),
                          image_token_id=ctx.ids["<|image_pad|>"], pad_id=ctx.ids["<|endoftext|>"], capacity=capacity,
-                         chunk=cfg.stream_chunk, lockstep=_lockstep if ctx.synced_gpus else None,
+                         chunk=cfg.stream_chunk, max_cache_tokens=cfg.stream_cache_tokens,
+                         lockstep=_lockstep if ctx.synced_gpus else None,
                          steer=getattr(model, "steer", None))
 
 

@@ -5,7 +5,9 @@ holds the fifteen that stopped. ``decode_stream`` instead decodes ``chunk`` toke
 after each chunk the rows that stopped leave the batch (their cache rows are dropped) and, while
 there is room under ``capacity`` rows, the next requests join: prefilled once (a request sampled
 ``copies`` times shares one prefill), their cache left-padded to the running one's width and
-appended. A finished row is handed to ``on_done``, which may queue a new request (the rollout
+appended; with a cache cap, a request joins only if every row, run to its token limit, still fits
+(so the cache never passes the cap: when rows run long, fewer join). A finished row is handed to
+``on_done``, which may queue a new request (the rollout
 queues the row's turn 2 there), so turn 1 of a late group and turn 2 of an early one decode in
 the same batch.
 
@@ -84,6 +86,7 @@ class Counts:
     decode_calls: int = 0
     prefill_calls: int = 0
     widest: int = 0
+    largest_cache: int = 0  # the most cache tokens held at once (rows x width)
 
 
 def processors(gen_cfg: GenerationConfig) -> LogitsProcessorList:
@@ -155,18 +158,18 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 @torch.no_grad()
 def decode_stream(model, requests: list[Request], on_done: Callable[[Finished], list[Request]], *,
                   gen_cfg: GenerationConfig, image_token_id: int, pad_id: int, capacity: int, chunk: int = 8,
-                  lockstep: Callable[[int], int] | None = None, steer=None) -> Counts:
+                  max_cache_tokens: int = 0, lockstep: Callable[[int], int] | None = None, steer=None) -> Counts:
     """Decode every request (and every request ``on_done`` queues), at most ``capacity`` rows at
-    once (a request larger than that runs alone). ``lockstep(n)``: the sum of ``n`` over ranks
-    (None outside ZeRO-3). ``steer(rows, scores)``: a hook applied after the processors (``rows``:
-    each row's key, copy and tokens so far), to constrain what rows write."""
+    once and, with ``max_cache_tokens``, at most that many cache tokens (a request larger than
+    either runs alone). ``lockstep(n)``: the sum of ``n`` over ranks (None outside ZeRO-3).
+    ``steer(rows, scores)``: a hook applied after the processors (``rows``: each row's key, copy
+    and tokens so far), to constrain what rows write."""
     queue, batch, counts = deque(requests), _Batch(), Counts()
     procs, stops = processors(gen_cfg), set(gen_cfg.eos_token_id)
     spare = requests[0] if requests else None
     while True:
         joining = []
-        while queue and (not batch and not joining or len(batch) + sum(r.copies for r in joining)
-                         + queue[0].copies <= capacity):
+        while queue and (not batch and not joining or _room(batch, joining + [queue[0]], capacity, max_cache_tokens)):
             joining.append(queue.popleft())
         if joining if lockstep is None else lockstep(int(bool(joining))) > 0:
             _join(model, batch, joining or [spare], image_token_id, pad_id, dummy=not joining)
@@ -178,6 +181,7 @@ def decode_stream(model, requests: list[Request], on_done: Callable[[Finished], 
                 break
             _step(model, batch, procs, gen_cfg.do_sample, stops, steer, counts) if live else _dummy(model, pad_id)
             counts.decode_calls += 1
+            counts.largest_cache = max(counts.largest_cache, len(batch) * batch.mask.shape[1] if batch else 0)
         kept = []
         for i, row in enumerate(batch.rows):
             if not row.done:
@@ -190,6 +194,20 @@ def decode_stream(model, requests: list[Request], on_done: Callable[[Finished], 
         busy = int(bool(queue or batch))
         if (lockstep(busy) if lockstep is not None else busy) == 0:
             return counts
+
+
+def _room(batch: _Batch, joining: list[Request], capacity: int, max_cache_tokens: int) -> bool:
+    """Whether ``joining`` fits beside the running rows: their rows under ``capacity``, and the
+    cache, every row (running and joining) run to its token limit, under ``max_cache_tokens``:
+    rows share one left-padded width, which grows by one column a step until the last row stops."""
+    rows = len(batch) + sum(r.copies for r in joining)
+    if rows > capacity:
+        return False
+    if not max_cache_tokens:
+        return True
+    width = max(([batch.mask.shape[1]] if batch else []) + [len(r.ids) - 1 for r in joining])
+    steps = max([r.max_new - len(r.tokens) for r in batch.rows] + [r.max_new for r in joining])
+    return rows * (width + steps) <= max_cache_tokens
 
 
 def _join(model, batch: _Batch, requests: list[Request], image_token_id: int, pad_id: int, dummy: bool):

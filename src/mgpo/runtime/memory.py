@@ -190,6 +190,7 @@ class Plan:
     max_generation_groups: int
     decode_floor_s: float
     model_states_gb: float  # what DeepSpeed's estimator counts: states at the step + gathered layers
+    max_cache_tokens: int = 0  # continuous batching: the largest rollout.stream_cache_tokens that fits
 
 
 def _generation_groups(cfg: Config, prompts_per_rank: int) -> int:
@@ -289,7 +290,16 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
     held = model_states(cfg, p, world, deepspeed, add)
     rows = groups * G
     phases, max_groups, floor_s = {}, 0, 0.0
-    if t.algorithm == "rl":
+    cap = r.stream_cache_tokens if r.continuous_batching else 0
+    joined = rows * (T - r.max_new_tokens_turn2)  # the most one join prefills: every row's longest input
+    if t.algorithm == "rl" and cap:  # the stream: the cache stays under the cap, a join's prefill under both
+        kv = add(f"KV cache: at most {cap} tokens (rollout.stream_cache_tokens)", cap * kv_bytes_per_token(a),
+                 f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
+        decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
+        prefill = add(f"a join's prefill of at most {min(cap, joined)} tokens: the widest layer's transient",
+                      min(cap, joined) * MEASURED_ACT[a.name]["prefill"], "measured per-token layer peak")
+        phases["rollout"] = held.states + held.gathered + held.ref + kv + max(decode_logits, prefill)
+    elif t.algorithm == "rl":
         kv = add(f"KV cache: {rows} rows x {T} tokens", rows * T * kv_bytes_per_token(a),
                  f"layers x 2 x {a.num_key_value_heads} kv heads x {a.head_dim} x bf16")
         decode_logits = add("decode logits (fp32 scores + probs)", rows * a.vocab_size * 2 * FP32, "generate, per step")
@@ -319,9 +329,16 @@ def plan(cfg: Config, world: int, gpu_memory_gb: float, *, arch: str | None = No
                                 turn2_prefill_bytes(a, cfg, text_tokens)) / GB
         max_groups = max(0, math.floor((usable - (held.states + held.gathered + held.ref)) / per_group_gen))
         floor_s = decode_floor_s(a, p, cfg, rows, text_tokens, bandwidth_tbs) * math.ceil(prompts_per_rank / groups)
-    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups, T)
+    max_cache = 0
+    if t.algorithm == "rl":  # the stream's largest cap: its cache plus a join's prefill transient
+        room = (usable - (held.states + held.gathered + held.ref)) * GB - rows * a.vocab_size * 2 * FP32
+        kv_b, pre_b = kv_bytes_per_token(a), MEASURED_ACT[a.name]["prefill"]
+        beyond = (room - joined * pre_b) / kv_b  # a cap above what one join prefills
+        max_cache = max(0, math.floor(beyond if beyond >= joined else room / (kv_b + pre_b)))
+    verdict = _verdict(cfg, phases, usable, gpu_memory_gb, world, max_micro, max_groups, groups, T,
+                       max_cache if cap else 0)
     return Plan(lines, phases, usable, fits, verdict, max_micro, max_groups, floor_s,
-                held.states + held.step + held.layer_buf)
+                held.states + held.step + held.layer_buf, max_cache)
 
 
 def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int, bandwidth_tbs: float,
@@ -341,7 +358,8 @@ def decode_floor_s(a: Arch, p: Params, cfg: Config, rows: int, text_tokens: int,
     return seconds
 
 
-def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups, tokens_per_trajectory) -> str:
+def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups, tokens_per_trajectory,
+             max_cache: int = 0) -> str:
     worst = max(phases, key=phases.get)
     head = f"{phases[worst]:.1f} GB peak ({worst}) of {usable:.0f} GB usable on {gpu_gb:g} GB x {world}"
     largest = (f"train.micro_batch_tokens {max_micro * tokens_per_trajectory}" if cfg.train.micro_batch_tokens
@@ -350,7 +368,10 @@ def _verdict(cfg, phases, usable, gpu_gb, world, max_micro, max_groups, groups, 
         return f"fits: {head}; largest {largest}"
     todo = []
     if phases.get("rollout", 0.0) > usable:
-        if max_groups >= 1:
+        if max_cache:  # the stream: its cap bounds the cache, its row budget only the logits
+            todo.append(f"rollout: rollout.stream_cache_tokens at most {max_cache}, not "
+                        f"{cfg.rollout.stream_cache_tokens}")
+        elif max_groups >= 1:
             field = "rollout.generation_batch_size" if hasattr(cfg.rollout, "generation_batch_size") else \
                 "train.prompts_per_rollout / world (generate runs on all of a rank's prompts at once)"
             todo.append(f"rollout: at most {max_groups} prompt group(s) per generate call, not {groups} "

@@ -30,7 +30,18 @@ from ..runtime.cost import (
     render_run_time,
     run_time,
 )
-from ..runtime.memory import BANDWIDTH_TBS, BF16, GB, HEADROOM, Params, Plan, arch_for, count_params, plan
+from ..runtime.memory import (
+    BANDWIDTH_TBS,
+    BF16,
+    GB,
+    HEADROOM,
+    Params,
+    Plan,
+    arch_for,
+    count_params,
+    plan,
+    tokens_per_trajectory,
+)
 from .args import positive_float, positive_int
 
 LINKS_GBS = {
@@ -136,6 +147,10 @@ def render(cfg: Config, pl: Plan, world: int, gpu_gb: float, bandwidth: float, t
     if rl:
         out.append(f"decode-time floor of one rollout batch at {bandwidth:g} TB/s: {pl.decode_floor_s:.0f} s "
                    "(every token budget used; weights + KV read once per step)")
+        full = tokens_per_trajectory(cfg, text_tokens, arch_for(cfg).factor)[0]
+        out.append(f"continuous batching (rollout.continuous_batching=true): rollout.stream_cache_tokens up to "
+                   f"{pl.max_cache_tokens:,} fits ({pl.max_cache_tokens // full} trajectories of the whole token budget "
+                   "at once; rows join while every running row, run to its limit, fits)")
     return "\n".join(out + ["", pl.verdict] + (_traffic_lines(cfg, world) if deepspeed else []))
 
 
