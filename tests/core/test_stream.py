@@ -161,3 +161,15 @@ def test_the_cache_cap_is_never_passed_and_fewer_rows_join(env, counted):
         runs[cap] = counts.widest
     tight, loose = runs.values()
     assert tight < loose
+
+
+def test_the_stream_equals_one_row_at_a_time(env):
+    """Greedy, free text: four prompts, rows joining and leaving a 2-row stream, against the
+    per-call path run one row per generate call (each prompt alone, one sample, both turns)."""
+    model, processor, samples = env
+    kw = dict(group_size=1, max_new_tokens_turn1=20, max_new_tokens_turn2=12)
+    a = _rollout(model, processor, samples[:4], [None, None], stream=True, generation_batch_size=2, stream_chunk=3,
+                 **kw)
+    b = _rollout(model, processor, samples[:4], [None, None], stream=False, generation_batch_size=1, **kw)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+    assert [t.texts for t in a.trajectories] == [t.texts for t in b.trajectories]
