@@ -265,6 +265,7 @@ def test_zero3_one_rank_grounds_the_other_does_not(tmp_path, family_dir, synth_d
     assert metrics[-1]["grounding/valid_box_share"] == pytest.approx(0.5)
 
 
+@pytest.mark.heavy
 def test_zero3_continuous_batching_when_one_ranks_rows_stop_at_once(tmp_path, tiny_dir, synth_dir):
     """rollout.continuous_batching under ZeRO-3: rank 0's rows all stop at their first token in both
     turns, rank 1's write to their token limits. Rank 0 keeps joining and decoding with dummy rows
@@ -314,6 +315,7 @@ def test_zero3_k_turns_lock_step(tmp_path, tiny_dir, synth_dir):
     assert metrics[-1]["turns/nested_zoom_share"] == pytest.approx(0.5)
 
 
+@pytest.mark.heavy
 def test_zero3_k_turns_through_the_stream(tmp_path, tiny_dir, synth_dir):
     """mgpo_k, K = 3, rollout.continuous_batching under ZeRO-3: rank 0's rows answer at turn 1,
     rank 1's zoom to the last turn, each next turn joining the stream; both ranks finish with the
