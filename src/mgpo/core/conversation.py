@@ -11,6 +11,7 @@ images: loss mask 0). `assemble` is the only place that turns pieces into the ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -70,7 +71,7 @@ class Context:
     crop: str = "model"  # what turn 2 shows in the crop's place (evaluation's counterfactuals)
     images: list[ImagePatches] = field(default_factory=list)
 
-    @property
+    @cached_property
     def family(self) -> Family:
         """The model family: its resize factor, patch side and box convention."""
         return processor_family(self.processor)
@@ -172,17 +173,28 @@ def generate_turn1(model, ctx: Context, prompts: list[Prompt]) -> Generated:
                           ctx.synced_gpus, group_size=group_size if shared else 1)
 
 
-def stream_requests(model, ctx: Context, requests: list[Request], finished, capacity: int) -> Counts:
-    """``decode_stream`` with the rollout's settings: its sampling (each request's own token
-    limit), at most ``capacity`` rows and ``rollout.stream_cache_tokens`` cache tokens at once, the
-    ranks in lock-step under ZeRO-3, and the model's ``steer`` hook when it has one."""
+def stream_requests(model, ctx: Context, prompts: list[Prompt], finished, capacity: int) -> Counts:
+    """``decode_stream`` over ``prompts``' turn 1 (one request per group, a row per sample; row
+    keys are (turn, the request's first row)) and every next turn ``finished`` queues (``next_turn``),
+    with the rollout's settings: its sampling (each request's own token limit), at most ``capacity``
+    rows and ``rollout.stream_cache_tokens`` cache tokens at once, the ranks in lock-step under
+    ZeRO-3, and the model's ``steer`` hook when it has one."""
     cfg = ctx.cfg
+    requests = [Request((1, g * cfg.group_size), p.enc.ids, p.enc.image.pixel_values, p.enc.image.grid,
+                        cfg.group_size, cfg.max_new_tokens_turn1) for g, p in enumerate(prompts)]
     return decode_stream(model, requests, finished,
                          gen_cfg=ctx.generation(max(cfg.max_new_tokens_turn1, cfg.max_new_tokens_turn2)),
                          image_token_id=ctx.ids["<|image_pad|>"], pad_id=ctx.ids["<|endoftext|>"], capacity=capacity,
                          chunk=cfg.stream_chunk, max_cache_tokens=cfg.stream_cache_tokens,
                          lockstep=_lockstep if ctx.synced_gpus else None,
                          steer=getattr(model, "steer", None))
+
+
+def next_turn(ctx: Context, turn: int, row: int, ids: torch.Tensor, images: list[int]) -> Request:
+    """Row ``row``'s turn ``turn`` for the stream: its whole conversation so far (``ids``, with the
+    rollout images ``images``), prefilled from scratch."""
+    return Request((turn, row), ids, torch.cat([ctx.images[j].pixel_values for j in images]),
+                   torch.cat([ctx.images[j].grid for j in images]), 1, ctx.cfg.max_new_tokens_turn2)
 
 
 def _lockstep(n: int) -> int:

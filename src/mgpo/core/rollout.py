@@ -44,6 +44,7 @@ from .conversation import (
     encode_prompts,
     generate_turn1,
     is_closed,
+    next_turn,
     stream_requests,
     write_turn,
 )
@@ -140,7 +141,6 @@ def stream_groups(model, ctx: Context, prompts: list[Prompt], capacity: int):
     """The same conversations as ``rollout_groups``, decoded as one stream (``decode_stream``):
     each prompt group joins when there is room, and each row's turn 2 joins as soon as its turn 1
     has stopped and been cropped, prefilled from scratch (the turn-1 cache is not kept)."""
-    group_size, turn2_max = ctx.cfg.group_size, ctx.cfg.max_new_tokens_turn2
     trajectories = _trajectories(ctx, prompts, 0)
     if ctx.template.zoom_loop:  # mgpo_k: each row's next turn joins the stream
         return trajectories, zoom_stream(model, ctx, prompts, trajectories, capacity)
@@ -148,21 +148,18 @@ def stream_groups(model, ctx: Context, prompts: list[Prompt], capacity: int):
 
     def finished(row: Finished) -> list[Request]:
         turn, i = row.key[0], row.key[1] + row.copy  # key: (turn, the request's first row)
-        traj, p = trajectories[i], prompts[i // group_size]
+        traj = trajectories[i]
         if turn == 2:
             _close_turn2(ctx, traj, conversations[i], blocks[i], row.tokens, row.logps)
             return []
-        conversations[i] = conv = _close_turn1(ctx, traj, p, row.tokens, row.logps)
+        conversations[i] = conv = _close_turn1(ctx, traj, prompts[i // ctx.cfg.group_size], row.tokens, row.logps)
         if ctx.template.turns == 1:
             return []
-        blocks[i] = block, _ = _turn2_block(ctx, prompts, traj, i, texts)
-        ids = torch.cat([piece.tokens for piece in conv.pieces] + [block.ids])
-        return [Request((2, i), ids, torch.cat([p.enc.image.pixel_values, block.image.pixel_values]),
-                        torch.cat([p.enc.image.grid, block.image.grid]), 1, turn2_max)]
+        blocks[i] = block, image = _turn2_block(ctx, prompts, traj, i, texts)
+        return [next_turn(ctx, 2, i, torch.cat([piece.tokens for piece in conv.pieces] + [block.ids]),
+                          conv.images + [image])]
 
-    requests = [Request((1, g * group_size), p.enc.ids, p.enc.image.pixel_values, p.enc.image.grid, group_size,
-                        ctx.cfg.max_new_tokens_turn1) for g, p in enumerate(prompts)]
-    stream_requests(model, ctx, requests, finished, capacity)
+    stream_requests(model, ctx, prompts, finished, capacity)
     return trajectories, conversations
 
 

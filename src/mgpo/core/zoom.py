@@ -36,6 +36,7 @@ from .conversation import (
     encode,
     generate_turn1,
     is_closed,
+    next_turn,
     stream_requests,
     write_turn,
 )
@@ -131,7 +132,7 @@ def zoom_stream(model, ctx: Context, prompts: list[Prompt], trajectories: list[T
                 capacity: int) -> list[Conversation]:
     """The same turns as ``zoom_turns``, decoded as one stream (``decode_stream``): each row's
     next turn joins once its previous turn is read, prefilled from its whole conversation."""
-    K, G = ctx.cfg.max_turns, ctx.cfg.group_size
+    K = ctx.cfg.max_turns
     states, convs = _start(ctx, prompts, trajectories)
 
     def finished(row: Finished) -> list[Request]:
@@ -143,13 +144,9 @@ def zoom_stream(model, ctx: Context, prompts: list[Prompt], trajectories: list[T
         ids, new = _next_block(ctx, traj, st, last=turn + 1 == K)
         conv.pieces.append(Piece(ids, False))
         conv.images += [] if new is None else [new]
-        return [Request((turn + 1, i), torch.cat([piece.tokens for piece in conv.pieces]),
-                        torch.cat([ctx.images[j].pixel_values for j in conv.images]),
-                        torch.cat([ctx.images[j].grid for j in conv.images]), 1, ctx.cfg.max_new_tokens_turn2)]
+        return [next_turn(ctx, turn + 1, i, torch.cat([piece.tokens for piece in conv.pieces]), conv.images)]
 
-    requests = [Request((1, g * G), p.enc.ids, p.enc.image.pixel_values, p.enc.image.grid, G,
-                        ctx.cfg.max_new_tokens_turn1) for g, p in enumerate(prompts)]
-    stream_requests(model, ctx, requests, finished, capacity)
+    stream_requests(model, ctx, prompts, finished, capacity)
     for traj in trajectories:
         _summarize(traj)
     return convs
